@@ -1,0 +1,1 @@
+"""Training and export of the Keras image classifiers that `beam_jobs` serves."""

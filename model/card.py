@@ -1,0 +1,142 @@
+"""The model card: everything the pipeline needs to serve an exported model.
+
+An exported model is one folder holding `model.keras`, `model.tflite` and
+`model_card.json`. The card is the only contract between training and serving:
+colour mode, input size, resize rule, value range and output kind all come
+from it, so serving cannot drift from training.
+"""
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, Optional
+
+MODEL_FILE = "model.keras"
+TFLITE_FILE = "model.tflite"
+CARD_FILE = "model_card.json"
+CURVES_FILE = "training_curves.png"
+
+COLOR_MODES = {"grayscale": 1, "rgb": 3}
+OUTPUT_KINDS = ("logits", "probabilities")
+CARD_FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass
+class ModelCard:
+  """Describes an exported classifier. See the README for each field."""
+
+  model_id: str
+  architecture: str
+  class_names: list
+  input_shape: list  # [height, width, channels]
+  color_mode: str
+  output: str  # "logits" or "probabilities"
+  # How raw pixels become the model input. Rescaling happens inside the model,
+  # so the input is the decoded uint8 image as float32 in [0, 255].
+  preprocessing: dict = dataclasses.field(default_factory=dict)
+  dataset: dict = dataclasses.field(default_factory=dict)
+  metrics: dict = dataclasses.field(default_factory=dict)
+  training: dict = dataclasses.field(default_factory=dict)
+  tflite: dict = dataclasses.field(default_factory=dict)
+  format_version: int = CARD_FORMAT_VERSION
+
+  @property
+  def height(self) -> int:
+    return int(self.input_shape[0])
+
+  @property
+  def width(self) -> int:
+    return int(self.input_shape[1])
+
+  @property
+  def channels(self) -> int:
+    return int(self.input_shape[2])
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  def validate(self) -> "ModelCard":
+    """Raises ValueError naming the first field that is not as expected."""
+    if self.color_mode not in COLOR_MODES:
+      raise ValueError(
+          f"model card color_mode must be one of {sorted(COLOR_MODES)}, "
+          f"got {self.color_mode!r}")
+    if len(self.input_shape) != 3 or any(int(d) <= 0 for d in self.input_shape):
+      raise ValueError(
+          "model card input_shape must be [height, width, channels], "
+          f"got {self.input_shape!r}")
+    if self.channels != COLOR_MODES[self.color_mode]:
+      raise ValueError(
+          f"model card input_shape has {self.channels} channels but "
+          f"color_mode {self.color_mode!r} needs {COLOR_MODES[self.color_mode]}")
+    if self.output not in OUTPUT_KINDS:
+      raise ValueError(
+          f"model card output must be one of {OUTPUT_KINDS}, got {self.output!r}")
+    if len(self.class_names) < 2:
+      raise ValueError("model card needs at least two class_names")
+    return self
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
+
+  @classmethod
+  def from_json(cls, text: str) -> "ModelCard":
+    try:
+      fields = json.loads(text)
+    except json.JSONDecodeError as error:
+      raise ValueError(f"model card is not valid JSON: {error}") from None
+    known = {field.name for field in dataclasses.fields(cls)}
+    missing = [
+        field.name for field in dataclasses.fields(cls)
+        if field.default is dataclasses.MISSING and
+        field.default_factory is dataclasses.MISSING and field.name not in fields
+    ]
+    if missing:
+      raise ValueError(f"model card is missing fields: {', '.join(missing)}")
+    return cls(**{k: v for k, v in fields.items() if k in known}).validate()
+
+
+def content_hash(*payloads: bytes) -> str:
+  """The model id: a short SHA-256 over the exported model files."""
+  digest = hashlib.sha256()
+  for payload in payloads:
+    digest.update(hashlib.sha256(payload).digest())
+  return digest.hexdigest()[:16]
+
+
+def join(directory: str, name: str) -> str:
+  """Joins a file name onto a local or remote folder path."""
+  return directory.rstrip("/") + "/" + name
+
+
+def read_bytes(path: str) -> bytes:
+  """Reads a local or remote (gs://, ...) file through Beam's FileSystems."""
+  from apache_beam.io.filesystems import FileSystems
+  with FileSystems.open(path) as handle:
+    return handle.read()
+
+
+def load_card(model_dir: str, card_bytes: Optional[bytes] = None) -> ModelCard:
+  """Reads and validates `model_card.json` from a model folder."""
+  path = join(model_dir, CARD_FILE)
+  if card_bytes is None:
+    try:
+      card_bytes = read_bytes(path)
+    except Exception:  # pylint: disable=broad-except
+      raise FileNotFoundError(
+          f"no model card at {path}: expected a folder made by "
+          "`python -m model.train` holding model.keras, model.tflite and "
+          "model_card.json") from None
+  return ModelCard.from_json(card_bytes.decode("utf-8"))
+
+
+def card_summary(card: ModelCard) -> dict[str, Any]:
+  """The few card fields worth echoing in logs and manifests."""
+  return {
+      "model_id": card.model_id,
+      "architecture": card.architecture,
+      "input_shape": card.input_shape,
+      "color_mode": card.color_mode,
+      "classes": len(card.class_names),
+  }

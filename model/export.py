@@ -1,0 +1,132 @@
+"""Exports a trained model as one self-describing folder.
+
+The folder holds `model.keras`, `model.tflite`, `model_card.json` and
+`training_curves.png`. The TFLite model is checked against Keras on the test
+images before anything is written as final.
+"""
+
+import contextlib
+import io
+import os
+from typing import Optional
+
+import numpy as np
+
+from model import card as card_lib
+from model import engines
+from model import preprocessing
+
+MIN_TFLITE_AGREEMENT = 0.999
+
+
+def convert_to_tflite(model) -> bytes:
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  converter = tf.lite.TFLiteConverter.from_keras_model(model)
+  # The converter prints its SavedModel signature to stdout; keep it quiet.
+  with contextlib.redirect_stdout(io.StringIO()):
+    return converter.convert()
+
+
+def tflite_agreement(keras_probabilities: np.ndarray, tflite_bytes: bytes,
+                     card: card_lib.ModelCard, images: np.ndarray,
+                     batch_size: int = 256) -> dict:
+  """Top-1 agreement and largest probability gap between TFLite and Keras."""
+  interpreter = engines.TFLiteEngine(card, model_content=tflite_bytes)
+  tflite_probabilities = np.concatenate([
+      interpreter.probabilities(images[start:start + batch_size])
+      for start in range(0, len(images), batch_size)
+  ])
+  agree = keras_probabilities.argmax(1) == tflite_probabilities.argmax(1)
+  return {
+      "top1_agreement": float(agree.mean()),
+      "images": int(len(images)),
+      "max_probability_difference": float(
+          np.abs(keras_probabilities - tflite_probabilities).max()),
+  }
+
+
+def plot_curves(history: dict, path: str) -> None:
+  """Accuracy and loss, training vs validation, as the Keras tutorial plots."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
+  epochs = range(1, len(history["loss"]) + 1)
+  figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for axis, metric, title in ((axes[0], "accuracy", "Accuracy"),
+                              (axes[1], "loss", "Loss")):
+    axis.plot(epochs, history[metric], label=f"Training {metric}")
+    if f"val_{metric}" in history:
+      axis.plot(epochs, history[f"val_{metric}"], label=f"Validation {metric}")
+    axis.set_title(f"Training and validation {metric}")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel(title)
+    axis.legend()
+  figure.tight_layout()
+  figure.savefig(path, dpi=100)
+  plt.close(figure)
+
+
+def export_model(model,
+                 out_dir: str,
+                 *,
+                 architecture: str,
+                 class_names: list,
+                 color_mode: str,
+                 test_images: np.ndarray,
+                 dataset: dict,
+                 metrics: dict,
+                 training: dict,
+                 history: Optional[dict] = None) -> card_lib.ModelCard:
+  """Writes the model folder and returns its card."""
+  os.makedirs(out_dir, exist_ok=True)
+  # Until the new card is written, the folder must not pass for a model.
+  card_path = os.path.join(out_dir, card_lib.CARD_FILE)
+  if os.path.exists(card_path):
+    os.remove(card_path)
+  height, width, channels = (int(d) for d in model.input_shape[1:])
+  keras_path = os.path.join(out_dir, card_lib.MODEL_FILE)
+  model.save(keras_path)
+  tflite_bytes = convert_to_tflite(model)
+  with open(keras_path, "rb") as handle:
+    keras_bytes = handle.read()
+
+  card = card_lib.ModelCard(
+      model_id=card_lib.content_hash(keras_bytes, tflite_bytes),
+      architecture=architecture,
+      class_names=list(class_names),
+      input_shape=[height, width, channels],
+      color_mode=color_mode,
+      output="logits",
+      preprocessing={
+          "decoder": "model.preprocessing.decode_image",
+          "exif_transpose": True,
+          "resize": {"height": height, "width": width,
+                     "interpolation": preprocessing.RESIZE_INTERPOLATION,
+                     "when": "the decoded size differs"},
+          "input_dtype": "float32",
+          "input_value_range": [0, 255],
+          "rescaling": "inside the model: x / 255",
+      },
+      dataset=dataset,
+      metrics=metrics,
+      training=training,
+  ).validate()
+  keras_probabilities = engines.softmax(
+      model.predict(test_images, batch_size=256, verbose=0).astype(np.float64))
+  card.tflite = tflite_agreement(keras_probabilities, tflite_bytes, card,
+                                 test_images.astype(np.float32))
+  if card.tflite["top1_agreement"] < MIN_TFLITE_AGREEMENT:
+    raise RuntimeError(
+        f"TFLite top-1 agrees with Keras on only "
+        f"{card.tflite['top1_agreement']:.4f} of test images "
+        f"(need {MIN_TFLITE_AGREEMENT}); not exporting a model that would "
+        "serve differently per engine")
+
+  with open(os.path.join(out_dir, card_lib.TFLITE_FILE), "wb") as handle:
+    handle.write(tflite_bytes)
+  if history:
+    plot_curves(history, os.path.join(out_dir, card_lib.CURVES_FILE))
+  # The card goes last: a folder with a card is a complete model.
+  with open(card_path, "w") as handle:
+    handle.write(card.to_json())
+  return card
