@@ -195,3 +195,34 @@ def write_png_folder(split: Split, class_names: list, out_dir: str) -> int:
     with open(path, "wb") as handle:
       handle.write(preprocessing.encode_png(pixels))
   return len(split)
+
+
+def main(argv=None) -> int:
+  """Writes a Fashion-MNIST split as a PNG folder, for the pipeline to read."""
+  import argparse  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(
+      prog="python -m model.datasets",
+      description="Write a Fashion-MNIST split as PNG files in class folders.")
+  parser.add_argument("--data", default=None,
+                      help="folder of the four IDX files; omit for Keras' loader")
+  parser.add_argument("--split", default="test", choices=["train", "test"])
+  parser.add_argument("--limit", type=int, default=None,
+                      help="write only the first N images")
+  parser.add_argument("--to_png", required=True, help="output folder")
+  args = parser.parse_args(argv)
+  try:
+    dataset = load_fashion_mnist(args.data)
+  except (FileNotFoundError, ValueError) as error:
+    print(f"model.datasets: error: {error}", file=sys.stderr)
+    return 2
+  split = getattr(dataset, args.split)
+  if args.limit:
+    split = Split(split.images[:args.limit], split.labels[:args.limit])
+  count = write_png_folder(split, dataset.class_names, args.to_png)
+  print(f"wrote {count} PNG images to {args.to_png}")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

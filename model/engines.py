@@ -111,4 +111,4 @@ def load_engine(model_dir: str, engine: str, threads: int = 0,
     return KerasEngine(card, os.path.join(model_dir, card_lib.MODEL_FILE),
                        threads)
   return TFLiteEngine(card, os.path.join(model_dir, card_lib.TFLITE_FILE),
-                      threads or 1)
+                      threads or os.cpu_count() or 1)

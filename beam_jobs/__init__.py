@@ -1,0 +1,1 @@
+"""Apache Beam batch inference over image directories and Parquet shards."""

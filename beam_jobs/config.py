@@ -1,0 +1,158 @@
+"""Validated configuration for `python -m beam_jobs.predict`.
+
+Every check that can fail before the pipeline starts does so here, once, with
+one line naming what was expected.
+"""
+
+import argparse
+import dataclasses
+from typing import Optional
+
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from beam_jobs import outputs
+from beam_jobs import sources
+from model import card as card_lib
+from model import engines
+from model import preprocessing
+
+DEFAULT_ENGINE = "tflite"
+DEFAULT_BATCH_SIZE = 256
+DEFAULT_TOP_K = 3
+INPUT_FORMATS = ("auto", "images", "parquet")
+
+
+class ConfigError(ValueError):
+  """A flag, path or model that is not as expected."""
+
+
+@dataclasses.dataclass
+class PredictConfig:
+  input: str
+  model: str
+  output: str
+  input_format: str = "auto"
+  engine: str = DEFAULT_ENGINE
+  batch_size: int = DEFAULT_BATCH_SIZE
+  top_k: int = DEFAULT_TOP_K
+  write_probabilities: bool = False
+  image_column: str = "image"
+  id_column: Optional[str] = "id"
+  label_column: Optional[str] = None
+  max_image_pixels: Optional[int] = preprocessing.DEFAULT_MAX_IMAGE_PIXELS
+  inference_threads: int = 0
+  overwrite: bool = False
+
+  def resolved_format(self) -> str:
+    if self.input_format != "auto":
+      return self.input_format
+    return "parquet" if self.input.endswith(".parquet") else "images"
+
+  def validate(self) -> card_lib.ModelCard:
+    """Checks everything that can be checked before any work; returns the card."""
+    self.input_format = self.resolved_format()
+    if self.input_format not in INPUT_FORMATS:
+      raise ConfigError(f"--input_format must be one of {INPUT_FORMATS}")
+    if self.engine not in engines.ENGINES:
+      raise ConfigError(f"--engine must be one of {engines.ENGINES}")
+    for name in ("batch_size", "top_k"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"--{name} must be at least 1")
+    if self.max_image_pixels is not None and self.max_image_pixels < 1:
+      raise ConfigError("--max_image_pixels must be at least 1")
+    card = self._load_card()
+    pattern = (self.input if self.input_format == "parquet" else
+               sources.expand_pattern(self.input))
+    paths = sources.match_paths(pattern)
+    if not paths:
+      kind = ("Parquet shards" if self.input_format == "parquet" else
+              "image files")
+      raise ConfigError(f"--input {self.input} matches no files: expected "
+                        f"{kind}")
+    if self.input_format == "parquet":
+      self._check_columns(paths[0])
+    self._check_output(card)
+    return card
+
+  def _load_card(self) -> card_lib.ModelCard:
+    missing = [name for name in (card_lib.CARD_FILE, self._engine_file())
+               if not FileSystems.exists(card_lib.join(self.model, name))]
+    if missing:
+      raise ConfigError(
+          f"--model {self.model} is not a model folder: missing "
+          f"{', '.join(missing)} (expected the output of python -m model.train)")
+    try:
+      return card_lib.load_card(self.model)
+    except ValueError as error:
+      raise ConfigError(f"--model {self.model}: {error}") from None
+
+  def _engine_file(self) -> str:
+    return card_lib.MODEL_FILE if self.engine == "keras" else card_lib.TFLITE_FILE
+
+  def _check_columns(self, shard_path: str) -> None:
+    try:
+      with FileSystems.open(shard_path) as handle:
+        names = pq.ParquetFile(handle).schema_arrow.names
+    except Exception:  # pylint: disable=broad-except
+      # An unreadable shard is reported per shard by the pipeline itself.
+      return
+    for flag in ("image_column", "id_column", "label_column"):
+      column = getattr(self, flag)
+      if column and column not in names:
+        raise ConfigError(f"--{flag} {column!r} is not a column of "
+                          f"{shard_path}; it has {names}")
+
+  def _check_output(self, card: card_lib.ModelCard) -> None:
+    previous = outputs.read_manifest(self.output)
+    if (previous and previous.get("model_id") != card.model_id and
+        not self.overwrite):
+      raise ConfigError(
+          f"--output {self.output} holds results of model "
+          f"{previous.get('model_id')}, not {card.model_id}; choose another "
+          "folder or pass --overwrite")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="python -m beam_jobs.predict",
+      description="Classify images from a directory or Parquet shards; any "
+      "other flag (--runner, --direct_num_workers, --project, ...) goes to "
+      "Beam's PipelineOptions.")
+  parser.add_argument("--input", required=True,
+                      help="image directory or glob, or a glob of .parquet "
+                      "shards (local or gs://)")
+  parser.add_argument("--model", required=True,
+                      help="model folder written by python -m model.train")
+  parser.add_argument("--output", required=True, help="output folder")
+  parser.add_argument("--input_format", default="auto", choices=INPUT_FORMATS,
+                      help="auto: parquet when --input ends in .parquet")
+  parser.add_argument("--engine", default=DEFAULT_ENGINE,
+                      choices=engines.ENGINES)
+  parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE,
+                      help="images per read, decode and inference batch")
+  parser.add_argument("--top_k", type=int, default=DEFAULT_TOP_K)
+  parser.add_argument("--write_probabilities", action="store_true",
+                      help="also write the full probability vector")
+  parser.add_argument("--image_column", default="image")
+  parser.add_argument("--id_column", default="id",
+                      help="empty for none: ids become SHARD#ROW")
+  parser.add_argument("--label_column", default=None,
+                      help="column with the true class name, if known")
+  parser.add_argument("--max_image_pixels", type=int,
+                      default=preprocessing.DEFAULT_MAX_IMAGE_PIXELS,
+                      help="images declaring more pixels are refused "
+                      "undecoded")
+  parser.add_argument("--inference_threads", type=int, default=0,
+                      help="threads per model; 0 picks the engine default")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace results of a different model in --output")
+  return parser
+
+
+def parse_args(argv=None):
+  """Returns (PredictConfig, the remaining Beam pipeline arguments)."""
+  args, beam_args = build_parser().parse_known_args(argv)
+  fields = vars(args)
+  fields["id_column"] = fields["id_column"] or None
+  return PredictConfig(**fields), beam_args

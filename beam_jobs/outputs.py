@@ -1,0 +1,166 @@
+"""Outputs: the Parquet schemas, row formatting, the sinks and the manifest.
+
+Predictions are formatted a batch at a time into Arrow tables and written
+with Beam's Parquet sink, which writes to a temporary folder and renames on
+success: a failed run leaves no half-written visible files.
+"""
+
+import json
+from typing import Optional
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+from apache_beam.io.filesystems import FileSystems
+
+from beam_jobs.sources import ERRORS
+from beam_jobs.sources import METRICS_NAMESPACE
+from model.card import ModelCard
+from model.card import join
+
+PREDICTIONS_PREFIX = "predictions"
+ERRORS_PREFIX = "errors"
+MANIFEST_FILE = "_run.json"
+PARQUET_SUFFIX = ".parquet"
+
+TOP_K_TYPE = pa.list_(
+    pa.struct([("label", pa.string()), ("confidence", pa.float32())]))
+ERRORS_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("source", pa.string()),
+    ("stage", pa.string()),
+    ("error", pa.string()),
+])
+
+
+def predictions_schema(write_probabilities: bool = False) -> pa.Schema:
+  fields = [
+      ("id", pa.string()),
+      ("source", pa.string()),
+      ("label", pa.string()),
+      ("label_index", pa.int32()),
+      ("confidence", pa.float32()),
+      ("top_k", TOP_K_TYPE),
+      ("true_label", pa.string()),
+      ("model_id", pa.string()),
+      ("engine", pa.string()),
+  ]
+  if write_probabilities:
+    fields.append(("probabilities", pa.list_(pa.float32())))
+  return pa.schema(fields)
+
+
+def predictions_table(ids, sources, true_labels, probabilities: np.ndarray,
+                      class_names: list, top_k: int, model_id: str,
+                      engine: str, write_probabilities: bool) -> pa.Table:
+  """Formats a batch of probability vectors as prediction rows."""
+  rows, num_classes = probabilities.shape
+  k = min(top_k, num_classes)
+  # A stable sort keeps argmax's tie-break: the lowest class index wins.
+  order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+  confidences = np.take_along_axis(probabilities, order, axis=1)
+  names = pa.array(class_names, pa.string())
+  top_k_values = pa.StructArray.from_arrays(
+      [names.take(pa.array(order.ravel())),
+       pa.array(confidences.ravel(), pa.float32())],
+      names=["label", "confidence"])
+  offsets = pa.array(np.arange(0, rows * k + 1, k, dtype=np.int32))
+  columns = [
+      pa.array(ids, pa.string()),
+      pa.array(sources, pa.string()),
+      names.take(pa.array(order[:, 0])),
+      pa.array(order[:, 0].astype(np.int32)),
+      pa.array(confidences[:, 0], pa.float32()),
+      pa.ListArray.from_arrays(offsets, top_k_values).cast(TOP_K_TYPE),
+      pa.array(true_labels, pa.string()),
+      pa.array([model_id] * rows, pa.string()),
+      pa.array([engine] * rows, pa.string()),
+  ]
+  if write_probabilities:
+    flat = pa.array(probabilities.ravel(), pa.float32())
+    offsets = pa.array(np.arange(0, rows * num_classes + 1, num_classes,
+                                 dtype=np.int32))
+    columns.append(pa.ListArray.from_arrays(offsets, flat))
+  return pa.Table.from_arrays(columns,
+                              schema=predictions_schema(write_probabilities))
+
+
+class FormatPredictions(beam.DoFn):
+  """Turns each inference result into one Arrow table of prediction rows."""
+
+  def __init__(self, card: ModelCard, engine: str, top_k: int,
+               write_probabilities: bool):
+    self._class_names = list(card.class_names)
+    self._model_id = card.model_id
+    self._engine = engine
+    self._top_k = top_k
+    self._write_probabilities = write_probabilities
+    self._predictions = beam.metrics.Metrics.counter(METRICS_NAMESPACE,
+                                                     "predictions")
+
+  def process(self, result):
+    result = result.inference if hasattr(result, "inference") else result
+    for row in result.errors:
+      yield beam.pvalue.TaggedOutput(ERRORS, row)
+    good = np.flatnonzero(~np.isnan(result.probabilities).any(axis=1))
+    if not len(good):
+      return
+    batch = result.batch if len(good) == len(result.batch) else (
+        result.batch.take(good))
+    self._predictions.inc(len(good))
+    yield predictions_table(batch.ids, batch.sources, batch.true_labels,
+                            result.probabilities[good], self._class_names,
+                            self._top_k, self._model_id, self._engine,
+                            self._write_probabilities)
+
+
+def _count_error(row: dict) -> dict:
+  beam.metrics.Metrics.counter(METRICS_NAMESPACE, "errors").inc()
+  return row
+
+
+class WritePredictions(beam.PTransform):
+  """Arrow tables to `predictions-SSSSS-of-NNNNN.parquet` under the output."""
+
+  def __init__(self, output: str, write_probabilities: bool):
+    super().__init__()
+    self._output = output
+    self._schema = predictions_schema(write_probabilities)
+
+  def expand(self, tables):
+    return tables | "WriteParquet" >> beam.io.WriteToParquetBatched(
+        file_path_prefix=join(self._output, PREDICTIONS_PREFIX),
+        schema=self._schema,
+        file_name_suffix=PARQUET_SUFFIX)
+
+
+class WriteErrors(beam.PTransform):
+  """Error rows to `errors-SSSSS-of-NNNNN.parquet` under the output."""
+
+  def __init__(self, output: str):
+    super().__init__()
+    self._output = output
+
+  def expand(self, rows):
+    return (
+        rows
+        | "CountErrors" >> beam.Map(_count_error)
+        | "WriteParquet" >> beam.io.WriteToParquet(
+            file_path_prefix=join(self._output, ERRORS_PREFIX),
+            schema=ERRORS_SCHEMA,
+            file_name_suffix=PARQUET_SUFFIX))
+
+
+def write_manifest(output: str, manifest: dict) -> str:
+  path = join(output, MANIFEST_FILE)
+  with FileSystems.create(path) as handle:
+    handle.write((json.dumps(manifest, indent=2, default=str) + "\n").encode())
+  return path
+
+
+def read_manifest(output: str) -> Optional[dict]:
+  path = join(output, MANIFEST_FILE)
+  if not FileSystems.exists(path):
+    return None
+  with FileSystems.open(path) as handle:
+    return json.loads(handle.read().decode())

@@ -1,0 +1,45 @@
+"""The pipeline graph: read, preprocess, run inference, write.
+
+`build_pipeline` only wires stages; each stage lives in the module named for
+it. Every input ends either as a prediction row or as an error row.
+"""
+
+import apache_beam as beam
+from apache_beam.ml.inference.base import RunInference
+
+from beam_jobs import outputs
+from beam_jobs.config import PredictConfig
+from beam_jobs.inference import ImageClassifierHandler
+from beam_jobs.preprocess import Preprocess
+from beam_jobs.sources import ERRORS
+from beam_jobs.sources import ReadImageFiles
+from beam_jobs.sources import ReadParquetImages
+from model.card import ModelCard
+
+
+def read_inputs(pipeline, config: PredictConfig, card: ModelCard):
+  if config.input_format == "parquet":
+    return pipeline | "ReadParquetImages" >> ReadParquetImages(
+        config.input, card.input_shape, config.image_column, config.id_column,
+        config.label_column, config.batch_size)
+  return pipeline | "ReadImageFiles" >> ReadImageFiles(
+      config.input, card.class_names, config.batch_size)
+
+
+def build_pipeline(pipeline, config: PredictConfig, card: ModelCard) -> None:
+  read = read_inputs(pipeline, config, card)
+  preprocessed = read.images | "Preprocess" >> Preprocess(
+      card, config.max_image_pixels)
+  handler = ImageClassifierHandler(config.model, config.engine,
+                                   config.inference_threads)
+  results = preprocessed.images | "RunInference" >> RunInference(
+      handler.with_no_batching())
+  formatted = results | "FormatPredictions" >> beam.ParDo(
+      outputs.FormatPredictions(card, config.engine, config.top_k,
+                                config.write_probabilities)).with_outputs(
+                                    ERRORS, main="tables")
+  _ = formatted.tables | "WritePredictions" >> outputs.WritePredictions(
+      config.output, config.write_probabilities)
+  _ = ((read.errors, preprocessed.errors, formatted.errors)
+       | "CollectErrors" >> beam.Flatten()
+       | "WriteErrors" >> outputs.WriteErrors(config.output))

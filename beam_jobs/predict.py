@@ -1,0 +1,109 @@
+"""Batch image classification with Apache Beam.
+
+Usage:
+  python -m beam_jobs.predict --input IMAGE_DIR_OR_GLOB --model MODEL_DIR \
+      --output OUTPUT_DIR [--engine tflite|keras] [Beam flags, e.g. --runner]
+  python -m beam_jobs.predict --input 'shards/*.parquet' --label_column label ...
+
+Writes predictions-*.parquet, errors-*.parquet and _run.json to OUTPUT_DIR.
+"""
+
+import dataclasses
+import logging
+import os
+import sys
+import time
+
+import apache_beam as beam
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from beam_jobs import config as config_lib
+from beam_jobs import outputs
+from beam_jobs.inference import METRICS_NAMESPACE as INFERENCE_NAMESPACE
+from beam_jobs.pipeline import build_pipeline
+from beam_jobs.sources import METRICS_NAMESPACE
+from model import card as card_lib
+
+
+def _metric_value(result) -> int:
+  value = result.committed if result.committed is not None else result.attempted
+  return int(getattr(value, "count", value) or 0)
+
+
+def read_counts(pipeline_result) -> dict:
+  """Inputs, predictions, errors and model loads from Beam's metrics."""
+  counts = {"inputs": 0, "predictions": 0, "errors": 0, "model_loads": 0}
+  metrics = pipeline_result.metrics().query(MetricsFilter())
+  for counter in metrics["counters"]:
+    if counter.key.metric.namespace == METRICS_NAMESPACE and (
+        counter.key.metric.name in counts):
+      counts[counter.key.metric.name] += _metric_value(counter)
+  # RunInference records one load-latency sample per model load.
+  for distribution in metrics["distributions"]:
+    if (distribution.key.metric.namespace == INFERENCE_NAMESPACE and
+        distribution.key.metric.name.endswith("load_model_latency_milli_secs")):
+      counts["model_loads"] += _metric_value(distribution)
+  return counts
+
+
+def clear_previous_outputs(output: str) -> None:
+  """Removes an earlier run's shards, which the new run's may not overwrite."""
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
+  for prefix in (outputs.PREDICTIONS_PREFIX, outputs.ERRORS_PREFIX):
+    pattern = card_lib.join(output, prefix + "-*" + outputs.PARQUET_SUFFIX)
+    stale = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+    if stale:
+      FileSystems.delete(stale)
+
+
+def run(config: config_lib.PredictConfig, beam_args=None) -> dict:
+  """Validates, runs the pipeline to the end, and writes the manifest."""
+  card = config.validate()
+  options = PipelineOptions(beam_args or [])
+  clear_previous_outputs(config.output)
+  started = time.time()
+  pipeline = beam.Pipeline(options=options)
+  build_pipeline(pipeline, config, card)
+  result = pipeline.run()
+  result.wait_until_finish()
+  elapsed = time.time() - started
+  counts = read_counts(result)
+  manifest = {
+      "model_id": card.model_id,
+      "model": card_lib.card_summary(card),
+      "arguments": dataclasses.asdict(config),
+      "beam_args": list(beam_args or []),
+      "counts": counts,
+      "accounted": counts["inputs"] == counts["predictions"] + counts["errors"],
+      "elapsed_seconds": round(elapsed, 3),
+      "images_per_second": round(counts["inputs"] / elapsed, 1) if elapsed else None,
+      "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+  }
+  outputs.write_manifest(config.output, manifest)
+  return manifest
+
+
+def main(argv=None) -> int:
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+  config, beam_args = config_lib.parse_args(argv)
+  try:
+    manifest = run(config, beam_args)
+  except config_lib.ConfigError as error:
+    print(f"beam_jobs.predict: error: {error}", file=sys.stderr)
+    return 2
+  counts = manifest["counts"]
+  print(f"{counts['inputs']} inputs: {counts['predictions']} predictions, "
+        f"{counts['errors']} errors, {counts['model_loads']} model load(s) in "
+        f"{manifest['elapsed_seconds']:.1f}s "
+        f"({manifest['images_per_second']} images/s) -> {config.output}")
+  if not manifest["accounted"]:
+    print("beam_jobs.predict: error: inputs != predictions + errors; "
+          f"see {outputs.MANIFEST_FILE}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,381 @@
+"""Answers from the prediction outputs, with SQL over the Parquet files.
+
+Usage:
+  python -m beam_jobs.query OUTPUT_DIR [summary]         # the default
+  python -m beam_jobs.query OUTPUT_DIR sql "SELECT label, count(*) FROM predictions GROUP BY 1"
+  python -m beam_jobs.query OUTPUT_DIR accuracy
+  python -m beam_jobs.query OUTPUT_DIR low-confidence --below 0.6
+  python -m beam_jobs.query OUTPUT_DIR misclassified | errors
+  python -m beam_jobs.query OUTPUT_DIR compare OTHER_OUTPUT_DIR
+Every command takes --json for scripts.
+
+DuckDB reads the Parquet shards in place as the views `predictions` and
+`errors`; no server, no copy.
+"""
+
+import argparse
+import json
+import math
+import sys
+from typing import Optional
+
+import duckdb
+
+from beam_jobs import outputs
+from model.card import join
+
+ECE_BINS = 10
+DEFAULT_LIMIT = 20
+READ_ONLY_STATEMENTS = ("SELECT", "EXPLAIN")
+
+
+class QueryError(ValueError):
+  """A folder, statement or request that cannot be answered."""
+
+
+def _parquet_glob(output_dir: str, prefix: str) -> str:
+  return join(output_dir, f"{prefix}-*{outputs.PARQUET_SUFFIX}")
+
+
+def _register_remote(connection, path: str) -> None:
+  """gs:// and other remote paths go through fsspec, where it is installed."""
+  if "://" not in path:
+    return
+  try:
+    import fsspec  # pylint: disable=import-outside-toplevel
+    connection.register_filesystem(fsspec.filesystem(path.split("://")[0]))
+  except Exception as error:  # pylint: disable=broad-except
+    raise QueryError(f"cannot read {path}: install gcsfs (pip install "
+                     f"gcsfs) for gs:// paths ({error})") from None
+
+
+def connect(output_dir: str, other_dir: Optional[str] = None):
+  """An in-memory DuckDB with views over one (or two) output folders."""
+  connection = duckdb.connect()
+  for alias, folder in (("", output_dir), ("other_", other_dir)):
+    if folder is None:
+      continue
+    _register_remote(connection, folder)
+    for prefix in (outputs.PREDICTIONS_PREFIX, outputs.ERRORS_PREFIX):
+      pattern = _parquet_glob(folder, prefix)
+      try:
+        connection.execute(
+            f"CREATE VIEW {alias}{prefix} AS SELECT * FROM "
+            f"read_parquet('{pattern.replace(chr(39), chr(39) * 2)}', "
+            "union_by_name=true)")
+        connection.execute(f"SELECT 1 FROM {alias}{prefix} LIMIT 0")
+      except duckdb.Error:
+        raise QueryError(f"{folder} holds no {prefix}-*.parquet files: "
+                         "expected the --output folder of "
+                         "python -m beam_jobs.predict") from None
+  return connection
+
+
+def _rows(connection, sql: str, parameters=None) -> list:
+  cursor = connection.execute(sql, parameters or [])
+  names = [column[0] for column in cursor.description]
+  return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
+def _scalar(connection, sql: str, parameters=None):
+  return connection.execute(sql, parameters or []).fetchone()[0]
+
+
+def run_sql(connection, statement: str) -> list:
+  """Runs one read-only statement: a query, EXPLAIN, DESCRIBE or SUMMARIZE."""
+  try:
+    statements = duckdb.extract_statements(statement)
+  except duckdb.Error as error:
+    raise QueryError(f"cannot parse SQL: {error}") from None
+  if len(statements) != 1:
+    raise QueryError(f"expected one SQL statement, got {len(statements)}")
+  kind = statements[0].type.name
+  if kind not in READ_ONLY_STATEMENTS:
+    raise QueryError(f"only read-only queries are allowed (SELECT, WITH, "
+                     f"EXPLAIN, DESCRIBE, SUMMARIZE); got a {kind} statement")
+  try:
+    return _rows(connection, statement)
+  except duckdb.Error as error:
+    raise QueryError(f"SQL error: {error}") from None
+
+
+def class_counts(connection) -> list:
+  return _rows(connection, """
+      SELECT label, count(*) AS images,
+             round(count(*) / sum(count(*)) OVER (), 4) AS share,
+             round(avg(confidence), 4) AS mean_confidence
+      FROM predictions GROUP BY label ORDER BY images DESC, label""")
+
+
+def confidence_histogram(connection) -> list:
+  return _rows(connection, f"""
+      SELECT least(floor(confidence * {ECE_BINS}), {ECE_BINS - 1}) / {ECE_BINS}
+               AS bin_start,
+             count(*) AS images
+      FROM predictions GROUP BY 1 ORDER BY 1""")
+
+
+def error_summary(connection) -> dict:
+  by_stage = _rows(connection, """
+      SELECT stage, count(*) AS errors FROM errors
+      GROUP BY stage ORDER BY errors DESC, stage""")
+  reasons = _rows(connection, """
+      SELECT stage, split_part(error, ':', 1) AS reason, count(*) AS errors
+      FROM errors GROUP BY ALL ORDER BY errors DESC, stage, reason LIMIT 5""")
+  return {"by_stage": by_stage, "top_reasons": reasons}
+
+
+def low_confidence(connection, below: float = 0.6,
+                   limit: int = DEFAULT_LIMIT) -> list:
+  return _rows(connection, """
+      SELECT id, label, round(confidence, 4) AS confidence, true_label
+      FROM predictions WHERE confidence < ?
+      ORDER BY confidence, id LIMIT ?""", [below, limit])
+
+
+def misclassified(connection, limit: int = DEFAULT_LIMIT) -> list:
+  return _rows(connection, """
+      SELECT id, label, round(confidence, 4) AS confidence, true_label
+      FROM predictions
+      WHERE true_label IS NOT NULL AND label <> true_label
+      ORDER BY confidence DESC, id LIMIT ?""", [limit])
+
+
+def error_rows(connection, limit: int = DEFAULT_LIMIT) -> list:
+  return _rows(connection, "SELECT id, stage, error FROM errors ORDER BY id "
+               "LIMIT ?", [limit])
+
+
+def accuracy(connection) -> dict:
+  """Accuracy, per-class precision/recall/F1, confusion and calibration.
+
+  Only rows with a known `true_label` count.
+  """
+  labelled = _scalar(connection, "SELECT count(*) FROM predictions "
+                     "WHERE true_label IS NOT NULL")
+  if not labelled:
+    raise QueryError("no prediction has a true_label: accuracy needs inputs "
+                     "in class folders or a --label_column")
+  correct = _scalar(connection, "SELECT count(*) FROM predictions "
+                    "WHERE true_label = label")
+  classes = [row["name"] for row in _rows(connection, """
+      SELECT name FROM (
+        SELECT label AS name, min(label_index) AS position FROM predictions
+        GROUP BY label
+        UNION ALL
+        SELECT true_label, NULL FROM predictions
+        WHERE true_label IS NOT NULL GROUP BY true_label)
+      GROUP BY name ORDER BY min(position) NULLS LAST, name""")]
+  pairs = _rows(connection, """
+      SELECT true_label, label, count(*) AS images FROM predictions
+      WHERE true_label IS NOT NULL GROUP BY ALL""")
+  index = {name: i for i, name in enumerate(classes)}
+  matrix = [[0] * len(classes) for _ in classes]
+  for pair in pairs:
+    matrix[index[pair["true_label"]]][index[pair["label"]]] = pair["images"]
+  per_class = []
+  for i, name in enumerate(classes):
+    true_positive = matrix[i][i]
+    predicted = sum(row[i] for row in matrix)
+    support = sum(matrix[i])
+    precision = true_positive / predicted if predicted else 0.0
+    recall = true_positive / support if support else 0.0
+    f1 = (2 * precision * recall / (precision + recall)
+          if precision + recall else 0.0)
+    per_class.append({"class": name, "precision": round(precision, 6),
+                      "recall": round(recall, 6), "f1": round(f1, 6),
+                      "support": support})
+  bins = _rows(connection, f"""
+      SELECT least(floor(confidence * {ECE_BINS}), {ECE_BINS - 1})::INTEGER
+               AS bin,
+             count(*) AS images,
+             avg(confidence::DOUBLE) AS mean_confidence,
+             avg((label = true_label)::INTEGER::DOUBLE) AS accuracy
+      FROM predictions WHERE true_label IS NOT NULL GROUP BY 1 ORDER BY 1""")
+  ece = sum(b["images"] / labelled * abs(b["accuracy"] - b["mean_confidence"])
+            for b in bins)
+  return {
+      "labelled": labelled,
+      "correct": correct,
+      "accuracy": correct / labelled,
+      "classes": classes,
+      "per_class": per_class,
+      "confusion_matrix": matrix,
+      "expected_calibration_error": ece,
+      "calibration_bins": bins,
+  }
+
+
+def summary(connection, output_dir: str) -> dict:
+  result = {
+      "manifest": outputs.read_manifest(output_dir),
+      "predictions": _scalar(connection, "SELECT count(*) FROM predictions"),
+      "errors": _scalar(connection, "SELECT count(*) FROM errors"),
+      "classes": class_counts(connection),
+      "confidence_histogram": confidence_histogram(connection),
+      "error_summary": error_summary(connection),
+      "least_confident": low_confidence(connection, below=1.01, limit=5),
+  }
+  try:
+    scores = accuracy(connection)
+    result["accuracy"] = {k: scores[k] for k in ("labelled", "correct",
+                                                 "accuracy")}
+  except QueryError:
+    result["accuracy"] = None
+  return result
+
+
+def compare(connection, limit: int = DEFAULT_LIMIT) -> dict:
+  """Where two runs disagree on the same ids, with counts per label pair."""
+  joined = """FROM predictions AS a JOIN other_predictions AS b USING (id)"""
+  return {
+      "common_ids": _scalar(connection, f"SELECT count(*) {joined}"),
+      "only_here": _scalar(connection, "SELECT count(*) FROM predictions "
+                           "WHERE id NOT IN (SELECT id FROM other_predictions)"),
+      "only_other": _scalar(connection, "SELECT count(*) FROM other_predictions "
+                            "WHERE id NOT IN (SELECT id FROM predictions)"),
+      "disagreements": _scalar(
+          connection, f"SELECT count(*) {joined} WHERE a.label <> b.label"),
+      "label_pairs": _rows(connection, f"""
+          SELECT a.label AS label, b.label AS other_label, count(*) AS images
+          {joined} WHERE a.label <> b.label
+          GROUP BY ALL ORDER BY images DESC, label, other_label LIMIT ?""",
+                           [limit]),
+      "examples": _rows(connection, f"""
+          SELECT id, a.label AS label, round(a.confidence, 4) AS confidence,
+                 b.label AS other_label,
+                 round(b.confidence, 4) AS other_confidence
+          {joined} WHERE a.label <> b.label ORDER BY id LIMIT ?""", [limit]),
+  }
+
+
+def format_table(rows: list, title: str = "") -> str:
+  """A plain fixed-width table for the terminal."""
+  lines = [title] if title else []
+  if not rows:
+    return "\n".join(lines + ["  (none)"])
+  columns = list(rows[0])
+  cells = [[_cell(row[c]) for c in columns] for row in rows]
+  widths = [max(len(c), *(len(r[i]) for r in cells))
+            for i, c in enumerate(columns)]
+  lines.append("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+  lines.append("  ".join("-" * w for w in widths))
+  lines.extend("  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells)
+  return "\n".join(lines)
+
+
+def _cell(value) -> str:
+  if isinstance(value, float):
+    return "" if math.isnan(value) else f"{value:.4g}"
+  return "" if value is None else str(value)
+
+
+def render(command: str, result) -> str:
+  """Human-readable text for each command's result."""
+  if command == "summary":
+    manifest = result["manifest"] or {}
+    counts = manifest.get("counts", {})
+    parts = [f"model {manifest.get('model_id', '?')}: "
+             f"{result['predictions']} predictions, {result['errors']} errors"
+             + (f", {counts.get('inputs')} inputs, "
+                f"{manifest.get('images_per_second')} images/s"
+                if counts else "")]
+    if result["accuracy"]:
+      score = result["accuracy"]
+      parts.append(f"accuracy {score['accuracy']:.4f} ({score['correct']}/"
+                   f"{score['labelled']} labelled images)")
+    parts.append(format_table(result["classes"], "\npredictions per class"))
+    parts.append(format_table(result["confidence_histogram"],
+                              "\nconfidence histogram"))
+    parts.append(format_table(result["error_summary"]["top_reasons"],
+                              "\nerrors by stage and reason"))
+    parts.append(format_table(result["least_confident"],
+                              "\nleast confident images"))
+    return "\n".join(parts)
+  if command == "accuracy":
+    header = (f"accuracy {result['accuracy']:.4f} ({result['correct']}/"
+              f"{result['labelled']}), expected calibration error "
+              f"{result['expected_calibration_error']:.4f}")
+    confusion = [dict({"true \\ predicted": name},
+                      **{str(i): v for i, v in enumerate(row)})
+                 for name, row in zip(result["classes"],
+                                      result["confusion_matrix"])]
+    return "\n".join([
+        header,
+        format_table(result["per_class"], "\nper class"),
+        format_table(confusion, "\nconfusion matrix (columns in class order)"),
+    ])
+  if command == "compare":
+    head = (f"{result['common_ids']} common ids, {result['disagreements']} "
+            f"disagree; {result['only_here']} only here, "
+            f"{result['only_other']} only in the other run")
+    return "\n".join([head, format_table(result["label_pairs"],
+                                         "\nlabel pairs"),
+                      format_table(result["examples"], "\nexamples")])
+  return format_table(result)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="python -m beam_jobs.query",
+      description="Query the outputs of python -m beam_jobs.predict.")
+  parser.add_argument("output_dir", help="the --output folder of a run")
+  parser.add_argument("--json", action="store_true",
+                      help="print JSON instead of tables")
+  commands = parser.add_subparsers(dest="command")
+  commands.add_parser("summary", help="counts, confidence, errors (default)")
+  sql = commands.add_parser("sql", help="a read-only SQL query over the "
+                            "views predictions and errors")
+  sql.add_argument("statement")
+  commands.add_parser("accuracy", help="needs true labels")
+  low = commands.add_parser("low-confidence")
+  low.add_argument("--below", type=float, default=0.6)
+  low.add_argument("--limit", type=int, default=DEFAULT_LIMIT)
+  wrong = commands.add_parser("misclassified")
+  wrong.add_argument("--limit", type=int, default=DEFAULT_LIMIT)
+  errors = commands.add_parser("errors")
+  errors.add_argument("--limit", type=int, default=DEFAULT_LIMIT)
+  other = commands.add_parser("compare", help="where two runs disagree")
+  other.add_argument("other_dir")
+  other.add_argument("--limit", type=int, default=DEFAULT_LIMIT)
+  for sub in commands.choices.values():
+    sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                     help="print JSON instead of tables")
+  return parser
+
+
+def answer(args) -> object:
+  command = args.command or "summary"
+  connection = connect(args.output_dir,
+                       args.other_dir if command == "compare" else None)
+  if command == "summary":
+    return summary(connection, args.output_dir)
+  if command == "sql":
+    return run_sql(connection, args.statement)
+  if command == "accuracy":
+    return accuracy(connection)
+  if command == "low-confidence":
+    return low_confidence(connection, args.below, args.limit)
+  if command == "misclassified":
+    return misclassified(connection, args.limit)
+  if command == "errors":
+    return error_rows(connection, args.limit)
+  return compare(connection, args.limit)
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    result = answer(args)
+  except QueryError as error:
+    print(f"beam_jobs.query: error: {error}", file=sys.stderr)
+    return 2
+  if args.json:
+    print(json.dumps(result, indent=2, default=str))
+  else:
+    print(render(args.command or "summary", result))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

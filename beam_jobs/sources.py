@@ -1,0 +1,251 @@
+"""Sources: image files and Parquet shards, read in batches.
+
+Each is a composite PTransform whose main output is `ImageBatch` elements and
+whose `errors` output holds a row for every input it could not read.
+"""
+
+import posixpath
+import re
+from typing import Iterable, Optional
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from beam_jobs.batches import ImageBatch
+from beam_jobs.batches import error_row
+
+ERRORS = "errors"
+METRICS_NAMESPACE = "beam_jobs"
+DEFAULT_FILES_PER_BATCH = 256
+DEFAULT_ROWS_PER_BATCH = 256
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def expand_pattern(pattern: str) -> str:
+  """A directory means every file below it; a glob is used as it is."""
+  if _GLOB_CHARS.search(pattern):
+    return pattern
+  return pattern.rstrip("/") + "/**"
+
+
+def pattern_base(pattern: str) -> str:
+  """The folder above the first glob character: labels are relative to it."""
+  match = _GLOB_CHARS.search(pattern)
+  prefix = pattern[:match.start()] if match else pattern
+  return prefix if prefix.endswith("/") else posixpath.dirname(prefix) + "/"
+
+
+def match_paths(pattern: str) -> list:
+  """All file paths a pattern matches, sorted, through Beam's FileSystems."""
+  result = FileSystems.match([pattern])[0]
+  return sorted(metadata.path for metadata in result.metadata_list)
+
+
+def folder_label(path: str, base: str,
+                 class_names: Optional[frozenset] = None) -> Optional[str]:
+  """The class folder a file sits in under `base`.
+
+  With `class_names`, only a folder named for a known class counts, so a
+  folder such as `incoming/` is not mistaken for a wrong label.
+  """
+  relative = path[len(base):] if path.startswith(base) else path
+  parts = relative.split("/")
+  if len(parts) >= 2 and (class_names is None or parts[-2] in class_names):
+    return parts[-2]
+  return None
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+  for start in range(0, len(items), size):
+    yield items[start:start + size]
+
+
+def _inputs_counter():
+  return beam.metrics.Metrics.counter(METRICS_NAMESPACE, "inputs")
+
+
+class _MatchInGroups(beam.DoFn):
+  """Expands a pattern into groups of paths, one group per element."""
+
+  def __init__(self, group_size: int):
+    self._group_size = group_size
+
+  def process(self, pattern: str):
+    yield from _chunks(match_paths(pattern), self._group_size)
+
+
+class _ReadFileGroup(beam.DoFn):
+  """Reads a group of files into one ImageBatch of encoded bytes."""
+
+  def __init__(self, base: str, class_names: list):
+    self._base = base
+    self._class_names = frozenset(class_names)
+
+  def process(self, paths: list):
+    _inputs_counter().inc(len(paths))
+    ids, payloads = [], []
+    for path in paths:
+      try:
+        with FileSystems.open(path) as handle:
+          payloads.append(handle.read())
+        ids.append(path)
+      except Exception as error:  # pylint: disable=broad-except
+        yield beam.pvalue.TaggedOutput(ERRORS,
+                                       error_row(path, path, "read", error))
+    if ids:
+      yield ImageBatch(
+          ids=ids,
+          sources=list(ids),
+          true_labels=[folder_label(p, self._base, self._class_names)
+                       for p in ids],
+          encoded=payloads)
+
+
+class ReadImageFiles(beam.PTransform):
+  """Reads every file under a directory or glob, local or remote.
+
+  Paths are matched in one place and handed on in groups, so the per-element
+  cost of the graph is paid once per group rather than once per image.
+  """
+
+  def __init__(self, pattern: str, class_names: list,
+               files_per_batch: int = DEFAULT_FILES_PER_BATCH):
+    super().__init__()
+    self._pattern = expand_pattern(pattern)
+    self._class_names = class_names
+    self._files_per_batch = files_per_batch
+
+  def expand(self, pipeline):
+    return (
+        pipeline
+        | "Pattern" >> beam.Create([self._pattern])
+        | "MatchFiles" >> beam.ParDo(_MatchInGroups(self._files_per_batch))
+        # Matching happens on one worker; spread the groups before reading.
+        | "SpreadGroups" >> beam.Reshuffle()
+        | "ReadFiles" >> beam.ParDo(
+            _ReadFileGroup(pattern_base(self._pattern),
+                           self._class_names)).with_outputs(ERRORS, main="images"))
+
+
+def raw_pixel_array(column: pa.Array, row_length: int):
+  """Splits a list column of uint8 into rows; returns (pixels, bad rows).
+
+  Rows of the wrong length or with nulls are reported by index, so the good
+  rows in the same record batch still go through.
+  """
+  if isinstance(column, pa.ChunkedArray):
+    column = column.combine_chunks()
+  lengths = column.value_lengths().to_numpy(zero_copy_only=False)
+  valid = column.is_valid().to_numpy(zero_copy_only=False)
+  lengths = np.where(valid, np.nan_to_num(lengths, nan=0), 0).astype(np.int64)
+  good = valid & (lengths == row_length)
+  bad = {}
+  for index in np.flatnonzero(~good):
+    bad[int(index)] = ("null image cell" if not valid[index] else
+                       f"raw pixels of length {lengths[index]}, expected "
+                       f"{row_length} (height x width x channels)")
+  values = column.filter(pa.array(good)).flatten()
+  if values.null_count:
+    raise ValueError("raw pixel values must not be null")
+  pixels = values.to_numpy(zero_copy_only=False)
+  if pixels.size and (pixels.min() < 0 or pixels.max() > 255):
+    raise ValueError("raw pixel values must lie in 0..255")
+  return pixels.astype(np.uint8, copy=False), np.flatnonzero(good), bad
+
+
+class _ReadParquetShard(beam.DoFn):
+  """Reads one shard as Arrow record batches, one ImageBatch per batch."""
+
+  def __init__(self, image_column: str, id_column: Optional[str],
+               label_column: Optional[str], rows_per_batch: int,
+               input_shape: list):
+    self._image_column = image_column
+    self._id_column = id_column
+    self._label_column = label_column
+    self._rows_per_batch = rows_per_batch
+    self._input_shape = tuple(input_shape)
+
+  def process(self, path: str):
+    offset = 0
+    try:
+      with FileSystems.open(path) as handle:
+        shard = pq.ParquetFile(handle)
+        columns = [c for c in (self._image_column, self._id_column,
+                               self._label_column) if c]
+        missing = [c for c in columns if c not in shard.schema_arrow.names]
+        if missing:
+          raise KeyError(f"columns {missing} not in shard; it has "
+                         f"{shard.schema_arrow.names}")
+        for record_batch in shard.iter_batches(
+            batch_size=self._rows_per_batch, columns=columns):
+          yield from self._batch_outputs(path, offset, record_batch)
+          offset += record_batch.num_rows
+    except Exception as error:  # pylint: disable=broad-except
+      # A shard that cannot be read is one input with one error row, and the
+      # other shards go on.
+      _inputs_counter().inc()
+      after = f" (after {offset} rows were read)" if offset else ""
+      yield beam.pvalue.TaggedOutput(
+          ERRORS, error_row(path, path, "read",
+                            f"{type(error).__name__}: {error}{after}"))
+
+  def _batch_outputs(self, path: str, offset: int, record_batch):
+    rows = record_batch.num_rows
+    _inputs_counter().inc(rows)
+    if self._id_column:
+      ids = [str(v) for v in record_batch.column(self._id_column).to_pylist()]
+    else:
+      ids = [f"{path}#{offset + i}" for i in range(rows)]
+    labels = (record_batch.column(self._label_column).to_pylist()
+              if self._label_column else [None] * rows)
+    labels = [None if label is None else str(label) for label in labels]
+    images = record_batch.column(self._image_column)
+    batch = ImageBatch(ids=ids, sources=[path] * rows, true_labels=labels)
+    if pa.types.is_binary(images.type) or pa.types.is_large_binary(images.type):
+      batch.encoded = images.to_pylist()
+      yield batch
+      return
+    if not (pa.types.is_list(images.type) or
+            pa.types.is_large_list(images.type) or
+            pa.types.is_fixed_size_list(images.type)):
+      raise TypeError(f"column {self._image_column!r} has type {images.type}; "
+                      "expected binary (encoded PNG/JPEG) or a list of uint8 "
+                      "(raw pixels)")
+    row_length = int(np.prod(self._input_shape))
+    pixels, good, bad = raw_pixel_array(images, row_length)
+    for index, message in bad.items():
+      yield beam.pvalue.TaggedOutput(
+          ERRORS, error_row(ids[index], path, "preprocess", message))
+    if len(good):
+      batch = batch.take(good)
+      batch.pixels = pixels.reshape((len(good),) + self._input_shape)
+      yield batch
+
+
+class ReadParquetImages(beam.PTransform):
+  """Reads images from Parquet shards matched by a glob, local or remote.
+
+  The image column holds either encoded image bytes (PNG, JPEG, ...) or raw
+  uint8 pixels of the model's input size, flattened row-major (H, W, C).
+  """
+
+  def __init__(self, pattern: str, input_shape: list, image_column: str,
+               id_column: Optional[str] = None,
+               label_column: Optional[str] = None,
+               rows_per_batch: int = DEFAULT_ROWS_PER_BATCH):
+    super().__init__()
+    self._pattern = pattern
+    self._reader = _ReadParquetShard(image_column, id_column, label_column,
+                                     rows_per_batch, input_shape)
+
+  def expand(self, pipeline):
+    return (
+        pipeline
+        | "Pattern" >> beam.Create([self._pattern])
+        | "MatchShards" >> beam.FlatMap(match_paths)
+        | "SpreadShards" >> beam.Reshuffle()
+        | "ReadShards" >> beam.ParDo(self._reader).with_outputs(
+            ERRORS, main="images"))
