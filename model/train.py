@@ -15,7 +15,6 @@ import time
 
 import numpy as np
 
-from model import architectures
 from model import datasets
 
 DEFAULT_SEED = 0
@@ -76,6 +75,8 @@ def train(dataset: datasets.Dataset, architecture: str, output: str,
   """Trains, evaluates and exports; returns the model card."""
   import keras  # pylint: disable=import-outside-toplevel
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  # TensorFlow loads only now, after every path and flag has been checked.
+  from model import architectures  # pylint: disable=import-outside-toplevel
   from model import export  # pylint: disable=import-outside-toplevel
 
   check_dataset(dataset)
@@ -150,9 +151,9 @@ def parse_args(argv):
       "omit to use keras.datasets.fashion_mnist")
   parser.add_argument("--output", required=True, help="model folder to write")
   parser.add_argument("--architecture", default=None,
-                      choices=sorted(architectures.ARCHITECTURES),
-                      help="default: fashion_cnn for Fashion-MNIST, "
-                      "photo_cnn for image folders")
+                      help="a name from model/architectures.py: tutorial_mlp, "
+                      "tutorial_cnn, fashion_cnn (default for Fashion-MNIST) "
+                      "or photo_cnn (default for image folders)")
   parser.add_argument("--epochs", type=int, default=None)
   parser.add_argument("--batch_size", type=int, default=None)
   parser.add_argument("--learning_rate", type=float, default=None)
@@ -170,7 +171,6 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   args = parse_args(argv)
   try:

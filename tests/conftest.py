@@ -1,0 +1,49 @@
+"""Shared fixtures: the embedded sample, a tiny trained model, PNG folders."""
+
+import os
+
+import numpy as np
+import pytest
+
+from model import datasets
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE_DIR = os.path.join(REPO, "sample_data", "fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def sample():
+  return datasets.load_fashion_mnist(SAMPLE_DIR)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, sample):
+  """The tutorial MLP trained briefly on the sample; exported for serving."""
+  from model import train  # pylint: disable=import-outside-toplevel
+  out = str(tmp_path_factory.mktemp("model"))
+  train.train(sample, "tutorial_mlp", out, epochs=3, seed=1, verbose=0)
+  return out
+
+
+@pytest.fixture(scope="session")
+def png_dir(tmp_path_factory, sample):
+  """The sample's 200 test images as PNG files in class folders."""
+  out = str(tmp_path_factory.mktemp("png"))
+  datasets.write_png_folder(sample.test, sample.class_names, out)
+  return out
+
+
+def read_parquet_rows(pattern: str) -> list:
+  import glob  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  rows = []
+  for path in sorted(glob.glob(pattern)):
+    rows.extend(pq.read_table(path).to_pylist())
+  return rows
+
+
+def engine_probabilities(model_dir: str, images: np.ndarray,
+                         engine: str = "keras") -> np.ndarray:
+  from model import engines  # pylint: disable=import-outside-toplevel
+  return engines.load_engine(model_dir, engine).probabilities(
+      images.astype(np.float32))
