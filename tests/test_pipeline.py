@@ -229,3 +229,22 @@ def test_predict_cli_missing_model_is_one_line(tmp_path, png_dir):
   assert result.returncode == 2
   assert result.stderr.strip().count("\n") == 0, result.stderr
   assert "is not a model folder" in result.stderr
+
+
+def test_multi_processing_gives_identical_outputs(tmp_path, png_dir,
+                                                  tiny_model):
+  single = config_lib.PredictConfig(png_dir, tiny_model, str(tmp_path / "one"),
+                                    batch_size=32)
+  multi = config_lib.PredictConfig(png_dir, tiny_model, str(tmp_path / "two"),
+                                   batch_size=32)
+  predict.run(single, ["--runner", "DirectRunner"])
+  manifest = predict.run(multi, [
+      "--runner", "DirectRunner", "--direct_num_workers", "2",
+      "--direct_running_mode", "multi_processing"])
+  one = read_parquet_rows(os.path.join(single.output, "predictions-*.parquet"))
+  two = read_parquet_rows(os.path.join(multi.output, "predictions-*.parquet"))
+  key = lambda row: row["id"]  # pylint: disable=unnecessary-lambda-assignment
+  assert sorted(one, key=key) == sorted(two, key=key)
+  # Exactly one model load per worker process.
+  assert manifest["counts"]["model_loads"] == 2
+  assert manifest["counts"]["inputs"] == 200 and manifest["accounted"]
