@@ -52,7 +52,8 @@ def decode_image(data: bytes,
       raise Image.DecompressionBombError(
           f"image of {image.width}x{image.height} pixels exceeds the limit of "
           f"{max_pixels} pixels")
-    image = ImageOps.exif_transpose(image)
+    # In place: the copying form copies every image, rotated or not.
+    ImageOps.exif_transpose(image, in_place=True)
     if image.mode in _WIDE_MODES:
       image = _to_eight_bit(image)
     elif image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
@@ -61,7 +62,8 @@ def decode_image(data: bytes,
       rgba = image.convert("RGBA")
       background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
       image = Image.alpha_composite(background, rgba)
-    image = image.convert(_PIL_MODES[color_mode])
+    if image.mode != _PIL_MODES[color_mode]:
+      image = image.convert(_PIL_MODES[color_mode])
     if image.size != (width, height):
       image = image.resize((width, height), Image.Resampling.BILINEAR)
     pixels = np.asarray(image, dtype=np.uint8)
