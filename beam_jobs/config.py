@@ -70,7 +70,8 @@ class PredictConfig:
     card = self._load_card()
     pattern = (self.input if self.input_format == "parquet" else
                sources.expand_pattern(self.input))
-    paths = sources.match_paths(pattern)
+    # One match is enough to know the input is there; the pipeline lists all.
+    paths = sources.match_paths(pattern, limit=1)
     if not paths:
       kind = ("Parquet shards" if self.input_format == "parquet" else
               "image files")

@@ -12,6 +12,7 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from beam_jobs.batches import ImageBatch
@@ -22,6 +23,7 @@ METRICS_NAMESPACE = "beam_jobs"
 DEFAULT_FILES_PER_BATCH = 256
 DEFAULT_ROWS_PER_BATCH = 256
 _GLOB_CHARS = re.compile(r"[*?\[]")
+_UNCOMPRESSED = CompressionTypes.UNCOMPRESSED
 
 
 def expand_pattern(pattern: str) -> str:
@@ -38,9 +40,9 @@ def pattern_base(pattern: str) -> str:
   return prefix if prefix.endswith("/") else posixpath.dirname(prefix) + "/"
 
 
-def match_paths(pattern: str) -> list:
-  """All file paths a pattern matches, sorted, through Beam's FileSystems."""
-  result = FileSystems.match([pattern])[0]
+def match_paths(pattern: str, limit: Optional[int] = None) -> list:
+  """File paths a pattern matches, sorted, through Beam's FileSystems."""
+  result = FileSystems.match([pattern], limits=[limit] if limit else None)[0]
   return sorted(metadata.path for metadata in result.metadata_list)
 
 
@@ -86,10 +88,13 @@ class _ReadFileGroup(beam.DoFn):
 
   def process(self, paths: list):
     _inputs_counter().inc(len(paths))
+    # One file system lookup per group; images are read as stored, never
+    # decompressed by file name.
+    filesystem = FileSystems.get_filesystem(paths[0])
     ids, payloads = [], []
     for path in paths:
       try:
-        with FileSystems.open(path) as handle:
+        with filesystem.open(path, compression_type=_UNCOMPRESSED) as handle:
           payloads.append(handle.read())
         ids.append(path)
       except Exception as error:  # pylint: disable=broad-except
