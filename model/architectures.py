@@ -59,10 +59,16 @@ def tutorial_augmentation(seed: int) -> keras.Sequential:
   ], name="augmentation")
 
 
+# Keras' default momentum of 0.99 leaves the moving statistics far from the
+# batch statistics after the few hundred steps small datasets train for, and
+# the model then scores near chance in inference mode.
+BATCH_NORM_MOMENTUM = 0.9
+
+
 def _conv_block(x, filters: int, dropout: float):
   for _ in range(2):
     x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-    x = layers.BatchNormalization()(x)
+    x = layers.BatchNormalization(momentum=BATCH_NORM_MOMENTUM)(x)
     x = layers.Activation("relu")(x)
   x = layers.MaxPooling2D()(x)
   return layers.Dropout(dropout)(x) if dropout else x
@@ -72,11 +78,11 @@ def fashion_cnn(input_shape: tuple, num_classes: int) -> keras.Model:
   """A small VGG-style CNN for 28x28 greyscale images."""
   inputs = keras.Input(shape=input_shape, name="image")
   x = layers.Rescaling(1.0 / 255)(inputs)
-  x = _conv_block(x, 32, 0.2)
-  x = _conv_block(x, 64, 0.3)
+  x = _conv_block(x, 32, 0.1)
+  x = _conv_block(x, 64, 0.2)
   x = layers.Flatten()(x)
   x = layers.Dense(256, activation="relu")(x)
-  x = layers.Dropout(0.4)(x)
+  x = layers.Dropout(0.3)(x)
   outputs = layers.Dense(num_classes, name="logits")(x)
   return keras.Model(inputs, outputs, name="fashion_cnn")
 
@@ -85,17 +91,22 @@ def fashion_augmentation(seed: int) -> keras.Sequential:
   """Mirror and small shifts: clothes stay clothes under both."""
   return keras.Sequential([
       layers.RandomFlip("horizontal", seed=seed),
-      layers.RandomTranslation(0.08, 0.08, fill_mode="constant", seed=seed),
+      layers.RandomTranslation(0.05, 0.05, fill_mode="constant", seed=seed),
   ], name="augmentation")
 
 
 def photo_cnn(input_shape: tuple, num_classes: int) -> keras.Model:
-  """A compact batch-normalised CNN with global pooling for RGB photos."""
+  """A compact batch-normalised CNN with global pooling for RGB photos.
+
+  A strided stem and a pooling step bring 128x128 photos to 32x32 before the
+  first block, which keeps training on two CPU cores within minutes.
+  """
   inputs = keras.Input(shape=input_shape, name="image")
   x = layers.Rescaling(1.0 / 255)(inputs)
   x = layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False)(x)
-  x = layers.BatchNormalization()(x)
+  x = layers.BatchNormalization(momentum=BATCH_NORM_MOMENTUM)(x)
   x = layers.Activation("relu")(x)
+  x = layers.MaxPooling2D()(x)
   for filters in (32, 64, 128, 256):
     x = _conv_block(x, filters, 0.0)
   x = layers.GlobalAveragePooling2D()(x)
@@ -120,7 +131,7 @@ ARCHITECTURES = {
     "tutorial_cnn": Recipe(tutorial_cnn, tutorial_augmentation, epochs=15,
                            batch_size=32, learning_rate=1e-3,
                            description="Keras image classification baseline"),
-    "fashion_cnn": Recipe(fashion_cnn, fashion_augmentation, epochs=30,
+    "fashion_cnn": Recipe(fashion_cnn, fashion_augmentation, epochs=50,
                           batch_size=64, learning_rate=2e-3,
                           description="VGG-style CNN for Fashion-MNIST"),
     "photo_cnn": Recipe(photo_cnn, photo_augmentation, epochs=40,

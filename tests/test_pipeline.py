@@ -170,6 +170,7 @@ def test_bad_files_become_error_rows_and_batch_mates_survive(
   bad = {
       folder / "Bag" / "empty.png": b"",
       folder / "Bag" / "text.jpg": b"this is not a jpeg",
+      folder / "Bag" / ".DS_Store": b"\x00\x00\x00\x01Bud1\x00\x00",
       folder / "Coat" / "truncated.png":
           preprocessing.encode_png(sample.test.images[0])[:60],
   }
@@ -181,7 +182,7 @@ def test_bad_files_become_error_rows_and_batch_mates_survive(
   assert sorted(e["id"] for e in errors) == sorted(str(p) for p in bad)
   assert {e["stage"] for e in errors} == {"decode"}
   assert all(e["error"] for e in errors)
-  assert manifest["counts"]["inputs"] == 13 and manifest["accounted"]
+  assert manifest["counts"]["inputs"] == 14 and manifest["accounted"]
 
 
 def test_inference_failure_is_isolated_to_the_bad_row(tiny_model):
