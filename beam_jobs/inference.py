@@ -9,9 +9,8 @@ import dataclasses
 import logging
 import os
 import tempfile
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional
 
-import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference import base
