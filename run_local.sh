@@ -66,3 +66,7 @@ python -m beam_jobs.query "$WORK/predictions_parquet"
 echo
 echo "== Both inputs agree? python -m beam_jobs.query $WORK/predictions_parquet compare $WORK/predictions_images"
 python -m beam_jobs.query "$WORK/predictions_parquet" compare "$WORK/predictions_images" --limit 5
+
+echo
+echo "== Report: python -m beam_jobs.report $WORK/predictions_parquet --out $WORK/report"
+python -m beam_jobs.report "$WORK/predictions_parquet" --out "$WORK/report"

@@ -1,0 +1,304 @@
+"""Pictures of a run's results, for those who would rather look than read.
+
+Usage:
+  python -m beam_jobs.report OUTPUT_DIR --out REPORT_DIR [--samples 15]
+
+Writes PNG plots and an index.html that shows them with the summary table:
+a grid of sample images with their predictions and probability bars (the
+Keras basic-classification tutorial's two plots), the most confident
+mistakes, a confusion-matrix heat map, a confidence histogram split by
+correct and wrong, and a reliability diagram. All numbers come from
+`beam_jobs.query`.
+"""
+
+import argparse
+import html
+import io
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+from matplotlib import pyplot as plt  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+from PIL import Image  # pylint: disable=wrong-import-position
+
+from beam_jobs import outputs  # pylint: disable=wrong-import-position
+from beam_jobs import query  # pylint: disable=wrong-import-position
+
+DEFAULT_SAMPLES = 15
+GRID_COLUMNS = 3
+CORRECT, WRONG, UNKNOWN = "blue", "red", "black"
+DPI = 100
+FILES = {
+    "samples": "samples.png",
+    "mistakes": "mistakes.png",
+    "confusion": "confusion_matrix.png",
+    "confidence": "confidence_histogram.png",
+    "reliability": "reliability_diagram.png",
+}
+
+
+def _open(data: bytes) -> np.ndarray:
+  image = Image.open(io.BytesIO(data))
+  return np.asarray(image if image.mode in ("L", "RGB") else
+                    image.convert("RGB"))
+
+
+def _read_image(row: dict, manifest: dict):
+  """The input image for a prediction row, or None when it can't be had."""
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
+  arguments = (manifest or {}).get("arguments", {})
+  try:
+    if arguments.get("input_format") != "parquet":
+      with FileSystems.open(row["id"]) as handle:
+        return _open(handle.read())
+    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+    id_column, image_column = arguments["id_column"], arguments["image_column"]
+    with FileSystems.open(row["source"]) as handle:
+      table = pq.read_table(handle, columns=[c for c in (id_column,
+                                                         image_column) if c])
+    if id_column:
+      position = table.column(id_column).to_pylist().index(row["id"])
+    else:
+      position = int(row["id"].rsplit("#", 1)[1])
+    cell = table.column(image_column)[position].as_py()
+    if isinstance(cell, bytes):
+      return _open(cell)
+    shape = manifest["model"]["input_shape"]
+    return np.asarray(cell, dtype=np.uint8).reshape(shape)
+  except Exception:  # pylint: disable=broad-except
+    # A source that moved or can't be read leaves a blank tile.
+    return None
+
+
+def _colour(row: dict) -> str:
+  if row.get("true_label") is None:
+    return UNKNOWN
+  return CORRECT if row["label"] == row["true_label"] else WRONG
+
+
+def _probability_pairs(row: dict, class_names: list):
+  """(class names, probabilities) to draw: all classes, else the top k."""
+  if row.get("probabilities") is not None and len(class_names) == len(
+      row["probabilities"]):
+    return class_names, list(row["probabilities"])
+  return ([entry["label"] for entry in row["top_k"]],
+          [entry["confidence"] for entry in row["top_k"]])
+
+
+def plot_grid(rows: list, class_names: list, manifest: dict, path: str,
+              title: str) -> None:
+  """Image with its prediction, and the probability bars beside it."""
+  count = max(1, len(rows))
+  grid_rows = -(-count // GRID_COLUMNS)
+  figure = plt.figure(figsize=(4 * GRID_COLUMNS, 2.4 * grid_rows + 0.6))
+  figure.suptitle(title)
+  for index, row in enumerate(rows):
+    image_axis = figure.add_subplot(grid_rows, 2 * GRID_COLUMNS, 2 * index + 1)
+    image = _read_image(row, manifest)
+    if image is None:
+      image = np.full((8, 8), 255, dtype=np.uint8)
+    # Greyscale is drawn as it is, not inverted, so tiles look like the files.
+    image_axis.imshow(image.squeeze(), cmap="gray", vmin=0, vmax=255)
+    image_axis.set_xticks([])
+    image_axis.set_yticks([])
+    truth = row.get("true_label")
+    image_axis.set_xlabel(
+        f"{row['label']} {100 * row['confidence']:2.0f}% "
+        f"({truth if truth is not None else '?'})", color=_colour(row),
+        fontsize=8)
+    bar_axis = figure.add_subplot(grid_rows, 2 * GRID_COLUMNS, 2 * index + 2)
+    names, values = _probability_pairs(row, class_names)
+    bars = bar_axis.bar(range(len(values)), values, color="#777777")
+    bar_axis.set_ylim([0, 1])
+    bar_axis.set_xticks(range(len(names)))
+    bar_axis.set_xticklabels(names, rotation=90, fontsize=6)
+    bar_axis.tick_params(axis="y", labelsize=6)
+    if row["label"] in names:
+      bars[names.index(row["label"])].set_color(WRONG)
+    if truth in names:
+      bars[names.index(truth)].set_color(CORRECT)
+  figure.tight_layout()
+  figure.savefig(path, dpi=DPI)
+  plt.close(figure)
+
+
+def plot_confusion(scores: dict, path: str) -> None:
+  classes, matrix = scores["classes"], np.array(scores["confusion_matrix"])
+  size = max(5, 0.6 * len(classes) + 2)
+  figure, axis = plt.subplots(figsize=(size, size))
+  image = axis.imshow(matrix, cmap="Blues")
+  figure.colorbar(image, ax=axis, fraction=0.046)
+  axis.set_xticks(range(len(classes)))
+  axis.set_xticklabels(classes, rotation=90)
+  axis.set_yticks(range(len(classes)))
+  axis.set_yticklabels(classes)
+  axis.set_xlabel("predicted")
+  axis.set_ylabel("true")
+  axis.set_title(f"Confusion matrix, accuracy {scores['accuracy']:.4f}")
+  threshold = matrix.max() / 2 if matrix.size else 0
+  for (i, j), value in np.ndenumerate(matrix):
+    if value:
+      axis.text(j, i, str(value), ha="center", va="center", fontsize=7,
+                color="white" if value > threshold else "black")
+  figure.tight_layout()
+  figure.savefig(path, dpi=DPI)
+  plt.close(figure)
+
+
+def plot_confidence(connection, path: str) -> None:
+  rows = query._rows(connection, """  -- pylint: disable=protected-access
+      SELECT confidence, true_label IS NULL AS unknown,
+             label = true_label AS correct FROM predictions""")
+  bins = np.linspace(0, 1, query.ECE_BINS + 1)
+  figure, axis = plt.subplots(figsize=(7, 4))
+  groups = [("correct", CORRECT, lambda r: r["correct"]),
+            ("wrong", WRONG, lambda r: r["correct"] is False),
+            ("no true label", "#999999", lambda r: r["unknown"])]
+  data = [[r["confidence"] for r in rows if keep(r)] for _, _, keep in groups]
+  labels = [f"{name} ({len(values)})" for (name, _, _), values in
+            zip(groups, data)]
+  # Side by side on a log scale: the few mistakes stay visible next to the
+  # many confident right answers.
+  axis.hist(data, bins=bins, label=labels, log=True,
+            color=[colour for _, colour, _ in groups])
+  axis.set_xlabel("confidence of the predicted label")
+  axis.set_ylabel("images (log scale)")
+  axis.set_title("Confidence, correct vs wrong")
+  axis.legend()
+  figure.tight_layout()
+  figure.savefig(path, dpi=DPI)
+  plt.close(figure)
+
+
+def plot_reliability(scores: dict, path: str) -> None:
+  bins = scores["calibration_bins"]
+  width = 1.0 / query.ECE_BINS
+  figure, axis = plt.subplots(figsize=(5, 5))
+  axis.bar([b["bin"] * width for b in bins], [b["accuracy"] for b in bins],
+           width=width, align="edge", edgecolor="black", color=CORRECT,
+           alpha=0.7, label="accuracy")
+  for b in bins:
+    axis.text((b["bin"] + 0.5) * width, min(b["accuracy"], 0.9) + 0.02,
+              f"n={b['images']}", ha="center", fontsize=7)
+  axis.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+  axis.set_xlim([0, 1])
+  axis.set_ylim([0, 1])
+  axis.set_xlabel("confidence")
+  axis.set_ylabel("accuracy")
+  axis.set_title(f"Reliability, ECE {scores['expected_calibration_error']:.4f}")
+  axis.legend(loc="upper left")
+  figure.tight_layout()
+  figure.savefig(path, dpi=DPI)
+  plt.close(figure)
+
+
+def _class_names(connection) -> list:
+  return [r["label"] for r in query._rows(  # pylint: disable=protected-access
+      connection, "SELECT label FROM predictions GROUP BY label "
+      "ORDER BY min(label_index)")]
+
+
+def _sample_rows(connection, samples: int, where: str, order: str) -> list:
+  return query._rows(  # pylint: disable=protected-access
+      connection, f"SELECT * FROM predictions WHERE {where} ORDER BY {order} "
+      "LIMIT ?", [samples])
+
+
+def write_report(output_dir: str, out: str,
+                 samples: int = DEFAULT_SAMPLES) -> dict:
+  """Draws every plot and index.html; returns {name: path} of what it wrote."""
+  os.makedirs(out, exist_ok=True)
+  connection = query.connect(output_dir)
+  summary = query.summary(connection, output_dir)
+  manifest = summary["manifest"]
+  names = _class_names(connection)
+  # Use the card's full class list when the run had every class predicted.
+  written = {}
+  sample_rows = _sample_rows(connection, samples, "TRUE", "hash(id), id")
+  path = os.path.join(out, FILES["samples"])
+  plot_grid(sample_rows, names, manifest, path,
+            "Sample predictions (blue: right, red: wrong)")
+  written["samples"] = path
+  try:
+    scores = query.accuracy(connection)
+  except query.QueryError:
+    scores = None
+  if scores:
+    mistakes = _sample_rows(connection, samples,
+                            "true_label IS NOT NULL AND label <> true_label",
+                            "confidence DESC, id")
+    if mistakes:
+      path = os.path.join(out, FILES["mistakes"])
+      plot_grid(mistakes, names, manifest, path, "Most confident mistakes")
+      written["mistakes"] = path
+    for name, plot in (("confusion", plot_confusion),
+                       ("reliability", plot_reliability)):
+      path = os.path.join(out, FILES[name])
+      plot(scores, path)
+      written[name] = path
+  path = os.path.join(out, FILES["confidence"])
+  plot_confidence(connection, path)
+  written["confidence"] = path
+  written["index"] = _write_index(out, summary, scores, written)
+  return written
+
+
+def _write_index(out: str, summary: dict, scores, written: dict) -> str:
+  manifest = summary["manifest"] or {}
+  counts = manifest.get("counts", {})
+  facts = [("model", manifest.get("model_id", "?")),
+           ("inputs", counts.get("inputs", "?")),
+           ("predictions", summary["predictions"]),
+           ("errors", summary["errors"]),
+           ("images/s", manifest.get("images_per_second", "?"))]
+  if scores:
+    facts += [("accuracy", f"{scores['accuracy']:.4f} "
+                           f"({scores['correct']}/{scores['labelled']})"),
+              ("expected calibration error",
+               f"{scores['expected_calibration_error']:.4f}")]
+  table = "".join(f"<tr><th>{html.escape(str(k))}</th>"
+                  f"<td>{html.escape(str(v))}</td></tr>" for k, v in facts)
+  classes = "".join(
+      f"<tr><td>{html.escape(str(r['label']))}</td><td>{r['images']}</td>"
+      f"<td>{r['share']}</td><td>{r['mean_confidence']}</td></tr>"
+      for r in summary["classes"])
+  images = "".join(
+      f'<h2>{html.escape(name.replace("_", " "))}</h2>'
+      f'<img src="{html.escape(os.path.basename(path))}" alt="{name}">'
+      for name, path in written.items())
+  page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>Run report</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left}}img{{max-width:100%}}</style>
+</head><body><h1>Run report</h1><table>{table}</table>
+<h2>predictions per class</h2><table><tr><th>label</th><th>images</th>
+<th>share</th><th>mean confidence</th></tr>{classes}</table>{images}</body></html>
+"""
+  path = os.path.join(out, "index.html")
+  with open(path, "w") as handle:
+    handle.write(page)
+  return path
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m beam_jobs.report",
+                                   description=__doc__.split("\n\n")[0])
+  parser.add_argument("output_dir", help="the --output folder of a run")
+  parser.add_argument("--out", required=True, help="folder for the report")
+  parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
+                      help="images per grid")
+  args = parser.parse_args(argv)
+  try:
+    written = write_report(args.output_dir, args.out, args.samples)
+  except query.QueryError as error:
+    print(f"beam_jobs.report: error: {error}", file=sys.stderr)
+    return 2
+  print(f"wrote {written['index']} with {len(written) - 1} plots")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,85 @@
+"""The HTML/PNG report over a real run's outputs."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from beam_jobs import config as config_lib
+from beam_jobs import make_shards
+from beam_jobs import predict
+from beam_jobs import report
+from model import card as card_lib
+from model import datasets
+from tests.conftest import read_parquet_rows
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, sample, tiny_model):
+  """A prediction run over 30 PNGs, one of which is removed afterwards."""
+  root = tmp_path_factory.mktemp("report")
+  images = root / "images"
+  split = datasets.Split(sample.test.images[:30], sample.test.labels[:30])
+  datasets.write_png_folder(split, sample.class_names, str(images))
+  config = config_lib.PredictConfig(str(images), tiny_model, str(root / "out"),
+                                    write_probabilities=True)
+  predict.run(config, ["--runner", "DirectRunner"])
+  return root, config
+
+
+def test_report_renders_every_plot(run):
+  root, config = run
+  written = report.write_report(config.output, str(root / "report"), samples=6)
+  assert set(written) == {"samples", "mistakes", "confusion", "confidence",
+                          "reliability", "index"}
+  expected_sizes = {"samples": (1200, 540), "confusion": (800, 800),
+                    "confidence": (700, 400), "reliability": (500, 500)}
+  for name, size in expected_sizes.items():
+    with Image.open(written[name]) as image:
+      assert image.size == size, name
+      pixels = np.asarray(image.convert("L"))
+      assert pixels.std() > 10, f"{name} looks blank"
+  page = open(written["index"]).read()
+  for name in ("samples", "confusion", "confidence", "reliability"):
+    assert os.path.basename(written[name]) in page
+  assert "accuracy" in page and "predictions per class" in page
+
+
+def test_images_are_read_back_by_id(run, sample, tiny_model, tmp_path):
+  _, config = run
+  rows = read_parquet_rows(os.path.join(config.output, "predictions-*.parquet"))
+  manifest = {"arguments": {"input_format": "images"}}
+  row = rows[0]
+  pixels = report._read_image(row, manifest)  # pylint: disable=protected-access
+  original = np.asarray(Image.open(row["id"]))
+  np.testing.assert_array_equal(pixels, original)
+
+  # Raw-pixel Parquet inputs are read back from their shard.
+  shards = tmp_path / "shards"
+  card = card_lib.load_card(tiny_model)
+  make_shards.make_shards(os.path.dirname(os.path.dirname(row["id"])),
+                          str(shards), rows_per_shard=100, card=card)
+  shard = sorted(shards.iterdir())[0]
+  parquet_manifest = {"arguments": {"input_format": "parquet",
+                                    "id_column": "id", "image_column": "image"},
+                      "model": {"input_shape": card.input_shape}}
+  back = report._read_image(  # pylint: disable=protected-access
+      {"id": row["id"], "source": str(shard)}, parquet_manifest)
+  np.testing.assert_array_equal(back[..., 0], original)
+
+
+def test_missing_source_leaves_a_blank_tile(run, tmp_path):
+  root, config = run
+  rows = read_parquet_rows(os.path.join(config.output, "predictions-*.parquet"))
+  moved = tmp_path / "moved.png"
+  shutil.move(rows[0]["id"], moved)
+  try:
+    assert report._read_image(  # pylint: disable=protected-access
+        rows[0], {"arguments": {"input_format": "images"}}) is None
+    written = report.write_report(config.output, str(root / "report2"),
+                                  samples=30)
+    assert os.path.getsize(written["samples"]) > 0
+  finally:
+    shutil.move(moved, rows[0]["id"])
