@@ -9,9 +9,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from beam_jobs import config as config_lib
 from beam_jobs import outputs
+from beam_jobs import predict
 from beam_jobs import query
 from tests.conftest import REPO
+from tests.conftest import read_parquet_rows
 
 CLASSES = ["cat", "dog", "owl"]
 
@@ -50,14 +53,13 @@ def _errors_table():
   ], schema=outputs.ERRORS_SCHEMA)
 
 
-def test_accuracy_confusion_and_ece_match_an_independent_computation(crafted):
-  folder, probabilities, truth_names = crafted
-  keep = [i for i, t in enumerate(truth_names) if t is not None]
-  p = probabilities[keep].astype(np.float64)
-  predicted = p.argmax(1)
-  truth = np.array([CLASSES.index(truth_names[i]) for i in keep])
-  confidence = probabilities[keep].max(1).astype(np.float64)
-  matrix = np.zeros((3, 3), dtype=int)
+def independent_scores(rows: list, classes: list) -> dict:
+  """Accuracy, confusion, per-class scores and ECE, with numpy only."""
+  rows = [r for r in rows if r["true_label"] is not None]
+  truth = np.array([classes.index(r["true_label"]) for r in rows])
+  predicted = np.array([classes.index(r["label"]) for r in rows])
+  confidence = np.array([r["confidence"] for r in rows], dtype=np.float64)
+  matrix = np.zeros((len(classes), len(classes)), dtype=int)
   np.add.at(matrix, (truth, predicted), 1)
   ece = 0.0
   bins = np.minimum((confidence * 10).astype(int), 9)
@@ -66,21 +68,54 @@ def test_accuracy_confusion_and_ece_match_an_independent_computation(crafted):
     if inside.any():
       ece += inside.mean() * abs((predicted[inside] == truth[inside]).mean() -
                                  confidence[inside].mean())
+  per_class = []
+  for i in range(len(classes)):
+    precision = matrix[i, i] / matrix[:, i].sum() if matrix[:, i].sum() else 0
+    recall = matrix[i, i] / matrix[i].sum() if matrix[i].sum() else 0
+    f1 = (2 * precision * recall / (precision + recall)
+          if precision + recall else 0)
+    per_class.append((precision, recall, f1, int(matrix[i].sum())))
+  return {"labelled": len(rows), "accuracy": (predicted == truth).mean(),
+          "matrix": matrix.tolist(), "ece": ece, "per_class": per_class}
 
-  result = query.accuracy(query.connect(folder))
-  assert result["labelled"] == len(keep)
-  assert result["accuracy"] == pytest.approx((predicted == truth).mean())
-  assert result["classes"] == CLASSES
-  assert result["confusion_matrix"] == matrix.tolist()
-  assert result["expected_calibration_error"] == pytest.approx(ece, abs=1e-6)
-  for i, row in enumerate(result["per_class"]):
-    precision = matrix[i, i] / matrix[:, i].sum()
-    recall = matrix[i, i] / matrix[i].sum()
+
+def assert_scores_match(result: dict, expected: dict) -> None:
+  assert result["labelled"] == expected["labelled"]
+  assert result["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-12)
+  assert result["confusion_matrix"] == expected["matrix"]
+  assert result["expected_calibration_error"] == pytest.approx(
+      expected["ece"], abs=1e-6)
+  for row, (precision, recall, f1, support) in zip(result["per_class"],
+                                                   expected["per_class"]):
     assert row["precision"] == pytest.approx(precision, abs=1e-6)
     assert row["recall"] == pytest.approx(recall, abs=1e-6)
-    assert row["f1"] == pytest.approx(
-        2 * precision * recall / (precision + recall), abs=1e-6)
-    assert row["support"] == matrix[i].sum()
+    assert row["f1"] == pytest.approx(f1, abs=1e-6)
+    assert row["support"] == support
+
+
+def test_accuracy_confusion_and_ece_match_an_independent_computation(crafted):
+  folder, _, _ = crafted
+  rows = read_parquet_rows(os.path.join(folder, "predictions-*.parquet"))
+  result = query.accuracy(query.connect(folder))
+  assert result["classes"] == CLASSES
+  assert result["labelled"] == 280
+  assert_scores_match(result, independent_scores(rows, CLASSES))
+
+
+def test_accuracy_json_on_a_pipeline_run_matches_pyarrow(tmp_path, png_dir,
+                                                         tiny_model, sample):
+  output = str(tmp_path / "out")
+  predict.run(config_lib.PredictConfig(png_dir, tiny_model, output),
+              ["--runner", "DirectRunner"])
+  result = subprocess.run(
+      [sys.executable, "-m", "beam_jobs.query", output, "accuracy", "--json"],
+      capture_output=True, text=True, cwd=REPO, check=True)
+  scores = json.loads(result.stdout)
+  rows = read_parquet_rows(os.path.join(output, "predictions-*.parquet"))
+  classes = scores["classes"]
+  assert sorted(classes) == sorted(sample.class_names)
+  assert_scores_match(scores, independent_scores(rows, classes))
+  assert scores["labelled"] == 200
 
 
 def test_summary_counts(crafted):
