@@ -6,7 +6,6 @@ one line naming what was expected.
 
 import argparse
 import dataclasses
-import os
 from typing import Optional
 
 import pyarrow.parquet as pq
@@ -52,11 +51,8 @@ class PredictConfig:
 
   def validate(self) -> card_lib.ModelCard:
     """Checks everything that can be checked before any work; returns the card."""
-    # Local paths become absolute so ids do not depend on the working folder.
     for name in ("input", "model", "output"):
-      value = getattr(self, name)
-      if "://" not in value:
-        setattr(self, name, os.path.abspath(value))
+      setattr(self, name, sources.absolute(getattr(self, name)))
     self.input_format = self.resolved_format()
     if self.input_format not in INPUT_FORMATS:
       raise ConfigError(f"--input_format must be one of {INPUT_FORMATS}")

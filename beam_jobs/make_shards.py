@@ -53,7 +53,7 @@ def make_shards(input_pattern: str, output_dir: str,
   (the pipeline reports them)."""
   if rows_per_shard < 1:
     raise ValueError("rows_per_shard must be at least 1")
-  pattern = sources.expand_pattern(input_pattern)
+  pattern = sources.expand_pattern(sources.absolute(input_pattern))
   paths = sources.match_paths(pattern)
   if not paths:
     raise FileNotFoundError(f"{input_pattern} matches no files")

@@ -4,6 +4,7 @@ Each is a composite PTransform whose main output is `ImageBatch` elements and
 whose `errors` output holds a row for every input it could not read.
 """
 
+import os
 import posixpath
 import re
 from typing import Iterable, Optional
@@ -24,6 +25,14 @@ DEFAULT_FILES_PER_BATCH = 256
 DEFAULT_ROWS_PER_BATCH = 256
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _UNCOMPRESSED = CompressionTypes.UNCOMPRESSED
+
+
+def absolute(path: str) -> str:
+  """Local paths become absolute, so ids don't depend on the working folder."""
+  if "://" in path:
+    return path
+  absolute_path = os.path.abspath(path)
+  return absolute_path + "/" if path.endswith("/") else absolute_path
 
 
 def expand_pattern(pattern: str) -> str:

@@ -249,3 +249,16 @@ def test_multi_processing_gives_identical_outputs(tmp_path, png_dir,
   # Exactly one model load per worker process.
   assert manifest["counts"]["model_loads"] == 2
   assert manifest["counts"]["inputs"] == 200 and manifest["accounted"]
+
+
+def test_ids_match_between_relative_folder_and_shards(tmp_path, png_dir,
+                                                      monkeypatch):
+  monkeypatch.chdir(os.path.dirname(png_dir))
+  relative = os.path.basename(png_dir)
+  make_shards.make_shards(relative, str(tmp_path / "shards"), 1000)
+  ids = pq.read_table(str(tmp_path / "shards")).column("id").to_pylist()
+  assert all(os.path.isabs(i) and os.path.exists(i) for i in ids)
+  config = config_lib.PredictConfig(relative, "unused", "out")
+  assert sources.absolute(config.input) == png_dir
+  assert sorted(ids) == sorted(
+      sources.match_paths(sources.expand_pattern(png_dir)))
