@@ -79,19 +79,19 @@ class PredictConfig:
     return card
 
   def _load_card(self) -> card_lib.ModelCard:
-    missing = [name for name in (card_lib.CARD_FILE, self._engine_file())
+    missing = [name for name in (card_lib.CARD_FILE, card_lib.MODEL_FILE,
+                                 card_lib.TFLITE_FILE)
                if not FileSystems.exists(card_lib.join(self.model, name))]
     if missing:
       raise ConfigError(
           f"--model {self.model} is not a model folder: missing "
           f"{', '.join(missing)} (expected the output of python -m model.train)")
     try:
-      return card_lib.load_card(self.model)
-    except ValueError as error:
+      card = card_lib.load_card(self.model)
+      card_lib.check_model_files(self.model, card)
+    except (ValueError, OSError) as error:
       raise ConfigError(f"--model {self.model}: {error}") from None
-
-  def _engine_file(self) -> str:
-    return card_lib.MODEL_FILE if self.engine == "keras" else card_lib.TFLITE_FILE
+    return card
 
   def _check_columns(self, shard_path: str) -> None:
     try:

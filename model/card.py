@@ -140,3 +140,44 @@ def card_summary(card: ModelCard) -> dict[str, Any]:
       "color_mode": card.color_mode,
       "classes": len(card.class_names),
   }
+
+
+def check_model_files(model_dir: str, card: ModelCard) -> None:
+  """Refuses a folder whose model files are not the ones the card describes,
+  or whose Keras model carries a Lambda layer (arbitrary Python code).
+
+  Both checks read bytes only, so they run in the launcher before any work.
+  """
+  import io  # pylint: disable=import-outside-toplevel
+  import zipfile  # pylint: disable=import-outside-toplevel
+  payloads = [read_bytes(join(model_dir, name))
+              for name in (MODEL_FILE, TFLITE_FILE)]
+  actual = content_hash(*payloads)
+  if actual != card.model_id:
+    raise ValueError(
+        f"{model_dir}: model.keras and model.tflite hash to {actual} but the "
+        f"card says {card.model_id}; the card does not describe these files")
+  try:
+    with zipfile.ZipFile(io.BytesIO(payloads[0])) as archive:
+      config = archive.read("config.json").decode("utf-8")
+  except (zipfile.BadZipFile, KeyError):
+    raise ValueError(f"{join(model_dir, MODEL_FILE)} is not a Keras 3 "
+                     ".keras file") from None
+  if "Lambda" in _class_names(json.loads(config)):
+    raise ValueError(
+        f"{join(model_dir, MODEL_FILE)} has a Lambda layer, which runs "
+        "arbitrary Python code when loaded; it is refused (Keras safe_mode)")
+
+
+def _class_names(config) -> set:
+  """Every `class_name` in a Keras model config, at any depth."""
+  found, stack = set(), [config]
+  while stack:
+    node = stack.pop()
+    if isinstance(node, dict):
+      if isinstance(node.get("class_name"), str):
+        found.add(node["class_name"])
+      stack.extend(node.values())
+    elif isinstance(node, list):
+      stack.extend(node)
+  return found

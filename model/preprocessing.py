@@ -41,17 +41,24 @@ def decode_image(data: bytes,
   ValueError for bytes that are empty or not an image Pillow can read, and
   Image.DecompressionBombError for images larger than `max_pixels`.
   """
+  if data is None:
+    raise ValueError("null image cell")
   if not data:
-    raise ValueError("empty file: zero bytes")
+    raise ValueError("empty image: zero bytes")
   # Pillow reads the guard from a module global; it is set per call so that a
   # flag can tighten it, and a worker never keeps a stale value.
   Image.MAX_IMAGE_PIXELS = max_pixels
-  with Image.open(io.BytesIO(data)) as image:
+  limit = f"exceeds the limit of {max_pixels} pixels (--max_image_pixels)"
+  try:
+    image = Image.open(io.BytesIO(data))
+  except Image.DecompressionBombError as error:
+    # Pillow refuses beyond twice its limit, from the header alone.
+    raise Image.DecompressionBombError(f"image {limit}; {error}") from None
+  with image:
     if max_pixels is not None and image.width * image.height > max_pixels:
-      # Pillow only warns between max_pixels and twice that; refuse outright.
+      # Between the limit and twice it Pillow only warns; refuse outright.
       raise Image.DecompressionBombError(
-          f"image of {image.width}x{image.height} pixels exceeds the limit of "
-          f"{max_pixels} pixels")
+          f"image of {image.width}x{image.height} pixels {limit}")
     # In place: the copying form copies every image, rotated or not.
     ImageOps.exif_transpose(image, in_place=True)
     if image.mode in _WIDE_MODES:

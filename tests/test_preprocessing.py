@@ -70,7 +70,7 @@ def test_transparent_pixels_become_white():
 
 
 def test_empty_and_non_image_bytes_raise():
-  with pytest.raises(ValueError, match="empty"):
+  with pytest.raises(ValueError, match="zero bytes"):
     preprocessing.decode_image(b"", 4, 4, "rgb")
   with pytest.raises(Exception, match="cannot identify"):
     preprocessing.decode_image(b"hello, not an image", 4, 4, "rgb")
