@@ -43,6 +43,7 @@ class PredictConfig:
   max_image_pixels: Optional[int] = preprocessing.DEFAULT_MAX_IMAGE_PIXELS
   inference_threads: int = 0
   overwrite: bool = False
+  skip_existing: bool = False
 
   def resolved_format(self) -> str:
     if self.input_format != "auto":
@@ -63,6 +64,9 @@ class PredictConfig:
         raise ConfigError(f"--{name} must be at least 1")
     if self.max_image_pixels is not None and self.max_image_pixels < 1:
       raise ConfigError("--max_image_pixels must be at least 1")
+    if self.skip_existing and self.overwrite:
+      raise ConfigError("--skip_existing keeps earlier results and --overwrite "
+                        "replaces them; pass one of them")
     card = self._load_card()
     pattern = (self.input if self.input_format == "parquet" else
                sources.expand_pattern(self.input))
@@ -150,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="threads per model; 0 picks the engine default")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace results of a different model in --output")
+  parser.add_argument("--skip_existing", action="store_true",
+                      help="keep --output's predictions by this model and "
+                      "classify only inputs whose ids it lacks")
   return parser
 
 

@@ -6,6 +6,7 @@ success: a failed run leaves no half-written visible files.
 """
 
 import json
+import os
 from typing import Optional
 
 import apache_beam as beam
@@ -21,6 +22,7 @@ from model.card import join
 PREDICTIONS_PREFIX = "predictions"
 ERRORS_PREFIX = "errors"
 MANIFEST_FILE = "_run.json"
+CRASH_AFTER_BATCHES_ENV = "BEAM_JOBS_TEST_CRASH_AFTER_BATCHES"
 PARQUET_SUFFIX = ".parquet"
 
 TOP_K_TYPE = pa.list_(
@@ -98,7 +100,15 @@ class FormatPredictions(beam.DoFn):
     self._predictions = beam.metrics.Metrics.counter(METRICS_NAMESPACE,
                                                      "predictions")
 
+  def setup(self):
+    # Test-only: simulates a worker dying mid-run (see tests/test_reliability.py).
+    self._die_after = int(os.environ.get(CRASH_AFTER_BATCHES_ENV, "0"))
+    self._batches = 0
+
   def process(self, result):
+    self._batches += 1
+    if self._die_after and self._batches > self._die_after:
+      os._exit(70)  # pylint: disable=protected-access
     result = result.inference if hasattr(result, "inference") else result
     for row in result.errors:
       yield beam.pvalue.TaggedOutput(ERRORS, row)
@@ -119,34 +129,42 @@ def _count_error(row: dict) -> dict:
   return row
 
 
-class WritePredictions(beam.PTransform):
-  """Arrow tables to `predictions-SSSSS-of-NNNNN.parquet` under the output."""
+def predictions_glob(output: str) -> str:
+  return join(output, f"{PREDICTIONS_PREFIX}-*{PARQUET_SUFFIX}")
 
-  def __init__(self, output: str, write_probabilities: bool):
+
+def errors_glob(output: str) -> str:
+  return join(output, f"{ERRORS_PREFIX}-*{PARQUET_SUFFIX}")
+
+
+class WritePredictions(beam.PTransform):
+  """Arrow tables to `predictions-RUN-SSSSS-of-NNNNN.parquet` in the output."""
+
+  def __init__(self, output: str, run_id: str, write_probabilities: bool):
     super().__init__()
-    self._output = output
+    self._prefix = join(output, f"{PREDICTIONS_PREFIX}-{run_id}")
     self._schema = predictions_schema(write_probabilities)
 
   def expand(self, tables):
     return tables | "WriteParquet" >> beam.io.WriteToParquetBatched(
-        file_path_prefix=join(self._output, PREDICTIONS_PREFIX),
+        file_path_prefix=self._prefix,
         schema=self._schema,
         file_name_suffix=PARQUET_SUFFIX)
 
 
 class WriteErrors(beam.PTransform):
-  """Error rows to `errors-SSSSS-of-NNNNN.parquet` under the output."""
+  """Error rows to `errors-RUN-SSSSS-of-NNNNN.parquet` in the output."""
 
-  def __init__(self, output: str):
+  def __init__(self, output: str, run_id: str):
     super().__init__()
-    self._output = output
+    self._prefix = join(output, f"{ERRORS_PREFIX}-{run_id}")
 
   def expand(self, rows):
     return (
         rows
         | "CountErrors" >> beam.Map(_count_error)
         | "WriteParquet" >> beam.io.WriteToParquet(
-            file_path_prefix=join(self._output, ERRORS_PREFIX),
+            file_path_prefix=self._prefix,
             schema=ERRORS_SCHEMA,
             file_name_suffix=PARQUET_SUFFIX))
 

@@ -12,21 +12,26 @@ from beam_jobs.config import PredictConfig
 from beam_jobs.inference import ImageClassifierHandler
 from beam_jobs.preprocess import Preprocess
 from beam_jobs.sources import ERRORS
+from beam_jobs.sources import ExistingIds
 from beam_jobs.sources import ReadImageFiles
 from beam_jobs.sources import ReadParquetImages
 from model.card import ModelCard
 
 
 def read_inputs(pipeline, config: PredictConfig, card: ModelCard):
+  skip = ExistingIds(outputs.predictions_glob(config.output),
+                     card.model_id) if config.skip_existing else None
   if config.input_format == "parquet":
     return pipeline | "ReadParquetImages" >> ReadParquetImages(
         config.input, card.input_shape, config.image_column, config.id_column,
-        config.label_column, config.batch_size)
+        config.label_column, config.batch_size, skip)
   return pipeline | "ReadImageFiles" >> ReadImageFiles(
-      config.input, card.class_names, config.batch_size)
+      config.input, card.class_names, config.batch_size, skip)
 
 
-def build_pipeline(pipeline, config: PredictConfig, card: ModelCard) -> None:
+def build_pipeline(pipeline, config: PredictConfig, card: ModelCard,
+                   run_id: str) -> None:
+  """Wires the graph; `run_id` names this run's output shards."""
   read = read_inputs(pipeline, config, card)
   preprocessed = read.images | "Preprocess" >> Preprocess(
       card, config.max_image_pixels)
@@ -39,7 +44,7 @@ def build_pipeline(pipeline, config: PredictConfig, card: ModelCard) -> None:
                                 config.write_probabilities)).with_outputs(
                                     ERRORS, main="tables")
   _ = formatted.tables | "WritePredictions" >> outputs.WritePredictions(
-      config.output, config.write_probabilities)
+      config.output, run_id, config.write_probabilities)
   _ = ((read.errors, preprocessed.errors, formatted.errors)
        | "CollectErrors" >> beam.Flatten()
-       | "WriteErrors" >> outputs.WriteErrors(config.output))
+       | "WriteErrors" >> outputs.WriteErrors(config.output, run_id))

@@ -9,12 +9,15 @@ Writes predictions-*.parquet, errors-*.parquet and _run.json to OUTPUT_DIR.
 """
 
 import dataclasses
+import glob
 import logging
 import os
 import sys
 import time
+import uuid
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -31,9 +34,14 @@ def _metric_value(result) -> int:
   return int(getattr(value, "count", value) or 0)
 
 
+class PipelineError(RuntimeError):
+  """The pipeline itself failed; its outputs were not committed."""
+
+
 def read_counts(pipeline_result) -> dict:
-  """Inputs, predictions, errors and model loads from Beam's metrics."""
-  counts = {"inputs": 0, "predictions": 0, "errors": 0, "model_loads": 0}
+  """Inputs, predictions, errors, skips and model loads from Beam metrics."""
+  counts = {"inputs": 0, "predictions": 0, "errors": 0, "skipped": 0,
+            "model_loads": 0}
   metrics = pipeline_result.metrics().query(MetricsFilter())
   for counter in metrics["counters"]:
     if counter.key.metric.namespace == METRICS_NAMESPACE and (
@@ -47,29 +55,52 @@ def read_counts(pipeline_result) -> dict:
   return counts
 
 
-def clear_previous_outputs(output: str) -> None:
-  """Removes an earlier run's shards, which the new run's may not overwrite."""
-  from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
-  for prefix in (outputs.PREDICTIONS_PREFIX, outputs.ERRORS_PREFIX):
-    pattern = card_lib.join(output, prefix + "-*" + outputs.PARQUET_SUFFIX)
-    stale = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
-    if stale:
-      FileSystems.delete(stale)
+def clear_previous_outputs(output: str, keep_predictions: bool) -> None:
+  """Removes an earlier run's shards and a killed run's staging folders.
+
+  With `keep_predictions` (--skip_existing) the predictions stay and only the
+  errors go, since those inputs are tried again.
+  """
+  patterns = [outputs.errors_glob(output)]
+  if not keep_predictions:
+    patterns.append(outputs.predictions_glob(output))
+  # A killed run's staging folders: found by their files, deleted whole.
+  patterns.append(card_lib.join(output, "beam-temp-*/*"))
+  matched = [m.path for result in FileSystems.match(patterns)
+             for m in result.metadata_list]
+  staging = {path.rsplit("/", 1)[0] for path in matched
+             if "/beam-temp-" in path}
+  if "://" not in output:
+    # Object stores have no empty folders; a local disk can.
+    staging.update(glob.glob(os.path.join(output, "beam-temp-*")))
+  stale = [path for path in matched if "/beam-temp-" not in path]
+  if stale or staging:
+    FileSystems.delete(stale + sorted(staging))
 
 
 def run(config: config_lib.PredictConfig, beam_args=None) -> dict:
   """Validates, runs the pipeline to the end, and writes the manifest."""
   card = config.validate()
   options = PipelineOptions(beam_args or [])
-  clear_previous_outputs(config.output)
+  clear_previous_outputs(config.output, keep_predictions=config.skip_existing)
+  run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + (
+      "-" + uuid.uuid4().hex[:6])
   started = time.time()
   pipeline = beam.Pipeline(options=options)
-  build_pipeline(pipeline, config, card)
-  result = pipeline.run()
-  result.wait_until_finish()
+  build_pipeline(pipeline, config, card, run_id)
+  try:
+    result = pipeline.run()
+    result.wait_until_finish()
+  except Exception as error:  # pylint: disable=broad-except
+    logging.exception("pipeline failed")
+    message = str(error).strip().splitlines()[0][:300] if str(error) else ""
+    raise PipelineError(f"the pipeline failed, nothing was committed to "
+                        f"{config.output}: {type(error).__name__}: {message}"
+                       ) from error
   elapsed = time.time() - started
   counts = read_counts(result)
   manifest = {
+      "run_id": run_id,
       "model_id": card.model_id,
       "model": card_lib.card_summary(card),
       "arguments": dataclasses.asdict(config),
@@ -93,9 +124,15 @@ def main(argv=None) -> int:
   except config_lib.ConfigError as error:
     print(f"beam_jobs.predict: error: {error}", file=sys.stderr)
     return 2
+  except PipelineError as error:
+    print(f"beam_jobs.predict: error: {error}", file=sys.stderr)
+    return 1
   counts = manifest["counts"]
-  print(f"{counts['inputs']} inputs: {counts['predictions']} predictions, "
-        f"{counts['errors']} errors, {counts['model_loads']} model load(s) in "
+  skipped = (f" ({counts['skipped']} already predicted, skipped)"
+             if counts["skipped"] else "")
+  print(f"{counts['inputs']} inputs{skipped}: {counts['predictions']} "
+        f"predictions, {counts['errors']} errors, {counts['model_loads']} "
+        "model load(s) in "
         f"{manifest['elapsed_seconds']:.1f}s "
         f"({manifest['images_per_second']} images/s) -> {config.output}")
   if not manifest["accounted"]:

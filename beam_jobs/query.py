@@ -22,7 +22,6 @@ from typing import Optional
 import duckdb
 
 from beam_jobs import outputs
-from model.card import join
 
 ECE_BINS = 10
 DEFAULT_LIMIT = 20
@@ -31,10 +30,6 @@ READ_ONLY_STATEMENTS = ("SELECT", "EXPLAIN")
 
 class QueryError(ValueError):
   """A folder, statement or request that cannot be answered."""
-
-
-def _parquet_glob(output_dir: str, prefix: str) -> str:
-  return join(output_dir, f"{prefix}-*{outputs.PARQUET_SUFFIX}")
 
 
 def _register_remote(connection, path: str) -> None:
@@ -56,8 +51,9 @@ def connect(output_dir: str, other_dir: Optional[str] = None):
     if folder is None:
       continue
     _register_remote(connection, folder)
-    for prefix in (outputs.PREDICTIONS_PREFIX, outputs.ERRORS_PREFIX):
-      pattern = _parquet_glob(folder, prefix)
+    for prefix, pattern in (
+        (outputs.PREDICTIONS_PREFIX, outputs.predictions_glob(folder)),
+        (outputs.ERRORS_PREFIX, outputs.errors_glob(folder))):
       try:
         connection.execute(
             f"CREATE VIEW {alias}{prefix} AS SELECT * FROM "

@@ -69,6 +69,33 @@ def folder_label(path: str, base: str,
   return None
 
 
+class ExistingIds:
+  """Ids a model already predicted in an output folder, loaded on a worker.
+
+  Only the glob and model id travel in the job graph; each worker reads the
+  id column itself in `setup`, so millions of ids never bloat the graph.
+  """
+
+  def __init__(self, predictions_glob: str, model_id: str):
+    self.predictions_glob = predictions_glob
+    self.model_id = model_id
+
+  def load(self) -> frozenset:
+    ids = set()
+    for path in match_paths(self.predictions_glob):
+      with FileSystems.open(path, compression_type=_UNCOMPRESSED) as handle:
+        table = pq.read_table(handle, columns=["id", "model_id"])
+      for id_, model_id in zip(table.column("id").to_pylist(),
+                               table.column("model_id").to_pylist()):
+        if model_id == self.model_id:
+          ids.add(id_)
+    return frozenset(ids)
+
+
+def _skipped_counter():
+  return beam.metrics.Metrics.counter(METRICS_NAMESPACE, "skipped")
+
+
 def _chunks(items: list, size: int) -> Iterable[list]:
   for start in range(0, len(items), size):
     yield items[start:start + size]
@@ -81,11 +108,20 @@ def _inputs_counter():
 class _MatchInGroups(beam.DoFn):
   """Expands a pattern into groups of paths, one group per element."""
 
-  def __init__(self, group_size: int):
+  def __init__(self, group_size: int, skip: Optional[ExistingIds] = None):
     self._group_size = group_size
+    self._skip = skip
+
+  def setup(self):
+    self._existing = self._skip.load() if self._skip else frozenset()
 
   def process(self, pattern: str):
-    yield from _chunks(match_paths(pattern), self._group_size)
+    paths = match_paths(pattern)
+    if self._existing:
+      kept = [p for p in paths if p not in self._existing]
+      _skipped_counter().inc(len(paths) - len(kept))
+      paths = kept
+    yield from _chunks(paths, self._group_size)
 
 
 class _ReadFileGroup(beam.DoFn):
@@ -126,17 +162,20 @@ class ReadImageFiles(beam.PTransform):
   """
 
   def __init__(self, pattern: str, class_names: list,
-               files_per_batch: int = DEFAULT_FILES_PER_BATCH):
+               files_per_batch: int = DEFAULT_FILES_PER_BATCH,
+               skip: Optional[ExistingIds] = None):
     super().__init__()
     self._pattern = expand_pattern(pattern)
     self._class_names = class_names
     self._files_per_batch = files_per_batch
+    self._skip = skip
 
   def expand(self, pipeline):
     return (
         pipeline
         | "Pattern" >> beam.Create([self._pattern])
-        | "MatchFiles" >> beam.ParDo(_MatchInGroups(self._files_per_batch))
+        | "MatchFiles" >> beam.ParDo(
+            _MatchInGroups(self._files_per_batch, self._skip))
         # Matching happens on one worker; spread the groups before reading.
         | "SpreadGroups" >> beam.Reshuffle()
         | "ReadFiles" >> beam.ParDo(
@@ -175,12 +214,16 @@ class _ReadParquetShard(beam.DoFn):
 
   def __init__(self, image_column: str, id_column: Optional[str],
                label_column: Optional[str], rows_per_batch: int,
-               input_shape: list):
+               input_shape: list, skip: Optional[ExistingIds] = None):
     self._image_column = image_column
     self._id_column = id_column
     self._label_column = label_column
     self._rows_per_batch = rows_per_batch
     self._input_shape = tuple(input_shape)
+    self._skip = skip
+
+  def setup(self):
+    self._existing = self._skip.load() if self._skip else frozenset()
 
   def process(self, path: str):
     offset = 0
@@ -208,11 +251,20 @@ class _ReadParquetShard(beam.DoFn):
 
   def _batch_outputs(self, path: str, offset: int, record_batch):
     rows = record_batch.num_rows
-    _inputs_counter().inc(rows)
     if self._id_column:
       ids = [str(v) for v in record_batch.column(self._id_column).to_pylist()]
     else:
       ids = [f"{path}#{offset + i}" for i in range(rows)]
+    if self._existing:
+      keep = [i for i, id_ in enumerate(ids) if id_ not in self._existing]
+      _skipped_counter().inc(rows - len(keep))
+      if len(keep) < rows:
+        record_batch = record_batch.take(pa.array(keep, pa.int64()))
+        ids = [ids[i] for i in keep]
+        rows = len(keep)
+      if not rows:
+        return
+    _inputs_counter().inc(rows)
     labels = (record_batch.column(self._label_column).to_pylist()
               if self._label_column else [None] * rows)
     labels = [None if label is None else str(label) for label in labels]
@@ -249,11 +301,12 @@ class ReadParquetImages(beam.PTransform):
   def __init__(self, pattern: str, input_shape: list, image_column: str,
                id_column: Optional[str] = None,
                label_column: Optional[str] = None,
-               rows_per_batch: int = DEFAULT_ROWS_PER_BATCH):
+               rows_per_batch: int = DEFAULT_ROWS_PER_BATCH,
+               skip: Optional[ExistingIds] = None):
     super().__init__()
     self._pattern = pattern
     self._reader = _ReadParquetShard(image_column, id_column, label_column,
-                                     rows_per_batch, input_shape)
+                                     rows_per_batch, input_shape, skip)
 
   def expand(self, pipeline):
     return (

@@ -136,7 +136,7 @@ def test_predict_image_folder(tmp_path, png_dir, tiny_model, sample, engine):
                              [sample.test.labels[ids.index(i)]
                               for i in sorted(r["id"] for r in rows)]))
   assert manifest["counts"] == {"inputs": 200, "predictions": 200,
-                                "errors": 0, "model_loads": 1}
+                                "errors": 0, "skipped": 0, "model_loads": 1}
   assert manifest["accounted"] and manifest["model_id"] == card.model_id
   # Accuracy over the folder is the accuracy training reported.
   accuracy = np.mean([r["label"] == r["true_label"] for r in rows])

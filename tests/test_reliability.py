@@ -211,3 +211,111 @@ def test_bad_parquet_rows_and_shards(tmp_path, tiny_model, sample):
       assert fragment in errors[error_id]["error"], errors[error_id]
     counts = manifest["counts"]
     assert counts["inputs"] == counts["predictions"] + counts["errors"]
+
+
+def _predict_cli(args, env_extra=None):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from tests.conftest import REPO  # pylint: disable=import-outside-toplevel
+  env = dict(os.environ, **(env_extra or {}))
+  return subprocess.run([sys.executable, "-m", "beam_jobs.predict", *args],
+                        capture_output=True, text=True, cwd=REPO, env=env,
+                        check=False)
+
+
+def test_crash_mid_run_leaves_nothing_and_a_rerun_completes(tmp_path, png_dir,
+                                                            tiny_model):
+  from beam_jobs import outputs  # pylint: disable=import-outside-toplevel
+  from tests.conftest import read_parquet_rows  # pylint: disable=import-outside-toplevel
+  output = tmp_path / "out"
+  args = ["--input", png_dir, "--model", tiny_model, "--output", str(output),
+          "--batch_size", "16"]
+  crashed = _predict_cli(args, {outputs.CRASH_AFTER_BATCHES_ENV: "3"})
+  assert crashed.returncode == 70, crashed.stderr[-2000:]
+  visible = sorted(p.name for p in output.iterdir() if
+                   not p.name.startswith("beam-temp-"))
+  assert visible == []  # No shard, no manifest: nothing half-written.
+  # The killed run did write staging files, out of sight.
+  assert any(p.name.startswith("beam-temp-") for p in output.iterdir())
+
+  again = _predict_cli(args)
+  assert again.returncode == 0, again.stderr[-2000:]
+  rows = read_parquet_rows(str(output / "predictions-*.parquet"))
+  ids = [r["id"] for r in rows]
+  assert len(ids) == 200 and len(set(ids)) == 200
+  assert not any(p.name.startswith("beam-temp-") for p in output.iterdir())
+
+
+def test_skip_existing_classifies_only_new_images(tmp_path, tiny_model,
+                                                  sample):
+  from model import datasets  # pylint: disable=import-outside-toplevel
+  from tests.conftest import read_parquet_rows  # pylint: disable=import-outside-toplevel
+  pile, output = tmp_path / "pile", tmp_path / "out"
+  first = datasets.Split(sample.test.images[:60], sample.test.labels[:60])
+  datasets.write_png_folder(first, sample.class_names, str(pile))
+  config = dict(input=str(pile), model=tiny_model, output=str(output))
+  before = predict.run(config_lib.PredictConfig(**config),
+                       ["--runner", "DirectRunner"])
+  assert before["counts"]["predictions"] == 60
+
+  # The pile grows; its new files get names the first run never saw.
+  more = datasets.Split(sample.test.images[60:100], sample.test.labels[60:100])
+  datasets.write_png_folder(more, sample.class_names, str(tmp_path / "more"))
+  for path in (tmp_path / "more").glob("*/*.png"):
+    target = pile / path.parent.name / f"new_{path.name}"
+    shutil.move(path, target)
+  after = predict.run(config_lib.PredictConfig(**config, skip_existing=True),
+                      ["--runner", "DirectRunner"])
+  assert after["counts"]["skipped"] == 60
+  assert after["counts"]["inputs"] == 40
+  assert after["counts"]["predictions"] == 40 and after["accounted"]
+  new_shards = [p for p in output.glob("predictions-*.parquet")
+                if after["run_id"] in p.name]
+  new_ids = {r["id"] for p in new_shards for r in read_parquet_rows(str(p))}
+  assert all(os.path.basename(i).startswith("new_") for i in new_ids)
+  rows = read_parquet_rows(str(output / "predictions-*.parquet"))
+  ids = [r["id"] for r in rows]
+  assert len(ids) == 100 and len(set(ids)) == 100
+  assert set(ids) == {str(p) for p in pile.glob("*/*.png")}
+
+
+def test_skip_existing_on_parquet(tmp_path, tiny_model, png_dir):
+  from beam_jobs import make_shards  # pylint: disable=import-outside-toplevel
+  from tests.conftest import read_parquet_rows  # pylint: disable=import-outside-toplevel
+  shards = tmp_path / "shards"
+  make_shards.make_shards(png_dir, str(shards), rows_per_shard=80)
+  paths = sorted(shards.glob("*.parquet"))
+  output = str(tmp_path / "out")
+  predict.run(config_lib.PredictConfig(str(paths[0]), tiny_model, output),
+              ["--runner", "DirectRunner"])
+  after = predict.run(config_lib.PredictConfig(
+      str(shards / "*.parquet"), tiny_model, output, skip_existing=True),
+                      ["--runner", "DirectRunner"])
+  assert after["counts"]["skipped"] == 80
+  assert after["counts"]["predictions"] == 120
+  ids = [r["id"] for r in read_parquet_rows(output + "/predictions-*.parquet")]
+  assert len(ids) == 200 and len(set(ids)) == 200
+
+
+def test_ids_never_write_outside_the_output(tmp_path, tiny_model, sample):
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  from model import preprocessing  # pylint: disable=import-outside-toplevel
+  work = tmp_path / "work"
+  work.mkdir()
+  hostile = ["../../escape.parquet", "/tmp/absolute_escape", "a/../../b",
+             "predictions-evil.parquet", "gs://bucket/x"]
+  pq.write_table(pa.table({
+      "id": hostile,
+      "image": [preprocessing.encode_png(x) for x in sample.test.images[:5]],
+      "label": ["../" * 3 + "etc"] * 5,
+  }), work / "input.parquet")
+  before = {str(p) for p in tmp_path.rglob("*")}
+  output = work / "out"
+  manifest = predict.run(config_lib.PredictConfig(
+      str(work / "input.parquet"), tiny_model, str(output),
+      label_column="label"), ["--runner", "DirectRunner"])
+  assert manifest["counts"]["predictions"] == 5
+  created = {str(p) for p in tmp_path.rglob("*")} - before
+  assert created and all(p.startswith(str(output)) for p in created)
+  assert not os.path.exists("/tmp/absolute_escape")
