@@ -24,6 +24,7 @@ setuptools.setup(
     install_requires=REQUIRED,
     extras_require={
         "test": ["pytest>=8"],
-        "gcp": ["apache-beam[gcp]>=2.77,<2.78", "gcsfs"],
+        # build: Beam stages --setup_file with `python -m build --sdist`.
+        "gcp": ["apache-beam[gcp]>=2.77,<2.78", "gcsfs", "build"],
     },
 )

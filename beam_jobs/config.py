@@ -6,6 +6,7 @@ one line naming what was expected.
 
 import argparse
 import dataclasses
+import re
 from typing import Optional
 
 import pyarrow.parquet as pq
@@ -21,6 +22,7 @@ DEFAULT_ENGINE = "tflite"
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_TOP_K = 3
 INPUT_FORMATS = ("auto", "images", "parquet")
+_BIGQUERY_TABLE = re.compile(r"^[a-z][a-z0-9.:-]*[a-z0-9]:\w+\.[\w$-]+$")
 
 
 class ConfigError(ValueError):
@@ -44,6 +46,7 @@ class PredictConfig:
   inference_threads: int = 0
   overwrite: bool = False
   skip_existing: bool = False
+  bigquery_table: Optional[str] = None
 
   def resolved_format(self) -> str:
     if self.input_format != "auto":
@@ -64,6 +67,9 @@ class PredictConfig:
         raise ConfigError(f"--{name} must be at least 1")
     if self.max_image_pixels is not None and self.max_image_pixels < 1:
       raise ConfigError("--max_image_pixels must be at least 1")
+    if self.bigquery_table and not _BIGQUERY_TABLE.match(self.bigquery_table):
+      raise ConfigError(f"--bigquery_table {self.bigquery_table!r} must look "
+                        "like PROJECT:DATASET.TABLE")
     if self.skip_existing and self.overwrite:
       raise ConfigError("--skip_existing keeps earlier results and --overwrite "
                         "replaces them; pass one of them")
@@ -154,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="threads per model; 0 picks the engine default")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace results of a different model in --output")
+  parser.add_argument("--bigquery_table", default=None,
+                      help="also write predictions to PROJECT:DATASET.TABLE "
+                      "and errors to PROJECT:DATASET.TABLE_errors")
   parser.add_argument("--skip_existing", action="store_true",
                       help="keep --output's predictions by this model and "
                       "classify only inputs whose ids it lacks")

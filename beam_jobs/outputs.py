@@ -169,6 +169,60 @@ class WriteErrors(beam.PTransform):
             file_name_suffix=PARQUET_SUFFIX))
 
 
+_BIGQUERY_TYPES = {
+    pa.string(): "STRING",
+    pa.int32(): "INTEGER",
+    pa.int64(): "INTEGER",
+    pa.float32(): "FLOAT",
+    pa.float64(): "FLOAT",
+}
+
+
+def _bigquery_field(field: pa.Field) -> dict:
+  """One BigQuery field for one Arrow field; lists become REPEATED."""
+  mode, arrow_type = "NULLABLE", field.type
+  if pa.types.is_list(arrow_type):
+    mode, arrow_type = "REPEATED", arrow_type.value_type
+  if pa.types.is_struct(arrow_type):
+    return {"name": field.name, "type": "RECORD", "mode": mode,
+            "fields": [_bigquery_field(arrow_type.field(i))
+                       for i in range(arrow_type.num_fields)]}
+  return {"name": field.name, "type": _BIGQUERY_TYPES[arrow_type],
+          "mode": mode}
+
+
+def bigquery_schema(schema: pa.Schema) -> dict:
+  """The BigQuery table schema with the same columns as a Parquet output."""
+  return {"fields": [_bigquery_field(field) for field in schema]}
+
+
+def errors_table_spec(table_spec: str) -> str:
+  return table_spec + "_errors"
+
+
+class WriteBigQuery(beam.PTransform):
+  """Prediction tables or error rows to a BigQuery table, appending."""
+
+  def __init__(self, table_spec: str, schema: pa.Schema):
+    super().__init__()
+    self._table_spec = table_spec
+    self._schema = bigquery_schema(schema)
+
+  def expand(self, elements):
+    return (
+        elements
+        | "ToRows" >> beam.FlatMap(_table_rows)
+        | "WriteToBigQuery" >> beam.io.WriteToBigQuery(
+            self._table_spec,
+            schema=self._schema,
+            create_disposition=beam.io.BigQueryDisposition.CREATE_IF_NEEDED,
+            write_disposition=beam.io.BigQueryDisposition.WRITE_APPEND))
+
+
+def _table_rows(element):
+  return element.to_pylist() if isinstance(element, pa.Table) else [element]
+
+
 def write_manifest(output: str, manifest: dict) -> str:
   path = join(output, MANIFEST_FILE)
   with FileSystems.create(path) as handle:

@@ -45,6 +45,13 @@ def build_pipeline(pipeline, config: PredictConfig, card: ModelCard,
                                     ERRORS, main="tables")
   _ = formatted.tables | "WritePredictions" >> outputs.WritePredictions(
       config.output, run_id, config.write_probabilities)
-  _ = ((read.errors, preprocessed.errors, formatted.errors)
-       | "CollectErrors" >> beam.Flatten()
-       | "WriteErrors" >> outputs.WriteErrors(config.output, run_id))
+  errors = ((read.errors, preprocessed.errors, formatted.errors)
+            | "CollectErrors" >> beam.Flatten())
+  _ = errors | "WriteErrors" >> outputs.WriteErrors(config.output, run_id)
+  if config.bigquery_table:
+    _ = formatted.tables | "WritePredictionsToBigQuery" >> (
+        outputs.WriteBigQuery(
+            config.bigquery_table,
+            outputs.predictions_schema(config.write_probabilities)))
+    _ = errors | "WriteErrorsToBigQuery" >> outputs.WriteBigQuery(
+        outputs.errors_table_spec(config.bigquery_table), outputs.ERRORS_SCHEMA)
