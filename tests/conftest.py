@@ -47,3 +47,15 @@ def engine_probabilities(model_dir: str, images: np.ndarray,
   from model import engines  # pylint: disable=import-outside-toplevel
   return engines.load_engine(model_dir, engine).probabilities(
       images.astype(np.float32))
+
+
+def expected_labels(model_dir, sample, engine="keras") -> list:
+  """The label each engine gives the sample's test images, in order."""
+  probabilities = engine_probabilities(model_dir, sample.test.images, engine)
+  return [sample.class_names[i] for i in probabilities.argmax(1)]
+
+
+def png_ids(png_dir, sample) -> list:
+  """The ids write_png_folder gives each test image, in order."""
+  return [os.path.join(png_dir, sample.class_names[label], f"{i:06d}.png")
+          for i, label in enumerate(sample.test.labels)]

@@ -22,19 +22,9 @@ from model import card as card_lib
 from model import datasets
 from model import preprocessing
 from tests.conftest import REPO
-from tests.conftest import engine_probabilities
+from tests.conftest import expected_labels
+from tests.conftest import png_ids
 from tests.conftest import read_parquet_rows
-
-
-def _expected_labels(model_dir, sample, engine="keras"):
-  probabilities = engine_probabilities(model_dir, sample.test.images, engine)
-  return [sample.class_names[i] for i in probabilities.argmax(1)]
-
-
-def _png_ids(png_dir, sample):
-  """The ids write_png_folder gives each test image, in order."""
-  return [os.path.join(png_dir, sample.class_names[label], f"{i:06d}.png")
-          for i, label in enumerate(sample.test.labels)]
 
 
 def _flatten_ids(batch):
@@ -43,7 +33,7 @@ def _flatten_ids(batch):
 
 def test_read_image_files_in_batches_with_folder_labels(png_dir, sample):
   expected = [(path, sample.class_names[label]) for path, label in zip(
-      _png_ids(png_dir, sample), sample.test.labels)]
+      png_ids(png_dir, sample), sample.test.labels)]
   with TestPipeline() as pipeline:
     read = pipeline | sources.ReadImageFiles(png_dir, sample.class_names,
                                              files_per_batch=64)
@@ -77,7 +67,7 @@ def shards(tmp_path_factory, png_dir, tiny_model):
 @pytest.mark.parametrize("form", ["encoded", "raw"])
 def test_read_parquet_both_image_forms(shards, form, png_dir, sample, tiny_model):
   card = card_lib.load_card(tiny_model)
-  expected_ids = _png_ids(png_dir, sample)
+  expected_ids = png_ids(png_dir, sample)
   expected = list(zip(expected_ids,
                       [sample.class_names[i] for i in sample.test.labels]))
   assert len(os.listdir(os.path.join(shards, form))) == 3  # 70 + 70 + 60 rows.
@@ -92,7 +82,7 @@ def test_read_parquet_both_image_forms(shards, form, png_dir, sample, tiny_model
 def test_raw_pixel_shards_hold_the_decoded_pixels(shards, png_dir, sample):
   rows = {r["id"]: r["image"] for r in pq.read_table(
       os.path.join(shards, "raw")).to_pylist()}
-  for index, path in enumerate(_png_ids(png_dir, sample)):
+  for index, path in enumerate(png_ids(png_dir, sample)):
     pixels = np.array(rows[path], dtype=np.uint8).reshape(28, 28, 1)
     np.testing.assert_array_equal(pixels, sample.test.images[index])
 
@@ -121,8 +111,8 @@ def test_predict_image_folder(tmp_path, png_dir, tiny_model, sample, engine):
   manifest, rows, errors = _run(tmp_path, engine, input=png_dir,
                                 model=tiny_model, engine=engine, batch_size=64)
   card = card_lib.load_card(tiny_model)
-  ids = _png_ids(png_dir, sample)
-  expected = dict(zip(ids, _expected_labels(tiny_model, sample, engine)))
+  ids = png_ids(png_dir, sample)
+  expected = dict(zip(ids, expected_labels(tiny_model, sample, engine)))
   assert {r["id"]: r["label"] for r in rows} == expected
   assert errors == []
   row = rows[0]

@@ -1,6 +1,16 @@
-"""The same pipeline built, offline, as a complete Dataflow job."""
+"""The pipeline off the DirectRunner: a Dataflow job built offline, the Flex
+Template's files checked against the real flags, and a run through Beam's
+portable job API on separate worker processes."""
 
+import contextlib
+import json
 import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import apache_beam as beam
 import pytest
@@ -8,14 +18,34 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_jobs import config as config_lib
 from beam_jobs import make_shards
+from beam_jobs import outputs
 from beam_jobs.pipeline import build_pipeline
 from tests.conftest import REPO
+from tests.conftest import expected_labels
+from tests.conftest import png_ids
+from tests.conftest import read_parquet_rows
 
 DATAFLOW_ARGS = [
     "--runner", "DataflowRunner", "--dry_run=True", "--project",
     "fake-project", "--region", "us-central1", "--temp_location",
     "gs://fake-bucket/tmp", "--setup_file", os.path.join(REPO, "setup.py")
 ]
+
+TEMPLATE_DIR = os.path.join(REPO, "dataflow")
+# The Dockerfile's ENV lines naming what the launcher runs; its WORKDIR holds
+# the repository's layout.
+TEMPLATE_ENV = re.compile(
+    r'^ENV (FLEX_TEMPLATE_PYTHON_\w+)="\$\{WORKDIR\}/(.+)"$', re.MULTILINE)
+
+# Bounds, so a worker that never connects fails the test instead of hanging
+# it: Beam's job server waits for a worker with no timeout of its own.
+POOL_START_SECONDS = 30
+LAUNCH_SECONDS = 60
+# The handler's own log line; its pid says which process loaded the model.
+MODEL_LOAD_LINE = re.compile(r"loading tflite model from \S+ \(pid (\d+)\)")
+# Turns on INFO logging in the pool's workers, which configure none, so that
+# the handler's model-load line reaches the pool's log.
+SITECUSTOMIZE = "import logging\nlogging.basicConfig(level=logging.INFO)\n"
 
 
 def _dataflow_job(config):
@@ -45,3 +75,167 @@ def test_dataflow_dry_run_builds_the_whole_job(tmp_path, png_dir, tiny_model,
     assert stage in names, (stage, sorted(n for n in names if "/" not in n))
   assert any(n.startswith("WritePredictionsToBigQuery/WriteToBigQuery")
              for n in names)
+
+
+def _template_parameters() -> list:
+  with open(os.path.join(TEMPLATE_DIR, "metadata.json"),
+            encoding="utf-8") as handle:
+    return json.load(handle)["parameters"]
+
+
+def _predict_flags() -> dict:
+  parser = config_lib.build_parser()
+  return {action.dest: action for action in parser._actions}  # pylint: disable=protected-access
+
+
+def test_flex_template_parameters_are_flags_of_predict():
+  parameters = _template_parameters()
+  flags = _predict_flags()
+  for parameter in parameters:
+    name = parameter["name"]
+    assert name in flags, f"{name} is not a flag of beam_jobs.predict"
+    flag = flags[name]
+    # The launcher passes each parameter as --name=value, which an on/off
+    # (store_true) flag refuses.
+    assert flag.nargs != 0, f"--{name} takes no value"
+    assert parameter.get("isOptional", False) != flag.required, name
+    allowed = list(flag.choices or []) + (
+        [flag.default] if flag.default is not None else [])
+    for pattern in parameter.get("regexes", []):
+      for value in allowed:
+        assert re.match(pattern, str(value)), (name, value, pattern)
+  named = {parameter["name"] for parameter in parameters}
+  required = {name for name, flag in flags.items() if flag.required}
+  assert required <= named, required - named
+
+  # Parsed the way the launcher passes them, each one reaches the config.
+  values = {name: "gs://bucket/x" if flags[name].required else
+            str(flags[name].default or 1) for name in named}
+  config, beam_args = config_lib.parse_args(
+      [f"--{name}={value}" for name, value in sorted(values.items())])
+  assert beam_args == []
+  for name, value in values.items():
+    assert str(getattr(config, name)) == value, name
+
+
+def test_flex_template_entry_point_runs_predict():
+  with open(os.path.join(TEMPLATE_DIR, "Dockerfile"),
+            encoding="utf-8") as handle:
+    env = dict(TEMPLATE_ENV.findall(handle.read()))
+  assert set(env) == {"FLEX_TEMPLATE_PYTHON_PY_FILE",
+                      "FLEX_TEMPLATE_PYTHON_SETUP_FILE"}
+  assert all(os.path.isfile(os.path.join(REPO, path))
+             for path in env.values()), env
+  result = subprocess.run(
+      [sys.executable, env["FLEX_TEMPLATE_PYTHON_PY_FILE"], "--help"],
+      cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith("usage: python -m beam_jobs.predict")
+
+
+def _free_port() -> int:
+  with socket.socket() as probe:
+    probe.bind(("localhost", 0))
+    return probe.getsockname()[1]
+
+
+def _read(path) -> str:
+  with open(path, encoding="utf-8", errors="replace") as handle:
+    return handle.read()
+
+
+def _wait_for_port(port: int, pool: subprocess.Popen, log_path) -> None:
+  deadline = time.monotonic() + POOL_START_SECONDS
+  while time.monotonic() < deadline:
+    if pool.poll() is not None:
+      pytest.fail(f"worker pool exited with {pool.returncode}:\n"
+                  f"{_read(log_path)}")
+    try:
+      socket.create_connection(("localhost", port), timeout=1).close()
+      return
+    except OSError:
+      time.sleep(0.2)
+  pytest.fail(f"worker pool not listening on {port} after "
+              f"{POOL_START_SECONDS}s:\n{_read(log_path)}")
+
+
+@contextlib.contextmanager
+def _worker_pool(tmp_path):
+  """Starts Beam's worker pool; yields (process, port, log path); kills it."""
+  site = tmp_path / "site"
+  site.mkdir()
+  (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+  env = dict(os.environ)
+  # The pool starts each worker as a bare `python` from PATH. Unless this
+  # interpreter's folder comes first, that can be a Python without Beam: the
+  # worker dies on import, and the job waits for it forever.
+  env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
+  env["PYTHONPATH"] = os.pathsep.join(
+      filter(None, [str(site), env.get("PYTHONPATH")]))
+  port = _free_port()
+  log_path = tmp_path / "worker_pool.log"
+  with open(log_path, "wb") as log:
+    # A file, not a pipe: nobody would read a pipe, and a full one blocks.
+    # The workers inherit it as their stderr, so their logs land there too.
+    # Its own session makes the pool and its workers one process group.
+    pool = subprocess.Popen(
+        [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main",
+         "--service_port", str(port)],
+        cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
+        stderr=subprocess.STDOUT, start_new_session=True)
+  try:
+    _wait_for_port(port, pool, log_path)
+    yield pool, port, log_path
+  finally:
+    # The whole group: the pool and any worker it started.
+    with contextlib.suppress(ProcessLookupError):
+      os.killpg(pool.pid, signal.SIGTERM)
+    try:
+      pool.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+      with contextlib.suppress(ProcessLookupError):
+        os.killpg(pool.pid, signal.SIGKILL)
+      pool.wait()
+
+
+def test_portable_runner_runs_on_external_worker_processes(
+    tmp_path, png_dir, tiny_model, sample):
+  output = tmp_path / "out"
+  with _worker_pool(tmp_path) as (pool, port, log_path):
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "beam_jobs.predict", "--input", png_dir,
+         "--model", tiny_model, "--output", str(output), "--runner",
+         "PortableRunner", "--job_endpoint", "embed", "--environment_type",
+         "EXTERNAL", "--environment_config", f"localhost:{port}"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+      _, stderr = launcher.communicate(timeout=LAUNCH_SECONDS)
+    except subprocess.TimeoutExpired:
+      launcher.kill()
+      _, stderr = launcher.communicate()
+      pytest.fail(f"no result after {LAUNCH_SECONDS}s: {stderr}\n"
+                  f"worker pool log:\n{_read(log_path)}")
+    finally:
+      # Never leave the launcher behind, even on Ctrl-C.
+      if launcher.poll() is None:
+        launcher.kill()
+        launcher.wait()
+    pool_log = _read(log_path)
+  details = f"{stderr}\nworker pool log:\n{pool_log}"
+  assert launcher.returncode == 0, details
+
+  # The model was loaded once, in a worker the pool started: its log line is
+  # in the pool's log, from a process that is neither the pool nor the
+  # launcher.
+  loads = [int(pid) for pid in MODEL_LOAD_LINE.findall(pool_log)]
+  assert len(loads) == 1, details
+  assert loads[0] not in (pool.pid, launcher.pid), details
+  manifest = outputs.read_manifest(str(output))
+  assert manifest["counts"] == {"inputs": 200, "predictions": 200,
+                                "errors": 0, "skipped": 0, "model_loads": 1}
+
+  rows = read_parquet_rows(str(output / "predictions-*.parquet"))
+  expected = dict(zip(png_ids(png_dir, sample),
+                      expected_labels(tiny_model, sample, "tflite")))
+  assert {row["id"]: row["label"] for row in rows} == expected
+  assert read_parquet_rows(str(output / "errors-*.parquet")) == []
