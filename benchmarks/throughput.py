@@ -351,7 +351,7 @@ P_FLAGS = ("--direct_num_workers", "2", "--direct_running_mode",
            "multi_processing", "--inference_threads", "1")
 
 
-def main(argv=None):
+def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--workloads", default="W1,W2,W3")
   parser.add_argument("--repeats", type=int, default=3)
@@ -365,7 +365,11 @@ def main(argv=None):
   parser.add_argument("--systems", default="B0,B1,B2,P")
   parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
   parser.add_argument("--limit", type=int, default=0, help=argparse.SUPPRESS)
-  args = parser.parse_args(argv)
+  return parser.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
   if args.child:
     return child(args)
   args.workloads = args.workloads.split(",")

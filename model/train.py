@@ -55,7 +55,12 @@ def check_dataset(dataset: datasets.Dataset) -> None:
 
 
 def make_tf_dataset(split: datasets.Split, batch_size: int, seed: int,
-                    augment=None, shuffle: bool = False):
+                    augment=None, shuffle: bool = False, num_classes: int = 0,
+                    mixup: float = 0.0):
+  """Batches of (images, labels); labels are one-hot when num_classes is set.
+
+  One-hot targets are what label smoothing and mixup need.
+  """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   data = tf.data.Dataset.from_tensor_slices(
       (split.images.astype(np.float32), split.labels)).cache()
@@ -63,9 +68,32 @@ def make_tf_dataset(split: datasets.Split, batch_size: int, seed: int,
     data = data.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
   data = data.batch(batch_size)
   if augment is not None:
-    data = data.map(lambda x, y: (augment(x, training=True), y),
-                    num_parallel_calls=tf.data.AUTOTUNE)
+    # One seed pair per batch, different in every epoch, the same every run.
+    seeds = tf.data.Dataset.random(
+        seed=seed, rerandomize_each_iteration=True).batch(2)
+    data = tf.data.Dataset.zip(data, seeds).map(
+        lambda batch, pair: (augment(batch[0], pair), batch[1]),
+        num_parallel_calls=tf.data.AUTOTUNE)
+  if num_classes:
+    data = data.map(lambda x, y: (x, tf.one_hot(y, num_classes)))
+  if mixup:
+    data = data.map(lambda x, y: _mixup(x, y, mixup, seed))
   return data.prefetch(tf.data.AUTOTUNE)
+
+
+def _mixup(images, targets, alpha: float, seed: int):
+  """Blends each example with another from the batch (Zhang et al., 2018)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  # Beta(alpha, alpha) as a ratio of gammas; one weight per example.
+  size = tf.shape(images)[:1]
+  a = tf.random.gamma(size, alpha, seed=seed)
+  b = tf.random.gamma(size, alpha, seed=seed + 1)
+  weight = a / (a + b)
+  order = tf.random.shuffle(tf.range(size[0]), seed=seed)
+  mixed = (weight[:, None, None, None] * images
+           + (1 - weight[:, None, None, None]) * tf.gather(images, order))
+  return mixed, (weight[:, None] * targets
+                 + (1 - weight[:, None]) * tf.gather(targets, order))
 
 
 def train(dataset: datasets.Dataset, architecture: str, output: str,
@@ -93,14 +121,20 @@ def train(dataset: datasets.Dataset, architecture: str, output: str,
   schedule = keras.optimizers.schedules.CosineDecay(learning_rate, steps)
   optimizer = (keras.optimizers.AdamW(schedule, weight_decay=recipe.weight_decay)
                if recipe.weight_decay else keras.optimizers.Adam(schedule))
+  one_hot = recipe.label_smoothing > 0 or recipe.mixup > 0
   model.compile(
       optimizer=optimizer,
-      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+      loss=(keras.losses.CategoricalCrossentropy(
+          from_logits=True, label_smoothing=recipe.label_smoothing)
+            if one_hot else
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True)),
       metrics=["accuracy"])
   augment = recipe.augment(seed) if recipe.augment else None
+  num_classes = len(dataset.class_names) if one_hot else 0
   train_data = make_tf_dataset(dataset.train, batch_size, seed, augment,
-                               shuffle=True)
-  test_data = make_tf_dataset(dataset.test, 256, seed)
+                               shuffle=True, num_classes=num_classes,
+                               mixup=recipe.mixup)
+  test_data = make_tf_dataset(dataset.test, 256, seed, num_classes=num_classes)
 
   started = time.monotonic()
   # The tf.data pipeline shuffles; Keras' own shuffle does not apply to it.

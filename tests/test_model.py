@@ -129,14 +129,48 @@ def test_engines_agree(tiny_model, sample):
   np.testing.assert_allclose(keras_p, tflite_p, atol=1e-4)
 
 
-def test_training_is_reproducible_with_a_seed(tmp_path, sample):
+def test_random_affine_is_exact_at_identity_and_mirrors_exactly():
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from model import architectures  # pylint: disable=import-outside-toplevel
+  images = np.random.default_rng(0).uniform(0, 255, (16, 9, 7, 3)).astype(
+      np.float32)
+  seed = tf.constant([1, 2], tf.int64)
+  same = architectures.random_affine(images, seed, flip=False).numpy()
+  np.testing.assert_array_equal(same, images)
+  flipped = architectures.random_affine(images, seed).numpy()
+  mirrored = [np.array_equal(f, x[:, ::-1]) for f, x in zip(flipped, images)]
+  kept = [np.array_equal(f, x) for f, x in zip(flipped, images)]
+  assert all(m or k for m, k in zip(mirrored, kept))
+  assert 0 < sum(mirrored) < len(images)
+  # The seed decides: the same pair gives the same batch, another does not.
+  jittered = [architectures.photo_augmentation(0)(images, s).numpy()
+              for s in (seed, seed, seed + 1)]
+  np.testing.assert_array_equal(jittered[0], jittered[1])
+  assert not np.array_equal(jittered[0], jittered[2])
+  assert jittered[0].min() >= 0 and jittered[0].max() <= 255
+
+
+def test_mixup_targets_are_distributions(sample):
+  from model import train  # pylint: disable=import-outside-toplevel
+  data = train.make_tf_dataset(sample.train, 32, 0, shuffle=True,
+                               num_classes=10, mixup=0.4)
+  images, targets = next(iter(data))
+  targets = targets.numpy()
+  np.testing.assert_allclose(targets.sum(axis=1), 1, rtol=1e-5)
+  assert (targets >= 0).all() and (targets.max(axis=1) < 1).any()
+  assert 0 <= images.numpy().min() and images.numpy().max() <= 255
+
+
+@pytest.mark.parametrize("architecture", ["tutorial_mlp", "fashion_cnn"])
+def test_training_is_reproducible_with_a_seed(tmp_path, sample, architecture):
+  """fashion_cnn covers augmentation; the MLP the plain path."""
   from model import train  # pylint: disable=import-outside-toplevel
   small = datasets.Dataset(
       "fashion_mnist", sample.class_names, "grayscale",
       datasets.Split(sample.train.images[:200], sample.train.labels[:200]),
       datasets.Split(sample.test.images[:50], sample.test.labels[:50]),
       "test", "sample")
-  cards = [train.train(small, "tutorial_mlp", str(tmp_path / name), epochs=1,
+  cards = [train.train(small, architecture, str(tmp_path / name), epochs=1,
                        seed=5, verbose=0) for name in ("a", "b")]
   assert cards[0].metrics == cards[1].metrics
   outputs = [engines.load_engine(str(tmp_path / name), "keras").probabilities(
