@@ -58,11 +58,11 @@ def stage_seconds(folder, model_dir, batch_size):
   if kind == "parquet":
     reader = sources._ReadParquetShard(  # pylint: disable=protected-access
         "image", "id", "label", batch_size, card.input_shape)
-    reader.setup()
     work = items
   else:
     reader = sources._ReadFileGroup(folder, card.class_names)  # pylint: disable=protected-access
     work = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+  reader.setup()
   decoder = DecodeImages(card)
   handler = ImageClassifierHandler(model_dir, "tflite", threads=1)
   engine = handler.load_model()

@@ -120,7 +120,7 @@ def prepare(args):
       model = ensure_model(
           args.flowers_model or os.path.join(work, "flowers"),
           os.path.join(SHARED, "flowers"), "photo_cnn",
-          ("--image_size", "128", "--epochs", "1"))
+          ("--epochs", "1"))
     else:
       model = fashion
     workloads[name] = (folder, model)

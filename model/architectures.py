@@ -153,15 +153,16 @@ def fashion_augmentation(seed: int) -> Augmentation:
 def photo_cnn(input_shape: tuple, num_classes: int) -> keras.Model:
   """A compact batch-normalised CNN with global pooling for RGB photos.
 
-  A strided stem and a pooling step bring 128x128 photos to 32x32 before the
-  first block, which keeps training on two CPU cores within minutes.
+  Sized for 64x64 inputs: a strided stem brings them to 32x32, then four
+  blocks of two convolutions each halve the grid. On the flowers, 64x64
+  scored as well as 128x128 (the photos are 2-3 KB JPEGs) at a third of the
+  cost, which buys the epochs that strong augmentation needs.
   """
   inputs = keras.Input(shape=input_shape, name="image")
   x = layers.Rescaling(1.0 / 255)(inputs)
   x = layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False)(x)
   x = layers.BatchNormalization(momentum=BATCH_NORM_MOMENTUM)(x)
   x = layers.Activation("relu")(x)
-  x = layers.MaxPooling2D()(x)
   for filters in (32, 64, 128, 256):
     x = _conv_block(x, filters, 0.0)
   x = layers.GlobalAveragePooling2D()(x)
@@ -187,9 +188,13 @@ ARCHITECTURES = {
     "fashion_cnn": Recipe(fashion_cnn, fashion_augmentation, epochs=50,
                           batch_size=64, learning_rate=2e-3,
                           description="VGG-style CNN for Fashion-MNIST"),
-    "photo_cnn": Recipe(photo_cnn, photo_augmentation, epochs=40,
-                        batch_size=32, learning_rate=2e-3, weight_decay=1e-4,
-                        description="batch-normalised CNN for photos"),
+    # AdamW's decay is decoupled from the learning rate, so it takes values
+    # near 0.05, not the 1e-4 of L2 penalties; smaller ones did nothing here.
+    # Mixup (0.2) scored 0.716 against about 0.74 without it, at 70 epochs.
+    "photo_cnn": Recipe(photo_cnn, photo_augmentation, epochs=60,
+                        batch_size=32, learning_rate=2e-3, weight_decay=0.05,
+                        label_smoothing=0.1,
+                        description="batch-normalised CNN for 64x64 photos"),
 }
 
 

@@ -3,8 +3,7 @@
 Usage:
   python -m model.train --output models/fashion                      # Keras loader
   python -m model.train --data sample_data/fashion-mnist --output models/fashion
-  python -m model.train --data ../shared/data/flowers --architecture photo_cnn \
-      --image_size 128 --output models/flowers
+  python -m model.train --data ../shared/data/flowers --output models/flowers
 """
 
 import argparse
@@ -19,7 +18,7 @@ from model import datasets
 
 DEFAULT_SEED = 0
 DEFAULT_VALIDATION_SPLIT = 0.2
-DEFAULT_IMAGE_SIZE = 128
+DEFAULT_IMAGE_SIZE = 64
 MIN_TRAIN_IMAGES = 20
 MIN_IMAGES_PER_CLASS = 2
 

@@ -43,6 +43,25 @@ def test_read_image_files_in_batches_with_folder_labels(png_dir, sample):
     assert_that(read.errors, equal_to([]), label="NoErrors")
 
 
+@pytest.mark.parametrize("threads", [1, 4])
+def test_file_group_reads_in_order_with_or_without_threads(png_dir, sample,
+                                                          threads):
+  """Remote groups are read by a thread pool; order and errors must hold."""
+  paths = png_ids(png_dir, sample)[:10]
+  paths.insert(3, os.path.join(png_dir, "missing.png"))
+  reader = sources._ReadFileGroup(png_dir, sample.class_names, threads)  # pylint: disable=protected-access
+  reader.setup()
+  outputs = list(reader.process(paths))
+  reader.teardown()
+  errors = [o.value for o in outputs if isinstance(o, beam.pvalue.TaggedOutput)]
+  (batch,) = [o for o in outputs if not isinstance(o, beam.pvalue.TaggedOutput)]
+  assert batch.ids == paths[:3] + paths[4:]
+  for path, data in zip(batch.ids, batch.encoded):
+    with open(path, "rb") as handle:
+      assert data == handle.read()
+  assert [(e["id"], e["stage"]) for e in errors] == [(paths[3], "read")]
+
+
 def test_folder_label_only_for_known_classes():
   names = frozenset(["cat", "dog"])
   assert sources.folder_label("/d/cat/1.png", "/d/", names) == "cat"
