@@ -66,29 +66,39 @@ def make_tf_dataset(split: datasets.Split, batch_size: int, seed: int,
   if shuffle:
     data = data.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
   data = data.batch(batch_size)
-  if augment is not None:
+  if num_classes:
+    data = data.map(lambda x, y: (x, tf.one_hot(y, num_classes)))
+  if augment is not None or mixup:
     # One seed pair per batch, different in every epoch, the same every run.
+    # Stateless ops: op determinism would make stateful ones run serially.
     seeds = tf.data.Dataset.random(
         seed=seed, rerandomize_each_iteration=True).batch(2)
     data = tf.data.Dataset.zip(data, seeds).map(
-        lambda batch, pair: (augment(batch[0], pair), batch[1]),
+        lambda batch, pair: _randomise(*batch, pair, augment, mixup),
         num_parallel_calls=tf.data.AUTOTUNE)
-  if num_classes:
-    data = data.map(lambda x, y: (x, tf.one_hot(y, num_classes)))
-  if mixup:
-    data = data.map(lambda x, y: _mixup(x, y, mixup, seed))
   return data.prefetch(tf.data.AUTOTUNE)
 
 
-def _mixup(images, targets, alpha: float, seed: int):
+def _randomise(images, targets, seed, augment, mixup: float):
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  if augment is not None:
+    images = augment(images, seed)
+  if mixup:
+    images, targets = _mixup(images, targets, mixup,
+                             tf.random.experimental.stateless_fold_in(seed, 1))
+  return images, targets
+
+
+def _mixup(images, targets, alpha: float, seed):
   """Blends each example with another from the batch (Zhang et al., 2018)."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  # Beta(alpha, alpha) as a ratio of gammas; one weight per example.
+  seeds = tf.random.experimental.stateless_split(seed, 3)
   size = tf.shape(images)[:1]
-  a = tf.random.gamma(size, alpha, seed=seed)
-  b = tf.random.gamma(size, alpha, seed=seed + 1)
+  # Beta(alpha, alpha) as a ratio of gammas; one weight per example.
+  a = tf.random.stateless_gamma(size, seeds[0], alpha)
+  b = tf.random.stateless_gamma(size, seeds[1], alpha)
   weight = a / (a + b)
-  order = tf.random.shuffle(tf.range(size[0]), seed=seed)
+  order = tf.argsort(tf.random.stateless_uniform(size, seeds[2]))
   mixed = (weight[:, None, None, None] * images
            + (1 - weight[:, None, None, None]) * tf.gather(images, order))
   return mixed, (weight[:, None] * targets

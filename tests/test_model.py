@@ -152,9 +152,11 @@ def test_random_affine_is_exact_at_identity_and_mirrors_exactly():
 
 def test_mixup_targets_are_distributions(sample):
   from model import train  # pylint: disable=import-outside-toplevel
-  data = train.make_tf_dataset(sample.train, 32, 0, shuffle=True,
-                               num_classes=10, mixup=0.4)
-  images, targets = next(iter(data))
+  batches = [next(iter(train.make_tf_dataset(
+      sample.train, 32, 0, shuffle=True, num_classes=10, mixup=0.4)))
+               for _ in range(2)]
+  np.testing.assert_array_equal(batches[0][1], batches[1][1])  # seeded
+  images, targets = batches[0]
   targets = targets.numpy()
   np.testing.assert_allclose(targets.sum(axis=1), 1, rtol=1e-5)
   assert (targets >= 0).all() and (targets.max(axis=1) < 1).any()
