@@ -9,6 +9,7 @@ REQUIRED = [
     "ai-edge-litert>=2.0,<3",
     "numpy>=1.26,<3",
     "pillow>=10.0",
+    "imagecodecs>=2024.1",
     "pyarrow>=14",
     "duckdb>=1.1,<3",
     "matplotlib>=3.8,<4",

@@ -12,7 +12,10 @@ Systems, each in a child process of its own (peak RSS is the process tree's):
   B0  a plain loop: read, PIL decode, batches of 256, compiled Keras call,
       pyarrow writing the same output columns
   B1  stock Beam: per-element decode Map, RunInference with a minimal handler
-      calling model(x) at Beam's default batching, WriteToParquet
+      calling model(x) at Beam's default batching, WriteToParquet; the
+      handler returns results as Beam's TFModelHandlerNumpy does
+  B1-numpy  B1 with the output copied to numpy once per batch (not stock;
+      run it with --systems to see what Beam's TF handler leaves on the table)
   B2  a per-element DoFn calling model.predict (on --b2_images images)
   P   python -m beam_jobs.predict as a user runs it (start-up counts)
 Every system is timed as a whole process, start-up included, the way a user
@@ -224,7 +227,12 @@ def run_beam_baseline(system, folder, model_dir, output, limit=None):
       return keras.saving.load_model(keras_path)
 
     def run_inference(self, batch, model, inference_args=None):
-      logits = np.asarray(model(np.stack(batch).astype(np.float32)))
+      # Beam's TFModelHandlerNumpy (default_numpy_inference_fn) does exactly
+      # this; it can't be imported without tensorflow_hub. Zipping the batch
+      # with the model's eager output tensor slices it row by row.
+      logits = model(np.stack(batch).astype(np.float32))
+      if system == "B1-numpy":  # a hand-tuned handler: one copy to numpy
+        logits = np.asarray(logits)
       return [base.PredictionResult(x, y) for x, y in zip(batch, logits)]
 
   class PredictEach(beam.DoFn):
@@ -247,7 +255,7 @@ def run_beam_baseline(system, folder, model_dir, output, limit=None):
   started = time.perf_counter()
   with beam.Pipeline(argv=["--runner", "DirectRunner"]) as pipeline:
     decoded = _beam_read(pipeline, folder, card, limit)
-    if system == "B1":
+    if system.startswith("B1"):
       results = decoded | base.RunInference(base.KeyedModelHandler(
           MinimalHandler()))
     else:

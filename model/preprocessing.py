@@ -7,8 +7,10 @@ model's input size.
 """
 
 import io
+import struct
 from typing import Optional
 
+import imagecodecs
 import numpy as np
 from PIL import Image
 from PIL import ImageOps
@@ -20,6 +22,35 @@ _PIL_MODES = {"grayscale": "L", "rgb": "RGB"}
 # Pillow's "I;16" -> "L" conversion clips at 255 instead of scaling; these
 # modes are scaled to 8 bits by hand.
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_COLOUR_TYPES = {"grayscale": 0, "rgb": 2}  # 8-bit grey, 8-bit RGB
+# Chunks that make Pillow change the pixels (transparency, EXIF orientation,
+# animation). A match inside compressed data only costs the fast path.
+_PNG_SLOW_MARKERS = (b"tRNS", b"eXIf", b"Raw profile type exif", b"acTL")
+
+
+def _decode_plain_png(data: bytes, color_mode: str,
+                      max_pixels: Optional[int]) -> Optional[np.ndarray]:
+  """Pixels of an 8-bit PNG already in `color_mode`, which Pillow keeps as is.
+
+  Pillow spends about 35 µs of mostly Python on a 28x28 PNG; imagecodecs'
+  libpng call takes a third of that. PNG is lossless and these images need
+  no conversion, so the pixels are the same; anything else returns None and
+  goes to Pillow, as does any decoding error, so messages stay Pillow's.
+  """
+  if data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+    return None
+  width, height, depth, colour_type = struct.unpack(">IIBB", data[16:26])
+  if (depth != 8 or colour_type != _PNG_COLOUR_TYPES[color_mode]
+      or (max_pixels is not None and width * height > max_pixels)
+      or any(marker in data for marker in _PNG_SLOW_MARKERS)):
+    return None
+  try:
+    return imagecodecs.png_decode(data)
+  except Exception:  # pylint: disable=broad-except
+    return None
 
 
 def _to_eight_bit(image: Image.Image) -> Image.Image:
@@ -45,6 +76,12 @@ def decode_image(data: bytes,
     raise ValueError("null image cell")
   if not data:
     raise ValueError("empty image: zero bytes")
+  pixels = _decode_plain_png(data, color_mode, max_pixels)
+  if pixels is not None:
+    if pixels.shape[:2] != (height, width):
+      pixels = np.asarray(Image.fromarray(pixels).resize(
+          (width, height), Image.Resampling.BILINEAR))
+    return pixels.reshape(height, width, -1)
   # Pillow reads the guard from a module global; it is set per call so that a
   # flag can tighten it, and a worker never keeps a stale value.
   Image.MAX_IMAGE_PIXELS = max_pixels

@@ -82,3 +82,65 @@ def test_decompression_bomb_is_refused_before_decoding():
     preprocessing.decode_image(data, 4, 4, "grayscale", max_pixels=100 * 100)
   assert preprocessing.decode_image(data, 4, 4, "grayscale",
                                     max_pixels=None).shape == (4, 4, 1)
+
+
+def _png_corpus():
+  """PNGs of every kind the fast path takes or must hand to Pillow."""
+  rng = np.random.default_rng(2)
+  grey = Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8))
+  rgb = Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8))
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  return {
+      "grey": _encode(grey, "PNG"),
+      "grey, best compression": _encode(grey, "PNG", compress_level=9),
+      "rgb": _encode(rgb, "PNG"),
+      "rgb, interlaced": _encode(rgb, "PNG", interlace=1),
+      "rgb, with text": _encode(rgb, "PNG", pnginfo=_text_chunk()),
+      "rgb, EXIF rotated": _encode(rgb, "PNG", exif=exif),
+      "rgb, transparent colour": _encode(rgb, "PNG", transparency=(0, 0, 0)),
+      "palette": _encode(rgb.convert("P"), "PNG"),
+      "grey + alpha": _encode(grey.convert("LA"), "PNG"),
+      "16-bit grey": _encode(Image.fromarray(
+          rng.integers(0, 65535, (8, 8), dtype=np.uint16)), "PNG"),
+      "1-bit": _encode(grey.convert("1"), "PNG"),
+      "truncated": _encode(rgb, "PNG")[:-40],
+  }
+
+
+def _text_chunk():
+  from PIL import PngImagePlugin  # pylint: disable=import-outside-toplevel
+  info = PngImagePlugin.PngInfo()
+  info.add_text("Comment", "a text chunk the fast path can ignore")
+  return info
+
+
+@pytest.mark.parametrize("color_mode", ["grayscale", "rgb"])
+@pytest.mark.parametrize("size", [(28, 28), (40, 30), (10, 20)])
+def test_png_fast_path_gives_pillows_pixels_or_pillows_error(
+    monkeypatch, color_mode, size):
+  height, width = size
+  fast = {}
+  for name, data in _png_corpus().items():
+    try:
+      fast[name] = preprocessing.decode_image(data, height, width, color_mode)
+    except Exception as error:  # pylint: disable=broad-except
+      fast[name] = error
+  taken = [name for name, data in _png_corpus().items()
+           if preprocessing._decode_plain_png(data, color_mode, None) is not None]  # pylint: disable=protected-access
+  # Only 8-bit PNGs already in the colour mode, untouched by Pillow, go fast.
+  assert taken == ({"grayscale": ["grey", "grey, best compression"],
+                    "rgb": ["rgb", "rgb, interlaced", "rgb, with text"]}
+                   [color_mode])
+  monkeypatch.setattr(preprocessing, "_decode_plain_png",
+                      lambda *args: None)
+  for name, data in _png_corpus().items():
+    try:
+      expected = preprocessing.decode_image(data, height, width, color_mode)
+    except Exception as error:  # pylint: disable=broad-except
+      assert isinstance(fast[name], type(error)), name
+      assert str(fast[name]) == str(error), name
+      continue
+    assert isinstance(fast[name], np.ndarray), name
+    assert fast[name].dtype == np.uint8, name
+    np.testing.assert_array_equal(fast[name], expected, err_msg=name)
