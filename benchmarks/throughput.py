@@ -122,7 +122,7 @@ def prepare(args):
     if name == "W3":
       model = ensure_model(
           args.flowers_model or os.path.join(work, "flowers"),
-          os.path.join(SHARED, "flowers"), "photo_cnn",
+          os.path.join(SHARED, "flowers"), "photo_xception",
           ("--epochs", "1"))
     else:
       model = fashion

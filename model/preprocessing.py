@@ -82,15 +82,18 @@ def decode_image(data: bytes,
       pixels = np.asarray(Image.fromarray(pixels).resize(
           (width, height), Image.Resampling.BILINEAR))
     return pixels.reshape(height, width, -1)
-  # Pillow reads the guard from a module global; it is set per call so that a
-  # flag can tighten it, and a worker never keeps a stale value.
-  Image.MAX_IMAGE_PIXELS = max_pixels
   limit = f"exceeds the limit of {max_pixels} pixels (--max_image_pixels)"
+  # Pillow reads the guard from a module global: it is set for this open
+  # only, so a flag can tighten it without touching other Pillow users (the
+  # report's plots) or later calls.
+  default_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
   try:
     image = Image.open(io.BytesIO(data))
   except Image.DecompressionBombError as error:
     # Pillow refuses beyond twice its limit, from the header alone.
     raise Image.DecompressionBombError(f"image {limit}; {error}") from None
+  finally:
+    Image.MAX_IMAGE_PIXELS = default_limit
   with image:
     if max_pixels is not None and image.width * image.height > max_pixels:
       # Between the limit and twice it Pillow only warns; refuse outright.

@@ -195,8 +195,8 @@ def parse_args(argv):
   parser.add_argument("--output", required=True, help="model folder to write")
   parser.add_argument("--architecture", default=None,
                       help="a name from model/architectures.py: tutorial_mlp, "
-                      "tutorial_cnn, fashion_cnn (default for Fashion-MNIST) "
-                      "or photo_cnn (default for image folders)")
+                      "tutorial_cnn, fashion_cnn (default for Fashion-MNIST), "
+                      "photo_cnn or photo_xception (default for image folders)")
   parser.add_argument("--epochs", type=int, default=None)
   parser.add_argument("--batch_size", type=int, default=None)
   parser.add_argument("--learning_rate", type=float, default=None)
@@ -220,7 +220,7 @@ def main(argv=None) -> int:
     dataset = load_dataset(args.data, args.image_size, args.color_mode,
                            args.validation_split, args.seed)
     architecture = args.architecture or (
-        "fashion_cnn" if dataset.name == "fashion_mnist" else "photo_cnn")
+        "fashion_cnn" if dataset.name == "fashion_mnist" else "photo_xception")
     card = train(dataset, architecture, args.output, args.epochs,
                  args.batch_size, args.learning_rate, args.seed,
                  verbose=0 if args.quiet else 2)

@@ -84,6 +84,24 @@ def test_image_folder_split_is_seeded_and_decoded_like_serving(tmp_path):
   assert loaded == decoded
 
 
+def test_photo_folder_trains_the_default_photo_model_and_exports_it(tmp_path):
+  """The CLI path a user takes for a folder of photos, end to end."""
+  _photo_folder(tmp_path / "photos", per_class=14, size=(40, 36))
+  result = subprocess.run(
+      [sys.executable, "-m", "model.train", "--data", str(tmp_path / "photos"),
+       "--output", str(tmp_path / "model"), "--epochs", "2",
+       "--image_size", "32", "--quiet"],
+      capture_output=True, text=True, cwd=REPO, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  card = card_lib.load_card(str(tmp_path / "model"))
+  assert card.architecture == "photo_xception"
+  assert card.input_shape == [32, 32, 3] and card.color_mode == "rgb"
+  assert card.class_names == ["green", "red"]
+  # Separable convolutions convert to TFLite without changing a top-1.
+  assert card.tflite["top1_agreement"] == 1.0
+  assert card.tflite["images"] == card.dataset["validation_images"] > 0
+
+
 def test_too_small_or_empty_folders_fail_clearly(tmp_path):
   from model import train  # pylint: disable=import-outside-toplevel
   (tmp_path / "empty").mkdir()

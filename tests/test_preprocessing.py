@@ -144,3 +144,14 @@ def test_png_fast_path_gives_pillows_pixels_or_pillows_error(
     assert isinstance(fast[name], np.ndarray), name
     assert fast[name].dtype == np.uint8, name
     np.testing.assert_array_equal(fast[name], expected, err_msg=name)
+
+
+def test_a_tight_limit_does_not_outlive_its_call():
+  data = _encode(Image.new("L", (200, 200)), "PNG")
+  before = Image.MAX_IMAGE_PIXELS
+  with pytest.raises(Image.DecompressionBombError):
+    preprocessing.decode_image(data, 4, 4, "grayscale", max_pixels=100 * 100)
+  assert Image.MAX_IMAGE_PIXELS == before
+  rgb = _encode(Image.new("RGB", (30, 30)), "JPEG")
+  preprocessing.decode_image(rgb, 4, 4, "rgb", max_pixels=50 * 50)
+  assert Image.MAX_IMAGE_PIXELS == before
