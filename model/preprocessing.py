@@ -25,6 +25,7 @@ _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_HEADER_END = 33  # signature, IHDR length and type, 13 bytes, CRC
 _PNG_COLOUR_TYPES = {"grayscale": 0, "rgb": 2}  # 8-bit grey, 8-bit RGB
 # Chunks that make Pillow change the pixels (transparency, EXIF orientation,
 # animation). A match inside compressed data only costs the fast path.
@@ -40,7 +41,8 @@ def _decode_plain_png(data: bytes, color_mode: str,
   no conversion, so the pixels are the same; anything else returns None and
   goes to Pillow, as does any decoding error, so messages stay Pillow's.
   """
-  if data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+  if (len(data) < _PNG_HEADER_END or data[:8] != _PNG_SIGNATURE
+      or data[12:16] != b"IHDR"):
     return None
   width, height, depth, colour_type = struct.unpack(">IIBB", data[16:26])
   if (depth != 8 or colour_type != _PNG_COLOUR_TYPES[color_mode]
@@ -51,6 +53,11 @@ def _decode_plain_png(data: bytes, color_mode: str,
     return imagecodecs.png_decode(data)
   except Exception:  # pylint: disable=broad-except
     return None
+
+
+def _resize(image: Image.Image, height: int, width: int) -> Image.Image:
+  """The one resize of both decoding paths (RESIZE_INTERPOLATION)."""
+  return image.resize((width, height), Image.Resampling.BILINEAR)
 
 
 def _to_eight_bit(image: Image.Image) -> Image.Image:
@@ -79,8 +86,7 @@ def decode_image(data: bytes,
   pixels = _decode_plain_png(data, color_mode, max_pixels)
   if pixels is not None:
     if pixels.shape[:2] != (height, width):
-      pixels = np.asarray(Image.fromarray(pixels).resize(
-          (width, height), Image.Resampling.BILINEAR))
+      pixels = np.asarray(_resize(Image.fromarray(pixels), height, width))
     return pixels.reshape(height, width, -1)
   limit = f"exceeds the limit of {max_pixels} pixels (--max_image_pixels)"
   # Pillow reads the guard from a module global: it is set for this open
@@ -112,7 +118,7 @@ def decode_image(data: bytes,
     if image.mode != _PIL_MODES[color_mode]:
       image = image.convert(_PIL_MODES[color_mode])
     if image.size != (width, height):
-      image = image.resize((width, height), Image.Resampling.BILINEAR)
+      image = _resize(image, height, width)
     pixels = np.asarray(image, dtype=np.uint8)
   if pixels.ndim == 2:
     pixels = pixels[:, :, np.newaxis]

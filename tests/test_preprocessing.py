@@ -105,6 +105,7 @@ def _png_corpus():
           rng.integers(0, 65535, (8, 8), dtype=np.uint16)), "PNG"),
       "1-bit": _encode(grey.convert("1"), "PNG"),
       "truncated": _encode(rgb, "PNG")[:-40],
+      "cut inside the header": _encode(grey, "PNG")[:20],
   }
 
 
