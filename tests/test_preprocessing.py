@@ -121,13 +121,14 @@ def _text_chunk():
 def test_png_fast_path_gives_pillows_pixels_or_pillows_error(
     monkeypatch, color_mode, size):
   height, width = size
+  corpus = _png_corpus()
   fast = {}
-  for name, data in _png_corpus().items():
+  for name, data in corpus.items():
     try:
       fast[name] = preprocessing.decode_image(data, height, width, color_mode)
     except Exception as error:  # pylint: disable=broad-except
       fast[name] = error
-  taken = [name for name, data in _png_corpus().items()
+  taken = [name for name, data in corpus.items()
            if preprocessing._decode_plain_png(data, color_mode, None) is not None]  # pylint: disable=protected-access
   # Only 8-bit PNGs already in the colour mode, untouched by Pillow, go fast.
   assert taken == ({"grayscale": ["grey", "grey, best compression"],
@@ -135,7 +136,7 @@ def test_png_fast_path_gives_pillows_pixels_or_pillows_error(
                    [color_mode])
   monkeypatch.setattr(preprocessing, "_decode_plain_png",
                       lambda *args: None)
-  for name, data in _png_corpus().items():
+  for name, data in corpus.items():
     try:
       expected = preprocessing.decode_image(data, height, width, color_mode)
     except Exception as error:  # pylint: disable=broad-except
