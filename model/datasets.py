@@ -50,6 +50,7 @@ class Dataset:
   test: Split
   test_name: str  # "test" or "validation"
   source: str
+  split_seed: Optional[int] = None  # the validation split's seed, if made here
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -173,7 +174,8 @@ def load_image_folder(directory: str,
       train=splits[0],
       test=splits[1],
       test_name="validation",
-      source=os.path.abspath(directory))
+      source=os.path.abspath(directory),
+      split_seed=seed)
 
 
 def _decode_file(path: str, image_size: tuple, color_mode: str) -> np.ndarray:

@@ -166,6 +166,8 @@ def train(dataset: datasets.Dataset, architecture: str, output: str,
           "train_images": len(dataset.train),
           f"{dataset.test_name}_images": len(dataset.test),
           "evaluated_on": dataset.test_name,
+          **({"split_seed": dataset.split_seed}
+             if dataset.split_seed is not None else {}),
       },
       metrics={
           f"{dataset.test_name}_accuracy": round(float(accuracy), 6),
@@ -207,7 +209,12 @@ def parse_args(argv):
                       help="colour mode for image folders")
   parser.add_argument("--validation_split", type=float,
                       default=DEFAULT_VALIDATION_SPLIT)
-  parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+  parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                      help="seeds weights, shuffling and augmentation, and "
+                      "the validation split unless --split_seed is given")
+  parser.add_argument("--split_seed", type=int, default=None,
+                      help="seed of the validation split alone, to compare "
+                      "training seeds on one split")
   parser.add_argument("--quiet", action="store_true",
                       help="no per-epoch progress")
   return parser.parse_args(argv)
@@ -218,7 +225,9 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   try:
     dataset = load_dataset(args.data, args.image_size, args.color_mode,
-                           args.validation_split, args.seed)
+                           args.validation_split,
+                           args.seed if args.split_seed is None
+                           else args.split_seed)
     architecture = args.architecture or (
         "fashion_cnn" if dataset.name == "fashion_mnist" else "photo_xception")
     card = train(dataset, architecture, args.output, args.epochs,

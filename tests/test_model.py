@@ -74,6 +74,10 @@ def test_image_folder_split_is_seeded_and_decoded_like_serving(tmp_path):
   assert first.class_names == ["green", "red"]
   assert len(first.train) == 9 and len(first.test) == 3
   np.testing.assert_array_equal(first.test.images, again.test.images)
+  assert first.split_seed == 7
+  other = datasets.load_image_folder(str(tmp_path / "photos"), (16, 16), "rgb",
+                                     0.25, seed=8)
+  assert not np.array_equal(first.test.images, other.test.images)
   # Every training array is exactly what the pipeline's decoder makes.
   decoded = sorted(
       preprocessing.decode_image(open(p, "rb").read(), 16, 16, "rgb").tobytes()
@@ -90,13 +94,14 @@ def test_photo_folder_trains_the_default_photo_model_and_exports_it(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "model.train", "--data", str(tmp_path / "photos"),
        "--output", str(tmp_path / "model"), "--epochs", "2",
-       "--image_size", "32", "--quiet"],
+       "--image_size", "32", "--seed", "3", "--split_seed", "7", "--quiet"],
       capture_output=True, text=True, cwd=REPO, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   card = card_lib.load_card(str(tmp_path / "model"))
   assert card.architecture == "photo_xception"
   assert card.input_shape == [32, 32, 3] and card.color_mode == "rgb"
   assert card.class_names == ["green", "red"]
+  assert card.training["seed"] == 3 and card.dataset["split_seed"] == 7
   # Separable convolutions convert to TFLite without changing a top-1.
   assert card.tflite["top1_agreement"] == 1.0
   assert card.tflite["images"] == card.dataset["validation_images"] > 0
