@@ -166,8 +166,7 @@ def train(dataset: datasets.Dataset, architecture: str, output: str,
           "train_images": len(dataset.train),
           f"{dataset.test_name}_images": len(dataset.test),
           "evaluated_on": dataset.test_name,
-          **({"split_seed": dataset.split_seed}
-             if dataset.split_seed is not None else {}),
+          "split_seed": dataset.split_seed,  # None: the split came given
       },
       metrics={
           f"{dataset.test_name}_accuracy": round(float(accuracy), 6),
