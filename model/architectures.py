@@ -150,6 +150,21 @@ def fashion_augmentation(seed: int) -> Augmentation:
   return functools.partial(random_affine, shift=0.05, fill_mode="CONSTANT")
 
 
+def _photo_stem(inputs):
+  """Rescaling, then a strided convolution that halves the grid."""
+  x = layers.Rescaling(1.0 / 255)(inputs)
+  x = layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False)(x)
+  x = layers.BatchNormalization(momentum=BATCH_NORM_MOMENTUM)(x)
+  return layers.Activation("relu")(x)
+
+
+def _photo_head(x, num_classes: int):
+  """Global pooling and dropout, then the logits."""
+  x = layers.GlobalAveragePooling2D()(x)
+  x = layers.Dropout(0.3)(x)
+  return layers.Dense(num_classes, name="logits")(x)
+
+
 def photo_cnn(input_shape: tuple, num_classes: int) -> keras.Model:
   """A compact batch-normalised CNN with global pooling for RGB photos.
 
@@ -159,15 +174,10 @@ def photo_cnn(input_shape: tuple, num_classes: int) -> keras.Model:
   cost, which buys the epochs that strong augmentation needs.
   """
   inputs = keras.Input(shape=input_shape, name="image")
-  x = layers.Rescaling(1.0 / 255)(inputs)
-  x = layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False)(x)
-  x = layers.BatchNormalization(momentum=BATCH_NORM_MOMENTUM)(x)
-  x = layers.Activation("relu")(x)
+  x = _photo_stem(inputs)
   for filters in (32, 64, 128, 256):
     x = _conv_block(x, filters, 0.0)
-  x = layers.GlobalAveragePooling2D()(x)
-  x = layers.Dropout(0.3)(x)
-  outputs = layers.Dense(num_classes, name="logits")(x)
+  outputs = _photo_head(x, num_classes)
   return keras.Model(inputs, outputs, name="photo_cnn")
 
 
@@ -180,10 +190,7 @@ def photo_xception(input_shape: tuple, num_classes: int) -> keras.Model:
   Keras does, so serving costs a fraction of photo_cnn's.
   """
   inputs = keras.Input(shape=input_shape, name="image")
-  x = layers.Rescaling(1.0 / 255)(inputs)
-  x = layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False)(x)
-  x = layers.BatchNormalization(momentum=BATCH_NORM_MOMENTUM)(x)
-  x = layers.Activation("relu")(x)
+  x = _photo_stem(inputs)
   shortcut = x
   for filters in (64, 128, 256):
     x = layers.Activation("relu")(x)
@@ -199,9 +206,7 @@ def photo_xception(input_shape: tuple, num_classes: int) -> keras.Model:
   x = layers.SeparableConv2D(512, 3, padding="same", use_bias=False)(x)
   x = layers.BatchNormalization(momentum=BATCH_NORM_MOMENTUM)(x)
   x = layers.Activation("relu")(x)
-  x = layers.GlobalAveragePooling2D()(x)
-  x = layers.Dropout(0.3)(x)
-  outputs = layers.Dense(num_classes, name="logits")(x)
+  outputs = _photo_head(x, num_classes)
   return keras.Model(inputs, outputs, name="photo_xception")
 
 
