@@ -49,7 +49,7 @@ fi
 
 rm -rf "$WORK/shards"
 echo "== Writing them as Parquet shards"
-python -m beam_jobs.make_shards "$IMAGES" "$WORK/shards" --rows_per_shard 100
+python -m tools.make_shards "$IMAGES" "$WORK/shards" --rows_per_shard 100
 
 echo "== Classifying the image folder on the DirectRunner"
 python -m beam_jobs.predict --input "$IMAGES" --model "$MODEL" \
@@ -61,12 +61,12 @@ python -m beam_jobs.predict --input "$WORK/shards/*.parquet" --model "$MODEL" \
   --label_column label --output "$WORK/predictions_parquet" \
   --engine "$ENGINE" --overwrite --runner DirectRunner "${EXTRA[@]}"
 
-echo "== Query: python -m beam_jobs.query $WORK/predictions_parquet"
-python -m beam_jobs.query "$WORK/predictions_parquet"
+echo "== Query: python -m tools.query $WORK/predictions_parquet"
+python -m tools.query "$WORK/predictions_parquet"
 echo
-echo "== Both inputs agree? python -m beam_jobs.query $WORK/predictions_parquet compare $WORK/predictions_images"
-python -m beam_jobs.query "$WORK/predictions_parquet" compare "$WORK/predictions_images" --limit 5
+echo "== Both inputs agree? python -m tools.query $WORK/predictions_parquet compare $WORK/predictions_images"
+python -m tools.query "$WORK/predictions_parquet" compare "$WORK/predictions_images" --limit 5
 
 echo
-echo "== Report: python -m beam_jobs.report $WORK/predictions_parquet --out $WORK/report"
-python -m beam_jobs.report "$WORK/predictions_parquet" --out "$WORK/report"
+echo "== Report: python -m tools.report $WORK/predictions_parquet --out $WORK/report"
+python -m tools.report "$WORK/predictions_parquet" --out "$WORK/report"

@@ -21,7 +21,7 @@ setuptools.setup(
     description="Distributed batch image classification with Keras and "
     "Apache Beam",
     python_requires=">=3.10,<3.13",
-    packages=setuptools.find_packages(include=["model", "beam_jobs"]),
+    packages=setuptools.find_packages(include=["model", "beam_jobs", "tools"]),
     install_requires=REQUIRED,
     extras_require={
         "test": ["pytest>=8"],

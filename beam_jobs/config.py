@@ -13,13 +13,13 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from beam_jobs import outputs
-from beam_jobs import sources
+from beam_jobs.contracts import DEFAULT_BATCH_SIZE
 from model import card as card_lib
 from model import engines
+from model import paths
 from model import preprocessing
 
 DEFAULT_ENGINE = "tflite"
-DEFAULT_BATCH_SIZE = 256
 DEFAULT_TOP_K = 3
 INPUT_FORMATS = ("auto", "images", "parquet")
 _BIGQUERY_TABLE = re.compile(r"^[a-z][a-z0-9.:-]*[a-z0-9]:\w+\.[\w$-]+$")
@@ -56,7 +56,7 @@ class PredictConfig:
   def validate(self) -> card_lib.ModelCard:
     """Checks everything that can be checked before any work; returns the card."""
     for name in ("input", "model", "output"):
-      setattr(self, name, sources.absolute(getattr(self, name)))
+      setattr(self, name, paths.absolute(getattr(self, name)))
     self.input_format = self.resolved_format()
     if self.input_format not in INPUT_FORMATS:
       raise ConfigError(f"--input_format must be one of {INPUT_FORMATS}")
@@ -65,8 +65,12 @@ class PredictConfig:
     for name in ("batch_size", "top_k"):
       if getattr(self, name) < 1:
         raise ConfigError(f"--{name} must be at least 1")
-    if self.max_image_pixels is not None and self.max_image_pixels < 1:
-      raise ConfigError("--max_image_pixels must be at least 1")
+    if self.max_image_pixels is not None and not (
+        1 <= self.max_image_pixels <= preprocessing.PILLOW_PIXEL_LIMIT):
+      raise ConfigError(
+          "--max_image_pixels must be between 1 and "
+          f"{preprocessing.PILLOW_PIXEL_LIMIT}: Pillow refuses larger images "
+          "itself")
     if self.bigquery_table and not _BIGQUERY_TABLE.match(self.bigquery_table):
       raise ConfigError(f"--bigquery_table {self.bigquery_table!r} must look "
                         "like PROJECT:DATASET.TABLE")
@@ -75,23 +79,22 @@ class PredictConfig:
                         "replaces them; pass one of them")
     card = self._load_card()
     pattern = (self.input if self.input_format == "parquet" else
-               sources.expand_pattern(self.input))
+               paths.expand_pattern(self.input))
     # One match is enough to know the input is there; the pipeline lists all.
-    paths = sources.match_paths(pattern, limit=1)
-    if not paths:
+    matched = paths.match_paths(pattern, limit=1)
+    if not matched:
       kind = ("Parquet shards" if self.input_format == "parquet" else
               "image files")
       raise ConfigError(f"--input {self.input} matches no files: expected "
                         f"{kind}")
     if self.input_format == "parquet":
-      self._check_columns(paths[0])
+      self._check_columns(matched[0])
     self._check_output(card)
     return card
 
   def _load_card(self) -> card_lib.ModelCard:
-    missing = [name for name in (card_lib.CARD_FILE, card_lib.MODEL_FILE,
-                                 card_lib.TFLITE_FILE)
-               if not FileSystems.exists(card_lib.join(self.model, name))]
+    missing = [name for name in card_lib.MODEL_FILES
+               if not FileSystems.exists(paths.join(self.model, name))]
     if missing:
       raise ConfigError(
           f"--model {self.model} is not a model folder: missing "

@@ -5,42 +5,33 @@ RunInference loads the model once per worker process through Beam's
 sources, so RunInference's own batching is skipped.
 """
 
-import dataclasses
 import logging
 import os
 import tempfile
 from typing import Any, Iterable, Optional
 
 import numpy as np
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference import base
 
-from beam_jobs.batches import ImageBatch
-from beam_jobs.batches import error_row
+from beam_jobs.contracts import BatchResult
+from beam_jobs.contracts import ImageBatch
+from beam_jobs.contracts import error_row
 from model import card as card_lib
 from model import engines
+from model import paths
 
+# Beam's RunInference reports its own metrics under this namespace.
 METRICS_NAMESPACE = "RunInference"
-MODEL_FILES = (card_lib.CARD_FILE, card_lib.MODEL_FILE, card_lib.TFLITE_FILE)
-
-
-@dataclasses.dataclass
-class BatchResult:
-  """Probabilities for the rows that ran, error rows for those that did not."""
-  batch: ImageBatch
-  probabilities: np.ndarray
-  errors: list
 
 
 def local_model_dir(model_dir: str) -> str:
   """Returns a local folder holding the model, copying remote ones once."""
-  if "://" not in model_dir:
+  if not paths.is_remote(model_dir):
     return model_dir
   local = tempfile.mkdtemp(prefix="model-")
-  for name in MODEL_FILES:
-    with FileSystems.open(card_lib.join(model_dir, name)) as source, open(
-        os.path.join(local, name), "wb") as target:
-      target.write(source.read())
+  for name in card_lib.MODEL_FILES:
+    with open(os.path.join(local, name), "wb") as target:
+      target.write(paths.read_bytes(paths.join(model_dir, name)))
   return local
 
 
@@ -64,7 +55,10 @@ class ImageClassifierHandler(base.ModelHandler[ImageBatch, BatchResult,
   def run_inference(self, batch: ImageBatch, model: engines.Engine,
                     inference_args: Optional[dict[str, Any]] = None
                    ) -> Iterable[BatchResult]:
-    probabilities, errors = _isolate_failures(batch, model)
+    ran, probabilities, errors = _isolate_failures(batch, model,
+                                                   np.arange(len(batch)))
+    if len(ran) < len(batch):
+      batch = batch.take(ran)
     return [BatchResult(batch, probabilities, errors)]
 
   def get_num_bytes(self, batch: ImageBatch) -> int:
@@ -74,22 +68,25 @@ class ImageClassifierHandler(base.ModelHandler[ImageBatch, BatchResult,
     return METRICS_NAMESPACE
 
 
-def _isolate_failures(batch: ImageBatch, model: engines.Engine):
+def _isolate_failures(batch: ImageBatch, model: engines.Engine,
+                      rows: np.ndarray):
   """Runs a batch; if it fails, splits it until the failing rows are found.
 
-  Returns probabilities with NaN rows for the failures, and their error rows,
-  so one bad input never takes its batch mates down with it.
+  Returns the indices into the original batch of the rows that ran, their
+  probabilities, and an error row for each row that failed, so one bad input
+  never takes its batch mates down with it.
   """
   try:
-    return model.probabilities(batch.pixels.astype(np.float32)), []
+    return rows, model.probabilities(batch.pixels.astype(np.float32)), []
   except Exception as error:  # pylint: disable=broad-except
     if len(batch) == 1:
-      row = np.full((1, model.card.num_classes), np.nan, dtype=np.float32)
-      return row, [error_row(batch.ids[0], batch.sources[0], "inference",
-                             error)]
+      empty = np.zeros((0, model.card.num_classes), dtype=np.float32)
+      return rows[:0], empty, [error_row(batch.ids[0], batch.sources[0],
+                                         "inference", error)]
   middle = len(batch) // 2
-  halves = [_isolate_failures(batch.take(range(start, stop)), model)
+  halves = [_isolate_failures(batch.take(range(start, stop)), model,
+                              rows[start:stop])
             for start, stop in ((0, middle), (middle, len(batch)))]
   return (np.concatenate([h[0] for h in halves]),
-          halves[0][1] + halves[1][1])
-
+          np.concatenate([h[1] for h in halves]),
+          halves[0][2] + halves[1][2])

@@ -6,7 +6,6 @@ success: a failed run leaves no half-written visible files.
 """
 
 import json
-import os
 from typing import Optional
 
 import apache_beam as beam
@@ -14,15 +13,17 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
-from beam_jobs.sources import ERRORS
-from beam_jobs.sources import METRICS_NAMESPACE
+from beam_jobs.contracts import ERROR_ROWS
+from beam_jobs.contracts import ERRORS
+from beam_jobs.contracts import PREDICTIONS
+from beam_jobs.contracts import BatchResult
+from beam_jobs.contracts import counter
 from model.card import ModelCard
-from model.card import join
+from model.paths import join
 
 PREDICTIONS_PREFIX = "predictions"
 ERRORS_PREFIX = "errors"
 MANIFEST_FILE = "_run.json"
-CRASH_AFTER_BATCHES_ENV = "BEAM_JOBS_TEST_CRASH_AFTER_BATCHES"
 PARQUET_SUFFIX = ".parquet"
 
 TOP_K_TYPE = pa.list_(
@@ -97,35 +98,23 @@ class FormatPredictions(beam.DoFn):
     self._engine = engine
     self._top_k = top_k
     self._write_probabilities = write_probabilities
-    self._predictions = beam.metrics.Metrics.counter(METRICS_NAMESPACE,
-                                                     "predictions")
+    self._predictions = counter(PREDICTIONS)
 
-  def setup(self):
-    # Test-only: simulates a worker dying mid-run (see tests/test_reliability.py).
-    self._die_after = int(os.environ.get(CRASH_AFTER_BATCHES_ENV, "0"))
-    self._batches = 0
-
-  def process(self, result):
-    self._batches += 1
-    if self._die_after and self._batches > self._die_after:
-      os._exit(70)  # pylint: disable=protected-access
-    result = result.inference if hasattr(result, "inference") else result
+  def process(self, result: BatchResult):
     for row in result.errors:
       yield beam.pvalue.TaggedOutput(ERRORS, row)
-    good = np.flatnonzero(~np.isnan(result.probabilities).any(axis=1))
-    if not len(good):
+    batch = result.batch
+    if not len(batch):
       return
-    batch = result.batch if len(good) == len(result.batch) else (
-        result.batch.take(good))
-    self._predictions.inc(len(good))
+    self._predictions.inc(len(batch))
     yield predictions_table(batch.ids, batch.sources, batch.true_labels,
-                            result.probabilities[good], self._class_names,
+                            result.probabilities, self._class_names,
                             self._top_k, self._model_id, self._engine,
                             self._write_probabilities)
 
 
 def _count_error(row: dict) -> dict:
-  beam.metrics.Metrics.counter(METRICS_NAMESPACE, "errors").inc()
+  counter(ERROR_ROWS).inc()
   return row
 
 

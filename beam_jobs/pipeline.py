@@ -10,8 +10,8 @@ from apache_beam.ml.inference.base import RunInference
 from beam_jobs import outputs
 from beam_jobs.config import PredictConfig
 from beam_jobs.inference import ImageClassifierHandler
+from beam_jobs.contracts import ERRORS
 from beam_jobs.preprocess import Preprocess
-from beam_jobs.sources import ERRORS
 from beam_jobs.sources import ExistingIds
 from beam_jobs.sources import ReadImageFiles
 from beam_jobs.sources import ReadParquetImages

@@ -22,11 +22,12 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_jobs import config as config_lib
+from beam_jobs import contracts
 from beam_jobs import outputs
 from beam_jobs.inference import METRICS_NAMESPACE as INFERENCE_NAMESPACE
 from beam_jobs.pipeline import build_pipeline
-from beam_jobs.sources import METRICS_NAMESPACE
 from model import card as card_lib
+from model import paths
 
 
 def _metric_value(result) -> int:
@@ -40,11 +41,10 @@ class PipelineError(RuntimeError):
 
 def read_counts(pipeline_result) -> dict:
   """Inputs, predictions, errors, skips and model loads from Beam metrics."""
-  counts = {"inputs": 0, "predictions": 0, "errors": 0, "skipped": 0,
-            "model_loads": 0}
+  counts = dict.fromkeys(contracts.COUNTERS + ("model_loads",), 0)
   metrics = pipeline_result.metrics().query(MetricsFilter())
   for counter in metrics["counters"]:
-    if counter.key.metric.namespace == METRICS_NAMESPACE and (
+    if counter.key.metric.namespace == contracts.METRICS_NAMESPACE and (
         counter.key.metric.name in counts):
       counts[counter.key.metric.name] += _metric_value(counter)
   # RunInference records one load-latency sample per model load.
@@ -65,12 +65,12 @@ def clear_previous_outputs(output: str, keep_predictions: bool) -> None:
   if not keep_predictions:
     patterns.append(outputs.predictions_glob(output))
   # A killed run's staging folders: found by their files, deleted whole.
-  patterns.append(card_lib.join(output, "beam-temp-*/*"))
+  patterns.append(paths.join(output, "beam-temp-*/*"))
   matched = [m.path for result in FileSystems.match(patterns)
              for m in result.metadata_list]
   staging = {path.rsplit("/", 1)[0] for path in matched
              if "/beam-temp-" in path}
-  if "://" not in output:
+  if not paths.is_remote(output):
     # Object stores have no empty folders; a local disk can.
     staging.update(glob.glob(os.path.join(output, "beam-temp-*")))
   stale = [path for path in matched if "/beam-temp-" not in path]

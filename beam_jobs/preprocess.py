@@ -5,9 +5,9 @@ from typing import Optional
 import apache_beam as beam
 import numpy as np
 
-from beam_jobs.batches import ImageBatch
-from beam_jobs.batches import error_row
-from beam_jobs.sources import ERRORS
+from beam_jobs.contracts import ERRORS
+from beam_jobs.contracts import ImageBatch
+from beam_jobs.contracts import error_row
 from model import preprocessing
 from model.card import ModelCard
 

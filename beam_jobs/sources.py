@@ -5,9 +5,6 @@ whose `errors` output holds a row for every input it could not read.
 """
 
 import concurrent.futures
-import os
-import posixpath
-import re
 from typing import Iterable, Optional
 
 import apache_beam as beam
@@ -17,61 +14,20 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from beam_jobs.batches import ImageBatch
-from beam_jobs.batches import error_row
+from beam_jobs.contracts import DEFAULT_BATCH_SIZE
+from beam_jobs.contracts import ERRORS
+from beam_jobs.contracts import INPUTS
+from beam_jobs.contracts import SKIPPED
+from beam_jobs.contracts import ImageBatch
+from beam_jobs.contracts import counter
+from beam_jobs.contracts import error_row
+from model import paths
 
-ERRORS = "errors"
-METRICS_NAMESPACE = "beam_jobs"
-DEFAULT_FILES_PER_BATCH = 256
-DEFAULT_ROWS_PER_BATCH = 256
-_GLOB_CHARS = re.compile(r"[*?\[]")
 _UNCOMPRESSED = CompressionTypes.UNCOMPRESSED
 # An object store answers each small read after tens of milliseconds, so a
 # group of remote files is read by this many threads at once; local files
 # read faster one after another.
 REMOTE_READ_THREADS = 16
-
-
-def absolute(path: str) -> str:
-  """Local paths become absolute, so ids don't depend on the working folder."""
-  if "://" in path:
-    return path
-  absolute_path = os.path.abspath(path)
-  return absolute_path + "/" if path.endswith("/") else absolute_path
-
-
-def expand_pattern(pattern: str) -> str:
-  """A directory means every file below it; a glob is used as it is."""
-  if _GLOB_CHARS.search(pattern):
-    return pattern
-  return pattern.rstrip("/") + "/**"
-
-
-def pattern_base(pattern: str) -> str:
-  """The folder above the first glob character: labels are relative to it."""
-  match = _GLOB_CHARS.search(pattern)
-  prefix = pattern[:match.start()] if match else pattern
-  return prefix if prefix.endswith("/") else posixpath.dirname(prefix) + "/"
-
-
-def match_paths(pattern: str, limit: Optional[int] = None) -> list:
-  """File paths a pattern matches, sorted, through Beam's FileSystems."""
-  result = FileSystems.match([pattern], limits=[limit] if limit else None)[0]
-  return sorted(metadata.path for metadata in result.metadata_list)
-
-
-def folder_label(path: str, base: str,
-                 class_names: Optional[frozenset] = None) -> Optional[str]:
-  """The class folder a file sits in under `base`.
-
-  With `class_names`, only a folder named for a known class counts, so a
-  folder such as `incoming/` is not mistaken for a wrong label.
-  """
-  relative = path[len(base):] if path.startswith(base) else path
-  parts = relative.split("/")
-  if len(parts) >= 2 and (class_names is None or parts[-2] in class_names):
-    return parts[-2]
-  return None
 
 
 class ExistingIds:
@@ -87,7 +43,7 @@ class ExistingIds:
 
   def load(self) -> frozenset:
     ids = set()
-    for path in match_paths(self.predictions_glob):
+    for path in paths.match_paths(self.predictions_glob):
       with FileSystems.open(path, compression_type=_UNCOMPRESSED) as handle:
         table = pq.read_table(handle, columns=["id", "model_id"])
       for id_, model_id in zip(table.column("id").to_pylist(),
@@ -97,17 +53,9 @@ class ExistingIds:
     return frozenset(ids)
 
 
-def _skipped_counter():
-  return beam.metrics.Metrics.counter(METRICS_NAMESPACE, "skipped")
-
-
 def _chunks(items: list, size: int) -> Iterable[list]:
   for start in range(0, len(items), size):
     yield items[start:start + size]
-
-
-def _inputs_counter():
-  return beam.metrics.Metrics.counter(METRICS_NAMESPACE, "inputs")
 
 
 class _MatchInGroups(beam.DoFn):
@@ -121,12 +69,12 @@ class _MatchInGroups(beam.DoFn):
     self._existing = self._skip.load() if self._skip else frozenset()
 
   def process(self, pattern: str):
-    paths = match_paths(pattern)
+    matched = paths.match_paths(pattern)
     if self._existing:
-      kept = [p for p in paths if p not in self._existing]
-      _skipped_counter().inc(len(paths) - len(kept))
-      paths = kept
-    yield from _chunks(paths, self._group_size)
+      kept = [p for p in matched if p not in self._existing]
+      counter(SKIPPED).inc(len(matched) - len(kept))
+      matched = kept
+    yield from _chunks(matched, self._group_size)
 
 
 class _ReadFileGroup(beam.DoFn):
@@ -140,7 +88,7 @@ class _ReadFileGroup(beam.DoFn):
 
   def setup(self):
     threads = self._threads or (
-        1 if FileSystems.get_scheme(self._base) is None else REMOTE_READ_THREADS)
+        REMOTE_READ_THREADS if paths.is_remote(self._base) else 1)
     self._pool = (concurrent.futures.ThreadPoolExecutor(threads)
                   if threads > 1 else None)
 
@@ -148,11 +96,11 @@ class _ReadFileGroup(beam.DoFn):
     if self._pool:
       self._pool.shutdown(wait=False)
 
-  def process(self, paths: list):
-    _inputs_counter().inc(len(paths))
+  def process(self, group: list):
+    counter(INPUTS).inc(len(group))
     # One file system lookup per group; images are read as stored, never
     # decompressed by file name.
-    filesystem = FileSystems.get_filesystem(paths[0])
+    filesystem = FileSystems.get_filesystem(group[0])
 
     def read(path):
       try:
@@ -161,9 +109,9 @@ class _ReadFileGroup(beam.DoFn):
       except Exception as error:  # pylint: disable=broad-except
         return error
 
-    results = self._pool.map(read, paths) if self._pool else map(read, paths)
+    results = self._pool.map(read, group) if self._pool else map(read, group)
     ids, payloads = [], []
-    for path, result in zip(paths, results):
+    for path, result in zip(group, results):
       if isinstance(result, Exception):
         yield beam.pvalue.TaggedOutput(ERRORS,
                                        error_row(path, path, "read", result))
@@ -174,7 +122,7 @@ class _ReadFileGroup(beam.DoFn):
       yield ImageBatch(
           ids=ids,
           sources=list(ids),
-          true_labels=[folder_label(p, self._base, self._class_names)
+          true_labels=[paths.folder_label(p, self._base, self._class_names)
                        for p in ids],
           encoded=payloads)
 
@@ -187,12 +135,12 @@ class ReadImageFiles(beam.PTransform):
   """
 
   def __init__(self, pattern: str, class_names: list,
-               files_per_batch: int = DEFAULT_FILES_PER_BATCH,
+               batch_size: int = DEFAULT_BATCH_SIZE,
                skip: Optional[ExistingIds] = None):
     super().__init__()
-    self._pattern = expand_pattern(pattern)
+    self._pattern = paths.expand_pattern(pattern)
     self._class_names = class_names
-    self._files_per_batch = files_per_batch
+    self._batch_size = batch_size
     self._skip = skip
 
   def expand(self, pipeline):
@@ -200,11 +148,11 @@ class ReadImageFiles(beam.PTransform):
         pipeline
         | "Pattern" >> beam.Create([self._pattern])
         | "MatchFiles" >> beam.ParDo(
-            _MatchInGroups(self._files_per_batch, self._skip))
+            _MatchInGroups(self._batch_size, self._skip))
         # Matching happens on one worker; spread the groups before reading.
         | "SpreadGroups" >> beam.Reshuffle()
         | "ReadFiles" >> beam.ParDo(
-            _ReadFileGroup(pattern_base(self._pattern),
+            _ReadFileGroup(paths.pattern_base(self._pattern),
                            self._class_names)).with_outputs(ERRORS, main="images"))
 
 
@@ -238,12 +186,12 @@ class _ReadParquetShard(beam.DoFn):
   """Reads one shard as Arrow record batches, one ImageBatch per batch."""
 
   def __init__(self, image_column: str, id_column: Optional[str],
-               label_column: Optional[str], rows_per_batch: int,
+               label_column: Optional[str], batch_size: int,
                input_shape: list, skip: Optional[ExistingIds] = None):
     self._image_column = image_column
     self._id_column = id_column
     self._label_column = label_column
-    self._rows_per_batch = rows_per_batch
+    self._batch_size = batch_size
     self._input_shape = tuple(input_shape)
     self._skip = skip
 
@@ -262,13 +210,13 @@ class _ReadParquetShard(beam.DoFn):
           raise KeyError(f"columns {missing} not in shard; it has "
                          f"{shard.schema_arrow.names}")
         for record_batch in shard.iter_batches(
-            batch_size=self._rows_per_batch, columns=columns):
+            batch_size=self._batch_size, columns=columns):
           yield from self._batch_outputs(path, offset, record_batch)
           offset += record_batch.num_rows
     except Exception as error:  # pylint: disable=broad-except
       # A shard that cannot be read is one input with one error row, and the
       # other shards go on.
-      _inputs_counter().inc()
+      counter(INPUTS).inc()
       after = f" (after {offset} rows were read)" if offset else ""
       yield beam.pvalue.TaggedOutput(
           ERRORS, error_row(path, path, "read",
@@ -282,14 +230,14 @@ class _ReadParquetShard(beam.DoFn):
       ids = [f"{path}#{offset + i}" for i in range(rows)]
     if self._existing:
       keep = [i for i, id_ in enumerate(ids) if id_ not in self._existing]
-      _skipped_counter().inc(rows - len(keep))
+      counter(SKIPPED).inc(rows - len(keep))
       if len(keep) < rows:
         record_batch = record_batch.take(pa.array(keep, pa.int64()))
         ids = [ids[i] for i in keep]
         rows = len(keep)
       if not rows:
         return
-    _inputs_counter().inc(rows)
+    counter(INPUTS).inc(rows)
     labels = (record_batch.column(self._label_column).to_pylist()
               if self._label_column else [None] * rows)
     labels = [None if label is None else str(label) for label in labels]
@@ -326,18 +274,18 @@ class ReadParquetImages(beam.PTransform):
   def __init__(self, pattern: str, input_shape: list, image_column: str,
                id_column: Optional[str] = None,
                label_column: Optional[str] = None,
-               rows_per_batch: int = DEFAULT_ROWS_PER_BATCH,
+               batch_size: int = DEFAULT_BATCH_SIZE,
                skip: Optional[ExistingIds] = None):
     super().__init__()
     self._pattern = pattern
     self._reader = _ReadParquetShard(image_column, id_column, label_column,
-                                     rows_per_batch, input_shape, skip)
+                                     batch_size, input_shape, skip)
 
   def expand(self, pipeline):
     return (
         pipeline
         | "Pattern" >> beam.Create([self._pattern])
-        | "MatchShards" >> beam.FlatMap(match_paths)
+        | "MatchShards" >> beam.FlatMap(paths.match_paths)
         | "SpreadShards" >> beam.Reshuffle()
         | "ReadShards" >> beam.ParDo(self._reader).with_outputs(
             ERRORS, main="images"))

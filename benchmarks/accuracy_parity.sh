@@ -17,8 +17,8 @@ WORK=${2:-/tmp/parity/work}
 rm -rf "$WORK"; mkdir -p "$WORK"
 [[ -f $MODEL/model_card.json ]] || python -m model.train --data "$DATA" --output "$MODEL" --quiet
 python -m model.datasets --data "$DATA" --split test --to_png "$WORK/png"
-python -m beam_jobs.make_shards "$WORK/png" "$WORK/encoded" --rows_per_shard 250
-python -m beam_jobs.make_shards "$WORK/png" "$WORK/raw" --rows_per_shard 250 --model "$MODEL"
+python -m tools.make_shards "$WORK/png" "$WORK/encoded" --rows_per_shard 250
+python -m tools.make_shards "$WORK/png" "$WORK/raw" --rows_per_shard 250 --model "$MODEL"
 for engine in tflite keras; do
   python -m beam_jobs.predict --input "$WORK/png" --model "$MODEL" --output "$WORK/png_$engine" --engine "$engine"
   python -m beam_jobs.predict --input "$WORK/encoded/*.parquet" --label_column label --model "$MODEL" --output "$WORK/encoded_$engine" --engine "$engine"
@@ -31,7 +31,7 @@ for run in png_tflite encoded_tflite raw_tflite png_keras encoded_keras raw_kera
   python - "$WORK/$run" <<'PY'
 import json, subprocess, sys
 folder = sys.argv[1]
-scores = json.loads(subprocess.run([sys.executable, "-m", "beam_jobs.query", folder, "accuracy", "--json"],
+scores = json.loads(subprocess.run([sys.executable, "-m", "tools.query", folder, "accuracy", "--json"],
                                    capture_output=True, text=True, check=True).stdout)
 counts = json.load(open(folder + "/_run.json"))["counts"]
 print(f"{folder.rsplit('/', 1)[1]:18s} accuracy {scores['accuracy']:.4f} on {scores['labelled']} images, "

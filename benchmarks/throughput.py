@@ -60,7 +60,7 @@ def _fashion_pngs():
 def build_w1(folder, count):
   import pyarrow as pa  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-  from beam_jobs import make_shards  # pylint: disable=import-outside-toplevel
+  from tools import make_shards  # pylint: disable=import-outside-toplevel
   pngs, labels, _ = _fashion_pngs()
   os.makedirs(folder)
   shards = -(-count // ROWS_PER_SHARD)

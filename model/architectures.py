@@ -31,7 +31,6 @@ class Recipe:
   description: str
   weight_decay: float = 0.0
   label_smoothing: float = 0.0
-  mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0 turns it off
 
 
 def tutorial_mlp(input_shape: tuple, num_classes: int) -> keras.Model:
@@ -169,9 +168,8 @@ def photo_cnn(input_shape: tuple, num_classes: int) -> keras.Model:
   """A compact batch-normalised CNN with global pooling for RGB photos.
 
   Sized for 64x64 inputs: a strided stem brings them to 32x32, then four
-  blocks of two convolutions each halve the grid. On the flowers, 64x64
-  scored as well as 128x128 (the photos are 2-3 KB JPEGs) at a third of the
-  cost, which buys the epochs that strong augmentation needs.
+  blocks of two convolutions each halve the grid. The small input buys the
+  epochs that strong augmentation needs (docs/training.md).
   """
   inputs = keras.Input(shape=input_shape, name="image")
   x = _photo_stem(inputs)
@@ -185,9 +183,8 @@ def photo_xception(input_shape: tuple, num_classes: int) -> keras.Model:
   """A small Xception for RGB photos, after keras-io's from-scratch example.
 
   Separable convolutions with residual shortcuts, sized for 64x64 inputs.
-  It scores like photo_cnn on the flowers with a quarter of the parameters,
-  and TFLite's XNNPACK runs its depthwise convolutions about twice as fast as
-  Keras does, so serving costs a fraction of photo_cnn's.
+  Depthwise convolutions are cheap in TFLite's XNNPACK, so it serves at a
+  fraction of photo_cnn's cost for the same accuracy (docs/training.md).
   """
   inputs = keras.Input(shape=input_shape, name="image")
   x = _photo_stem(inputs)
@@ -228,14 +225,13 @@ ARCHITECTURES = {
                           batch_size=64, learning_rate=2e-3,
                           description="VGG-style CNN for Fashion-MNIST"),
     # AdamW's decay is decoupled from the learning rate, so it takes values
-    # near 0.05, not the 1e-4 of L2 penalties; smaller ones did nothing here.
-    # Mixup (0.2) scored 0.716 against about 0.74 without it, at 70 epochs.
+    # near 0.05, not the 1e-4 of L2 penalties (docs/training.md).
     "photo_cnn": Recipe(photo_cnn, photo_augmentation, epochs=60,
                         batch_size=32, learning_rate=2e-3, weight_decay=0.05,
                         label_smoothing=0.1,
                         description="batch-normalised CNN for 64x64 photos"),
-    # photo_cnn's schedule at a larger batch: 0.730 on the flowers against
-    # 0.739 (within the split's noise), and TFLite serves it 1.75x faster.
+    # photo_cnn's schedule at a larger batch; why it is the default is in
+    # docs/training.md.
     "photo_xception": Recipe(photo_xception, photo_augmentation, epochs=60,
                              batch_size=64, learning_rate=3e-3,
                              weight_decay=0.05, label_smoothing=0.1,

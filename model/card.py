@@ -11,10 +11,15 @@ import hashlib
 import json
 from typing import Any, Optional
 
+from model.paths import join
+from model.paths import read_bytes
+
 MODEL_FILE = "model.keras"
 TFLITE_FILE = "model.tflite"
 CARD_FILE = "model_card.json"
 CURVES_FILE = "training_curves.png"
+# What serving reads from a model folder.
+MODEL_FILES = (CARD_FILE, MODEL_FILE, TFLITE_FILE)
 
 COLOR_MODES = {"grayscale": 1, "rgb": 3}
 OUTPUT_KINDS = ("logits", "probabilities")
@@ -103,18 +108,6 @@ def content_hash(*payloads: bytes) -> str:
   for payload in payloads:
     digest.update(hashlib.sha256(payload).digest())
   return digest.hexdigest()[:16]
-
-
-def join(directory: str, name: str) -> str:
-  """Joins a file name onto a local or remote folder path."""
-  return directory.rstrip("/") + "/" + name
-
-
-def read_bytes(path: str) -> bytes:
-  """Reads a local or remote (gs://, ...) file through Beam's FileSystems."""
-  from apache_beam.io.filesystems import FileSystems
-  with FileSystems.open(path) as handle:
-    return handle.read()
 
 
 def load_card(model_dir: str, card_bytes: Optional[bytes] = None) -> ModelCard:

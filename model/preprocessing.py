@@ -16,7 +16,10 @@ from PIL import Image
 from PIL import ImageOps
 
 RESIZE_INTERPOLATION = "bilinear"
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own default guard.
+DEFAULT_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own default.
+# Pillow refuses images above twice its MAX_IMAGE_PIXELS while opening them,
+# before any caller's check; a larger --max_image_pixels cannot take effect.
+PILLOW_PIXEL_LIMIT = 2 * Image.MAX_IMAGE_PIXELS
 
 _PIL_MODES = {"grayscale": "L", "rgb": "RGB"}
 # Pillow's "I;16" -> "L" conversion clips at 255 instead of scaling; these
@@ -36,8 +39,8 @@ def _decode_plain_png(data: bytes, color_mode: str,
                       max_pixels: Optional[int]) -> Optional[np.ndarray]:
   """Pixels of an 8-bit PNG already in `color_mode`, which Pillow keeps as is.
 
-  Pillow spends about 35 µs of mostly Python on a 28x28 PNG; imagecodecs'
-  libpng call takes a third of that. PNG is lossless and these images need
+  Pillow's cost on a small PNG is mostly Python; imagecodecs' libpng call
+  is a fraction of it (README, "Libraries"). PNG is lossless and these need
   no conversion, so the pixels are the same; anything else returns None and
   goes to Pillow, as does any decoding error, so messages stay Pillow's.
   """
@@ -89,20 +92,16 @@ def decode_image(data: bytes,
       pixels = np.asarray(_resize(Image.fromarray(pixels), height, width))
     return pixels.reshape(height, width, -1)
   limit = f"exceeds the limit of {max_pixels} pixels (--max_image_pixels)"
-  # Pillow reads the guard from a module global: it is set for this open
-  # only, so a flag can tighten it without touching other Pillow users (the
-  # report's plots) or later calls.
-  default_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
   try:
+    # Opening reads the header only; Pillow's own guard refuses images
+    # beyond PILLOW_PIXEL_LIMIT here, whatever the caller's limit.
     image = Image.open(io.BytesIO(data))
   except Image.DecompressionBombError as error:
-    # Pillow refuses beyond twice its limit, from the header alone.
     raise Image.DecompressionBombError(f"image {limit}; {error}") from None
-  finally:
-    Image.MAX_IMAGE_PIXELS = default_limit
   with image:
+    # The caller's limit is checked from the header too, with no process-wide
+    # setting, so threads decoding with different limits don't interfere.
     if max_pixels is not None and image.width * image.height > max_pixels:
-      # Between the limit and twice it Pillow only warns; refuse outright.
       raise Image.DecompressionBombError(
           f"image of {image.width}x{image.height} pixels {limit}")
     # In place: the copying form copies every image, rotated or not.

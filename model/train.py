@@ -54,11 +54,10 @@ def check_dataset(dataset: datasets.Dataset) -> None:
 
 
 def make_tf_dataset(split: datasets.Split, batch_size: int, seed: int,
-                    augment=None, shuffle: bool = False, num_classes: int = 0,
-                    mixup: float = 0.0):
+                    augment=None, shuffle: bool = False, num_classes: int = 0):
   """Batches of (images, labels); labels are one-hot when num_classes is set.
 
-  One-hot targets are what label smoothing and mixup need.
+  One-hot targets are what label smoothing needs.
   """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   data = tf.data.Dataset.from_tensor_slices(
@@ -68,41 +67,15 @@ def make_tf_dataset(split: datasets.Split, batch_size: int, seed: int,
   data = data.batch(batch_size)
   if num_classes:
     data = data.map(lambda x, y: (x, tf.one_hot(y, num_classes)))
-  if augment is not None or mixup:
+  if augment is not None:
     # One seed pair per batch, different in every epoch, the same every run.
     # Stateless ops: op determinism would make stateful ones run serially.
     seeds = tf.data.Dataset.random(
         seed=seed, rerandomize_each_iteration=True).batch(2)
     data = tf.data.Dataset.zip(data, seeds).map(
-        lambda batch, pair: _randomise(*batch, pair, augment, mixup),
+        lambda batch, pair: (augment(batch[0], pair), batch[1]),
         num_parallel_calls=tf.data.AUTOTUNE)
   return data.prefetch(tf.data.AUTOTUNE)
-
-
-def _randomise(images, targets, seed, augment, mixup: float):
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  if augment is not None:
-    images = augment(images, seed)
-  if mixup:
-    images, targets = _mixup(images, targets, mixup,
-                             tf.random.experimental.stateless_fold_in(seed, 1))
-  return images, targets
-
-
-def _mixup(images, targets, alpha: float, seed):
-  """Blends each example with another from the batch (Zhang et al., 2018)."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  seeds = tf.random.experimental.stateless_split(seed, 3)
-  size = tf.shape(images)[:1]
-  # Beta(alpha, alpha) as a ratio of gammas; one weight per example.
-  a = tf.random.stateless_gamma(size, seeds[0], alpha)
-  b = tf.random.stateless_gamma(size, seeds[1], alpha)
-  weight = a / (a + b)
-  order = tf.argsort(tf.random.stateless_uniform(size, seeds[2]))
-  mixed = (weight[:, None, None, None] * images
-           + (1 - weight[:, None, None, None]) * tf.gather(images, order))
-  return mixed, (weight[:, None] * targets
-                 + (1 - weight[:, None]) * tf.gather(targets, order))
 
 
 def train(dataset: datasets.Dataset, architecture: str, output: str,
@@ -130,7 +103,7 @@ def train(dataset: datasets.Dataset, architecture: str, output: str,
   schedule = keras.optimizers.schedules.CosineDecay(learning_rate, steps)
   optimizer = (keras.optimizers.AdamW(schedule, weight_decay=recipe.weight_decay)
                if recipe.weight_decay else keras.optimizers.Adam(schedule))
-  one_hot = recipe.label_smoothing > 0 or recipe.mixup > 0
+  one_hot = recipe.label_smoothing > 0
   model.compile(
       optimizer=optimizer,
       loss=(keras.losses.CategoricalCrossentropy(
@@ -141,8 +114,7 @@ def train(dataset: datasets.Dataset, architecture: str, output: str,
   augment = recipe.augment(seed) if recipe.augment else None
   num_classes = len(dataset.class_names) if one_hot else 0
   train_data = make_tf_dataset(dataset.train, batch_size, seed, augment,
-                               shuffle=True, num_classes=num_classes,
-                               mixup=recipe.mixup)
+                               shuffle=True, num_classes=num_classes)
   test_data = make_tf_dataset(dataset.test, 256, seed, num_classes=num_classes)
 
   started = time.monotonic()

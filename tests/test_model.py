@@ -88,6 +88,7 @@ def test_image_folder_split_is_seeded_and_decoded_like_serving(tmp_path):
   assert loaded == decoded
 
 
+@pytest.mark.slow
 def test_photo_folder_trains_the_default_photo_model_and_exports_it(tmp_path):
   """The CLI path a user takes for a folder of photos, end to end."""
   _photo_folder(tmp_path / "photos", per_class=14, size=(40, 36))
@@ -173,19 +174,7 @@ def test_random_affine_is_exact_at_identity_and_mirrors_exactly():
   assert jittered[0].min() >= 0 and jittered[0].max() <= 255
 
 
-def test_mixup_targets_are_distributions(sample):
-  from model import train  # pylint: disable=import-outside-toplevel
-  batches = [next(iter(train.make_tf_dataset(
-      sample.train, 32, 0, shuffle=True, num_classes=10, mixup=0.4)))
-               for _ in range(2)]
-  np.testing.assert_array_equal(batches[0][1], batches[1][1])  # seeded
-  images, targets = batches[0]
-  targets = targets.numpy()
-  np.testing.assert_allclose(targets.sum(axis=1), 1, rtol=1e-5)
-  assert (targets >= 0).all() and (targets.max(axis=1) < 1).any()
-  assert 0 <= images.numpy().min() and images.numpy().max() <= 255
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", ["tutorial_mlp", "fashion_cnn"])
 def test_training_is_reproducible_with_a_seed(tmp_path, sample, architecture):
   """fashion_cnn covers augmentation; the MLP the plain path."""
@@ -214,6 +203,7 @@ def test_card_validation_names_the_field():
     card_lib.ModelCard.from_json(json.dumps(fields))
 
 
+@pytest.mark.slow
 def test_train_cli_bad_path_is_one_line(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "model.train", "--data", str(tmp_path / "nope"),

@@ -14,13 +14,14 @@ from apache_beam.testing.util import assert_that
 from apache_beam.testing.util import equal_to
 
 from beam_jobs import config as config_lib
-from beam_jobs import make_shards
 from beam_jobs import predict
 from beam_jobs import sources
-from beam_jobs.batches import ImageBatch
+from beam_jobs.contracts import ImageBatch
 from model import card as card_lib
 from model import datasets
+from model import paths
 from model import preprocessing
+from tools import make_shards
 from tests.conftest import REPO
 from tests.conftest import expected_labels
 from tests.conftest import png_ids
@@ -36,7 +37,7 @@ def test_read_image_files_in_batches_with_folder_labels(png_dir, sample):
       png_ids(png_dir, sample), sample.test.labels)]
   with TestPipeline() as pipeline:
     read = pipeline | sources.ReadImageFiles(png_dir, sample.class_names,
-                                             files_per_batch=64)
+                                             batch_size=64)
     assert_that(read.images | beam.FlatMap(_flatten_ids), equal_to(expected))
     assert_that(read.images | "Sizes" >> beam.Map(len),
                 equal_to([64, 64, 64, 8]), label="BatchSizes")
@@ -64,13 +65,13 @@ def test_file_group_reads_in_order_with_or_without_threads(png_dir, sample,
 
 def test_folder_label_only_for_known_classes():
   names = frozenset(["cat", "dog"])
-  assert sources.folder_label("/d/cat/1.png", "/d/", names) == "cat"
-  assert sources.folder_label("/d/x/dog/1.png", "/d/", names) == "dog"
-  assert sources.folder_label("/d/incoming/1.png", "/d/", names) is None
-  assert sources.folder_label("/d/1.png", "/d/", names) is None
-  assert sources.folder_label("gs://b/d/cat/1.png", "gs://b/d/", names) == "cat"
-  assert sources.pattern_base("gs://b/d/*/*.png") == "gs://b/d/"
-  assert sources.expand_pattern("/d/") == "/d/**"
+  assert paths.folder_label("/d/cat/1.png", "/d/", names) == "cat"
+  assert paths.folder_label("/d/x/dog/1.png", "/d/", names) == "dog"
+  assert paths.folder_label("/d/incoming/1.png", "/d/", names) is None
+  assert paths.folder_label("/d/1.png", "/d/", names) is None
+  assert paths.folder_label("gs://b/d/cat/1.png", "gs://b/d/", names) == "cat"
+  assert paths.pattern_base("gs://b/d/*/*.png") == "gs://b/d/"
+  assert paths.expand_pattern("/d/") == "/d/**"
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def test_read_parquet_both_image_forms(shards, form, png_dir, sample, tiny_model
   with TestPipeline() as pipeline:
     read = pipeline | sources.ReadParquetImages(
         os.path.join(shards, form, "*.parquet"), card.input_shape, "image",
-        "id", "label", rows_per_batch=50)
+        "id", "label", batch_size=50)
     assert_that(read.images | beam.FlatMap(_flatten_ids), equal_to(expected))
     assert_that(read.errors, equal_to([]), label="NoErrors")
 
@@ -209,12 +210,14 @@ def test_inference_failure_is_isolated_to_the_bad_row(tiny_model):
   batch = ImageBatch(ids=list("abcde"), sources=["s"] * 5,
                      true_labels=[None] * 5, pixels=pixels)
   card = card_lib.load_card(tiny_model)
-  probabilities, errors = inference._isolate_failures(  # pylint: disable=protected-access
-      batch, FailsOnNegative(card))
-  assert [e["id"] for e in errors] == ["d"]
-  assert errors[0]["stage"] == "inference"
-  assert np.isnan(probabilities[3]).all()
-  assert not np.isnan(np.delete(probabilities, 3, axis=0)).any()
+  handler = inference.ImageClassifierHandler(tiny_model)
+  [result] = handler.run_inference(batch, FailsOnNegative(card))
+  assert [e["id"] for e in result.errors] == ["d"]
+  assert result.errors[0]["stage"] == "inference"
+  # The rows that ran, and only they, come back with their probabilities.
+  assert result.batch.ids == ["a", "b", "c", "e"]
+  assert result.probabilities.shape == (4, 10)
+  assert not np.isnan(result.probabilities).any()
 
 
 def test_config_errors_fail_before_any_work(tmp_path, tiny_model, png_dir,
@@ -231,6 +234,7 @@ def test_config_errors_fail_before_any_work(tmp_path, tiny_model, png_dir,
                              label_column="nope").validate()
 
 
+@pytest.mark.slow
 def test_predict_cli_missing_model_is_one_line(tmp_path, png_dir):
   result = subprocess.run(
       [sys.executable, "-m", "beam_jobs.predict", "--input", png_dir,
@@ -241,6 +245,7 @@ def test_predict_cli_missing_model_is_one_line(tmp_path, png_dir):
   assert "is not a model folder" in result.stderr
 
 
+@pytest.mark.slow
 def test_multi_processing_gives_identical_outputs(tmp_path, png_dir,
                                                   tiny_model):
   single = config_lib.PredictConfig(png_dir, tiny_model, str(tmp_path / "one"),
@@ -268,6 +273,6 @@ def test_ids_match_between_relative_folder_and_shards(tmp_path, png_dir,
   ids = pq.read_table(str(tmp_path / "shards")).column("id").to_pylist()
   assert all(os.path.isabs(i) and os.path.exists(i) for i in ids)
   config = config_lib.PredictConfig(relative, "unused", "out")
-  assert sources.absolute(config.input) == png_dir
+  assert paths.absolute(config.input) == png_dir
   assert sorted(ids) == sorted(
-      sources.match_paths(sources.expand_pattern(png_dir)))
+      paths.match_paths(paths.expand_pattern(png_dir)))

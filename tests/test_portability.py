@@ -17,7 +17,7 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_jobs import config as config_lib
-from beam_jobs import make_shards
+from tools import make_shards
 from beam_jobs import outputs
 from beam_jobs.pipeline import build_pipeline
 from tests.conftest import REPO
@@ -57,6 +57,7 @@ def _dataflow_job(config):
   return {t.unique_name for t in transforms}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["images", "parquet"])
 def test_dataflow_dry_run_builds_the_whole_job(tmp_path, png_dir, tiny_model,
                                                form):
@@ -118,6 +119,7 @@ def test_flex_template_parameters_are_flags_of_predict():
     assert str(getattr(config, name)) == value, name
 
 
+@pytest.mark.slow
 def test_flex_template_entry_point_runs_predict():
   with open(os.path.join(TEMPLATE_DIR, "Dockerfile"),
             encoding="utf-8") as handle:
@@ -198,6 +200,7 @@ def _worker_pool(tmp_path):
       pool.wait()
 
 
+@pytest.mark.slow
 def test_portable_runner_runs_on_external_worker_processes(
     tmp_path, png_dir, tiny_model, sample):
   output = tmp_path / "out"

@@ -157,3 +157,24 @@ def test_a_tight_limit_does_not_outlive_its_call():
   rgb = _encode(Image.new("RGB", (30, 30)), "JPEG")
   preprocessing.decode_image(rgb, 4, 4, "rgb", max_pixels=50 * 50)
   assert Image.MAX_IMAGE_PIXELS == before
+
+
+def test_limits_hold_per_call_in_threads_with_no_global_setting():
+  """Threads decoding with different limits each get their own."""
+  import concurrent.futures  # pylint: disable=import-outside-toplevel
+  # JPEG: Pillow's path, where the old code swapped a process-wide limit.
+  big = _encode(Image.new("L", (200, 200)), "JPEG")
+  before = Image.MAX_IMAGE_PIXELS
+
+  def decode(limit):
+    try:
+      preprocessing.decode_image(big, 4, 4, "grayscale", max_pixels=limit)
+      return "decoded"
+    except Image.DecompressionBombError:
+      return "refused"
+
+  limits = [100 * 100, 300 * 300] * 200
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    results = list(pool.map(decode, limits))
+  assert results == ["refused", "decoded"] * 200
+  assert Image.MAX_IMAGE_PIXELS == before

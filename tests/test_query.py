@@ -12,7 +12,7 @@ import pytest
 from beam_jobs import config as config_lib
 from beam_jobs import outputs
 from beam_jobs import predict
-from beam_jobs import query
+from tools import query
 from tests.conftest import REPO
 from tests.conftest import read_parquet_rows
 
@@ -102,13 +102,14 @@ def test_accuracy_confusion_and_ece_match_an_independent_computation(crafted):
   assert_scores_match(result, independent_scores(rows, CLASSES))
 
 
+@pytest.mark.slow
 def test_accuracy_json_on_a_pipeline_run_matches_pyarrow(tmp_path, png_dir,
                                                          tiny_model, sample):
   output = str(tmp_path / "out")
   predict.run(config_lib.PredictConfig(png_dir, tiny_model, output),
               ["--runner", "DirectRunner"])
   result = subprocess.run(
-      [sys.executable, "-m", "beam_jobs.query", output, "accuracy", "--json"],
+      [sys.executable, "-m", "tools.query", output, "accuracy", "--json"],
       capture_output=True, text=True, cwd=REPO, check=True)
   scores = json.loads(result.stdout)
   rows = read_parquet_rows(os.path.join(output, "predictions-*.parquet"))
@@ -178,10 +179,11 @@ def test_compare_two_runs(crafted, tmp_path):
       ("cat", "dog"), ("dog", "cat")}
 
 
+@pytest.mark.slow
 def test_cli_json_and_errors(crafted, tmp_path):
   folder, _, _ = crafted
   run = lambda *args: subprocess.run(  # pylint: disable=unnecessary-lambda-assignment
-      [sys.executable, "-m", "beam_jobs.query", *args], capture_output=True,
+      [sys.executable, "-m", "tools.query", *args], capture_output=True,
       text=True, cwd=REPO, check=False)
   result = run(folder, "accuracy", "--json")
   assert result.returncode == 0

@@ -213,25 +213,32 @@ def test_bad_parquet_rows_and_shards(tmp_path, tiny_model, sample):
     assert counts["inputs"] == counts["predictions"] + counts["errors"]
 
 
-def _predict_cli(args, env_extra=None):
+def _predict_cli(args, kill_at=None):
+  """Runs the predict CLI; `kill_at` (TARGET, CALLS) kills it with SIGKILL
+  at the CALLS-th call of TARGET (tests/kill_at.py)."""
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
   from tests.conftest import REPO  # pylint: disable=import-outside-toplevel
-  env = dict(os.environ, **(env_extra or {}))
-  return subprocess.run([sys.executable, "-m", "beam_jobs.predict", *args],
-                        capture_output=True, text=True, cwd=REPO, env=env,
-                        check=False)
+  entry = (["-m", "beam_jobs.predict"] if kill_at is None else
+           [os.path.join(REPO, "tests", "kill_at.py"), kill_at[0],
+            str(kill_at[1]), "--"])
+  return subprocess.run([sys.executable, *entry, *args], capture_output=True,
+                        text=True, cwd=REPO, check=False,
+                        env=dict(os.environ, PYTHONPATH=REPO))
 
 
+@pytest.mark.slow
 def test_crash_mid_run_leaves_nothing_and_a_rerun_completes(tmp_path, png_dir,
                                                             tiny_model):
-  from beam_jobs import outputs  # pylint: disable=import-outside-toplevel
+  import signal  # pylint: disable=import-outside-toplevel
   from tests.conftest import read_parquet_rows  # pylint: disable=import-outside-toplevel
   output = tmp_path / "out"
   args = ["--input", png_dir, "--model", tiny_model, "--output", str(output),
           "--batch_size", "16"]
-  crashed = _predict_cli(args, {outputs.CRASH_AFTER_BATCHES_ENV: "3"})
-  assert crashed.returncode == 70, crashed.stderr[-2000:]
+  # Killed as its fourth batch reaches FormatPredictions, mid-run.
+  crashed = _predict_cli(
+      args, kill_at=("beam_jobs.outputs:FormatPredictions.process", 4))
+  assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
   visible = sorted(p.name for p in output.iterdir() if
                    not p.name.startswith("beam-temp-"))
   assert visible == []  # No shard, no manifest: nothing half-written.
@@ -280,7 +287,7 @@ def test_skip_existing_classifies_only_new_images(tmp_path, tiny_model,
 
 
 def test_skip_existing_on_parquet(tmp_path, tiny_model, png_dir):
-  from beam_jobs import make_shards  # pylint: disable=import-outside-toplevel
+  from tools import make_shards  # pylint: disable=import-outside-toplevel
   from tests.conftest import read_parquet_rows  # pylint: disable=import-outside-toplevel
   shards = tmp_path / "shards"
   make_shards.make_shards(png_dir, str(shards), rows_per_shard=80)

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from beam_jobs import config as config_lib
-from beam_jobs import make_shards
+from tools import make_shards
 from beam_jobs import predict
-from beam_jobs import report
+from tools import report
 from model import card as card_lib
 from model import datasets
 from tests.conftest import read_parquet_rows

@@ -1,12 +1,12 @@
 """Answers from the prediction outputs, with SQL over the Parquet files.
 
 Usage:
-  python -m beam_jobs.query OUTPUT_DIR [summary]         # the default
-  python -m beam_jobs.query OUTPUT_DIR sql "SELECT label, count(*) FROM predictions GROUP BY 1"
-  python -m beam_jobs.query OUTPUT_DIR accuracy
-  python -m beam_jobs.query OUTPUT_DIR low-confidence --below 0.6
-  python -m beam_jobs.query OUTPUT_DIR misclassified | errors
-  python -m beam_jobs.query OUTPUT_DIR compare OTHER_OUTPUT_DIR
+  python -m tools.query OUTPUT_DIR [summary]         # the default
+  python -m tools.query OUTPUT_DIR sql "SELECT label, count(*) FROM predictions GROUP BY 1"
+  python -m tools.query OUTPUT_DIR accuracy
+  python -m tools.query OUTPUT_DIR low-confidence --below 0.6
+  python -m tools.query OUTPUT_DIR misclassified | errors
+  python -m tools.query OUTPUT_DIR compare OTHER_OUTPUT_DIR
 Every command takes --json for scripts.
 
 DuckDB reads the Parquet shards in place as the views `predictions` and
@@ -14,14 +14,16 @@ DuckDB reads the Parquet shards in place as the views `predictions` and
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 import duckdb
 
 from beam_jobs import outputs
+from model import paths
 
 ECE_BINS = 10
 DEFAULT_LIMIT = 20
@@ -34,7 +36,7 @@ class QueryError(ValueError):
 
 def _register_remote(connection, path: str) -> None:
   """gs:// and other remote paths go through fsspec, where it is installed."""
-  if "://" not in path:
+  if not paths.is_remote(path):
     return
   try:
     import fsspec  # pylint: disable=import-outside-toplevel
@@ -67,13 +69,15 @@ def connect(output_dir: str, other_dir: Optional[str] = None):
   return connection
 
 
-def _rows(connection, sql: str, parameters=None) -> list:
+def rows(connection, sql: str, parameters=None) -> list:
+  """The result of a query as a list of {column: value} dicts."""
   cursor = connection.execute(sql, parameters or [])
   names = [column[0] for column in cursor.description]
   return [dict(zip(names, row)) for row in cursor.fetchall()]
 
 
-def _scalar(connection, sql: str, parameters=None):
+def scalar(connection, sql: str, parameters=None):
+  """The first value of a query's first row."""
   return connection.execute(sql, parameters or []).fetchone()[0]
 
 
@@ -90,13 +94,13 @@ def run_sql(connection, statement: str) -> list:
     raise QueryError(f"only read-only queries are allowed (SELECT, WITH, "
                      f"EXPLAIN, DESCRIBE, SUMMARIZE); got a {kind} statement")
   try:
-    return _rows(connection, statement)
+    return rows(connection, statement)
   except duckdb.Error as error:
     raise QueryError(f"SQL error: {error}") from None
 
 
 def class_counts(connection) -> list:
-  return _rows(connection, """
+  return rows(connection, """
       SELECT label, count(*) AS images,
              round(count(*) / sum(count(*)) OVER (), 4) AS share,
              round(avg(confidence), 4) AS mean_confidence
@@ -104,7 +108,7 @@ def class_counts(connection) -> list:
 
 
 def confidence_histogram(connection) -> list:
-  return _rows(connection, f"""
+  return rows(connection, f"""
       SELECT least(floor(confidence * {ECE_BINS}), {ECE_BINS - 1}) / {ECE_BINS}
                AS bin_start,
              count(*) AS images
@@ -112,10 +116,10 @@ def confidence_histogram(connection) -> list:
 
 
 def error_summary(connection) -> dict:
-  by_stage = _rows(connection, """
+  by_stage = rows(connection, """
       SELECT stage, count(*) AS errors FROM errors
       GROUP BY stage ORDER BY errors DESC, stage""")
-  reasons = _rows(connection, """
+  reasons = rows(connection, """
       SELECT stage, split_part(error, ':', 1) AS reason, count(*) AS errors
       FROM errors GROUP BY ALL ORDER BY errors DESC, stage, reason LIMIT 5""")
   return {"by_stage": by_stage, "top_reasons": reasons}
@@ -123,22 +127,22 @@ def error_summary(connection) -> dict:
 
 def low_confidence(connection, below: float = 0.6,
                    limit: int = DEFAULT_LIMIT) -> list:
-  return _rows(connection, """
+  return rows(connection, """
       SELECT id, label, round(confidence, 4) AS confidence, true_label
       FROM predictions WHERE confidence < ?
       ORDER BY confidence, id LIMIT ?""", [below, limit])
 
 
 def misclassified(connection, limit: int = DEFAULT_LIMIT) -> list:
-  return _rows(connection, """
+  return rows(connection, """
       SELECT id, label, round(confidence, 4) AS confidence, true_label
       FROM predictions
       WHERE true_label IS NOT NULL AND label <> true_label
       ORDER BY confidence DESC, id LIMIT ?""", [limit])
 
 
-def error_rows(connection, limit: int = DEFAULT_LIMIT) -> list:
-  return _rows(connection, "SELECT id, stage, error FROM errors ORDER BY id "
+def errorrows(connection, limit: int = DEFAULT_LIMIT) -> list:
+  return rows(connection, "SELECT id, stage, error FROM errors ORDER BY id "
                "LIMIT ?", [limit])
 
 
@@ -147,14 +151,14 @@ def accuracy(connection) -> dict:
 
   Only rows with a known `true_label` count.
   """
-  labelled = _scalar(connection, "SELECT count(*) FROM predictions "
+  labelled = scalar(connection, "SELECT count(*) FROM predictions "
                      "WHERE true_label IS NOT NULL")
   if not labelled:
     raise QueryError("no prediction has a true_label: accuracy needs inputs "
                      "in class folders or a --label_column")
-  correct = _scalar(connection, "SELECT count(*) FROM predictions "
+  correct = scalar(connection, "SELECT count(*) FROM predictions "
                     "WHERE true_label = label")
-  classes = [row["name"] for row in _rows(connection, """
+  classes = [row["name"] for row in rows(connection, """
       SELECT name FROM (
         SELECT label AS name, min(label_index) AS position FROM predictions
         GROUP BY label
@@ -162,7 +166,7 @@ def accuracy(connection) -> dict:
         SELECT true_label, NULL FROM predictions
         WHERE true_label IS NOT NULL GROUP BY true_label)
       GROUP BY name ORDER BY min(position) NULLS LAST, name""")]
-  pairs = _rows(connection, """
+  pairs = rows(connection, """
       SELECT true_label, label, count(*) AS images FROM predictions
       WHERE true_label IS NOT NULL GROUP BY ALL""")
   index = {name: i for i, name in enumerate(classes)}
@@ -181,7 +185,7 @@ def accuracy(connection) -> dict:
     per_class.append({"class": name, "precision": round(precision, 6),
                       "recall": round(recall, 6), "f1": round(f1, 6),
                       "support": support})
-  bins = _rows(connection, f"""
+  bins = rows(connection, f"""
       SELECT least(floor(confidence * {ECE_BINS}), {ECE_BINS - 1})::INTEGER
                AS bin,
              count(*) AS images,
@@ -205,8 +209,8 @@ def accuracy(connection) -> dict:
 def summary(connection, output_dir: str) -> dict:
   result = {
       "manifest": outputs.read_manifest(output_dir),
-      "predictions": _scalar(connection, "SELECT count(*) FROM predictions"),
-      "errors": _scalar(connection, "SELECT count(*) FROM errors"),
+      "predictions": scalar(connection, "SELECT count(*) FROM predictions"),
+      "errors": scalar(connection, "SELECT count(*) FROM errors"),
       "classes": class_counts(connection),
       "confidence_histogram": confidence_histogram(connection),
       "error_summary": error_summary(connection),
@@ -225,19 +229,19 @@ def compare(connection, limit: int = DEFAULT_LIMIT) -> dict:
   """Where two runs disagree on the same ids, with counts per label pair."""
   joined = """FROM predictions AS a JOIN other_predictions AS b USING (id)"""
   return {
-      "common_ids": _scalar(connection, f"SELECT count(*) {joined}"),
-      "only_here": _scalar(connection, "SELECT count(*) FROM predictions "
+      "common_ids": scalar(connection, f"SELECT count(*) {joined}"),
+      "only_here": scalar(connection, "SELECT count(*) FROM predictions "
                            "WHERE id NOT IN (SELECT id FROM other_predictions)"),
-      "only_other": _scalar(connection, "SELECT count(*) FROM other_predictions "
+      "only_other": scalar(connection, "SELECT count(*) FROM other_predictions "
                             "WHERE id NOT IN (SELECT id FROM predictions)"),
-      "disagreements": _scalar(
+      "disagreements": scalar(
           connection, f"SELECT count(*) {joined} WHERE a.label <> b.label"),
-      "label_pairs": _rows(connection, f"""
+      "label_pairs": rows(connection, f"""
           SELECT a.label AS label, b.label AS other_label, count(*) AS images
           {joined} WHERE a.label <> b.label
           GROUP BY ALL ORDER BY images DESC, label, other_label LIMIT ?""",
                            [limit]),
-      "examples": _rows(connection, f"""
+      "examples": rows(connection, f"""
           SELECT id, a.label AS label, round(a.confidence, 4) AS confidence,
                  b.label AS other_label,
                  round(b.confidence, 4) AS other_confidence
@@ -266,97 +270,129 @@ def _cell(value) -> str:
   return "" if value is None else str(value)
 
 
-def render(command: str, result) -> str:
-  """Human-readable text for each command's result."""
-  if command == "summary":
-    manifest = result["manifest"] or {}
-    counts = manifest.get("counts", {})
-    parts = [f"model {manifest.get('model_id', '?')}: "
-             f"{result['predictions']} predictions, {result['errors']} errors"
-             + (f", {counts.get('inputs')} inputs, "
-                f"{manifest.get('images_per_second')} images/s"
-                if counts else "")]
-    if result["accuracy"]:
-      score = result["accuracy"]
-      parts.append(f"accuracy {score['accuracy']:.4f} ({score['correct']}/"
-                   f"{score['labelled']} labelled images)")
-    parts.append(format_table(result["classes"], "\npredictions per class"))
-    parts.append(format_table(result["confidence_histogram"],
-                              "\nconfidence histogram"))
-    parts.append(format_table(result["error_summary"]["top_reasons"],
-                              "\nerrors by stage and reason"))
-    parts.append(format_table(result["least_confident"],
-                              "\nleast confident images"))
-    return "\n".join(parts)
-  if command == "accuracy":
-    header = (f"accuracy {result['accuracy']:.4f} ({result['correct']}/"
-              f"{result['labelled']}), expected calibration error "
-              f"{result['expected_calibration_error']:.4f}")
-    confusion = [dict({"true \\ predicted": name},
-                      **{str(i): v for i, v in enumerate(row)})
-                 for name, row in zip(result["classes"],
-                                      result["confusion_matrix"])]
-    return "\n".join([
-        header,
-        format_table(result["per_class"], "\nper class"),
-        format_table(confusion, "\nconfusion matrix (columns in class order)"),
-    ])
-  if command == "compare":
-    head = (f"{result['common_ids']} common ids, {result['disagreements']} "
-            f"disagree; {result['only_here']} only here, "
-            f"{result['only_other']} only in the other run")
-    return "\n".join([head, format_table(result["label_pairs"],
-                                         "\nlabel pairs"),
-                      format_table(result["examples"], "\nexamples")])
-  return format_table(result)
+def render_summary(result: dict) -> str:
+  manifest = result["manifest"] or {}
+  counts = manifest.get("counts", {})
+  parts = [f"model {manifest.get('model_id', '?')}: "
+           f"{result['predictions']} predictions, {result['errors']} errors"
+           + (f", {counts.get('inputs')} inputs, "
+              f"{manifest.get('images_per_second')} images/s"
+              if counts else "")]
+  if result["accuracy"]:
+    score = result["accuracy"]
+    parts.append(f"accuracy {score['accuracy']:.4f} ({score['correct']}/"
+                 f"{score['labelled']} labelled images)")
+  parts.append(format_table(result["classes"], "\npredictions per class"))
+  parts.append(format_table(result["confidence_histogram"],
+                            "\nconfidence histogram"))
+  parts.append(format_table(result["error_summary"]["top_reasons"],
+                            "\nerrors by stage and reason"))
+  parts.append(format_table(result["least_confident"],
+                            "\nleast confident images"))
+  return "\n".join(parts)
+
+
+def render_accuracy(result: dict) -> str:
+  header = (f"accuracy {result['accuracy']:.4f} ({result['correct']}/"
+            f"{result['labelled']}), expected calibration error "
+            f"{result['expected_calibration_error']:.4f}")
+  confusion = [dict({"true \\ predicted": name},
+                    **{str(i): v for i, v in enumerate(row)})
+               for name, row in zip(result["classes"],
+                                    result["confusion_matrix"])]
+  return "\n".join([
+      header,
+      format_table(result["per_class"], "\nper class"),
+      format_table(confusion, "\nconfusion matrix (columns in class order)"),
+  ])
+
+
+def render_compare(result: dict) -> str:
+  head = (f"{result['common_ids']} common ids, {result['disagreements']} "
+          f"disagree; {result['only_here']} only here, "
+          f"{result['only_other']} only in the other run")
+  return "\n".join([head, format_table(result["label_pairs"], "\nlabel pairs"),
+                    format_table(result["examples"], "\nexamples")])
+
+
+_LIMIT = ("--limit", {"type": int, "default": DEFAULT_LIMIT,
+                      "help": "rows to show"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+  """A sub-command: its help, its own arguments, what it runs and shows."""
+  help: str
+  run: Callable  # (connection, parsed arguments) -> result
+  arguments: tuple = ()  # (name, argparse keyword arguments) pairs
+  render: Callable = format_table
+
+
+COMMANDS = {
+    "summary": Command(
+        "counts, classes, confidence and errors (the default)",
+        lambda connection, args: summary(connection, args.output_dir),
+        render=render_summary),
+    "sql": Command(
+        "one read-only SQL statement over the views predictions and errors",
+        lambda connection, args: run_sql(connection, args.statement),
+        (("statement", {"help": "e.g. \"SELECT label, count(*) FROM "
+                                "predictions GROUP BY 1\""}),)),
+    "accuracy": Command(
+        "accuracy, per-class precision/recall/F1, confusion matrix and "
+        "calibration (needs true labels)",
+        lambda connection, args: accuracy(connection),
+        render=render_accuracy),
+    "low-confidence": Command(
+        "the least confident predictions",
+        lambda connection, args: low_confidence(connection, args.below,
+                                                args.limit),
+        (("--below", {"type": float, "default": 0.6,
+                      "help": "show predictions below this confidence"}),
+         _LIMIT)),
+    "misclassified": Command(
+        "the most confident predictions that disagree with the true label",
+        lambda connection, args: misclassified(connection, args.limit),
+        (_LIMIT,)),
+    "errors": Command(
+        "inputs that could not be classified, with their stage and reason",
+        lambda connection, args: error_rows(connection, args.limit),
+        (_LIMIT,)),
+    "compare": Command(
+        "where two runs disagree on the same ids",
+        lambda connection, args: compare(connection, args.limit),
+        (("other_dir", {"help": "the --output folder of the other run"}),
+         _LIMIT),
+        render=render_compare),
+}
+DEFAULT_COMMAND = "summary"
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="python -m beam_jobs.query",
-      description="Query the outputs of python -m beam_jobs.predict.")
+      prog="python -m tools.query",
+      description="Query the outputs of python -m beam_jobs.predict.",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument("output_dir", help="the --output folder of a run")
   parser.add_argument("--json", action="store_true",
                       help="print JSON instead of tables")
-  commands = parser.add_subparsers(dest="command")
-  commands.add_parser("summary", help="counts, confidence, errors (default)")
-  sql = commands.add_parser("sql", help="a read-only SQL query over the "
-                            "views predictions and errors")
-  sql.add_argument("statement")
-  commands.add_parser("accuracy", help="needs true labels")
-  low = commands.add_parser("low-confidence")
-  low.add_argument("--below", type=float, default=0.6)
-  low.add_argument("--limit", type=int, default=DEFAULT_LIMIT)
-  wrong = commands.add_parser("misclassified")
-  wrong.add_argument("--limit", type=int, default=DEFAULT_LIMIT)
-  errors = commands.add_parser("errors")
-  errors.add_argument("--limit", type=int, default=DEFAULT_LIMIT)
-  other = commands.add_parser("compare", help="where two runs disagree")
-  other.add_argument("other_dir")
-  other.add_argument("--limit", type=int, default=DEFAULT_LIMIT)
-  for sub in commands.choices.values():
+  commands = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                   help=f"default: {DEFAULT_COMMAND}")
+  for name, command in COMMANDS.items():
+    sub = commands.add_parser(
+        name, help=command.help, description=command.help,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for argument, options in command.arguments:
+      sub.add_argument(argument, **options)
     sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                      help="print JSON instead of tables")
   return parser
 
 
 def answer(args) -> object:
-  command = args.command or "summary"
-  connection = connect(args.output_dir,
-                       args.other_dir if command == "compare" else None)
-  if command == "summary":
-    return summary(connection, args.output_dir)
-  if command == "sql":
-    return run_sql(connection, args.statement)
-  if command == "accuracy":
-    return accuracy(connection)
-  if command == "low-confidence":
-    return low_confidence(connection, args.below, args.limit)
-  if command == "misclassified":
-    return misclassified(connection, args.limit)
-  if command == "errors":
-    return error_rows(connection, args.limit)
-  return compare(connection, args.limit)
+  command = COMMANDS[args.command or DEFAULT_COMMAND]
+  connection = connect(args.output_dir, getattr(args, "other_dir", None))
+  return command.run(connection, args)
 
 
 def main(argv=None) -> int:
@@ -364,12 +400,12 @@ def main(argv=None) -> int:
   try:
     result = answer(args)
   except QueryError as error:
-    print(f"beam_jobs.query: error: {error}", file=sys.stderr)
+    print(f"tools.query: error: {error}", file=sys.stderr)
     return 2
   if args.json:
     print(json.dumps(result, indent=2, default=str))
   else:
-    print(render(args.command or "summary", result))
+    print(COMMANDS[args.command or DEFAULT_COMMAND].render(result))
   return 0
 
 

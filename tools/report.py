@@ -1,14 +1,14 @@
 """Pictures of a run's results, for those who would rather look than read.
 
 Usage:
-  python -m beam_jobs.report OUTPUT_DIR --out REPORT_DIR [--samples 15]
+  python -m tools.report OUTPUT_DIR --out REPORT_DIR [--samples 15]
 
 Writes PNG plots and an index.html that shows them with the summary table:
 a grid of sample images with their predictions and probability bars (the
 Keras basic-classification tutorial's two plots), the most confident
 mistakes, a confusion-matrix heat map, a confidence histogram split by
 correct and wrong, and a reliability diagram. All numbers come from
-`beam_jobs.query`.
+`tools.query`.
 """
 
 import argparse
@@ -25,7 +25,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 from PIL import Image  # pylint: disable=wrong-import-position
 
 from beam_jobs import outputs  # pylint: disable=wrong-import-position
-from beam_jobs import query  # pylint: disable=wrong-import-position
+from tools import query  # pylint: disable=wrong-import-position
 
 DEFAULT_SAMPLES = 15
 GRID_COLUMNS = 3
@@ -149,7 +149,7 @@ def plot_confusion(scores: dict, path: str) -> None:
 
 
 def plot_confidence(connection, path: str) -> None:
-  rows = query._rows(connection, """  -- pylint: disable=protected-access
+  rows = query.rows(connection, """
       SELECT confidence, true_label IS NULL AS unknown,
              label = true_label AS correct FROM predictions""")
   bins = np.linspace(0, 1, query.ECE_BINS + 1)
@@ -196,13 +196,13 @@ def plot_reliability(scores: dict, path: str) -> None:
 
 
 def _class_names(connection) -> list:
-  return [r["label"] for r in query._rows(  # pylint: disable=protected-access
+  return [r["label"] for r in query.rows(
       connection, "SELECT label FROM predictions GROUP BY label "
       "ORDER BY min(label_index)")]
 
 
 def _sample_rows(connection, samples: int, where: str, order: str) -> list:
-  return query._rows(  # pylint: disable=protected-access
+  return query.rows(
       connection, f"SELECT * FROM predictions WHERE {where} ORDER BY {order} "
       "LIMIT ?", [samples])
 
@@ -284,7 +284,7 @@ th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left}}img{{max-width:100
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m beam_jobs.report",
+  parser = argparse.ArgumentParser(prog="python -m tools.report",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("output_dir", help="the --output folder of a run")
   parser.add_argument("--out", required=True, help="folder for the report")
@@ -294,7 +294,7 @@ def main(argv=None) -> int:
   try:
     written = write_report(args.output_dir, args.out, args.samples)
   except query.QueryError as error:
-    print(f"beam_jobs.report: error: {error}", file=sys.stderr)
+    print(f"tools.report: error: {error}", file=sys.stderr)
     return 2
   print(f"wrote {written['index']} with {len(written) - 1} plots")
   return 0

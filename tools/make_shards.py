@@ -1,7 +1,7 @@
 """Converts an image directory into Parquet shards.
 
 Usage:
-  python -m beam_jobs.make_shards IMAGE_DIR_OR_GLOB OUTPUT_DIR [--rows_per_shard N]
+  python -m tools.make_shards IMAGE_DIR_OR_GLOB OUTPUT_DIR [--rows_per_shard N]
       [--model MODEL_DIR]
 
 Each row holds `id` (the file path), `image` and `label` (the class folder
@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from beam_jobs import sources
 from model import card as card_lib
+from model import paths
 from model import preprocessing
 
 DEFAULT_ROWS_PER_SHARD = 10_000
@@ -53,21 +53,20 @@ def make_shards(input_pattern: str, output_dir: str,
   (the pipeline reports them)."""
   if rows_per_shard < 1:
     raise ValueError("rows_per_shard must be at least 1")
-  pattern = sources.expand_pattern(sources.absolute(input_pattern))
-  paths = sources.match_paths(pattern)
-  if not paths:
+  pattern = paths.expand_pattern(paths.absolute(input_pattern))
+  files = paths.match_paths(pattern)
+  if not files:
     raise FileNotFoundError(f"{input_pattern} matches no files")
-  base = sources.pattern_base(pattern)
+  base = paths.pattern_base(pattern)
   schema = shard_schema(raw_pixels=card is not None)
   if not FileSystems.exists(output_dir):
     FileSystems.mkdirs(output_dir)
-  count = -(-len(paths) // rows_per_shard)
+  count = -(-len(files) // rows_per_shard)
   written = []
-  for number, start in enumerate(range(0, len(paths), rows_per_shard)):
+  for number, start in enumerate(range(0, len(files), rows_per_shard)):
     rows = {"id": [], "image": [], "label": []}
-    for path in paths[start:start + rows_per_shard]:
-      with FileSystems.open(path) as handle:
-        data = handle.read()
+    for path in files[start:start + rows_per_shard]:
+      data = paths.read_bytes(path)
       if card is not None:
         try:
           data = preprocessing.decode_image(data, card.height, card.width,
@@ -78,8 +77,8 @@ def make_shards(input_pattern: str, output_dir: str,
           continue
       rows["id"].append(path)
       rows["image"].append(data)
-      rows["label"].append(sources.folder_label(path, base))
-    shard = card_lib.join(
+      rows["label"].append(paths.folder_label(path, base))
+    shard = paths.join(
         output_dir, f"{SHARD_PREFIX}-{number:05d}-of-{count:05d}.parquet")
     _write_shard(rows, schema, shard)
     written.append(shard)
@@ -87,7 +86,7 @@ def make_shards(input_pattern: str, output_dir: str,
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m beam_jobs.make_shards",
+  parser = argparse.ArgumentParser(prog="python -m tools.make_shards",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("input", help="image directory or glob")
   parser.add_argument("output", help="folder for the shards")
@@ -100,7 +99,7 @@ def main(argv=None) -> int:
     card = card_lib.load_card(args.model) if args.model else None
     written = make_shards(args.input, args.output, args.rows_per_shard, card)
   except (FileNotFoundError, ValueError) as error:
-    print(f"beam_jobs.make_shards: error: {error}", file=sys.stderr)
+    print(f"tools.make_shards: error: {error}", file=sys.stderr)
     return 2
   print(f"wrote {len(written)} shard(s) to {args.output}")
   return 0

@@ -1,16 +1,34 @@
-"""The elements that flow through the pipeline: batches, never single images.
+"""What the pipeline's stages share: elements, the error tag, counters, defaults.
 
 Beam's per-element cost is larger than classifying a small image, so every
 stage from the read to the write moves a batch of images, and errors travel
-as plain rows beside them.
+as plain rows beside them. Every stage imports these names from here.
 """
 
 import dataclasses
 from typing import Optional
 
+import apache_beam as beam
 import numpy as np
 
+DEFAULT_BATCH_SIZE = 256
+# The tag of every stage's second output: rows for inputs it could not handle.
+ERRORS = "errors"
 STAGES = ("read", "decode", "preprocess", "inference")
+
+METRICS_NAMESPACE = "beam_jobs"
+# inputs == predictions + errors when a run ends; skipped inputs are counted
+# apart, before they are read.
+INPUTS, PREDICTIONS, ERROR_ROWS, SKIPPED = ("inputs", "predictions", "errors",
+                                            "skipped")
+COUNTERS = (INPUTS, PREDICTIONS, ERROR_ROWS, SKIPPED)
+
+
+def counter(name: str):
+  """One of the pipeline's Beam counters, by its name in COUNTERS."""
+  if name not in COUNTERS:
+    raise ValueError(f"unknown counter {name!r}: expected one of {COUNTERS}")
+  return beam.metrics.Metrics.counter(METRICS_NAMESPACE, name)
 
 
 @dataclasses.dataclass
@@ -39,6 +57,15 @@ class ImageBatch:
         encoded=None if self.encoded is None else
         [self.encoded[i] for i in indices],
         pixels=None if self.pixels is None else self.pixels[indices])
+
+
+@dataclasses.dataclass
+class BatchResult:
+  """Inference's output: the rows that ran with their probabilities, and an
+  error row for each row that did not."""
+  batch: ImageBatch
+  probabilities: np.ndarray
+  errors: list
 
 
 def error_row(id_: str, source: str, stage: str, error) -> dict:
