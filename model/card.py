@@ -23,7 +23,11 @@ MODEL_FILES = (CARD_FILE, MODEL_FILE, TFLITE_FILE)
 
 COLOR_MODES = {"grayscale": 1, "rgb": 3}
 OUTPUT_KINDS = ("logits", "probabilities")
-CARD_FORMAT_VERSION = 1
+# 2: model_id covers the card's serving fields as well as the model files.
+CARD_FORMAT_VERSION = 2
+# Every card field that changes what serving outputs for an image.
+SERVING_FIELDS = ("class_names", "input_shape", "color_mode", "output",
+                  "preprocessing")
 
 
 @dataclasses.dataclass
@@ -103,11 +107,20 @@ class ModelCard:
 
 
 def content_hash(*payloads: bytes) -> str:
-  """The model id: a short SHA-256 over the exported model files."""
+  """A short SHA-256 over several payloads, each hashed on its own first."""
   digest = hashlib.sha256()
   for payload in payloads:
     digest.update(hashlib.sha256(payload).digest())
   return digest.hexdigest()[:16]
+
+
+def compute_model_id(card: ModelCard, *model_files: bytes) -> str:
+  """The model id: a hash of the served model files and of every card field
+  that changes the output (SERVING_FIELDS), so reordered class names or
+  another feeding recipe make another id."""
+  serving = json.dumps({name: getattr(card, name) for name in SERVING_FIELDS},
+                       sort_keys=True).encode()
+  return content_hash(serving, *model_files)
 
 
 def load_card(model_dir: str, card_bytes: Optional[bytes] = None) -> ModelCard:
@@ -143,13 +156,18 @@ def check_model_files(model_dir: str, card: ModelCard) -> None:
   """
   import io  # pylint: disable=import-outside-toplevel
   import zipfile  # pylint: disable=import-outside-toplevel
+  if card.format_version != CARD_FORMAT_VERSION:
+    raise ValueError(
+        f"{model_dir}: model card format {card.format_version}, expected "
+        f"{CARD_FORMAT_VERSION}; export the model again with this version")
   payloads = [read_bytes(join(model_dir, name))
               for name in (MODEL_FILE, TFLITE_FILE)]
-  actual = content_hash(*payloads)
+  actual = compute_model_id(card, *payloads)
   if actual != card.model_id:
     raise ValueError(
-        f"{model_dir}: model.keras and model.tflite hash to {actual} but the "
-        f"card says {card.model_id}; the card does not describe these files")
+        f"{model_dir}: the model files and the card's serving fields hash to "
+        f"{actual} but the card says {card.model_id}; the card does not "
+        "describe these files (was one of them changed after export?)")
   try:
     with zipfile.ZipFile(io.BytesIO(payloads[0])) as archive:
       config = archive.read("config.json").decode("utf-8")

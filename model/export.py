@@ -91,7 +91,7 @@ def export_model(model,
     keras_bytes = handle.read()
 
   card = card_lib.ModelCard(
-      model_id=card_lib.content_hash(keras_bytes, tflite_bytes),
+      model_id="",
       architecture=architecture,
       class_names=list(class_names),
       input_shape=[height, width, channels],
@@ -111,6 +111,7 @@ def export_model(model,
       metrics=metrics,
       training=training,
   ).validate()
+  card.model_id = card_lib.compute_model_id(card, keras_bytes, tflite_bytes)
   keras_probabilities = engines.softmax(
       model.predict(test_images, batch_size=256, verbose=0).astype(np.float64))
   card.tflite = tflite_agreement(keras_probabilities, tflite_bytes, card,

@@ -132,7 +132,8 @@ def test_export_writes_a_self_describing_folder(tiny_model, sample):
   assert card.dataset["test_images"] == 200
   with open(os.path.join(tiny_model, card_lib.MODEL_FILE), "rb") as k, open(
       os.path.join(tiny_model, card_lib.TFLITE_FILE), "rb") as t:
-    assert card.model_id == card_lib.content_hash(k.read(), t.read())
+    assert card.model_id == card_lib.compute_model_id(card, k.read(),
+                                                      t.read())
   assert card.tflite["top1_agreement"] >= 0.999
   assert card.tflite["images"] == 200
   # The recorded accuracy is what the served model really scores.

@@ -28,8 +28,8 @@ def _lambda_model_folder(tmp_path, tiny_model):
   tflite = export.convert_to_tflite(model)
   (folder / card_lib.TFLITE_FILE).write_bytes(tflite)
   card = card_lib.load_card(tiny_model)
-  card.model_id = card_lib.content_hash(
-      (folder / card_lib.MODEL_FILE).read_bytes(), tflite)
+  card.model_id = card_lib.compute_model_id(
+      card, (folder / card_lib.MODEL_FILE).read_bytes(), tflite)
   (folder / card_lib.CARD_FILE).write_text(card.to_json())
   return str(folder)
 
@@ -52,6 +52,27 @@ def test_card_that_does_not_match_the_model_is_refused(tmp_path, tiny_model,
   shutil.copytree(tiny_model, folder)
   card = json.loads((folder / card_lib.CARD_FILE).read_text())
   card["model_id"] = "0123456789abcdef"
+  (folder / card_lib.CARD_FILE).write_text(json.dumps(card))
+  config = config_lib.PredictConfig(png_dir, str(folder), str(tmp_path / "o"))
+  with pytest.raises(config_lib.ConfigError, match="does not describe"):
+    config.validate()
+
+
+@pytest.mark.parametrize("edit", ["reverse class names", "rename a class",
+                                  "change the feeding recipe"])
+def test_model_id_covers_the_cards_serving_fields(tmp_path, tiny_model,
+                                                  png_dir, edit):
+  """A card edited after export (same model files) is refused: served under
+  the old id, its labels would mix with the right ones."""
+  folder = tmp_path / "edited"
+  shutil.copytree(tiny_model, folder)
+  card = json.loads((folder / card_lib.CARD_FILE).read_text())
+  if edit == "reverse class names":
+    card["class_names"] = card["class_names"][::-1]
+  elif edit == "rename a class":
+    card["class_names"][0] = "Something else"
+  else:
+    card["preprocessing"]["input_value_range"] = [0, 1]
   (folder / card_lib.CARD_FILE).write_text(json.dumps(card))
   config = config_lib.PredictConfig(png_dir, str(folder), str(tmp_path / "o"))
   with pytest.raises(config_lib.ConfigError, match="does not describe"):
