@@ -158,7 +158,7 @@ def check_model_files(model_dir: str, card: ModelCard) -> None:
   import zipfile  # pylint: disable=import-outside-toplevel
   if card.format_version != CARD_FORMAT_VERSION:
     raise ValueError(
-        f"{model_dir}: model card format {card.format_version}, expected "
+        f"model card format {card.format_version}, expected "
         f"{CARD_FORMAT_VERSION}; export the model again with this version")
   payloads = [read_bytes(join(model_dir, name))
               for name in (MODEL_FILE, TFLITE_FILE)]
