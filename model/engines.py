@@ -49,8 +49,12 @@ class Engine:
                                       self.card.input_mean,
                                       self.card.input_std)
 
+  def outputs(self, images: np.ndarray) -> np.ndarray:
+    """What the model itself returns (logits or probabilities)."""
+    return self._raw_outputs(self.model_inputs(images))
+
   def probabilities(self, images: np.ndarray) -> np.ndarray:
-    outputs = self._raw_outputs(self.model_inputs(images))
+    outputs = self.outputs(images)
     if self.card.output == "logits":
       return softmax(outputs.astype(np.float64)).astype(np.float32)
     return outputs.astype(np.float32)
