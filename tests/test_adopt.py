@@ -11,6 +11,9 @@ import sys
 
 import numpy as np
 import pytest
+from apache_beam.io.filesystem import FileMetadata
+from apache_beam.io.filesystem import MatchResult
+from apache_beam.io.localfilesystem import LocalFileSystem
 from PIL import Image
 
 from beam_jobs import config as config_lib
@@ -521,3 +524,59 @@ def test_adopt_cli_errors_are_one_line_and_exit_2(tmp_path):
                    "model this can read: expected a .keras, .h5 or .tflite "
                    "file or a SavedModel folder"]
   assert "Traceback" not in result.stderr
+
+
+class _RemoteFileSystem(LocalFileSystem):
+  """An object-store stand-in: `remote://PATH` is the local PATH, so a model
+  folder is read through Beam's FileSystems as a gs:// one would be."""
+  PREFIX = "remote://"
+
+  @classmethod
+  def scheme(cls):
+    return "remote"
+
+  def _local(self, path):
+    # The base class calls these methods again with the local paths.
+    return path[len(self.PREFIX):] if path.startswith(self.PREFIX) else path
+
+  def match(self, patterns, limits=None):
+    return [MatchResult(self.PREFIX + result.pattern, [
+        FileMetadata(self.PREFIX + m.path, m.size_in_bytes)
+        for m in result.metadata_list])
+            for result in super().match([self._local(p) for p in patterns],
+                                        limits)]
+
+  def open(self, path, *args, **kwargs):
+    return super().open(self._local(path), *args, **kwargs)
+
+  def exists(self, path):
+    return super().exists(self._local(path))
+
+
+def test_remote_savedmodel_folder_is_checked_and_copied_whole(
+    tmp_path, author, png_dir, sample):
+  from beam_jobs import inference  # pylint: disable=import-outside-toplevel
+  _adopt(author.files["export"], tmp_path / "model", input_scale="unit")
+  remote = _RemoteFileSystem.PREFIX + str(tmp_path / "model")
+  config = config_lib.PredictConfig(png_dir, remote, str(tmp_path / "out"),
+                                    engine="savedmodel")
+  card = config.validate()
+  local = inference.local_model_dir(remote, "savedmodel")
+  assert sorted(os.listdir(local)) == [card_lib.CARD_FILE, "saved_model"]
+  copied = card_lib.model_files(local, card, ["savedmodel"])
+  assert copied == card_lib.model_files(str(tmp_path / "model"), card,
+                                        ["savedmodel"])
+  assert "saved_model/saved_model.pb" in copied and len(copied) >= 3
+  probabilities = engines.load_engine(local, "savedmodel").probabilities(
+      sample.test.images)
+  np.testing.assert_array_equal(probabilities.argmax(1),
+                                _softmax(author.logits).argmax(1))
+
+
+def test_raw_pixel_shards_refuse_a_tensorflow_decoder_model(tmp_path, author,
+                                                            png_dir):
+  from tools import make_shards  # pylint: disable=import-outside-toplevel
+  card, _, _ = _adopt(author.files["tflite"], tmp_path / "model",
+                      input_scale="unit")
+  with pytest.raises(ValueError, match="unrounded float pixels"):
+    make_shards.make_shards(png_dir, str(tmp_path / "shards"), card=card)
