@@ -31,31 +31,9 @@ import tempfile
 
 import numpy as np
 
+from benchmarks import tutorials
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _interpreter_logits(tflite_path: str, images: np.ndarray) -> np.ndarray:
-  """The TFLite guide's loop: quantise a float input if the model is int8."""
-  from ai_edge_litert import interpreter as litert  # pylint: disable=import-outside-toplevel
-  interpreter = litert.Interpreter(model_path=tflite_path)
-  details = interpreter.get_input_details()[0]
-  output = interpreter.get_output_details()[0]
-  if np.issubdtype(details["dtype"], np.integer):
-    scale, zero_point = details["quantization"]
-    images = np.round(images / scale + zero_point).astype(details["dtype"])
-  results = []
-  for start in range(0, len(images), 64):
-    batch = images[start:start + 64].astype(details["dtype"])
-    interpreter.resize_tensor_input(details["index"], list(batch.shape))
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(details["index"], batch)
-    interpreter.invoke()
-    logits = interpreter.get_tensor(output["index"]).astype(np.float32)
-    if np.issubdtype(output["dtype"], np.integer):
-      scale, zero_point = output["quantization"]
-      logits = (logits - zero_point) * scale
-    results.append(logits)
-  return np.concatenate(results)
 
 
 def _serve(model_file, class_names, flags, images, work, name):
@@ -91,36 +69,18 @@ def _row(name, rows, ids, class_names, logits, true_labels):
 
 
 def fashion(data, work):
-  import keras  # pylint: disable=import-outside-toplevel
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from model import datasets  # pylint: disable=import-outside-toplevel
   dataset = datasets.load_fashion_mnist(os.path.join(data, "fashion-mnist"))
   train_images, train_labels = dataset.train.images[..., 0], dataset.train.labels
   test_images, test_labels = dataset.test.images[..., 0], dataset.test.labels
-  keras.utils.set_random_seed(0)
-  model = keras.Sequential([
-      keras.Input((28, 28)), keras.layers.Flatten(),
-      keras.layers.Dense(128, activation="relu"), keras.layers.Dense(10)])
-  model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(
-      from_logits=True), metrics=["accuracy"])
-  model.fit(train_images / 255.0, train_labels, epochs=10, verbose=0)
+  model = tutorials.fashion_mlp(train_images, train_labels, epochs=10)
   model.save(os.path.join(work, "my.keras"))
   logits = model.predict(test_images / 255.0, verbose=0)
-
-  def representative():
-    for image in train_images[:200]:
-      yield [(image[np.newaxis] / 255.0).astype(np.float32)]
-
-  converter = tf.lite.TFLiteConverter.from_keras_model(model)
-  converter.optimizations = [tf.lite.Optimize.DEFAULT]
-  converter.representative_dataset = representative
-  converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-  converter.inference_input_type = converter.inference_output_type = tf.int8
   int8_path = os.path.join(work, "fashion_int8.tflite")
   with open(int8_path, "wb") as handle:
-    handle.write(converter.convert())
-  int8_logits = _interpreter_logits(int8_path,
-                                    (test_images / 255.0).astype(np.float32))
+    handle.write(tutorials.int8_tflite(model, train_images[:200]))
+  int8_logits = tutorials.interpreter_logits(
+      int8_path, (test_images / 255.0).astype(np.float32))
 
   images = os.path.join(work, "fashion_png")
   datasets.write_png_folder(dataset.test, dataset.class_names, images)
@@ -164,7 +124,7 @@ def flowers(data, work, epochs):
     handle.write(tf.lite.TFLiteConverter.from_keras_model(model).convert())
   images = np.concatenate([x.numpy() for x, _ in val_ds])
   labels = np.concatenate([y.numpy() for _, y in val_ds])
-  logits = _interpreter_logits(tflite_path, images)
+  logits = tutorials.interpreter_logits(tflite_path, images)
   # The validation photos' own files, in class folders, for the pipeline.
   served = os.path.join(work, "flowers_validation")
   for path in val_ds.file_paths:

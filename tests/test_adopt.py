@@ -17,6 +17,7 @@ from apache_beam.io.localfilesystem import LocalFileSystem
 from PIL import Image
 
 from beam_jobs import config as config_lib
+from benchmarks import tutorials
 from beam_jobs import predict
 from model import adopt
 from model import card as card_lib
@@ -39,20 +40,10 @@ class Author:
   divided by 255 outside the model, a (28, 28) input, logits out."""
 
   def __init__(self, root, sample):
-    import keras  # pylint: disable=import-outside-toplevel
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    keras.utils.set_random_seed(0)
     train_images = sample.train.images[..., 0]
     self.test_images = sample.test.images[..., 0]
-    model = keras.Sequential([
-        keras.Input((28, 28)),
-        keras.layers.Flatten(),
-        keras.layers.Dense(128, activation="relu"),
-        keras.layers.Dense(10),
-    ])
-    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True), metrics=["accuracy"])
-    model.fit(train_images / 255.0, sample.train.labels, epochs=3, verbose=0)
+    model = tutorials.fashion_mlp(train_images, sample.train.labels, epochs=3)
     self.model = model
     self.logits = model.predict(self.test_images / 255.0, verbose=0)
     self.files = {}
@@ -67,39 +58,14 @@ class Author:
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     self.files["tflite"] = str(root / "model.tflite")
     (root / "model.tflite").write_bytes(converter.convert())
-
-    def representative_data():
-      for image in train_images[:100]:
-        yield [(image[np.newaxis] / 255.0).astype(np.float32)]
-
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = representative_data
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.int8
-    converter.inference_output_type = tf.int8
     self.files["int8"] = str(root / "model_int8.tflite")
-    (root / "model_int8.tflite").write_bytes(converter.convert())
+    (root / "model_int8.tflite").write_bytes(
+        tutorials.int8_tflite(model, train_images[:100]))
 
   def tflite_logits(self, kind):
     """What the author's own interpreter loop gives (TF's TFLite guide)."""
-    from ai_edge_litert import interpreter as litert  # pylint: disable=import-outside-toplevel
-    interpreter = litert.Interpreter(model_path=self.files[kind])
-    details = interpreter.get_input_details()[0]
-    output = interpreter.get_output_details()[0]
-    images = (self.test_images / 255.0).astype(np.float32)
-    if details["dtype"] == np.int8:
-      scale, zero_point = details["quantization"]
-      images = np.round(images / scale + zero_point).astype(np.int8)
-    interpreter.resize_tensor_input(details["index"], list(images.shape))
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(details["index"], images)
-    interpreter.invoke()
-    logits = interpreter.get_tensor(output["index"]).astype(np.float32)
-    if output["dtype"] == np.int8:
-      scale, zero_point = output["quantization"]
-      logits = (logits - zero_point) * scale
-    return logits
+    return tutorials.interpreter_logits(
+        self.files[kind], (self.test_images / 255.0).astype(np.float32))
 
 
 @pytest.fixture(scope="module")
