@@ -175,7 +175,7 @@ def _load_keras(path: str, kind: str) -> Source:
   return Source(kind, path, tuple(model.inputs[0].shape)[1:],
                 _dtype_name(model.inputs[0].dtype),
                 tuple(model.outputs[0].shape)[1:], final_softmax(config),
-                layer_classes=frozenset(card_lib._class_names(config)),  # pylint: disable=protected-access
+                layer_classes=frozenset(card_lib.layer_classes(config)),
                 model=model)
 
 
@@ -514,7 +514,8 @@ def adopt(source_path: str, out_dir: str, class_names: list, *,
     raise AdoptError(f"--decoder must be one of {preprocessing.DECODERS}")
   source = load_source(source_path)
   kind_name = {"keras": "Keras .keras", "h5": "Keras .h5",
-               "savedmodel": "TensorFlow SavedModel", "tflite": "TFLite"}[source.kind]
+               "savedmodel": "TensorFlow SavedModel",
+               "tflite": "TFLite"}[source.kind]
   say(f"source: {kind_name} model, input {_shape(source.input_shape)} "
       f"{source.input_dtype}, output {_shape(source.output_shape)}")
   height, width, color_mode = resolve_input(source, image_size, color_mode)

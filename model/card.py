@@ -289,7 +289,7 @@ def check_model_files(model_dir: str, card: ModelCard) -> None:
 
 def check_keras_config(config: dict, where: str) -> None:
   """Refuses a Keras model config holding a Lambda layer, before loading."""
-  if "Lambda" in _class_names(config):
+  if "Lambda" in layer_classes(config):
     raise ValueError(
         f"{where} has a Lambda layer, which runs arbitrary Python code when "
         "loaded; it is refused (Keras safe_mode)")
@@ -377,7 +377,7 @@ def check_saved_model(saved_model_pb: bytes, where: str) -> None:
         "refused")
 
 
-def _class_names(config) -> set:
+def layer_classes(config) -> set:
   """Every `class_name` in a Keras model config, at any depth."""
   found, stack = set(), [config]
   while stack:

@@ -546,3 +546,35 @@ def test_raw_pixel_shards_refuse_a_tensorflow_decoder_model(tmp_path, author,
                       input_scale="unit")
   with pytest.raises(ValueError, match="unrounded float pixels"):
     make_shards.make_shards(png_dir, str(tmp_path / "shards"), card=card)
+
+
+def test_a_tflite_conversion_that_fails_or_disagrees_is_not_served(
+    tmp_path, author, png_dir, sample, monkeypatch):
+  import keras  # pylint: disable=import-outside-toplevel
+  from model import export  # pylint: disable=import-outside-toplevel
+
+  convert = export.convert_to_tflite
+
+  def fails(model):
+    raise RuntimeError("op FancyOp is neither a TFLite builtin nor custom")
+
+  monkeypatch.setattr(export, "convert_to_tflite", fails)
+  card, said, _ = _adopt(author.files["keras"], tmp_path / "failed",
+                         input_scale="unit")
+  assert card.engines == ["keras"] and card.default_engine == "keras"
+  assert "FancyOp" in card.tflite["reason"]
+  assert any("not served" in line and "FancyOp" in line for line in said)
+  assert not (tmp_path / "failed" / card_lib.TFLITE_FILE).exists()
+  rows, _ = _predict(str(tmp_path / "failed"), png_dir, tmp_path / "out")
+  assert {row["engine"] for row in rows.values()} == {"keras"}
+  _assert_same_as_author(rows, png_ids(png_dir, sample), author.logits)
+
+  # A conversion of another model (same shapes, other weights) disagrees.
+  other = keras.models.clone_model(author.model)
+  monkeypatch.setattr(export, "convert_to_tflite",
+                      lambda model: convert(other))
+  card, said, _ = _adopt(author.files["keras"], tmp_path / "disagrees",
+                         input_scale="unit", eval_data=png_dir)
+  assert card.engines == ["keras"]
+  assert card.tflite["top1_agreement"] < 0.999
+  assert "agrees with keras on only" in card.tflite["reason"]
