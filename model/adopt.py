@@ -379,20 +379,24 @@ def feeding_recipe(decoder: str, height: int, width: int, input_scale: str,
   return recipe
 
 
-def eval_files(folder: str, class_names: list) -> list:
-  """(path, class index) of every file in a sub-folder named for a class."""
+def eval_files(folder: str, class_names: list) -> tuple:
+  """(path, class index) of every file in a sub-folder named for a class,
+  and the other sub-folders' names with their file counts."""
   pattern = paths.expand_pattern(paths.absolute(folder))
   base = paths.pattern_base(pattern)
   names = frozenset(class_names)
-  labelled = []
+  labelled, others = [], {}
   for path in paths.match_paths(pattern):
     label = paths.folder_label(path, base, names)
     if label is not None:
       labelled.append((path, class_names.index(label)))
+    else:
+      other = paths.folder_label(path, base) or "."
+      others[other] = others.get(other, 0) + 1
   if not labelled:
     raise AdoptError(f"--eval_data {folder} has no images in sub-folders "
                      f"named for a class ({', '.join(class_names[:5])}...)")
-  return labelled
+  return labelled, others
 
 
 def decode_files(card: card_lib.ModelCard, files: list):
@@ -559,7 +563,13 @@ def adopt(source_path: str, out_dir: str, class_names: list, *,
               " and --image_size" if None in source.input_shape[:2] else ""),
       }).validate()
 
-  eval_set = eval_files(eval_data, class_names) if eval_data else []
+  eval_set = []
+  if eval_data:
+    eval_set, others = eval_files(eval_data, class_names)
+    if others:
+      warn(f"--eval_data: {sum(others.values())} files in folders not named "
+           f"for a class were left out ({', '.join(sorted(others)[:10])}); "
+           "name the folders as --class_names names the classes")
   check_pixels = _check_images(card, eval_set)
 
   os.makedirs(out_dir, exist_ok=True)

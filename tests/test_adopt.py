@@ -276,6 +276,17 @@ def test_near_chance_eval_data_warns(tmp_path, author, png_dir):
   assert card.metrics["eval_accuracy"] < 0.2
   assert len(warned) == 1 and "near chance" in warned[0]
   assert "--input_scale" in warned[0] and "--class_names" in warned[0]
+  # Folders named otherwise than the classes are left out, and said so.
+  renamed = tmp_path / "renamed"
+  shutil.copytree(png_dir, renamed)
+  os.rename(renamed / "Bag", renamed / "Bags")
+  card, _, warned = _adopt(author.files["tflite"], tmp_path / "renamed_model",
+                           input_scale="unit", eval_data=str(renamed))
+  bags = len(os.listdir(renamed / "Bags"))
+  assert card.metrics["eval_images"] == 200 - bags
+  assert warned == [f"--eval_data: {bags} files in folders not named for a "
+                    "class were left out (Bags); name the folders as "
+                    "--class_names names the classes"]
 
 
 def test_predict_refuses_a_bare_model_file_with_the_adopt_command(
