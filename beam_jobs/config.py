@@ -143,9 +143,9 @@ class PredictConfig:
 def adopt_command(model: str) -> Optional[str]:
   """The model.adopt command for a model file or SavedModel folder, if
   `model` is one."""
-  lowered = model.lower().rstrip("/")
-  is_file = lowered.endswith((".keras", ".h5", ".hdf5", ".tflite"))
-  if not (is_file or FileSystems.exists(paths.join(model, "saved_model.pb"))):
+  is_file = model.lower().endswith((".keras", ".h5", ".hdf5", ".tflite"))
+  if not ((is_file and FileSystems.exists(model)) or
+          FileSystems.exists(paths.join(model, "saved_model.pb"))):
     return None
   name = model.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
   output = paths.join(model.rstrip("/").rsplit("/", 1)[0], name + "_model")
