@@ -48,7 +48,8 @@ def _photos(folder: str, count: int) -> list:
   return payloads
 
 
-def _enlarged(payloads: list, size=(500, 375), quality=90) -> list:
+def enlarged(payloads: list, size=(500, 375), quality=90) -> list:
+  """Photos re-encoded as larger JPEGs (bicubic), like a camera's photos."""
   out = []
   for data in payloads:
     image = Image.open(io.BytesIO(data)).convert("RGB").resize(
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
   from model import preprocessing  # pylint: disable=import-outside-toplevel
 
   photos = _photos(args.flowers, args.images)
-  large = _enlarged(photos)
+  large = enlarged(photos)
   load = os.getloadavg()
   print(f"{len(photos)} images per workload, {args.repeats} passes, core "
         f"{core}, TensorFlow on 1 thread; load average at start "
