@@ -68,6 +68,18 @@ def _tree(root, cpu_seen):
   return found
 
 
+def _name(pid):
+  """A short name for a process: its command line's first words."""
+  try:
+    with open(f"/proc/{pid}/cmdline", "rb") as handle:
+      words = handle.read().split(b"\0")
+  except OSError:
+    return "?"
+  words = [w.decode(errors="replace") for w in words if w]
+  return " ".join(os.path.basename(w) if i == 0 else w
+                  for i, w in enumerate(words[:3]))[:80]
+
+
 def _memory_kib(pid):
   """(rss, pss) in KiB from smaps_rollup; (0, 0) once the process is gone."""
   rss = pss = 0
@@ -106,6 +118,7 @@ def measure(command, interval=0.2, **popen):
   busy_before = machine_busy_seconds()
   shm_before = _shm_used_bytes()
   peak = {"rss": 0, "pss": 0, "shm": 0, "processes": 0}
+  at_peak = []  # (pss MiB, rss MiB, name) of each process at the PSS peak
   cpu = {}  # (pid, start time) -> last CPU seconds seen
   started = time.monotonic()
   process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
@@ -117,12 +130,18 @@ def measure(command, interval=0.2, **popen):
   while process.poll() is None:
     pids = _tree(process.pid, cpu)
     rss = pss = 0
+    sample = []
     for pid in pids:
       one_rss, one_pss = _memory_kib(pid)
       rss += one_rss
       pss += one_pss
+      sample.append((pid, one_pss, one_rss))
     peak["rss"] = max(peak["rss"], rss * 1024)
-    peak["pss"] = max(peak["pss"], pss * 1024)
+    if pss * 1024 > peak["pss"]:
+      peak["pss"] = pss * 1024
+      at_peak = [(round(one_pss / 1024), round(one_rss / 1024), _name(pid))
+                 for pid, one_pss, one_rss in sorted(
+                     sample, key=lambda s: -s[1]) if one_pss]
     peak["shm"] = max(peak["shm"], _shm_used_bytes() - shm_before)
     peak["processes"] = max(peak["processes"], len(pids))
     time.sleep(interval)
@@ -139,6 +158,8 @@ def measure(command, interval=0.2, **popen):
       "peak_pss_mib": peak["pss"] / 2**20,
       "peak_dev_shm_mib": peak["shm"] / 2**20,
       "peak_processes": peak["processes"],
+      # What each process held when the tree's PSS peaked, largest first.
+      "processes_at_peak_pss": at_peak,
       "load1_before": load_before,
       "load1_after": os.getloadavg()[0],
   }

@@ -72,6 +72,12 @@ def stage_seconds(folder, model_dir, batch_size, max_images=0):
   formatter = outputs.FormatPredictions(card, "tflite", 3, False)
   formatter.setup()
   clock = Clock()
+  # A warm-up batch outside the clock: tracing TensorFlow's decoder graph
+  # and sizing the interpreter happen once per worker, not per image.
+  for batch in _main_outputs(reader.process(work[0])):
+    for decoded in _main_outputs(decoder.process(batch)):
+      handler.run_inference(decoded, engine)
+    break
   images = 0
   with tempfile.TemporaryDirectory() as scratch:
     writer = pq.ParquetWriter(os.path.join(scratch, "out.parquet"),
@@ -110,11 +116,13 @@ def main(argv=None):
   parser.add_argument("--fashion_model", default=None)
   parser.add_argument("--flowers_model", default=None)
   parser.add_argument("--w4_model", default=None)
+  parser.add_argument("--shared_data", default=throughput.SHARED)
   parser.add_argument("--w4_decoder", default="tensorflow",
                       choices=("tensorflow", "pillow"))
   parser.add_argument("--batch_size", type=int, default=throughput.BATCH)
   args = parser.parse_args(argv)
-  defaults = throughput.parse_args(["--work", args.work])
+  defaults = throughput.parse_args(["--work", args.work, "--shared_data",
+                                    args.shared_data])
   defaults.workloads = [args.workload]
   defaults.fashion_model = args.fashion_model
   defaults.flowers_model = args.flowers_model

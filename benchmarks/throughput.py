@@ -58,6 +58,8 @@ import numpy as np
 from benchmarks import process_tree
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# ../shared/data beside the checkout; --shared_data points elsewhere (a
+# worktree's parent has none).
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
 BATCH = 256
 ROWS_PER_SHARD = 10_000
@@ -184,9 +186,14 @@ def ensure_model(path, data, architecture, extra=()):
 
 def prepare(args):
   """Builds what is missing; returns {workload: (input, model, subset_input)}."""
+  global SHARED  # pylint: disable=global-statement
+  SHARED = args.shared_data
   work = args.work
-  fashion = ensure_model(args.fashion_model or os.path.join(work, "mlp"),
-                         os.path.join(SHARED, "fashion-mnist"), "tutorial_mlp")
+  fashion = None
+  if {"W1", "W2"} & set(args.workloads):
+    fashion = ensure_model(args.fashion_model or os.path.join(work, "mlp"),
+                           os.path.join(SHARED, "fashion-mnist"),
+                           "tutorial_mlp")
   workloads = {}
   builders = {"W1": (build_w1, args.w1_images), "W2": (build_w2, args.w2_images),
               "W3": (build_w3, args.w3_images), "W4": (build_w4, args.w4_images)}
@@ -278,9 +285,8 @@ def run_b0(folder, model_dir, output, limit=None):
   images = 0
   for ids, data, labels in batches():
     x = _model_input([_plain_decode(d, card) for d in data], card)
-    outputs = call(x).numpy()
-    probabilities = (engines.softmax(outputs) if card.output == "logits"
-                     else outputs)
+    raw = call(x).numpy()
+    probabilities = engines.softmax(raw) if card.output == "logits" else raw
     writer.write_table(outputs.predictions_table(
         ids, ids, labels, probabilities, card.class_names, 3, card.model_id,
         "keras", False))
@@ -467,6 +473,8 @@ def parse_args(argv):
   parser.add_argument("--workloads", default="W1,W2,W3")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--work", default="/tmp/bench")
+  parser.add_argument("--shared_data", default=SHARED,
+                      help="the folder holding fashion-mnist/ and flowers/")
   parser.add_argument("--w1_images", type=int, default=300_000)
   parser.add_argument("--w2_images", type=int, default=60_000)
   parser.add_argument("--w3_images", type=int, default=10_000)

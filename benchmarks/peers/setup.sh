@@ -11,8 +11,10 @@
 # PySpark 4 needs Java 17 or 21. Without `java` on PATH the script installs
 # Debian's openjdk-17-jre-headless when it runs as root, and otherwise stops
 # saying so. Ray and PySpark are pinned to the versions measured in
-# benchmarks/README.md; the serving libraries take the project's own ranges
-# (setup.py). pandas stays below 3: PySpark 4.3 warns that it "does not yet
+# benchmarks/README.md. The serving libraries (decoders, engine) take the
+# versions of the project's own .venv when it exists, so the peers decode and
+# infer with the very same code, and the project's ranges (setup.py)
+# otherwise. pandas stays below 3: PySpark 4.3 warns that it "does not yet
 # fully support pandas >= 3.0.0".
 set -euo pipefail
 
@@ -38,7 +40,15 @@ start=$(date +%s)
 rm -rf "$venv"
 "$python" -m venv "$venv"
 "$venv/bin/pip" install --quiet --upgrade pip
-"$venv/bin/pip" install --quiet \
+constraints="$venv/serving-constraints.txt"
+if [ -x "$repo/.venv/bin/pip" ]; then
+  "$repo/.venv/bin/pip" freeze | grep -iE \
+    '^(ai-edge-litert|pillow|imagecodecs|numpy|tensorflow|keras|pyarrow)==' \
+    > "$constraints" || true
+else
+  : > "$constraints"
+fi
+"$venv/bin/pip" install --quiet -c "$constraints" \
   "ray[data]==2.60.0" "pyspark==4.3.0" "pandas>=2.2,<3" \
   "tensorflow>=2.21,<2.22" "ai-edge-litert>=2.0,<3" "pillow>=10.0" \
   "imagecodecs>=2024.1" "pyarrow>=14" "numpy>=1.26,<3"
