@@ -120,6 +120,7 @@ def measure(command, interval=0.2, **popen):
   peak = {"rss": 0, "pss": 0, "shm": 0, "processes": 0}
   at_peak = []  # (pss MiB, rss MiB, name) of each process at the PSS peak
   cpu = {}  # (pid, start time) -> last CPU seconds seen
+  names = {}  # (pid, start time) -> name
   started = time.monotonic()
   process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
                              **popen)
@@ -129,6 +130,8 @@ def measure(command, interval=0.2, **popen):
   reader.start()
   while process.poll() is None:
     pids = _tree(process.pid, cpu)
+    for key in cpu.keys() - names.keys():
+      names[key] = _name(key[0])
     rss = pss = 0
     sample = []
     for pid in pids:
@@ -158,6 +161,12 @@ def measure(command, interval=0.2, **popen):
       "peak_pss_mib": peak["pss"] / 2**20,
       "peak_dev_shm_mib": peak["shm"] / 2**20,
       "peak_processes": peak["processes"],
+      # CPU seconds by process, largest first (a process's name is its
+      # command line's first words).
+      "cpu_by_process": sorted(
+          ([names.get(key, "?"), round(seconds, 2)]
+           for key, seconds in cpu.items() if seconds >= 0.05),
+          key=lambda pair: -pair[1]),
       # What each process held when the tree's PSS peaked, largest first.
       "processes_at_peak_pss": at_peak,
       "load1_before": load_before,
