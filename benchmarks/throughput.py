@@ -148,13 +148,53 @@ def build_w4(folder, count):
         out.write(data)
 
 
-def make_mobilenet(path):
+def make_mobilenet(path, images=1024):
   """A keras.applications MobileNetV2 (alpha 1.0, 224x224, 5 classes) with
-  seeded random weights: the speed of the real network, offline."""
+  seeded random weights, so it runs offline at the real network's speed.
+
+  As initialised, its batch statistics are wrong for any input and every
+  photo gets the same saturated answer, which would make agreement checks
+  vacuous. So its BatchNormalization statistics are measured on W4's photos
+  (forward passes in training mode) and its classifier is fitted to the
+  flower classes on the pooled features: its answers then depend on the
+  photo, as a trained model's do. The convolutions keep their random weights.
+  """
   import keras  # pylint: disable=import-outside-toplevel
+  from benchmarks import decoders  # pylint: disable=import-outside-toplevel
+  from model import preprocessing  # pylint: disable=import-outside-toplevel
   keras.utils.set_random_seed(0)
   model = keras.applications.MobileNetV2(
       input_shape=(224, 224, 3), alpha=1.0, weights=None, classes=5)
+  files = _flower_files()
+  files = files[::max(1, len(files) // images)][:images]
+  classes = sorted({os.path.basename(os.path.dirname(p)) for p in files})
+  labels = np.asarray([classes.index(os.path.basename(os.path.dirname(p)))
+                       for p in files])
+  payloads = []
+  for file in files:
+    with open(file, "rb") as handle:
+      payloads.append(handle.read())
+  decoder = preprocessing.BatchDecoder("tensorflow", 224, 224, "rgb")
+  x = np.concatenate([
+      preprocessing.scale_pixels(decoder.decode(decoders.enlarged(
+          payloads[i:i + 64]))[0], "symmetric")
+      for i in range(0, len(payloads), 64)])
+  # One forward pass in training mode with momentum 0 sets every layer's
+  # moving statistics to those of 128 photos.
+  norms = [layer for layer in model.layers
+           if isinstance(layer, keras.layers.BatchNormalization)]
+  for layer in norms:
+    layer.momentum = 0.0
+  model(x[:128], training=True)
+  for layer in norms:
+    layer.momentum = 0.999
+  pooled = keras.Model(model.input, model.layers[-2].output)
+  features = pooled.predict(x, batch_size=64, verbose=0)
+  head = keras.Sequential([keras.Input(features.shape[1:]),
+                           keras.layers.Dense(5, activation="softmax")])
+  head.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+  head.fit(features, labels, epochs=30, batch_size=64, verbose=0)
+  model.layers[-1].set_weights(head.layers[-1].get_weights())
   model.save(path)
 
 
@@ -166,7 +206,8 @@ def ensure_w4_model(path, decoder):
   source = path.rstrip("/") + ".keras"
   if not os.path.exists(source):
     subprocess.run([sys.executable, "-m", "benchmarks.throughput",
-                    "--make_mobilenet", source], check=True, cwd=REPO)
+                    "--shared_data", SHARED, "--make_mobilenet", source],
+                   check=True, cwd=REPO)
   classes = sorted(os.path.basename(os.path.dirname(p))
                    for p in glob.glob(os.path.join(SHARED, "flowers", "*", "")))
   subprocess.run([sys.executable, "-m", "model.adopt", source, "--output", path,
@@ -372,6 +413,8 @@ def run_beam_baseline(system, folder, model_dir, output, limit=None):
 
 def child(args):
   if args.make_mobilenet:
+    global SHARED  # pylint: disable=global-statement
+    SHARED = args.shared_data
     return make_mobilenet(args.make_mobilenet)
   system, folder, model_dir, output = args.child
   limit = args.limit or None
