@@ -18,11 +18,6 @@ from model import preprocessing
 
 # Fastest first: a folder's default engine is the first it holds.
 ENGINES = tuple(card_lib.ENGINE_FILES)
-# The LiteRT interpreter's activation arena grows with the batch it is sized
-# for: MobileNetV2 at 224x224 holds over a gigabyte for a batch of 256, and
-# XNNPACK on a thread or two runs no faster for rows beyond a few. Batches of
-# more input values than this run in slices of a power-of-two row count.
-MAX_INVOKE_VALUES = 1 << 22
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -173,15 +168,20 @@ class TFLiteEngine(Engine):
     limits = np.iinfo(self._input_dtype)
     return np.clip(images, limits.min, limits.max).astype(self._input_dtype)
 
+  def outputs(self, images):
+    # The interpreter's activation arena grows with the rows it is sized
+    # for (MobileNetV2 at 224x224 holds over a gigabyte for 256), and
+    # XNNPACK runs no faster for rows beyond a few: a large batch runs in
+    # slices, each scaled on its own, so no scaled copy of it all exists.
+    rows = preprocessing.rows_per_slice(int(np.prod(images.shape[1:])))
+    run = super().outputs
+    if len(images) <= rows:
+      return run(images)
+    return np.concatenate([run(images[start:start + rows])
+                           for start in range(0, len(images), rows)])
+
   def _raw_outputs(self, images):
     images = self._quantised(fit_rank(images, self._rank))
-    rows = invoke_rows(images[0].size) if len(images) else 1
-    if len(images) > rows:
-      return np.concatenate([self._invoke(images[start:start + rows])
-                             for start in range(0, len(images), rows)])
-    return self._invoke(images)
-
-  def _invoke(self, images):
     with self._lock:
       if len(images) != self._batch_size:
         self._interpreter.resize_tensor_input(self._input, list(images.shape))
@@ -195,13 +195,6 @@ class TFLiteEngine(Engine):
       outputs = (outputs.astype(np.float32) - zero_point) * np.float32(
           scale or 1.0)
     return outputs
-
-
-def invoke_rows(values_per_row: int) -> int:
-  """Rows per interpreter call: the largest power of two whose input stays
-  within MAX_INVOKE_VALUES (at least 1)."""
-  rows = max(1, MAX_INVOKE_VALUES // max(1, values_per_row))
-  return 1 << (rows.bit_length() - 1)
 
 
 def _set_tf_threads(tf, threads: int) -> None:

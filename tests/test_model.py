@@ -163,14 +163,14 @@ def test_tflite_runs_large_batches_in_slices_with_the_same_outputs(
   whole = engines.load_engine(tiny_model, "tflite", 1).probabilities(
       sample.test.images)
   # 28x28 values per image: slices of 16 rows, the last one shorter.
-  assert engines.invoke_rows(28 * 28) == 1 << 12
-  monkeypatch.setattr(engines, "MAX_INVOKE_VALUES", 16 * 28 * 28 + 5)
-  assert engines.invoke_rows(28 * 28) == 16
+  assert preprocessing.rows_per_slice(28 * 28) == 1 << 12
+  monkeypatch.setattr(preprocessing, "MAX_SLICE_VALUES", 16 * 28 * 28 + 5)
+  assert preprocessing.rows_per_slice(28 * 28) == 16
   engine = engines.load_engine(tiny_model, "tflite", 1)
   sliced = engine.probabilities(sample.test.images)
   assert len(sample.test.images) % 16 == engine._batch_size == 8  # pylint: disable=protected-access
   np.testing.assert_array_equal(sliced, whole)
-  assert engines.invoke_rows(10**9) == 1
+  assert preprocessing.rows_per_slice(10**9) == 1
 
 
 def test_random_affine_is_exact_at_identity_and_mirrors_exactly():
