@@ -27,6 +27,8 @@ import numpy as np
 from PIL import Image
 
 BATCH = 256
+FLOWERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))), "..", "shared", "data", "flowers")
 
 
 def _one_core() -> int:
@@ -60,6 +62,14 @@ def enlarged(payloads: list, size=(500, 375), quality=90) -> list:
   return out
 
 
+def one_thread_tensorflow():
+  """TensorFlow on one thread, so its figures are per-core costs."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  tf.config.threading.set_intra_op_parallelism_threads(1)
+  tf.config.threading.set_inter_op_parallelism_threads(1)
+
+
 def time_decoder(decoder, payloads: list, repeats: int) -> float:
   """Median microseconds per image over `repeats` passes (after a warm-up)."""
   decoder.decode(payloads[:BATCH])
@@ -78,17 +88,12 @@ def time_decoder(decoder, payloads: list, repeats: int) -> float:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m benchmarks.decoders",
                                    description=__doc__.split("\n\n")[0])
-  parser.add_argument("--flowers", default=os.path.join(
-      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
-      "shared", "data", "flowers"))
+  parser.add_argument("--flowers", default=FLOWERS)
   parser.add_argument("--images", type=int, default=512)
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args(argv)
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   core = _one_core()
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  tf.config.threading.set_intra_op_parallelism_threads(1)
-  tf.config.threading.set_inter_op_parallelism_threads(1)
+  one_thread_tensorflow()
   from model import preprocessing  # pylint: disable=import-outside-toplevel
 
   photos = _photos(args.flowers, args.images)

@@ -129,17 +129,12 @@ def main(argv=None):
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--model", required=True,
                       help="W4's adopted model folder")
-  parser.add_argument("--flowers", default=os.path.join(
-      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
-      "shared", "data", "flowers"))
+  parser.add_argument("--flowers", default=decoders.FLOWERS)
   parser.add_argument("--images", type=int, default=512)
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args(argv)
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   cores = sorted(os.sched_getaffinity(0))
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  tf.config.threading.set_intra_op_parallelism_threads(1)
-  tf.config.threading.set_inter_op_parallelism_threads(1)
+  decoders.one_thread_tensorflow()
 
   card = card_lib.load_card(args.model)
   engine = engines.TFLiteEngine(

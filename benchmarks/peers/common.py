@@ -27,6 +27,18 @@ def use_repo():
   os.environ["PYTHONPATH"] = os.pathsep.join(paths)
 
 
+def job_parser(doc):
+  """The flags both jobs share: input, model, output."""
+  import argparse  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--parquet", help="folder of Parquet shards (id, image)")
+  source.add_argument("--images", help="folder of image files")
+  parser.add_argument("--model", required=True, help="exported model folder")
+  parser.add_argument("--output", required=True, help="output folder (replaced)")
+  return parser
+
+
 def load_card(model_dir):
   """The model card from a local folder (read directly: no Beam FileSystems)."""
   from model import card as card_lib  # pylint: disable=import-outside-toplevel
@@ -91,10 +103,20 @@ def count_predictions(folder):
   return rows, labelled
 
 
-def report(result, inputs, output):
-  """Prints the job's RESULT line; exits 1 unless every input has a row."""
+def report(peer, version, settings, times, inputs, output):
+  """Prints the job's RESULT line; exits 1 unless every input has a row.
+
+  `times` are the monotonic clock at the start, once the framework was up,
+  and once the output was written.
+  """
+  import time  # pylint: disable=import-outside-toplevel
+  start, started, finished = times
   rows, labelled = count_predictions(output)
-  result.update(inputs=inputs, predictions=rows, labelled=labelled)
+  result = {"peer": peer, "version": version, "settings": settings,
+            "startup_s": round(started - start, 2),
+            "pipeline_s": round(finished - started, 2),
+            "wall_s": round(time.monotonic() - start, 2),
+            "inputs": inputs, "predictions": rows, "labelled": labelled}
   print("RESULT " + json.dumps(result), flush=True)
   if rows != inputs:
     sys.exit(f"{rows} prediction rows for {inputs} inputs")

@@ -29,7 +29,6 @@ The defaults are tuned for 2 cores (benchmarks/README.md, "Peers"):
     one actor did all the rows while the other idled.
 """
 
-import argparse
 import os
 import shutil
 import sys
@@ -60,12 +59,7 @@ class RayClassifier:
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument("--parquet", help="folder of Parquet shards (id, image)")
-  source.add_argument("--images", help="folder of image files")
-  parser.add_argument("--model", required=True, help="exported model folder")
-  parser.add_argument("--output", required=True, help="output folder (replaced)")
+  parser = common.job_parser(__doc__)
   parser.add_argument("--cpus", type=int, default=2,
                       help="logical CPUs given to ray.init")
   parser.add_argument("--actors", type=int, default=2, help="actor pool size")
@@ -129,18 +123,12 @@ def main(argv=None):
   finished = time.monotonic()
   ray.shutdown()
 
-  common.report({
-      "peer": "ray", "version": ray.__version__,
-      "settings": {"cpus": args.cpus, "actors": args.actors,
-                   "actor_cpus": args.actor_cpus,
-                   "batch_size": args.batch_size,
-                   "read_blocks": args.read_blocks or "auto",
-                   "repartition": args.repartition,
-                   "parquet_reader": args.parquet_reader},
-      "startup_s": round(started - start, 2),
-      "pipeline_s": round(finished - started, 2),
-      "wall_s": round(time.monotonic() - start, 2),
-  }, common.count_inputs(args.parquet, args.images), output)
+  common.report("ray", ray.__version__, {
+      "cpus": args.cpus, "actors": args.actors, "actor_cpus": args.actor_cpus,
+      "batch_size": args.batch_size, "read_blocks": args.read_blocks or "auto",
+      "repartition": args.repartition, "parquet_reader": args.parquet_reader,
+  }, (start, started, finished), common.count_inputs(args.parquet,
+                                                     args.images), output)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ without PYSPARK_PYTHON they would start the first `python3` on PATH, which
 lacks the venv's packages.
 """
 
-import argparse
 import os
 import sys
 import time
@@ -76,12 +75,7 @@ def make_predict_fn_for(model_dir):
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument("--parquet", help="folder of Parquet shards (id, image)")
-  source.add_argument("--images", help="folder of image files")
-  parser.add_argument("--model", required=True, help="exported model folder")
-  parser.add_argument("--output", required=True, help="output folder (replaced)")
+  parser = common.job_parser(__doc__)
   parser.add_argument("--master", default="local[2]")
   parser.add_argument("--partitions", type=int, default=2,
                       help="coalesce the input to this many partitions "
@@ -147,17 +141,12 @@ def main(argv=None):
   version = spark.version
   spark.stop()
 
-  common.report({
-      "peer": "spark", "version": version,
-      "settings": {"master": args.master,
-                   "input_partitions": input_partitions,
-                   "partitions": args.partitions or input_partitions,
-                   "arrow_batch": args.arrow_batch,
-                   "batch_size": args.batch_size},
-      "startup_s": round(started - start, 2),
-      "pipeline_s": round(finished - started, 2),
-      "wall_s": round(time.monotonic() - start, 2),
-  }, common.count_inputs(args.parquet, args.images), output)
+  common.report("spark", version, {
+      "master": args.master, "input_partitions": input_partitions,
+      "partitions": args.partitions or input_partitions,
+      "arrow_batch": args.arrow_batch, "batch_size": args.batch_size,
+  }, (start, started, finished), common.count_inputs(args.parquet,
+                                                     args.images), output)
 
 
 if __name__ == "__main__":
