@@ -116,13 +116,16 @@ def main(argv=None):
   parser.add_argument("--fashion_model", default=None)
   parser.add_argument("--flowers_model", default=None)
   parser.add_argument("--w4_model", default=None)
+  parser.add_argument("--w1_images", type=int, default=300_000)
+  parser.add_argument("--w4_images", type=int, default=3_433)
   parser.add_argument("--shared_data", default=throughput.SHARED)
   parser.add_argument("--w4_decoder", default="tensorflow",
                       choices=("tensorflow", "pillow"))
   parser.add_argument("--batch_size", type=int, default=throughput.BATCH)
   args = parser.parse_args(argv)
-  defaults = throughput.parse_args(["--work", args.work, "--shared_data",
-                                    args.shared_data])
+  defaults = throughput.parse_args([
+      "--work", args.work, "--shared_data", args.shared_data, "--w1_images",
+      str(args.w1_images), "--w4_images", str(args.w4_images)])
   defaults.workloads = [args.workload]
   defaults.fashion_model = args.fashion_model
   defaults.flowers_model = args.flowers_model
