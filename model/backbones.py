@@ -127,6 +127,8 @@ def resolve_weights(name: str, weights: str) -> Weights:
     return Weights("none")
   if weights == "imagenet":
     models_dir = keras_models_dir()
+    # Keras falls back to /tmp/.keras when its home does not exist yet.
+    os.makedirs(models_dir, exist_ok=True)
     url = backbone.weights_url + backbone.weights_file
     try:
       path = keras.utils.get_file(
