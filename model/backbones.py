@@ -49,23 +49,25 @@ class Backbone:
   rescaling: str  # what the family's own first layers do to the pixels
 
 
+def _mobilenet_v3(constructor, size: str, md5: str) -> Backbone:
+  """MobileNetV3 at width 1.0, named as keras.applications names its file."""
+  return Backbone(
+      constructor,
+      weights_file=f"weights_mobilenet_v3_{size}_224_1.0_float_no_top_v2.h5",
+      weights_url=_MOBILENET_V3_URL,
+      weights_md5=md5,
+      block_pattern=r"expanded_conv(?:_\d+)?",
+      fine_tune_blocks=3,
+      rescaling="inside the model: x / 127.5 - 1 (MobileNetV3's Rescaling)")
+
+
 BACKBONES = {
-    "MobileNetV3Small": Backbone(
-        keras.applications.MobileNetV3Small,
-        weights_file="weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
-        weights_url=_MOBILENET_V3_URL,
-        weights_md5="d3e8ec802a04aa4fc771ee12a9a9b836",
-        block_pattern=r"expanded_conv(?:_\d+)?",
-        fine_tune_blocks=3,
-        rescaling="inside the model: x / 127.5 - 1 (MobileNetV3's Rescaling)"),
-    "MobileNetV3Large": Backbone(
-        keras.applications.MobileNetV3Large,
-        weights_file="weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5",
-        weights_url=_MOBILENET_V3_URL,
-        weights_md5="07fb09a5933dd0c8eaafa16978110389",
-        block_pattern=r"expanded_conv(?:_\d+)?",
-        fine_tune_blocks=3,
-        rescaling="inside the model: x / 127.5 - 1 (MobileNetV3's Rescaling)"),
+    "MobileNetV3Small": _mobilenet_v3(keras.applications.MobileNetV3Small,
+                                      "small",
+                                      "d3e8ec802a04aa4fc771ee12a9a9b836"),
+    "MobileNetV3Large": _mobilenet_v3(keras.applications.MobileNetV3Large,
+                                      "large",
+                                      "07fb09a5933dd0c8eaafa16978110389"),
     "EfficientNetV2B0": Backbone(
         keras.applications.EfficientNetV2B0,
         weights_file="efficientnetv2-b0_notop.h5",

@@ -175,16 +175,21 @@ def train_backbone(dataset: datasets.Dataset, backbone: str, output: str,
   learning_rate = learning_rate or BACKBONE_LEARNING_RATE
   fine_tune_epochs = (BACKBONE_FINE_TUNE_EPOCHS if fine_tune_epochs is None
                       else fine_tune_epochs)
+  if fine_tune_epochs < 0:
+    raise ValueError(
+        f"--fine_tune_epochs must be 0 or more, got {fine_tune_epochs}")
   fine_tune_learning_rate = (fine_tune_learning_rate or
                              BACKBONE_FINE_TUNE_LEARNING_RATE)
-  fine_tune_blocks = fine_tune_blocks or spec.fine_tune_blocks
+  if fine_tune_blocks is None:
+    fine_tune_blocks = spec.fine_tune_blocks
   keras.utils.set_random_seed(seed)
   tf.config.experimental.enable_op_determinism()
 
   model = backbones.build_classifier(backbone, (height, width, channels),
                                      len(dataset.class_names), weights)
-  # A bad block count fails now, not after the first phase.
-  backbones.check_block_count(backbone, model, fine_tune_blocks)
+  if fine_tune_epochs:
+    # A bad block count fails now, not after the first phase.
+    backbones.check_block_count(backbone, model, fine_tune_blocks)
   augment = architectures.photo_augmentation(seed)
   train_data = make_tf_dataset(dataset.train, batch_size, seed, augment,
                                shuffle=True)

@@ -299,3 +299,30 @@ def test_backbone_trains_both_phases_exports_and_serves(tmp_path, name):
   for engine in engines.ENGINES:
     assert _labels_served(tmp_path, out, tmp_path / "photos",
                           engine) == expected
+  # The export checked TFLite on the few validation images; noise images
+  # spread the logits wider.
+  noise = _noise(64, seed=2)
+  tflite = engines.load_engine(out, "tflite").probabilities(noise)
+  reference = keras_engine.probabilities(noise)
+  np.testing.assert_array_equal(tflite.argmax(1), reference.argmax(1))
+  np.testing.assert_allclose(tflite, reference, atol=1e-3)
+
+
+def test_bad_settings_fail_before_any_training(tmp_path):
+  photo_folder(tmp_path / "photos", per_class=14)
+  small = datasets.load_image_folder(str(tmp_path / "photos"), (16, 16), "rgb",
+                                     0.25, seed=0)
+  with pytest.raises(ValueError, match="RGB images of at least 32x32"):
+    train.train_backbone(small, "MobileNetV3Small", str(tmp_path / "a"),
+                         weights="none")
+  grey = datasets.load_image_folder(str(tmp_path / "photos"), (SIZE, SIZE),
+                                    "grayscale", 0.25, seed=0)
+  with pytest.raises(ValueError, match="RGB images"):
+    train.train_backbone(grey, "MobileNetV3Small", str(tmp_path / "b"),
+                         weights="none")
+  photos = datasets.load_image_folder(str(tmp_path / "photos"), (SIZE, SIZE),
+                                      "rgb", 0.25, seed=0)
+  with pytest.raises(ValueError, match="between 1 and 11"):
+    train.train_backbone(photos, "MobileNetV3Small", str(tmp_path / "c"),
+                         weights="none", fine_tune_blocks=12)
+  assert not any(os.path.exists(tmp_path / name) for name in "abc")
