@@ -10,9 +10,10 @@ project, and serving needs nothing more than the card.
 
 The three families are the small keras.applications networks built for
 mobile CPUs whose preprocessing is inside the model: MobileNetV3Small and
-MobileNetV3Large (depthwise convolutions and hard-swish, which TFLite's
-XNNPACK runs well) and EfficientNetV2B0 (the smallest EfficientNetV2, more
-accurate on ImageNet at a few times the cost).
+MobileNetV3Large (depthwise convolutions, as in photo_xception, which TFLite's
+XNNPACK serves cheaply) and EfficientNetV2B0 (the smallest EfficientNetV2,
+more accurate on ImageNet and dearer to run; benchmarks/README.md has the
+costs measured here).
 """
 
 import dataclasses
