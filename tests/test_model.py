@@ -41,10 +41,13 @@ def test_keras_loader_works_offline_from_its_cache(tmp_path, monkeypatch):
     for name in names:
       shutil.copy(os.path.join(SAMPLE_DIR, name), cache / name)
   monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-  # Keras reads KERAS_HOME once, when it is first imported, which another
-  # test may have done already; its loader asks this function.
-  from keras.src.backend import config  # pylint: disable=import-outside-toplevel
-  monkeypatch.setattr(config, "keras_home", lambda: str(tmp_path))
+  import keras  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(keras.config, "keras_home", lambda: str(tmp_path),
+                      raising=False)
+  # KERAS_HOME is read when Keras is first imported, which an earlier test
+  # module may have done; get_file asks this accessor.
+  from keras.src.backend import config as keras_config  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(keras_config, "keras_home", lambda: str(tmp_path))
   loaded = datasets.load_fashion_mnist()
   direct = datasets.load_fashion_mnist(SAMPLE_DIR)
   np.testing.assert_array_equal(loaded.test.images, direct.test.images)
