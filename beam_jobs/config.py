@@ -12,7 +12,8 @@ from typing import Optional
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from beam_jobs import outputs
+from beam_jobs import output_folder
+from beam_jobs import sources
 from beam_jobs.contracts import DEFAULT_BATCH_SIZE
 from model import card as card_lib
 from model import engines
@@ -108,25 +109,29 @@ class PredictConfig:
 
   def _check_columns(self, shard_path: str) -> None:
     try:
-      with FileSystems.open(shard_path) as handle:
-        names = pq.ParquetFile(handle).schema_arrow.names
+      with paths.open_file(shard_path) as handle:
+        schema = pq.ParquetFile(handle).schema_arrow
     except Exception:  # pylint: disable=broad-except
       # An unreadable shard is reported per shard by the pipeline itself.
       return
     for flag in ("image_column", "id_column", "label_column"):
       column = getattr(self, flag)
-      if column and column not in names:
+      if column and column not in schema.names:
         raise ConfigError(f"--{flag} {column!r} is not a column of "
-                          f"{shard_path}; it has {names}")
+                          f"{shard_path}; it has {schema.names}")
+    problem = sources.image_column_problem(
+        schema.field(self.image_column).type)
+    if problem:
+      raise ConfigError(f"--image_column {self.image_column!r} of "
+                        f"{shard_path} {problem}")
 
   def _check_output(self, card: card_lib.ModelCard) -> None:
-    previous = outputs.read_manifest(self.output)
-    if (previous and previous.get("model_id") != card.model_id and
-        not self.overwrite):
-      raise ConfigError(
-          f"--output {self.output} holds results of model "
-          f"{previous.get('model_id')}, not {card.model_id}; choose another "
-          "folder or pass --overwrite")
+    """What the folder holds: beam_jobs/output_folder.py decides."""
+    try:
+      output_folder.check(output_folder.inspect(self.output), card.model_id,
+                          self.overwrite)
+    except output_folder.FolderError as error:
+      raise ConfigError(str(error)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,98 +5,322 @@ Usage:
   python -m tools.query OUTPUT_DIR sql "SELECT label, count(*) FROM predictions GROUP BY 1"
   python -m tools.query OUTPUT_DIR accuracy
   python -m tools.query OUTPUT_DIR low-confidence --below 0.6
-  python -m tools.query OUTPUT_DIR misclassified | errors
+  python -m tools.query OUTPUT_DIR misclassified | errors | duplicates
   python -m tools.query OUTPUT_DIR compare OTHER_OUTPUT_DIR
 Every command takes --json for scripts.
 
-DuckDB reads the Parquet shards in place as the views `predictions` and
-`errors`; no server, no copy.
+The views `predictions` and `errors` cover exactly the shards the folder's
+manifest lists, read in place by pyarrow (no server, no copy); a damaged
+shard is named in a warning and left out. SQL runs on a DuckDB connection
+that can reach nothing but those views (see ResultViews).
 """
 
 import argparse
 import dataclasses
 import json
 import math
+import os
+import stat
 import sys
+import threading
 from typing import Callable, Optional
 
 import duckdb
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
+from beam_jobs import output_folder
 from beam_jobs import outputs
 from model import paths
 
 ECE_BINS = 10
 DEFAULT_LIMIT = 20
-READ_ONLY_STATEMENTS = ("SELECT", "EXPLAIN")
+DEFAULT_TIMEOUT_SECONDS = 300
+DEFAULT_MAX_ROWS = 10000
+# Statement kinds `sql` runs: queries, and EXPLAIN of a query. DESCRIBE,
+# SUMMARIZE, SHOW, VALUES and FROM-first queries are SELECTs to DuckDB.
+READ_ONLY_STATEMENTS = ("SELECT", "PIVOT", "EXPLAIN SELECT", "EXPLAIN PIVOT")
+# Keywords no read-only query needs; a query holding one is refused. This
+# catches what a statement's type hides, such as a COPY inside WITH.
+DENIED_KEYWORDS = frozenset((
+    "ALTER", "ATTACH", "CALL", "CHECKPOINT", "COPY", "CREATE", "DELETE",
+    "DETACH", "DROP", "EXPORT", "FORCE", "IMPORT", "INSERT", "INSTALL", "LOAD",
+    "MERGE", "PRAGMA", "RESET", "SET", "TRUNCATE", "UPDATE", "USE", "VACUUM"))
+# Settings fixed before the lock: no extension is installed or loaded on
+# demand, and no Python variable is scanned by name.
+_LOCKED_CONFIG = {
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "allow_community_extensions": False,
+    "python_enable_replacements": False,
+}
+_SCHEMAS = {
+    outputs.PREDICTIONS_PREFIX: outputs.predictions_schema(True),
+    outputs.ERRORS_PREFIX: outputs.ERRORS_SCHEMA,
+}
 
 
 class QueryError(ValueError):
   """A folder, statement or request that cannot be answered."""
 
 
-def _register_remote(connection, path: str) -> None:
-  """gs:// and other remote paths go through fsspec, where it is installed."""
-  if not paths.is_remote(path):
-    return
+def warn(message: str) -> None:
+  print(f"tools.query: warning: {message}", file=sys.stderr)
+
+
+def _filesystem(folder: str):
+  """gs:// and other remote folders go through fsspec (gcsfs for gs://)."""
+  if not paths.is_remote(folder):
+    return None
   try:
     import fsspec  # pylint: disable=import-outside-toplevel
-    connection.register_filesystem(fsspec.filesystem(path.split("://")[0]))
+    return fsspec.filesystem(folder.split("://")[0])
   except Exception as error:  # pylint: disable=broad-except
-    raise QueryError(f"cannot read {path}: install gcsfs (pip install "
+    raise QueryError(f"cannot read {folder}: install gcsfs (pip install "
                      f"gcsfs) for gs:// paths ({error})") from None
 
 
-def connect(output_dir: str, other_dir: Optional[str] = None):
-  """An in-memory DuckDB with views over one (or two) output folders."""
-  connection = duckdb.connect()
-  for alias, folder in (("", output_dir), ("other_", other_dir)):
-    if folder is None:
-      continue
-    _register_remote(connection, folder)
-    for prefix, pattern in (
-        (outputs.PREDICTIONS_PREFIX, outputs.predictions_glob(folder)),
-        (outputs.ERRORS_PREFIX, outputs.errors_glob(folder))):
-      try:
-        connection.execute(
-            f"CREATE VIEW {alias}{prefix} AS SELECT * FROM "
-            f"read_parquet('{pattern.replace(chr(39), chr(39) * 2)}', "
-            "union_by_name=true)")
-        connection.execute(f"SELECT 1 FROM {alias}{prefix} LIMIT 0")
-      except duckdb.Error:
-        raise QueryError(f"{folder} holds no {prefix}-*.parquet files: "
-                         "expected the --output folder of "
-                         "python -m beam_jobs.predict") from None
-  return connection
+def _shard_problem(path: str, filesystem, expected: pa.Schema,
+                   rows: Optional[int]):
+  """(schema, None) for a readable shard, or (None, why it is not).
 
-
-def rows(connection, sql: str, parameters=None) -> list:
-  """The result of a query as a list of {column: value} dicts."""
-  cursor = connection.execute(sql, parameters or [])
-  names = [column[0] for column in cursor.description]
-  return [dict(zip(names, row)) for row in cursor.fetchall()]
-
-
-def scalar(connection, sql: str, parameters=None):
-  """The first value of a query's first row."""
-  return connection.execute(sql, parameters or []).fetchone()[0]
-
-
-def run_sql(connection, statement: str) -> list:
-  """Runs one read-only statement: a query, EXPLAIN, DESCRIBE or SUMMARIZE."""
+  Only the footer is read. A local shard must be a regular file: this tool
+  never writes a link or a FIFO there.
+  """
+  if filesystem is None:
+    try:
+      mode = os.lstat(path).st_mode
+    except OSError as error:
+      return None, f"{type(error).__name__}: {error.strerror}"
+    if not stat.S_ISREG(mode):
+      return None, "not a regular file (this tool writes no links or FIFOs)"
   try:
-    statements = duckdb.extract_statements(statement)
+    metadata = pq.read_metadata(path, filesystem=filesystem)
+    schema = metadata.schema.to_arrow_schema()
+  except Exception as error:  # pylint: disable=broad-except
+    return None, f"{type(error).__name__}: {error}"
+  wrong = [f"{field.name} is {field.type}" for field in schema
+           if field.name in expected.names and
+           field.type != expected.field(field.name).type]
+  if wrong or "id" not in schema.names:
+    return None, ("not a shard of this kind: " +
+                  (", ".join(wrong) if wrong else "it has no id column"))
+  if rows is not None and metadata.num_rows != rows:
+    warn(f"{path} holds {metadata.num_rows} rows; the manifest says {rows}")
+  return schema, None
+
+
+class ResultViews:
+  """A DuckDB connection that can read the views over a run's shards and
+  nothing else.
+
+  pyarrow reads the shards; DuckDB sees them only as registered Arrow
+  datasets behind the views `predictions` and `errors` (and `other_*` for
+  `compare`). Then the connection is locked down: external access off (no
+  file, URL, extension or secret can be reached), no temporary directory,
+  and the configuration locked so that no statement can undo it. That is the
+  boundary; the statement checks of `run_sql` are a second layer.
+  """
+
+  def __init__(self, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS):
+    self.connection = duckdb.connect(config=dict(_LOCKED_CONFIG))
+    self.timeout_seconds = timeout_seconds
+    self._shards = {}  # view -> (paths, filesystem, schema)
+
+  def add_folder(self, folder: str, alias: str = "") -> None:
+    try:
+      files = output_folder.result_files(folder)
+      manifest = outputs.read_manifest(folder)
+    except outputs.ManifestError as error:
+      raise QueryError(f"{error}; its results cannot be told apart: run "
+                       "python -m beam_jobs.predict into it again with "
+                       "--overwrite") from None
+    if manifest is None and not any(files.values()):
+      raise QueryError(f"{folder} holds no predictions or errors: expected "
+                       "the --output folder of python -m beam_jobs.predict")
+    listed = output_folder.listed_rows(manifest)
+    filesystem = _filesystem(folder)
+    for kind, expected in _SCHEMAS.items():
+      good, schemas = [], []
+      for path in files[kind]:
+        schema, problem = _shard_problem(
+            path, filesystem, expected, listed.get(path.rsplit("/", 1)[-1]))
+        if problem:
+          warn(f"skipped {path}: {problem}; the answers leave it out")
+        else:
+          good.append(path)
+          schemas.append(schema)
+      # Every view has the schema's columns; a shard's missing ones read
+      # as nulls. `probabilities` is there only if a shard has it.
+      schema = pa.schema([field for field in expected
+                          if field.name != "probabilities" or
+                          any(field.name in s.names for s in schemas)])
+      self._register(alias + kind, good, filesystem, schema)
+
+  def _register(self, view: str, shard_paths: list, filesystem,
+                schema: pa.Schema) -> None:
+    self._shards[view] = (shard_paths, filesystem, schema)
+    source = (ds.dataset(shard_paths, schema=schema, format="parquet",
+                         filesystem=filesystem)
+              if shard_paths else schema.empty_table())
+    self.connection.register(f"_{view}_arrow", source)
+    self.connection.execute(
+        f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM _{view}_arrow")
+
+  def lock(self) -> "ResultViews":
+    for statement in ("SET temp_directory = ''",
+                      "SET enable_external_access = false",
+                      "SET lock_configuration = true"):
+      self.connection.execute(statement)
+    return self
+
+  def fetch(self, sql: str, parameters=None, max_rows: Optional[int] = None):
+    """(column names, rows) of one statement, within the time limit.
+
+    A shard whose footer was fine but whose pages are damaged fails the
+    query; it is then found, named, left out, and the query runs again.
+    """
+    for attempt in range(2):
+      try:
+        return self._fetch(sql, parameters, max_rows)
+      except duckdb.InterruptException:
+        raise QueryError(f"the query ran over {self.timeout_seconds:g}s "
+                         "(--timeout) and was stopped") from None
+      except duckdb.Error as error:
+        if attempt or "registered as" not in str(error) or (
+            not self._drop_damaged_shards()):
+          raise
+    raise AssertionError("unreachable")
+
+  def _fetch(self, sql, parameters, max_rows):
+    timer = threading.Timer(self.timeout_seconds, self.connection.interrupt)
+    timer.start()
+    try:
+      cursor = self.connection.execute(sql, parameters or [])
+      names = [column[0] for column in cursor.description or []]
+      data = (cursor.fetchall() if max_rows is None else
+              cursor.fetchmany(max_rows + 1))
+    finally:
+      timer.cancel()
+    return names, data
+
+  def _drop_damaged_shards(self) -> bool:
+    dropped = False
+    for view, (shard_paths, filesystem, schema) in list(self._shards.items()):
+      good = []
+      for path in shard_paths:
+        try:
+          pq.ParquetFile(path, filesystem=filesystem).read()
+          good.append(path)
+        except Exception as error:  # pylint: disable=broad-except
+          warn(f"skipped {path}: damaged ({type(error).__name__}: {error}); "
+               "the answers leave it out")
+      if len(good) < len(shard_paths):
+        self._register(view, good, filesystem, schema)
+        dropped = True
+    return dropped
+
+
+def connect(output_dir: str, other_dir: Optional[str] = None,
+            timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> ResultViews:
+  """Read-only views over one (or two) output folders, locked down."""
+  views = ResultViews(timeout_seconds)
+  views.add_folder(output_dir)
+  if other_dir is not None:
+    views.add_folder(other_dir, alias="other_")
+  return views.lock()
+
+
+def rows(connection: ResultViews, sql: str, parameters=None) -> list:
+  """The result of a query as a list of {column: value} dicts."""
+  names, data = connection.fetch(sql, parameters)
+  return [dict(zip(names, row)) for row in data]
+
+
+def scalar(connection: ResultViews, sql: str, parameters=None):
+  """The first value of a query's first row."""
+  return connection.fetch(sql, parameters)[1][0][0]
+
+
+def _tokens(sql: str) -> list:
+  """(position, type, text) of each token of `sql`, comments left out."""
+  marks = duckdb.tokenize(sql)
+  tokens = []
+  for i, (position, kind) in enumerate(marks):
+    end = marks[i + 1][0] if i + 1 < len(marks) else len(sql)
+    if kind != duckdb.token_type.comment:
+      tokens.append((position, kind, sql[position:end].strip()))
+  return tokens
+
+
+def _explained(sql: str) -> str:
+  """The statement after EXPLAIN [ANALYZE | (options)]."""
+  tokens = _tokens(sql)
+  i = 1
+  if i < len(tokens) and tokens[i][2].upper() in ("ANALYZE", "ANALYSE"):
+    i += 1
+  elif i < len(tokens) and tokens[i][2] == "(":
+    depth = 0
+    while i < len(tokens):
+      depth += tokens[i][2] == "("
+      depth -= tokens[i][2] == ")"
+      i += 1
+      if depth == 0:
+        break
+  return sql[tokens[i][0]:] if i < len(tokens) else ""
+
+
+def statement_kind(sql: str) -> str:
+  """SELECT, PIVOT, EXPLAIN SELECT, ... or the type of a refused statement."""
+  try:
+    statements = duckdb.extract_statements(sql)
   except duckdb.Error as error:
     raise QueryError(f"cannot parse SQL: {error}") from None
   if len(statements) != 1:
     raise QueryError(f"expected one SQL statement, got {len(statements)}")
-  kind = statements[0].type.name
+  try:
+    kind = statements[0].type.name
+  except ValueError:
+    return "UNKNOWN"  # A type this DuckDB's Python API has no name for.
+  tokens = _tokens(sql)
+  if kind == "MULTI" and tokens and tokens[0][2].upper() in (
+      "PIVOT", "PIVOT_WIDER"):
+    return "PIVOT"
+  if kind == "EXPLAIN":
+    return "EXPLAIN " + statement_kind(_explained(sql))
+  return kind
+
+
+def check_read_only(sql: str) -> None:
+  """Refuses, in one line, anything but one query or EXPLAIN of a query."""
+  kind = statement_kind(sql)
   if kind not in READ_ONLY_STATEMENTS:
     raise QueryError(f"only read-only queries are allowed (SELECT, WITH, "
-                     f"EXPLAIN, DESCRIBE, SUMMARIZE); got a {kind} statement")
+                     f"EXPLAIN, DESCRIBE, SUMMARIZE, PIVOT), not {kind}")
+  denied = sorted({text.upper() for _, token, text in _tokens(sql)
+                   if token == duckdb.token_type.keyword and
+                   text.upper() in DENIED_KEYWORDS})
+  if denied:
+    raise QueryError(f"only read-only queries are allowed; {', '.join(denied)} "
+                     "has no place in one (quote it, \"like_this\", if it "
+                     "names a column)")
+
+
+def run_sql(connection: ResultViews, statement: str,
+            max_rows: int = DEFAULT_MAX_ROWS) -> list:
+  """Runs one read-only statement: a query, EXPLAIN, DESCRIBE or SUMMARIZE,
+  and returns at most `max_rows` rows (with a warning when there are more)."""
+  check_read_only(statement)
   try:
-    return rows(connection, statement)
+    names, data = connection.fetch(statement, max_rows=max_rows)
   except duckdb.Error as error:
-    raise QueryError(f"SQL error: {error}") from None
+    message = " ".join(str(error).split())
+    raise QueryError(f"SQL error: {message}") from None
+  if len(data) > max_rows:
+    warn(f"showing the first {max_rows} rows (--max_rows)")
+    data = data[:max_rows]
+  return [dict(zip(names, row)) for row in data]
 
 
 def class_counts(connection) -> list:
@@ -141,7 +365,7 @@ def misclassified(connection, limit: int = DEFAULT_LIMIT) -> list:
       ORDER BY confidence DESC, id LIMIT ?""", [limit])
 
 
-def errorrows(connection, limit: int = DEFAULT_LIMIT) -> list:
+def error_rows(connection, limit: int = DEFAULT_LIMIT) -> list:
   return rows(connection, "SELECT id, stage, error FROM errors ORDER BY id "
                "LIMIT ?", [limit])
 
@@ -206,11 +430,28 @@ def accuracy(connection) -> dict:
   }
 
 
+_ALL_IDS = "(SELECT id FROM predictions UNION ALL SELECT id FROM errors)"
+
+
+def duplicate_count(connection) -> int:
+  """Rows, predictions and errors together, whose id an earlier row had."""
+  return scalar(connection,
+                f"SELECT count(*) - count(DISTINCT id) FROM {_ALL_IDS}")
+
+
+def duplicates(connection, limit: int = DEFAULT_LIMIT) -> list:
+  return rows(connection, f"""
+      SELECT id, count(*) AS rows FROM {_ALL_IDS}
+      GROUP BY id HAVING count(*) > 1 ORDER BY rows DESC, id LIMIT ?""",
+              [limit])
+
+
 def summary(connection, output_dir: str) -> dict:
   result = {
       "manifest": outputs.read_manifest(output_dir),
       "predictions": scalar(connection, "SELECT count(*) FROM predictions"),
       "errors": scalar(connection, "SELECT count(*) FROM errors"),
+      "duplicate_ids": duplicate_count(connection),
       "classes": class_counts(connection),
       "confidence_histogram": confidence_histogram(connection),
       "error_summary": error_summary(connection),
@@ -278,6 +519,9 @@ def render_summary(result: dict) -> str:
            + (f", {counts.get('inputs')} inputs, "
               f"{manifest.get('images_per_second')} images/s"
               if counts else "")]
+  if result["duplicate_ids"]:
+    parts.append(f"{result['duplicate_ids']} rows repeat an id an earlier row "
+                 "had (the `duplicates` command lists them)")
   if result["accuracy"]:
     score = result["accuracy"]
     parts.append(f"accuracy {score['accuracy']:.4f} ({score['correct']}/"
@@ -335,9 +579,12 @@ COMMANDS = {
         render=render_summary),
     "sql": Command(
         "one read-only SQL statement over the views predictions and errors",
-        lambda connection, args: run_sql(connection, args.statement),
+        lambda connection, args: run_sql(connection, args.statement,
+                                         args.max_rows),
         (("statement", {"help": "e.g. \"SELECT label, count(*) FROM "
-                                "predictions GROUP BY 1\""}),)),
+                                "predictions GROUP BY 1\""}),
+         ("--max_rows", {"type": int, "default": DEFAULT_MAX_ROWS,
+                         "help": "rows to return at most"}))),
     "accuracy": Command(
         "accuracy, per-class precision/recall/F1, confusion matrix and "
         "calibration (needs true labels)",
@@ -358,6 +605,10 @@ COMMANDS = {
         "inputs that could not be classified, with their stage and reason",
         lambda connection, args: error_rows(connection, args.limit),
         (_LIMIT,)),
+    "duplicates": Command(
+        "ids that more than one row has, with their row counts",
+        lambda connection, args: duplicates(connection, args.limit),
+        (_LIMIT,)),
     "compare": Command(
         "where two runs disagree on the same ids",
         lambda connection, args: compare(connection, args.limit),
@@ -376,6 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("output_dir", help="the --output folder of a run")
   parser.add_argument("--json", action="store_true",
                       help="print JSON instead of tables")
+  parser.add_argument("--timeout", type=float,
+                      default=DEFAULT_TIMEOUT_SECONDS,
+                      help="seconds a query may run before it is stopped")
   commands = parser.add_subparsers(dest="command", metavar="COMMAND",
                                    help=f"default: {DEFAULT_COMMAND}")
   for name, command in COMMANDS.items():
@@ -391,7 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def answer(args) -> object:
   command = COMMANDS[args.command or DEFAULT_COMMAND]
-  connection = connect(args.output_dir, getattr(args, "other_dir", None))
+  connection = connect(args.output_dir, getattr(args, "other_dir", None),
+                       args.timeout)
   return command.run(connection, args)
 
 
@@ -402,6 +657,10 @@ def main(argv=None) -> int:
   except QueryError as error:
     print(f"tools.query: error: {error}", file=sys.stderr)
     return 2
+  except duckdb.Error as error:
+    message = " ".join(str(error).split())
+    print(f"tools.query: error: {message}", file=sys.stderr)
+    return 1
   if args.json:
     print(json.dumps(result, indent=2, default=str))
   else:
