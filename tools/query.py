@@ -17,17 +17,20 @@ that can reach nothing but those views (see ResultViews).
 
 import argparse
 import dataclasses
+import datetime
+import io
 import json
 import math
 import os
+import re
 import stat
 import sys
 import threading
 from typing import Callable, Optional
 
 import duckdb
+import fsspec
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from beam_jobs import output_folder
@@ -55,6 +58,8 @@ _LOCKED_CONFIG = {
     "allow_community_extensions": False,
     "python_enable_replacements": False,
 }
+# The scheme under which the views' shards, and nothing else, are reachable.
+SHARDS_PROTOCOL = "result-shards"
 _SCHEMAS = {
     outputs.PREDICTIONS_PREFIX: outputs.predictions_schema(True),
     outputs.ERRORS_PREFIX: outputs.ERRORS_SCHEMA,
@@ -111,22 +116,146 @@ def _shard_problem(path: str, filesystem, expected: pa.Schema,
   return schema, None
 
 
+class _ShardReader(io.RawIOBase):
+  """A read-only handle on one shard that DuckDB's threads can share.
+
+  DuckDB may read one handle from several threads, each seeking first; the
+  position is kept per thread and each read is positioned, so they never
+  mix.
+  """
+
+  def __init__(self, read_at: Callable, size: int, close: Callable):
+    super().__init__()
+    self._read_at = read_at
+    self._size = size
+    self._close = close
+    self._position = threading.local()
+
+  def readable(self) -> bool:
+    return True
+
+  def seekable(self) -> bool:
+    return True
+
+  def tell(self) -> int:
+    return getattr(self._position, "offset", 0)
+
+  def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+    base = {io.SEEK_SET: 0, io.SEEK_CUR: self.tell(),
+            io.SEEK_END: self._size}[whence]
+    self._position.offset = base + offset
+    return self._position.offset
+
+  def read(self, size: int = -1) -> bytes:
+    offset = self.tell()
+    if size is None or size < 0:
+      size = self._size - offset
+    data = self._read_at(offset, size)
+    self._position.offset = offset + len(data)
+    return data
+
+  def readinto(self, buffer) -> int:
+    data = self.read(len(buffer))
+    buffer[:len(data)] = data
+    return len(data)
+
+  def close(self) -> None:
+    if not self.closed:
+      self._close()
+    super().close()
+
+
+def _refuse(*args, **kwargs):
+  raise PermissionError("the result views are read-only")
+
+
+class ListedShards(fsspec.AbstractFileSystem):
+  """The only files the locked DuckDB connection can reach: the shards the
+  views read, by name, read-only.
+
+  Any other name does not exist here; every way to write, create, move or
+  delete raises. A local shard is opened without following links and must
+  be a regular file.
+  """
+
+  protocol = SHARDS_PROTOCOL
+
+  def __init__(self, shards: dict, remote=None, **kwargs):
+    super().__init__(skip_instance_cache=True, **kwargs)
+    self._shards = dict(shards)  # name -> real path
+    self._remote = remote
+
+  def _real(self, path: str) -> str:
+    name = self._strip_protocol(path).strip("/")
+    if name not in self._shards:
+      raise FileNotFoundError(path)
+    return self._shards[name]
+
+  def _open(self, path, mode="rb", **kwargs):
+    if mode != "rb":
+      _refuse()
+    real = self._real(path)
+    if self._remote is not None:
+      handle = self._remote.open(real, "rb")
+      lock = threading.Lock()
+
+      def read_at(offset, size):
+        with lock:
+          handle.seek(offset)
+          return handle.read(size)
+
+      return _ShardReader(read_at, self._remote.size(real), handle.close)
+    descriptor = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    mode = os.fstat(descriptor)
+    if not stat.S_ISREG(mode.st_mode):
+      os.close(descriptor)
+      raise PermissionError(f"{real} is not a regular file")
+    return _ShardReader(
+        lambda offset, size: os.pread(descriptor, size, offset),
+        mode.st_size, lambda: os.close(descriptor))
+
+  def info(self, path, **kwargs):
+    name = self._strip_protocol(path).strip("/")
+    if not name:
+      return {"name": "", "size": 0, "type": "directory"}
+    real = self._real(path)
+    size = (self._remote.size(real) if self._remote is not None else
+            os.lstat(real).st_size)
+    return {"name": name, "size": size, "type": "file"}
+
+  def modified(self, path):
+    real = self._real(path)
+    if self._remote is not None:
+      return self._remote.modified(real)
+    return datetime.datetime.fromtimestamp(os.lstat(real).st_mtime)
+
+  def ls(self, path, detail=True, **kwargs):
+    entries = [self.info(name) for name in self._shards]
+    return entries if detail else [entry["name"] for entry in entries]
+
+  mkdir = makedirs = rmdir = rm = rm_file = _rm = touch = _refuse
+  mv = move = copy = cp_file = pipe_file = put_file = _refuse
+
+
 class ResultViews:
   """A DuckDB connection that can read the views over a run's shards and
   nothing else.
 
-  pyarrow reads the shards; DuckDB sees them only as registered Arrow
-  datasets behind the views `predictions` and `errors` (and `other_*` for
-  `compare`). Then the connection is locked down: external access off (no
-  file, URL, extension or secret can be reached), no temporary directory,
-  and the configuration locked so that no statement can undo it. That is the
-  boundary; the statement checks of `run_sql` are a second layer.
+  The views `predictions` and `errors` (and `other_*` for `compare`) read
+  the shards the manifest lists with DuckDB's own Parquet reader, through
+  ListedShards. Then the connection is locked down: external access off
+  but for ListedShards' scheme (no other file, URL, extension or secret can
+  be reached), no temporary directory, and the configuration locked so that
+  no statement can undo it. That is the boundary; the statement checks of
+  `run_sql` are a second layer.
   """
 
   def __init__(self, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS):
     self.connection = duckdb.connect(config=dict(_LOCKED_CONFIG))
     self.timeout_seconds = timeout_seconds
-    self._shards = {}  # view -> (paths, filesystem, schema)
+    self._views = {}  # view -> ([shard names], empty schema)
+    self._shards = {}  # shard name -> real path
+    self._remote = None
 
   def add_folder(self, folder: str, alias: str = "") -> None:
     try:
@@ -141,37 +270,49 @@ class ResultViews:
                        "the --output folder of python -m beam_jobs.predict")
     listed = output_folder.listed_rows(manifest)
     filesystem = _filesystem(folder)
+    if filesystem is not None:
+      self._remote = filesystem
     for kind, expected in _SCHEMAS.items():
-      good, schemas = [], []
+      names = []
       for path in files[kind]:
-        schema, problem = _shard_problem(
-            path, filesystem, expected, listed.get(path.rsplit("/", 1)[-1]))
+        base = path.rsplit("/", 1)[-1]
+        schema, problem = _shard_problem(path, filesystem, expected,
+                                         listed.get(base))
         if problem:
           warn(f"skipped {path}: {problem}; the answers leave it out")
-        else:
-          good.append(path)
-          schemas.append(schema)
-      # Every view has the schema's columns; a shard's missing ones read
-      # as nulls. `probabilities` is there only if a shard has it.
-      schema = pa.schema([field for field in expected
-                          if field.name != "probabilities" or
-                          any(field.name in s.names for s in schemas)])
-      self._register(alias + kind, good, filesystem, schema)
+          continue
+        # Names stay distinct when two folders are open (compare).
+        name = alias + base
+        self._shards[name] = path
+        names.append(name)
+      empty = pa.schema([field for field in expected
+                         if field.name != "probabilities"])
+      self._views[alias + kind] = (names, empty)
 
-  def _register(self, view: str, shard_paths: list, filesystem,
-                schema: pa.Schema) -> None:
-    self._shards[view] = (shard_paths, filesystem, schema)
-    source = (ds.dataset(shard_paths, schema=schema, format="parquet",
-                         filesystem=filesystem)
-              if shard_paths else schema.empty_table())
-    self.connection.register(f"_{view}_arrow", source)
-    self.connection.execute(
-        f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM _{view}_arrow")
+  def _create_views(self) -> None:
+    for view, (names, empty) in self._views.items():
+      if names:
+        listed = ", ".join(f"'{SHARDS_PROTOCOL}://{name}'" for name in names)
+        source = f"read_parquet([{listed}], union_by_name = true)"
+      else:
+        # No shard of this kind: an empty view with the kind's columns.
+        self.connection.register(f"_{view}_empty", empty.empty_table())
+        source = f"_{view}_empty"
+      self.connection.execute(
+          f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM {source}")
 
   def lock(self) -> "ResultViews":
-    for statement in ("SET temp_directory = ''",
-                      "SET enable_external_access = false",
-                      "SET lock_configuration = true"):
+    self.connection.register_filesystem(
+        ListedShards(self._shards, self._remote))
+    self._create_views()
+    for statement in (
+        "SET temp_directory = ''",
+        # Both spellings: DuckDB writes a globbed scheme path with three
+        # slashes.
+        f"SET allowed_directories = ['{SHARDS_PROTOCOL}://', "
+        f"'{SHARDS_PROTOCOL}:///']",
+        "SET enable_external_access = false",
+        "SET lock_configuration = true"):
       self.connection.execute(statement)
     return self
 
@@ -179,19 +320,31 @@ class ResultViews:
     """(column names, rows) of one statement, within the time limit.
 
     A shard whose footer was fine but whose pages are damaged fails the
-    query; it is then found, named, left out, and the query runs again.
+    query, naming itself; it is then left out with a warning and the query
+    runs again.
     """
-    for attempt in range(2):
+    while True:
       try:
         return self._fetch(sql, parameters, max_rows)
       except duckdb.InterruptException:
         raise QueryError(f"the query ran over {self.timeout_seconds:g}s "
                          "(--timeout) and was stopped") from None
       except duckdb.Error as error:
-        if attempt or "registered as" not in str(error) or (
-            not self._drop_damaged_shards()):
+        damaged = [name for name in re.findall(
+            rf"{SHARDS_PROTOCOL}://([^\s'\"]+)", str(error))
+                   if name in self._shards]
+        if not damaged:
           raise
-    raise AssertionError("unreachable")
+        self._leave_out(damaged, str(error))
+
+  def _leave_out(self, damaged: list, message: str) -> None:
+    reason = " ".join(message.split())[:300]
+    for name in dict.fromkeys(damaged):
+      warn(f"skipped {self._shards.pop(name)}: damaged ({reason}); the "
+           "answers leave it out")
+    self._views = {view: ([n for n in names if n in self._shards], empty)
+                   for view, (names, empty) in self._views.items()}
+    self._create_views()
 
   def _fetch(self, sql, parameters, max_rows):
     timer = threading.Timer(self.timeout_seconds, self.connection.interrupt)
@@ -204,22 +357,6 @@ class ResultViews:
     finally:
       timer.cancel()
     return names, data
-
-  def _drop_damaged_shards(self) -> bool:
-    dropped = False
-    for view, (shard_paths, filesystem, schema) in list(self._shards.items()):
-      good = []
-      for path in shard_paths:
-        try:
-          pq.ParquetFile(path, filesystem=filesystem).read()
-          good.append(path)
-        except Exception as error:  # pylint: disable=broad-except
-          warn(f"skipped {path}: damaged ({type(error).__name__}: {error}); "
-               "the answers leave it out")
-      if len(good) < len(shard_paths):
-        self._register(view, good, filesystem, schema)
-        dropped = True
-    return dropped
 
 
 def connect(output_dir: str, other_dir: Optional[str] = None,
