@@ -50,6 +50,12 @@ DENIED_KEYWORDS = frozenset((
     "ALTER", "ATTACH", "CALL", "CHECKPOINT", "COPY", "CREATE", "DELETE",
     "DETACH", "DROP", "EXPORT", "FORCE", "IMPORT", "INSERT", "INSTALL", "LOAD",
     "MERGE", "PRAGMA", "RESET", "SET", "TRUNCATE", "UPDATE", "USE", "VACUUM"))
+# Table functions that read files or run SQL from a string; a query over
+# the views needs none of them.
+DENIED_FUNCTION_PREFIXES = ("read_", "parquet_", "sniff_", "iceberg_",
+                            "delta_")
+DENIED_FUNCTIONS = frozenset(("glob", "query", "query_table", "duckdb_secrets",
+                              "which_secret", "load_aws_credentials"))
 # Settings fixed before the lock: no extension is installed or loaded on
 # demand, and no Python variable is scanned by name.
 _LOCKED_CONFIG = {
@@ -60,6 +66,13 @@ _LOCKED_CONFIG = {
 }
 # The scheme under which the views' shards, and nothing else, are reachable.
 SHARDS_PROTOCOL = "result-shards"
+# Errors in the statement itself, never in the data it reads.
+_STATEMENT_ERRORS = (
+    duckdb.ParserException, duckdb.SyntaxException, duckdb.BinderException,
+    duckdb.CatalogException, duckdb.PermissionException,
+    duckdb.ConversionException, duckdb.OutOfRangeException,
+    duckdb.OutOfMemoryException, duckdb.TransactionException,
+    duckdb.NotImplementedException)
 _SCHEMAS = {
     outputs.PREDICTIONS_PREFIX: outputs.predictions_schema(True),
     outputs.ERRORS_PREFIX: outputs.ERRORS_SCHEMA,
@@ -255,6 +268,7 @@ class ResultViews:
     self.timeout_seconds = timeout_seconds
     self._views = {}  # view -> ([shard names], empty schema)
     self._shards = {}  # shard name -> real path
+    self._verified = set()  # shard names read whole without an error
     self._remote = None
 
   def add_folder(self, folder: str, alias: str = "") -> None:
@@ -320,8 +334,8 @@ class ResultViews:
     """(column names, rows) of one statement, within the time limit.
 
     A shard whose footer was fine but whose pages are damaged fails the
-    query, naming itself; it is then left out with a warning and the query
-    runs again.
+    query. The shards are then read through once to find it; it is named,
+    left out with a warning, and the query runs again.
     """
     while True:
       try:
@@ -329,17 +343,35 @@ class ResultViews:
       except duckdb.InterruptException:
         raise QueryError(f"the query ran over {self.timeout_seconds:g}s "
                          "(--timeout) and was stopped") from None
+      except _STATEMENT_ERRORS:
+        raise
       except duckdb.Error as error:
-        damaged = [name for name in re.findall(
+        named = [name for name in re.findall(
             rf"{SHARDS_PROTOCOL}://([^\s'\"]+)", str(error))
-                   if name in self._shards]
+                 if name in self._shards]
+        damaged = self._damaged_shards(named or list(self._shards))
         if not damaged:
           raise
-        self._leave_out(damaged, str(error))
+        self._leave_out(damaged)
 
-  def _leave_out(self, damaged: list, message: str) -> None:
-    reason = " ".join(message.split())[:300]
-    for name in dict.fromkeys(damaged):
+  def _damaged_shards(self, names: list) -> dict:
+    """{name: why} of those shards that pyarrow cannot read whole; each is
+    read once at most."""
+    damaged = {}
+    for name in names:
+      path = self._shards[name]
+      if name in self._verified:
+        continue
+      try:
+        pq.ParquetFile(path, filesystem=self._remote).read()
+        self._verified.add(name)
+      except Exception as error:  # pylint: disable=broad-except
+        damaged[name] = f"{type(error).__name__}: {error}"
+    return damaged
+
+  def _leave_out(self, damaged: dict) -> None:
+    for name, reason in damaged.items():
+      reason = " ".join(reason.split())[:300]
       warn(f"skipped {self._shards.pop(name)}: damaged ({reason}); the "
            "answers leave it out")
     self._views = {view: ([n for n in names if n in self._shards], empty)
@@ -435,13 +467,28 @@ def check_read_only(sql: str) -> None:
   if kind not in READ_ONLY_STATEMENTS:
     raise QueryError(f"only read-only queries are allowed (SELECT, WITH, "
                      f"EXPLAIN, DESCRIBE, SUMMARIZE, PIVOT), not {kind}")
-  denied = sorted({text.upper() for _, token, text in _tokens(sql)
+  tokens = _tokens(sql)
+  denied = sorted({text.upper() for _, token, text in tokens
                    if token == duckdb.token_type.keyword and
                    text.upper() in DENIED_KEYWORDS})
   if denied:
     raise QueryError(f"only read-only queries are allowed; {', '.join(denied)} "
                      "has no place in one (quote it, \"like_this\", if it "
                      "names a column)")
+  for (_, kind, text), (_, following_kind, following) in zip(tokens,
+                                                             tokens[1:]):
+    name = text.strip('"').lower()
+    if following == "(" and kind in (duckdb.token_type.identifier,
+                                      duckdb.token_type.keyword) and (
+                                          name in DENIED_FUNCTIONS or
+                                          name.startswith(
+                                              DENIED_FUNCTION_PREFIXES)):
+      raise QueryError(f"{name}() reads files or runs SQL from a string; "
+                       "query the views predictions and errors instead")
+    if text.upper() in ("FROM", "JOIN") and (
+        following_kind == duckdb.token_type.string_const):
+      raise QueryError(f"{text.upper()} {following} reads a file by name; "
+                       "query the views predictions and errors instead")
 
 
 def run_sql(connection: ResultViews, statement: str,
