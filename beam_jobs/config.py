@@ -57,7 +57,13 @@ class PredictConfig:
   def validate(self) -> card_lib.ModelCard:
     """Checks everything that can be checked before any work; returns the card."""
     for name in ("input", "model", "output"):
-      setattr(self, name, paths.absolute(getattr(self, name)))
+      value = getattr(self, name)
+      if paths.is_remote(value) and not value.startswith("gs://"):
+        hint = (f" (for a local path, drop the file://: {value[7:]})"
+                if value.startswith("file://") else "")
+        raise ConfigError(f"--{name} {value}: expected a local path or "
+                          f"gs://BUCKET/...{hint}")
+      setattr(self, name, paths.absolute(value))
     self.input_format = self.resolved_format()
     if self.input_format not in INPUT_FORMATS:
       raise ConfigError(f"--input_format must be one of {INPUT_FORMATS}")
@@ -102,7 +108,8 @@ class PredictConfig:
           f"{', '.join(missing)} (expected the output of python -m model.train)")
     try:
       card = card_lib.load_card(self.model)
-      card_lib.check_model_files(self.model, card)
+      _, tflite = card_lib.check_model_files(self.model, card)
+      engines.check_model_shapes(card, tflite)
     except (ValueError, OSError) as error:
       raise ConfigError(f"--model {self.model}: {error}") from None
     return card

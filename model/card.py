@@ -9,6 +9,7 @@ from it, so serving cannot drift from training.
 import dataclasses
 import hashlib
 import json
+import re
 from typing import Any, Optional
 
 from model.paths import join
@@ -148,11 +149,12 @@ def card_summary(card: ModelCard) -> dict[str, Any]:
   }
 
 
-def check_model_files(model_dir: str, card: ModelCard) -> None:
+def check_model_files(model_dir: str, card: ModelCard) -> list:
   """Refuses a folder whose model files are not the ones the card describes,
   or whose Keras model carries a Lambda layer (arbitrary Python code).
 
   Both checks read bytes only, so they run in the launcher before any work.
+  Returns the bytes of model.keras and model.tflite.
   """
   import io  # pylint: disable=import-outside-toplevel
   import zipfile  # pylint: disable=import-outside-toplevel
@@ -174,20 +176,40 @@ def check_model_files(model_dir: str, card: ModelCard) -> None:
   except (zipfile.BadZipFile, KeyError):
     raise ValueError(f"{join(model_dir, MODEL_FILE)} is not a Keras 3 "
                      ".keras file") from None
-  if "Lambda" in _class_names(json.loads(config)):
+  unsafe = unsafe_objects(json.loads(config))
+  if unsafe:
     raise ValueError(
-        f"{join(model_dir, MODEL_FILE)} has a Lambda layer, which runs "
-        "arbitrary Python code when loaded; it is refused (Keras safe_mode)")
+        f"{join(model_dir, MODEL_FILE)} has {unsafe[0]}, which runs arbitrary "
+        "Python code when loaded or comes from outside Keras; it is refused "
+        "(Keras safe_mode)")
+  return payloads
 
 
-def _class_names(config) -> set:
-  """Every `class_name` in a Keras model config, at any depth."""
-  found, stack = set(), [config]
+# Keras serialises Python lambdas under this class name; Lambda layers hold
+# them.
+_CODE_CLASSES = ("Lambda", "__lambda__")
+# Packages a served model's objects may come from (`module` in the config).
+_SAFE_PACKAGES = ("keras", "builtins")
+
+
+def unsafe_objects(config) -> list:
+  """Every object in a Keras model config that can carry code: a Lambda
+  layer or serialised lambda, however its class is spelled (`Lambda`,
+  `layers.Lambda`, `keras.layers.Lambda`, `package>Lambda`), and any object
+  whose module lies outside Keras."""
+  found, stack = [], [config]
   while stack:
     node = stack.pop()
     if isinstance(node, dict):
-      if isinstance(node.get("class_name"), str):
-        found.add(node["class_name"])
+      for key in ("class_name", "registered_name"):
+        name = node.get(key)
+        if isinstance(name, str) and (
+            re.split(r"[.>]", name)[-1] in _CODE_CLASSES):
+          found.append(f"a Lambda layer or lambda ({key} {name!r})")
+      module = node.get("module")
+      if isinstance(module, str) and (
+          module.split(".", 1)[0] not in _SAFE_PACKAGES):
+        found.append(f"an object from module {module!r}")
       stack.extend(node.values())
     elif isinstance(node, list):
       stack.extend(node)

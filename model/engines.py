@@ -52,6 +52,10 @@ class KerasEngine(Engine):
     # safe_mode refuses Lambda layers carrying arbitrary Python code.
     self.model = keras.saving.load_model(model_path, compile=False,
                                          safe_mode=True)
+    width = self.model.output_shape[-1]
+    if width != card.num_classes:
+      raise ValueError(f"{model_path} outputs {width} classes but the card "
+                       f"names {card.num_classes}")
     spec = tf.TensorSpec([None, card.height, card.width, card.channels],
                          tf.float32)
     self._call = tf.function(lambda x: self.model(x, training=False),
@@ -90,6 +94,33 @@ class TFLiteEngine(Engine):
       self._interpreter.set_tensor(self._input, images)
       self._interpreter.invoke()
       return self._interpreter.get_tensor(self._output).copy()
+
+
+def check_model_shapes(card: card_lib.ModelCard, tflite: bytes) -> None:
+  """Refuses a card whose input shape or class count is not the model's.
+
+  Read from the TFLite model's tensors, without TensorFlow: a card with one
+  class name too few would otherwise fail only when the first batch is
+  labelled.
+  """
+  from ai_edge_litert import interpreter as litert  # pylint: disable=import-outside-toplevel
+  try:
+    model = litert.Interpreter(model_content=tflite)
+    inputs, outputs = model.get_input_details(), model.get_output_details()
+  except Exception as error:  # pylint: disable=broad-except
+    raise ValueError(f"{card_lib.TFLITE_FILE} cannot be loaded: "
+                     f"{error}") from None
+  if len(inputs) != 1 or len(outputs) != 1:
+    raise ValueError(f"{card_lib.TFLITE_FILE} has {len(inputs)} inputs and "
+                     f"{len(outputs)} outputs; expected one of each")
+  width = int(outputs[0]["shape"][-1])
+  if width != card.num_classes:
+    raise ValueError(f"the model outputs {width} classes but the card names "
+                     f"{card.num_classes}")
+  shape = [int(d) for d in inputs[0]["shape"][1:]]
+  if shape != [int(d) for d in card.input_shape]:
+    raise ValueError(f"the model takes input of shape {shape} but the card "
+                     f"says {list(card.input_shape)}")
 
 
 def _set_tf_threads(tf, threads: int) -> None:
