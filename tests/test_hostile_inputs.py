@@ -578,3 +578,66 @@ def test_a_huge_sixteen_bit_png_decodes_in_bounded_memory(tmp_path):
        "d.measure(cases['16-bit grey PNG'][0], 28, 'grayscale')",
        str(tmp_path)], capture_output=True, text=True, cwd=REPO, check=True)
   assert float(result.stdout.split()[-1]) < 400
+
+
+# Kills ------------------------------------------------------------------------
+
+# Where a re-run is killed (SIGKILL, tests/kill_at.py), in the order a run
+# reaches them.
+KILL_POINTS = [
+    ("before the pipeline", "beam_jobs.pipeline:build_pipeline", 1),
+    ("mid-write", "beam_jobs.outputs:FormatPredictions.process", 4),
+    ("during the commit, between the sinks' renames",
+     "apache_beam.io.filesystems:FileSystems.rename", 2),
+    ("during the manifest write, before its rename",
+     "beam_jobs.outputs:_publish_local", 1),
+    ("while deleting the files the new manifest replaced",
+     "beam_jobs.output_folder:_delete", 2),
+]
+
+
+def _assert_one_complete_result_set(output, expected_ids: set) -> dict:
+  """The manifest is readable and true: the files it lists exist and hold
+  the rows it says, every input once, and the query tool agrees."""
+  manifest = outputs.read_manifest(str(output))
+  predictions = _listed_rows(str(output), "predictions")
+  errors = _listed_rows(str(output), "errors")
+  ids = [row["id"] for row in predictions + errors]
+  assert len(ids) == len(set(ids)) and set(ids) == expected_ids
+  assert manifest["totals"] == {"predictions": len(predictions),
+                                "errors": len(errors)}
+  summary = query.summary(query.connect(str(output)), str(output))
+  assert summary["predictions"] == len(predictions)
+  assert summary["manifest"]["run_id"] == manifest["run_id"]
+  return manifest
+
+
+@pytest.mark.slow
+def test_a_rerun_killed_anywhere_leaves_one_complete_result_set(
+    tmp_path, png_dir, tiny_model, sample):
+  from tests.conftest import png_ids  # pylint: disable=import-outside-toplevel
+  from tests.test_reliability import _predict_cli  # pylint: disable=import-outside-toplevel
+  output = tmp_path / "out"
+  args = ["--input", png_dir, "--model", tiny_model, "--output", str(output),
+          "--batch_size", "16"]
+  expected = set(png_ids(png_dir, sample))
+  first = _predict_cli(args)
+  assert first.returncode == 0, first.stderr[-2000:]
+  committed = _assert_one_complete_result_set(output, expected)
+  for where, target, calls in KILL_POINTS:
+    killed = _predict_cli(args, kill_at=(target, calls))
+    assert killed.returncode == -signal.SIGKILL, (where, killed.stderr[-2000:])
+    manifest = _assert_one_complete_result_set(output, expected)
+    if where.startswith("while deleting"):
+      # Killed after its manifest was written: its own results stand.
+      assert manifest["run_id"] != committed["run_id"], where
+    else:
+      # Killed before: the earlier results stand, untouched.
+      assert manifest == committed, where
+  last = _predict_cli(args)
+  assert last.returncode == 0, last.stderr[-2000:]
+  manifest = _assert_one_complete_result_set(output, expected)
+  # Nothing else is left: no shard of a killed run, no staging, no lock.
+  assert sorted(p.name for p in output.iterdir()) == sorted(
+      [outputs.MANIFEST_FILE] + [e["name"] for k in manifest["files"].values()
+                                 for e in k])
