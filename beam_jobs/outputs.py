@@ -7,6 +7,7 @@ success: a failed run leaves no half-written visible files.
 
 import json
 import os
+import zlib
 from typing import Optional
 
 import apache_beam as beam
@@ -124,18 +125,38 @@ def _count_error(row: dict) -> dict:
   return row
 
 
-def _table_ids(table: pa.Table) -> list:
-  return table.column("id").to_pylist()
+# Ids are counted in this many groups by hash: each batch sends one list per
+# group instead of one element per id, and no worker holds every id.
+ID_GROUPS = 64
 
 
-def _error_id(row: dict) -> str:
-  return row["id"]
+def _id_groups(ids: list):
+  groups = {}
+  for id_ in ids:
+    groups.setdefault(zlib.crc32(id_.encode("utf-8", "backslashreplace"))
+                      % ID_GROUPS, []).append(id_)
+  return groups.items()
 
 
-def _count_repeats(id_and_count) -> None:
-  _, count = id_and_count
-  if count > 1:
-    counter(DUPLICATE_IDS).inc(count - 1)
+def _table_id_groups(table: pa.Table):
+  return _id_groups(table.column("id").to_pylist())
+
+
+def _error_id_groups(row: dict):
+  return _id_groups([row["id"]])
+
+
+def _count_repeats(group_and_lists) -> None:
+  _, lists = group_and_lists
+  seen, repeats = set(), 0
+  for ids in lists:
+    for id_ in ids:
+      if id_ in seen:
+        repeats += 1
+      else:
+        seen.add(id_)
+  if repeats:
+    counter(DUPLICATE_IDS).inc(repeats)
 
 
 class CountDuplicateIds(beam.PTransform):
@@ -145,10 +166,10 @@ class CountDuplicateIds(beam.PTransform):
   def expand(self, tables_and_errors):
     tables, errors = tables_and_errors
     return (
-        (tables | "PredictionIds" >> beam.FlatMap(_table_ids),
-         errors | "ErrorIds" >> beam.Map(_error_id))
+        (tables | "PredictionIds" >> beam.FlatMap(_table_id_groups),
+         errors | "ErrorIds" >> beam.FlatMap(_error_id_groups))
         | "AllIds" >> beam.Flatten()
-        | "CountPerId" >> beam.combiners.Count.PerElement()
+        | "GroupByHash" >> beam.GroupByKey()
         | "CountRepeats" >> beam.Map(_count_repeats))
 
 
