@@ -372,20 +372,19 @@ def test_files_this_tool_did_not_write_are_never_deleted(tmp_path, tiny_model,
   assert manifest["others"] == ["notes.txt"] and len(predictions) == 3
 
 
-@pytest.mark.parametrize("content", [b"", b"{\"run_id\": \"20240101T",
-                                     b"\x00" * 10])
 def test_damaged_manifest_stops_predict_in_one_line(tmp_path, tiny_model,
-                                                   sample, capsys, content):
+                                                   sample, capsys):
   images = _one_image_folder(tmp_path, sample)
   output = tmp_path / "out"
   _run(output, input=images, model=tiny_model)
-  (output / outputs.MANIFEST_FILE).write_bytes(content)
   args = ["--input", images, "--model", tiny_model, "--output", str(output)]
-  assert predict.main(args) == 2
-  err = capsys.readouterr().err
-  assert err.count("\n") == 1 and "--overwrite" in err
-  assert query.main([str(output)]) == 2
-  assert capsys.readouterr().err.count("\n") == 1
+  for content in (b"", b"{\"run_id\": \"20240101T", b"\x00" * 10, b"[]"):
+    (output / outputs.MANIFEST_FILE).write_bytes(content)
+    assert predict.main(args) == 2, content
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--overwrite" in err, err
+    assert query.main([str(output)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
   # --overwrite replaces the damaged manifest and the shards it hid.
   manifest, predictions, _ = _run(output, input=images, model=tiny_model,
                                   overwrite=True)
