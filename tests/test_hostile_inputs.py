@@ -461,22 +461,20 @@ class _FakeBlob:
     self.generation = self._bucket.generations
     self._bucket.objects[self.name] = (bytes(data), self.generation)
 
-  def download_as_bytes(self, if_generation_match=None):
+  def _current(self, if_generation_match):
     from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
     current = self._bucket.objects.get(self.name)
     if current is None:
       raise exceptions.NotFound("gone")
     if if_generation_match is not None and current[1] != if_generation_match:
       raise exceptions.PreconditionFailed("generation mismatch")
-    return current[0]
+    return current
+
+  def download_as_bytes(self, if_generation_match=None):
+    return self._current(if_generation_match)[0]
 
   def delete(self, if_generation_match=None):
-    from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
-    current = self._bucket.objects.get(self.name)
-    if current is None:
-      raise exceptions.NotFound("gone")
-    if if_generation_match is not None and current[1] != if_generation_match:
-      raise exceptions.PreconditionFailed("generation mismatch")
+    self._current(if_generation_match)
     del self._bucket.objects[self.name]
 
 
