@@ -62,6 +62,9 @@ OVERWRITE_KINDS = re.compile(
     rf"^(?:(?:{_KINDS})-.*{re.escape(outputs.PARQUET_SUFFIX)}"
     rf"|beam-temp-(?:{_KINDS})-.*"
     rf"|{re.escape(outputs.MANIFEST_FILE)}(?:\..*\.tmp)?)$", re.DOTALL)
+# What a manifest may list: shard names of ours, in the folder itself.
+_SHARD_KINDS = re.compile(
+    rf"^(?:{_KINDS})-[^/\\]*{re.escape(outputs.PARQUET_SUFFIX)}$", re.DOTALL)
 OVERWRITE_HELP = ("--overwrite deletes only predictions-*.parquet, "
                   "errors-*.parquet, beam-temp-predictions-*/beam-temp-errors-* "
                   "staging and _run.json, and leaves every other file alone")
@@ -111,15 +114,21 @@ def _listed(manifest: Optional[dict], kind: Optional[str] = None) -> list:
   entries = []
   for name in kinds:
     for entry in files.get(name) or []:
-      if isinstance(entry, dict) and _plain_name(entry.get("name")):
+      if isinstance(entry, dict) and _shard_name(entry.get("name")):
         entries.append(entry)
   return entries
 
 
-def _plain_name(name) -> bool:
-  """A manifest may name files inside its own folder only."""
-  return (isinstance(name, str) and bool(name) and "/" not in name and
-          "\\" not in name and name not in (".", ".."))
+def _shard_name(name) -> bool:
+  """A manifest lists shards of ours, inside its own folder, and nothing
+  else: a name that is not one is ignored, never read nor deleted."""
+  return isinstance(name, str) and bool(_SHARD_KINDS.match(name))
+
+
+def _strings(value) -> set:
+  """The strings of a manifest or lock field that should be a list of them."""
+  return {item for item in value if isinstance(item, str)} if isinstance(
+      value, list) else set()
 
 
 @dataclasses.dataclass
@@ -143,21 +152,25 @@ class FolderState:
     runs.update(filter(None, (run_of(name) for name in self.listed_names())))
     if self.lock:
       runs.add(self.lock.get("run_id"))
-      runs.update(self.lock.get("claims") or [])
+      runs.update(_strings(self.lock.get("claims")))
     return {run for run in runs if isinstance(run, str)}
 
   def ours(self, name: str, extra_runs=()) -> bool:
     if name in (outputs.MANIFEST_FILE, LOCK_FILE):
       return True
-    retired = (self.manifest or {}).get("retired") or []
-    if name in self.listed_names() or name in retired:
+    if name in self.listed_names():
+      return True
+    # Retired names are ours only if they are named as ours are, so that a
+    # manifest edited by hand cannot make a run delete anything else.
+    if name in _strings((self.manifest or {}).get("retired")) and (
+        OVERWRITE_KINDS.match(name) or run_of(name)):
       return True
     return run_of(name) in self.claimed_runs().union(extra_runs)
 
   def accepted(self) -> set:
     """Other files a run with --overwrite found and left alone; they no
     longer stop a run."""
-    return set((self.manifest or {}).get("others") or [])
+    return _strings((self.manifest or {}).get("others"))
 
   def foreign(self) -> list:
     """What is not ours and was never accepted: these stop a run."""

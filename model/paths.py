@@ -1,4 +1,5 @@
-"""Local and remote (gs://, ...) paths, read through Beam's FileSystems.
+"""Local and remote (gs://, ...) paths: remote ones read through Beam's
+FileSystems, local ones opened only when they are regular files.
 
 Training, serving and the result tools name files the same way: a local path
 is made absolute, a folder means every file below it, and a file's class is
@@ -125,8 +126,9 @@ def match_paths(pattern: str, limit: Optional[int] = None) -> list:
   Remote patterns go through Beam's FileSystems. Local ones are listed here
   with the same pattern rules, because Beam's local listing drops every
   entry it cannot stat: a dangling or looping symbolic link would vanish
-  instead of becoming an error row. A sub-folder that cannot be listed is
-  returned as a path too, so that its reading fails visibly.
+  instead of becoming an error row. Under a recursive pattern (`**`, what a
+  folder means), a sub-folder that cannot be listed is returned as a path
+  too, so that reading it fails visibly.
   """
   if not is_remote(pattern):
     matched = _match_local(pattern)
@@ -155,8 +157,9 @@ def _match_local(pattern: str) -> list:
   regex = re.compile(FileSystem.translate_pattern(pattern))
   matched = [path for path in found if regex.match(path)]
   # The root itself not existing is no match, not an error.
-  matched.extend(path for path in unlistable
-                 if path and path != root and os.path.lexists(path))
+  if "**" in pattern:
+    matched.extend(path for path in unlistable
+                   if path and path != root and os.path.lexists(path))
   return sorted(matched)
 
 

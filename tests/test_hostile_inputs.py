@@ -136,6 +136,31 @@ def test_unreadable_subfolder_is_an_error_row(tmp_path, tiny_model, sample):
   assert len(predictions) == 4 and manifest["counts"]["inputs"] == 5
 
 
+def test_a_folder_that_cannot_be_listed_is_matched_not_dropped(tmp_path,
+                                                               monkeypatch):
+  """As root every folder can be listed, so the refusal is simulated."""
+  from model import paths  # pylint: disable=import-outside-toplevel
+  (tmp_path / "open").mkdir()
+  (tmp_path / "open" / "a.png").write_bytes(b"x")
+  (tmp_path / "locked").mkdir()
+  (tmp_path / "locked" / "b.png").write_bytes(b"x")
+  scandir = os.scandir
+
+  def refusing(path="."):
+    if os.fspath(path).endswith("locked"):
+      raise PermissionError(13, "Permission denied", os.fspath(path))
+    return scandir(path)
+
+  monkeypatch.setattr(os, "scandir", refusing)
+  assert paths.match_paths(str(tmp_path) + "/**") == [
+      str(tmp_path / "locked"), str(tmp_path / "open" / "a.png")]
+  # Only a recursive pattern could have reached into it.
+  assert paths.match_paths(str(tmp_path) + "/*/a.png") == [
+      str(tmp_path / "open" / "a.png")]
+  with pytest.raises(paths.NotARegularFile, match="is a folder"):
+    paths.open_file(str(tmp_path / "locked"))
+
+
 # Parquet ----------------------------------------------------------------------
 
 
@@ -220,6 +245,7 @@ def test_hostile_parquet_rows_fail_alone(tmp_path, tiny_model, sample):
   assert labels["n0"] is None and labels["7"] == "Bag"
   counts = manifest["counts"]
   assert counts["inputs"] == len(predicted) + len(expected_errors)
+  first_inputs = counts["inputs"]
   # e2 and raw0 twice each.
   assert manifest["duplicate_ids"] == 2
   connection = query.connect(str(tmp_path / "out"))
@@ -231,7 +257,9 @@ def test_hostile_parquet_rows_fail_alone(tmp_path, tiny_model, sample):
   manifest, again, errors = _run(
       tmp_path / "out", input=str(shards / "*.parquet"), model=tiny_model,
       label_column="label", batch_size=4, skip_existing=True)
-  assert manifest["counts"]["skipped"] == len(predicted)
+  counts = manifest["counts"]
+  assert counts["skipped"] == len(predicted)
+  assert counts["inputs"] + counts["skipped"] == first_inputs
   assert set(errors) == set(expected_errors)
   assert sorted(row["id"] for row in again) == predicted
 

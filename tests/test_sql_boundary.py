@@ -251,7 +251,7 @@ def test_the_views_hold_exactly_the_listed_shards(boundary):
   names = sorted(row[0] for row in views.connection.execute(
       f"SELECT file FROM glob('{SCHEME}://*')").fetchall())
   assert [name.rsplit("/", 1)[-1] for name in names] == sorted(
-      os.path.basename(p) for p in
+      os.path.basename(path) for path, _ in
       views._shards.values())  # pylint: disable=protected-access
   assert len(names) == 3
 
@@ -276,3 +276,24 @@ def test_the_cli_refuses_in_one_line(boundary, capsys):
   err = capsys.readouterr().err
   assert code == 2 and err.count("\n") == 1 and "read-only" in err
   assert not os.path.exists(os.path.join(boundary.root, "x"))
+
+
+def test_remote_shards_are_read_through_their_file_system(tmp_path):
+  """gs:// shards reach DuckDB through fsspec (gcsfs); fsspec's in-memory
+  file system stands in for it here, offline."""
+  import fsspec  # pylint: disable=import-outside-toplevel
+  memory = fsspec.filesystem("memory")
+  with memory.open("memory://bucket/out/shard.parquet", "wb") as handle:
+    pq.write_table(_predictions([f"r{i}" for i in range(5000)]), handle)
+  shards = query.ListedShards(
+      {"shard.parquet": ("memory://bucket/out/shard.parquet", memory)})
+  connection = duckdb.connect()
+  connection.register_filesystem(shards)
+  rows = connection.execute(
+      f"SELECT count(*), count(DISTINCT id) FROM "
+      f"read_parquet('{SCHEME}://shard.parquet')").fetchall()
+  assert rows == [(5000, 5000)]
+  with pytest.raises(PermissionError):
+    shards.open(f"{SCHEME}://shard.parquet", "wb")
+  with pytest.raises(FileNotFoundError):
+    shards.open(f"{SCHEME}://other.parquet", "rb")

@@ -92,7 +92,6 @@ def _filesystem(folder: str):
   if not paths.is_remote(folder):
     return None
   try:
-    import fsspec  # pylint: disable=import-outside-toplevel
     return fsspec.filesystem(folder.split("://")[0])
   except Exception as error:  # pylint: disable=broad-except
     raise QueryError(f"cannot read {folder}: install gcsfs (pip install "
@@ -193,12 +192,11 @@ class ListedShards(fsspec.AbstractFileSystem):
 
   protocol = SHARDS_PROTOCOL
 
-  def __init__(self, shards: dict, remote=None, **kwargs):
+  def __init__(self, shards: dict, **kwargs):
     super().__init__(skip_instance_cache=True, **kwargs)
-    self._shards = dict(shards)  # name -> real path
-    self._remote = remote
+    self._shards = dict(shards)  # name -> (real path, remote file system)
 
-  def _real(self, path: str) -> str:
+  def _real(self, path: str) -> tuple:
     name = self._strip_protocol(path).strip("/")
     if name not in self._shards:
       raise FileNotFoundError(path)
@@ -207,9 +205,9 @@ class ListedShards(fsspec.AbstractFileSystem):
   def _open(self, path, mode="rb", **kwargs):
     if mode != "rb":
       _refuse()
-    real = self._real(path)
-    if self._remote is not None:
-      handle = self._remote.open(real, "rb")
+    real, remote = self._real(path)
+    if remote is not None:
+      handle = remote.open(real, "rb")
       lock = threading.Lock()
 
       def read_at(offset, size):
@@ -217,7 +215,7 @@ class ListedShards(fsspec.AbstractFileSystem):
           handle.seek(offset)
           return handle.read(size)
 
-      return _ShardReader(read_at, self._remote.size(real), handle.close)
+      return _ShardReader(read_at, remote.size(real), handle.close)
     descriptor = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     mode = os.fstat(descriptor)
     if not stat.S_ISREG(mode.st_mode):
@@ -231,15 +229,14 @@ class ListedShards(fsspec.AbstractFileSystem):
     name = self._strip_protocol(path).strip("/")
     if not name:
       return {"name": "", "size": 0, "type": "directory"}
-    real = self._real(path)
-    size = (self._remote.size(real) if self._remote is not None else
-            os.lstat(real).st_size)
+    real, remote = self._real(path)
+    size = remote.size(real) if remote is not None else os.lstat(real).st_size
     return {"name": name, "size": size, "type": "file"}
 
   def modified(self, path):
-    real = self._real(path)
-    if self._remote is not None:
-      return self._remote.modified(real)
+    real, remote = self._real(path)
+    if remote is not None:
+      return remote.modified(real)
     return datetime.datetime.fromtimestamp(os.lstat(real).st_mtime)
 
   def ls(self, path, detail=True, **kwargs):
@@ -267,9 +264,8 @@ class ResultViews:
     self.connection = duckdb.connect(config=dict(_LOCKED_CONFIG))
     self.timeout_seconds = timeout_seconds
     self._views = {}  # view -> ([shard names], empty schema)
-    self._shards = {}  # shard name -> real path
+    self._shards = {}  # shard name -> (real path, remote file system)
     self._verified = set()  # shard names read whole without an error
-    self._remote = None
 
   def add_folder(self, folder: str, alias: str = "") -> None:
     try:
@@ -284,8 +280,6 @@ class ResultViews:
                        "the --output folder of python -m beam_jobs.predict")
     listed = output_folder.listed_rows(manifest)
     filesystem = _filesystem(folder)
-    if filesystem is not None:
-      self._remote = filesystem
     for kind, expected in _SCHEMAS.items():
       names = []
       for path in files[kind]:
@@ -297,7 +291,7 @@ class ResultViews:
           continue
         # Names stay distinct when two folders are open (compare).
         name = alias + base
-        self._shards[name] = path
+        self._shards[name] = (path, filesystem)
         names.append(name)
       empty = pa.schema([field for field in expected
                          if field.name != "probabilities"])
@@ -316,8 +310,7 @@ class ResultViews:
           f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM {source}")
 
   def lock(self) -> "ResultViews":
-    self.connection.register_filesystem(
-        ListedShards(self._shards, self._remote))
+    self.connection.register_filesystem(ListedShards(self._shards))
     self._create_views()
     for statement in (
         "SET temp_directory = ''",
@@ -359,11 +352,11 @@ class ResultViews:
     read once at most."""
     damaged = {}
     for name in names:
-      path = self._shards[name]
+      path, filesystem = self._shards[name]
       if name in self._verified:
         continue
       try:
-        pq.ParquetFile(path, filesystem=self._remote).read()
+        pq.ParquetFile(path, filesystem=filesystem).read()
         self._verified.add(name)
       except Exception as error:  # pylint: disable=broad-except
         damaged[name] = f"{type(error).__name__}: {error}"
@@ -372,7 +365,7 @@ class ResultViews:
   def _leave_out(self, damaged: dict) -> None:
     for name, reason in damaged.items():
       reason = " ".join(reason.split())[:300]
-      warn(f"skipped {self._shards.pop(name)}: damaged ({reason}); the "
+      warn(f"skipped {self._shards.pop(name)[0]}: damaged ({reason}); the "
            "answers leave it out")
     self._views = {view: ([n for n in names if n in self._shards], empty)
                    for view, (names, empty) in self._views.items()}
