@@ -4,7 +4,7 @@
 # DirectRunner, and query the results.
 #
 # Usage: ./run_local.sh [--data IDX_OR_CLASS_FOLDER] [--images DIR_OR_GLOB]
-#                       [--model MODEL_DIR] [--work DIR] [--engine tflite|keras]
+#                       [--model MODEL_DIR] [--work DIR] [--engine auto|tflite|keras|savedmodel]
 #                       [-- extra flags for beam_jobs.predict]
 #   --model skips training and serves that model folder.
 #   --images classifies those images instead of the sample's test split.
@@ -16,7 +16,7 @@ DATA=sample_data/fashion-mnist
 IMAGES=""
 MODEL=""
 WORK=local_run
-ENGINE=tflite
+ENGINE=auto
 EXTRA=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
