@@ -58,13 +58,8 @@ class PredictConfig:
   def validate(self) -> card_lib.ModelCard:
     """Checks everything that can be checked before any work; returns the card."""
     for name in ("input", "model", "output"):
-      value = getattr(self, name)
-      if paths.is_remote(value) and not value.startswith("gs://"):
-        hint = (f" (for a local path, drop the file://: {value[7:]})"
-                if value.startswith("file://") else "")
-        raise ConfigError(f"--{name} {value}: expected a local path or "
-                          f"gs://BUCKET/...{hint}")
-      setattr(self, name, paths.absolute(value))
+      _check_scheme(name, getattr(self, name))
+      setattr(self, name, paths.absolute(getattr(self, name)))
     self.input_format = self.resolved_format()
     if self.input_format not in INPUT_FORMATS:
       raise ConfigError(f"--input_format must be one of {INPUT_FORMATS}")
@@ -153,6 +148,23 @@ class PredictConfig:
                           self.overwrite)
     except output_folder.FolderError as error:
       raise ConfigError(str(error)) from None
+
+
+def _check_scheme(flag: str, path: str) -> None:
+  """Refuses a URL Beam has no file system for (http://, file://, ...), and
+  for --output one the lock cannot be taken on (only local and gs://)."""
+  if not paths.is_remote(path):
+    return
+  hint = (f" (for a local path, drop the file://: {path[len('file://'):]})"
+          if path.startswith("file://") else "")
+  try:
+    FileSystems.get_filesystem(path)
+  except Exception:  # pylint: disable=broad-except
+    raise ConfigError(f"--{flag} {path}: expected a local path or "
+                      f"gs://BUCKET/...{hint}") from None
+  if flag == "output" and not path.startswith("gs://"):
+    raise ConfigError(f"--output {path}: expected a local folder or "
+                      "gs://BUCKET/..., where a second run can be locked out")
 
 
 def adopt_command(model: str) -> Optional[str]:

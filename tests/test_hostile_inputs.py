@@ -344,8 +344,9 @@ def test_card_and_model_that_disagree_are_refused(tmp_path, tiny_model,
 @pytest.mark.parametrize("flag, value", [
     ("--model", "http://example.com/model"),
     ("--model", "file:///tmp/model"),
-    ("--input", "s3://bucket/images"),
+    ("--input", "https://example.com/images/"),
     ("--output", "https://example.com/out"),
+    ("--output", "s3://bucket/out"),
 ])
 def test_url_paths_are_one_line_exit_2(tmp_path, tiny_model, png_dir, capsys,
                                        flag, value):
