@@ -129,7 +129,16 @@ def run(config: config_lib.PredictConfig, beam_args=None) -> dict:
       counts["inputs"] == counts["predictions"] + counts["errors"] and
       manifest["written"] == {outputs.PREDICTIONS_PREFIX: counts["predictions"],
                               outputs.ERRORS_PREFIX: counts["errors"]})
-  output_folder.commit(config.output, manifest)
+  try:
+    output_folder.commit(config.output, manifest)
+  except OSError as error:
+    # A full disk, say. The lock stays, so the next run cleans up this
+    # run's files; until then the folder reads as before, or as this run
+    # if only the deleting failed.
+    raise PipelineError(
+        f"could not commit to {config.output}: {type(error).__name__}: "
+        f"{error}; its earlier results stand unless {outputs.MANIFEST_FILE} "
+        f"now names run {run_id}") from error
   lock.release()
   return manifest
 

@@ -667,3 +667,35 @@ def test_a_rerun_killed_anywhere_leaves_one_complete_result_set(
   assert sorted(p.name for p in output.iterdir()) == sorted(
       [outputs.MANIFEST_FILE] + [e["name"] for k in manifest["files"].values()
                                  for e in k])
+
+
+def test_a_full_disk_at_the_manifest_write_keeps_the_earlier_results(
+    tmp_path, tiny_model, sample, capsys, monkeypatch):
+  images = _one_image_folder(tmp_path, sample)
+  output = tmp_path / "out"
+  before, _, _ = _run(output, input=images, model=tiny_model)
+
+  def full_disk(path, data):
+    with open(path, "wb") as handle:
+      handle.write(data[:len(data) // 2])
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(outputs, "_write_local", full_disk)
+  args = ["--input", images, "--model", tiny_model, "--output", str(output)]
+  assert predict.main(args + ["--runner", "DirectRunner"]) == 1
+  err = capsys.readouterr().err
+  assert "No space left on device" in err and "Traceback" not in err
+  assert outputs.read_manifest(str(output)) == before
+  assert len(_listed_rows(str(output), "predictions")) == 3
+  monkeypatch.undo()
+  # The failed run kept its lock; its process ends (here: is made to look
+  # ended), and the next run takes the lock over and cleans up.
+  lock = output / output_folder.LOCK_FILE
+  record = json.loads(lock.read_text())
+  record["pid"] = _dead_pid()
+  lock.write_text(json.dumps(record))
+  manifest, predictions, _ = _run(output, input=images, model=tiny_model)
+  assert len(predictions) == 3
+  assert sorted(p.name for p in output.iterdir()) == sorted(
+      [outputs.MANIFEST_FILE] + [e["name"] for k in manifest["files"].values()
+                                 for e in k])
