@@ -184,13 +184,12 @@ class FolderState:
 
 
 def _read_lock_record(output: str) -> Optional[dict]:
-  if paths.is_remote(output):
-    # On gs:// the lock is read through the lock itself, at acquire time.
-    return None
+  """The lock's record, to tell which run's files are ours (a killed run's
+  are, for the run that will take its lock over)."""
   try:
-    with open(paths.join(output, LOCK_FILE), "rb") as handle:
+    with paths.open_file(paths.join(output, LOCK_FILE)) as handle:
       record = json.loads(handle.read(65536).decode("utf-8"))
-  except (OSError, ValueError):
+  except Exception:  # pylint: disable=broad-except
     return None
   return record if isinstance(record, dict) else None
 
