@@ -22,12 +22,16 @@ METRICS_NAMESPACE = "beam_jobs"
 INPUTS, PREDICTIONS, ERROR_ROWS, SKIPPED = ("inputs", "predictions", "errors",
                                             "skipped")
 COUNTERS = (INPUTS, PREDICTIONS, ERROR_ROWS, SKIPPED)
+# Rows whose id an earlier row of the same run had; reported apart from the
+# counts, since such rows are still predictions or errors.
+DUPLICATE_IDS = "duplicate_ids"
 
 
 def counter(name: str):
-  """One of the pipeline's Beam counters, by its name in COUNTERS."""
-  if name not in COUNTERS:
-    raise ValueError(f"unknown counter {name!r}: expected one of {COUNTERS}")
+  """One of the pipeline's Beam counters, by its name."""
+  if name not in COUNTERS + (DUPLICATE_IDS,):
+    raise ValueError(f"unknown counter {name!r}: expected one of "
+                     f"{COUNTERS + (DUPLICATE_IDS,)}")
   return beam.metrics.Metrics.counter(METRICS_NAMESPACE, name)
 
 

@@ -18,8 +18,9 @@ from beam_jobs.sources import ReadParquetImages
 from model.card import ModelCard
 
 
-def read_inputs(pipeline, config: PredictConfig, card: ModelCard):
-  skip = ExistingIds(outputs.predictions_glob(config.output),
+def read_inputs(pipeline, config: PredictConfig, card: ModelCard,
+                skip_files=()):
+  skip = ExistingIds(list(skip_files),
                      card.model_id) if config.skip_existing else None
   if config.input_format == "parquet":
     return pipeline | "ReadParquetImages" >> ReadParquetImages(
@@ -30,9 +31,10 @@ def read_inputs(pipeline, config: PredictConfig, card: ModelCard):
 
 
 def build_pipeline(pipeline, config: PredictConfig, card: ModelCard,
-                   run_id: str) -> None:
-  """Wires the graph; `run_id` names this run's output shards."""
-  read = read_inputs(pipeline, config, card)
+                   run_id: str, skip_files=()) -> None:
+  """Wires the graph; `run_id` names this run's output shards, and with
+  --skip_existing `skip_files` are the earlier prediction shards kept."""
+  read = read_inputs(pipeline, config, card, skip_files)
   preprocessed = read.images | "Preprocess" >> Preprocess(
       card, config.max_image_pixels)
   handler = ImageClassifierHandler(config.model, config.engine,
@@ -48,6 +50,11 @@ def build_pipeline(pipeline, config: PredictConfig, card: ModelCard,
   errors = ((read.errors, preprocessed.errors, formatted.errors)
             | "CollectErrors" >> beam.Flatten())
   _ = errors | "WriteErrors" >> outputs.WriteErrors(config.output, run_id)
+  if config.input_format == "parquet" and config.id_column:
+    # File paths and SHARD#ROW ids are unique by construction; ids from a
+    # column are data, and repeats are counted for the manifest.
+    _ = ((formatted.tables, errors)
+         | "CountDuplicateIds" >> outputs.CountDuplicateIds())
   if config.bigquery_table:
     _ = formatted.tables | "WritePredictionsToBigQuery" >> (
         outputs.WriteBigQuery(
