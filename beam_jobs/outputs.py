@@ -7,7 +7,6 @@ success: a failed run leaves no half-written visible files.
 
 import json
 import os
-import zlib
 from typing import Optional
 
 import apache_beam as beam
@@ -22,6 +21,7 @@ from beam_jobs.contracts import ERRORS
 from beam_jobs.contracts import PREDICTIONS
 from beam_jobs.contracts import BatchResult
 from beam_jobs.contracts import counter
+from beam_jobs.contracts import id_bucket
 from model.card import ModelCard
 from model.paths import is_remote
 from model.paths import join
@@ -133,8 +133,7 @@ ID_GROUPS = 64
 def _id_groups(ids: list):
   groups = {}
   for id_ in ids:
-    groups.setdefault(zlib.crc32(id_.encode("utf-8", "backslashreplace"))
-                      % ID_GROUPS, []).append(id_)
+    groups.setdefault(id_bucket(id_, ID_GROUPS), []).append(id_)
   return groups.items()
 
 

@@ -12,16 +12,17 @@ from beam_jobs.config import PredictConfig
 from beam_jobs.inference import ImageClassifierHandler
 from beam_jobs.contracts import ERRORS
 from beam_jobs.preprocess import Preprocess
-from beam_jobs.sources import ExistingIds
+from beam_jobs.skip_existing import SkipExisting
 from beam_jobs.sources import ReadImageFiles
 from beam_jobs.sources import ReadParquetImages
 from model.card import ModelCard
 
 
 def read_inputs(pipeline, config: PredictConfig, card: ModelCard,
-                skip_files=()):
-  skip = ExistingIds(list(skip_files),
-                     card.model_id) if config.skip_existing else None
+                skip_files=(), skip_rows=None):
+  # With nothing kept from before there is nothing to skip, and no join.
+  skip = SkipExisting(list(skip_files), card.model_id, skip_rows) if (
+      config.skip_existing and skip_files) else None
   if config.input_format == "parquet":
     return pipeline | "ReadParquetImages" >> ReadParquetImages(
         config.input, card.input_shape, config.image_column, config.id_column,
@@ -31,10 +32,11 @@ def read_inputs(pipeline, config: PredictConfig, card: ModelCard,
 
 
 def build_pipeline(pipeline, config: PredictConfig, card: ModelCard,
-                   run_id: str, skip_files=()) -> None:
+                   run_id: str, skip_files=(), skip_rows=None) -> None:
   """Wires the graph; `run_id` names this run's output shards, and with
-  --skip_existing `skip_files` are the earlier prediction shards kept."""
-  read = read_inputs(pipeline, config, card, skip_files)
+  --skip_existing `skip_files` are the earlier prediction shards kept
+  (holding `skip_rows` rows, when known)."""
+  read = read_inputs(pipeline, config, card, skip_files, skip_rows)
   preprocessed = read.images | "Preprocess" >> Preprocess(
       card, config.max_image_pixels)
   handler = ImageClassifierHandler(config.model, config.engine,
