@@ -5,7 +5,9 @@ one line naming what was expected.
 """
 
 import argparse
+import csv
 import dataclasses
+import io
 import re
 from typing import Optional
 
@@ -23,6 +25,8 @@ from model import preprocessing
 DEFAULT_TOP_K = 3
 ENGINE_CHOICES = ("auto",) + engines.ENGINES
 INPUT_FORMATS = ("auto", "images", "parquet")
+# What input_format becomes with --input_list.
+LIST_FORMAT = "list"
 _BIGQUERY_TABLE = re.compile(r"^[a-z][a-z0-9.:-]*[a-z0-9]:\w+\.[\w$-]+$")
 
 
@@ -32,7 +36,9 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class PredictConfig:
-  input: str
+  # One of `input` (a folder, glob or shards) and `input_list` (lists of
+  # image URIs).
+  input: Optional[str]
   model: str
   output: str
   input_format: str = "auto"
@@ -49,20 +55,33 @@ class PredictConfig:
   overwrite: bool = False
   skip_existing: bool = False
   bigquery_table: Optional[str] = None
+  input_list: Optional[str] = None
+  uri_column: str = "uri"
 
   def resolved_format(self) -> str:
+    if self.input_list:
+      return LIST_FORMAT
     if self.input_format != "auto":
       return self.input_format
     return "parquet" if self.input.endswith(".parquet") else "images"
 
   def validate(self) -> card_lib.ModelCard:
     """Checks everything that can be checked before any work; returns the card."""
-    for name in ("input", "model", "output"):
-      _check_scheme(name, getattr(self, name))
-      setattr(self, name, paths.absolute(getattr(self, name)))
-    self.input_format = self.resolved_format()
-    if self.input_format not in INPUT_FORMATS:
+    if bool(self.input) == bool(self.input_list):
+      raise ConfigError("pass one of --input (an image folder, a glob, or "
+                        "Parquet shards) and --input_list (lists of image "
+                        "URIs)")
+    if self.input_list and self.input_format not in ("auto", LIST_FORMAT):
+      raise ConfigError("--input_format is for --input; each list file's "
+                        "format comes from its name (.parquet, .csv, else "
+                        "text)")
+    for name in ("input", "input_list", "model", "output"):
+      if getattr(self, name):
+        _check_scheme(name, getattr(self, name))
+        setattr(self, name, paths.absolute(getattr(self, name)))
+    if self.input_format not in INPUT_FORMATS + (LIST_FORMAT,):
       raise ConfigError(f"--input_format must be one of {INPUT_FORMATS}")
+    self.input_format = self.resolved_format()
     if self.engine not in ENGINE_CHOICES:
       raise ConfigError(f"--engine must be one of {ENGINE_CHOICES}")
     for name in ("batch_size", "top_k"):
@@ -81,17 +100,20 @@ class PredictConfig:
       raise ConfigError("--skip_existing keeps earlier results and --overwrite "
                         "replaces them; pass one of them")
     card = self._load_card()
-    pattern = (self.input if self.input_format == "parquet" else
-               paths.expand_pattern(self.input))
+    flag, pattern = ("input_list", self.input_list) if self.input_list else (
+        "input", self.input if self.input_format == "parquet" else
+        paths.expand_pattern(self.input))
     # One match is enough to know the input is there; the pipeline lists all.
     matched = paths.match_paths(pattern, limit=1)
     if not matched:
-      kind = ("Parquet shards" if self.input_format == "parquet" else
-              "image files")
-      raise ConfigError(f"--input {self.input} matches no files: expected "
-                        f"{kind}")
+      kind = {"parquet": "Parquet shards", "images": "image files",
+              LIST_FORMAT: "text, CSV or Parquet lists of image URIs"}
+      raise ConfigError(f"--{flag} {getattr(self, flag)} matches no files: "
+                        f"expected {kind[self.input_format]}")
     if self.input_format == "parquet":
       self._check_columns(matched[0])
+    elif self.input_format == LIST_FORMAT:
+      self._check_list_columns(matched[0])
     self._check_output(card)
     return card
 
@@ -141,6 +163,33 @@ class PredictConfig:
       raise ConfigError(f"--image_column {self.image_column!r} of "
                         f"{shard_path} {problem}")
 
+  def _check_list_columns(self, list_path: str) -> None:
+    """The --uri_column (and --label_column) of the first list file."""
+    kind = sources.list_format(list_path)
+    if kind == "text":
+      if self.label_column:
+        raise ConfigError(
+            f"--label_column {self.label_column!r}: {list_path} is a text "
+            "list, one URI per line with no columns; give labels in a CSV or "
+            "Parquet list")
+      return
+    try:
+      with paths.open_file(list_path) as handle:
+        if kind == "parquet":
+          names = pq.ParquetFile(handle).schema_arrow.names
+        else:
+          text = io.TextIOWrapper(handle, encoding="utf-8-sig",
+                                  errors="replace", newline="")
+          names = next(csv.reader(text), [])
+    except Exception:  # pylint: disable=broad-except
+      # An unreadable list is reported by the pipeline, as one error row.
+      return
+    for flag in ("uri_column", "label_column"):
+      column = getattr(self, flag)
+      if column and column not in names:
+        raise ConfigError(f"--{flag} {column!r} is not a column of "
+                          f"{list_path}; it has {names}")
+
   def _check_output(self, card: card_lib.ModelCard) -> None:
     """What the folder holds: beam_jobs/output_folder.py decides."""
     try:
@@ -187,9 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
       description="Classify images from a directory or Parquet shards; any "
       "other flag (--runner, --direct_num_workers, --project, ...) goes to "
       "Beam's PipelineOptions.")
-  parser.add_argument("--input", required=True,
+  parser.add_argument("--input", default=None,
                       help="image directory or glob, or a glob of .parquet "
                       "shards (local or gs://)")
+  parser.add_argument("--input_list", default=None,
+                      help="instead of --input: a glob of list files of "
+                      "image URIs, by name .txt (one per line), .csv or "
+                      ".parquet (columns --uri_column, --id_column, "
+                      "--label_column)")
+  parser.add_argument("--uri_column", default="uri",
+                      help="CSV or Parquet list column with the image URIs")
   parser.add_argument("--model", required=True,
                       help="model folder written by python -m model.train or "
                       "python -m model.adopt")

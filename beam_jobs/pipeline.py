@@ -14,6 +14,7 @@ from beam_jobs.contracts import ERRORS
 from beam_jobs.preprocess import Preprocess
 from beam_jobs.skip_existing import SkipExisting
 from beam_jobs.sources import ReadImageFiles
+from beam_jobs.sources import ReadInputList
 from beam_jobs.sources import ReadParquetImages
 from model.card import ModelCard
 
@@ -23,6 +24,10 @@ def read_inputs(pipeline, config: PredictConfig, card: ModelCard,
   # With nothing kept from before there is nothing to skip, and no join.
   skip = SkipExisting(list(skip_files), card.model_id, skip_rows) if (
       config.skip_existing and skip_files) else None
+  if config.input_list:
+    return pipeline | "ReadInputList" >> ReadInputList(
+        config.input_list, config.uri_column, config.id_column,
+        config.label_column, config.batch_size, skip)
   if config.input_format == "parquet":
     return pipeline | "ReadParquetImages" >> ReadParquetImages(
         config.input, card.input_shape, config.image_column, config.id_column,
@@ -52,9 +57,10 @@ def build_pipeline(pipeline, config: PredictConfig, card: ModelCard,
   errors = ((read.errors, preprocessed.errors, formatted.errors)
             | "CollectErrors" >> beam.Flatten())
   _ = errors | "WriteErrors" >> outputs.WriteErrors(config.output, run_id)
-  if config.input_format == "parquet" and config.id_column:
+  if config.input_list or (config.input_format == "parquet" and
+                           config.id_column):
     # File paths and SHARD#ROW ids are unique by construction; ids from a
-    # column are data, and repeats are counted for the manifest.
+    # column or a list are data, and repeats are counted for the manifest.
     _ = ((formatted.tables, errors)
          | "CountDuplicateIds" >> outputs.CountDuplicateIds())
   if config.bigquery_table:
