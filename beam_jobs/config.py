@@ -13,6 +13,7 @@ from typing import Optional
 
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.options import pipeline_options as beam_options
 
 from beam_jobs import output_folder
 from beam_jobs import sources
@@ -25,6 +26,7 @@ from model import preprocessing
 DEFAULT_TOP_K = 3
 ENGINE_CHOICES = ("auto",) + engines.ENGINES
 INPUT_FORMATS = ("auto", "images", "parquet")
+DATAFLOW_RUNNERS = ("DataflowRunner", "TestDataflowRunner")
 # What input_format becomes with --input_list.
 LIST_FORMAT = "list"
 _BIGQUERY_TABLE = re.compile(r"^[a-z][a-z0-9.:-]*[a-z0-9]:\w+\.[\w$-]+$")
@@ -65,8 +67,10 @@ class PredictConfig:
       return self.input_format
     return "parquet" if self.input.endswith(".parquet") else "images"
 
-  def validate(self) -> card_lib.ModelCard:
-    """Checks everything that can be checked before any work; returns the card."""
+  def validate(self, offline: bool = False) -> card_lib.ModelCard:
+    """Checks everything that can be checked before any work; returns the
+    card. `offline` (a dry run) skips the checks of a remote input or
+    output, which need the network."""
     if bool(self.input) == bool(self.input_list):
       raise ConfigError("pass one of --input (an image folder, a glob, or "
                         "Parquet shards) and --input_list (lists of image "
@@ -103,6 +107,9 @@ class PredictConfig:
     flag, pattern = ("input_list", self.input_list) if self.input_list else (
         "input", self.input if self.input_format == "parquet" else
         paths.expand_pattern(self.input))
+    if offline and paths.is_remote(pattern):
+      self._check_output(card, offline)
+      return card
     # One match is enough to know the input is there; the pipeline lists all.
     matched = paths.match_paths(pattern, limit=1)
     if not matched:
@@ -114,7 +121,7 @@ class PredictConfig:
       self._check_columns(matched[0])
     elif self.input_format == LIST_FORMAT:
       self._check_list_columns(matched[0])
-    self._check_output(card)
+    self._check_output(card, offline)
     return card
 
   def _load_card(self) -> card_lib.ModelCard:
@@ -190,13 +197,55 @@ class PredictConfig:
         raise ConfigError(f"--{flag} {column!r} is not a column of "
                           f"{list_path}; it has {names}")
 
-  def _check_output(self, card: card_lib.ModelCard) -> None:
+  def _check_output(self, card: card_lib.ModelCard,
+                    offline: bool = False) -> None:
     """What the folder holds: beam_jobs/output_folder.py decides."""
+    if offline and paths.is_remote(self.output):
+      return
     try:
       output_folder.check(output_folder.inspect(self.output), card.model_id,
                           self.overwrite)
     except output_folder.FolderError as error:
       raise ConfigError(str(error)) from None
+
+
+def runner_name(options) -> str:
+  """The runner Beam's options name, without its module."""
+  runner = options.view_as(beam_options.StandardOptions).runner or (
+      "DirectRunner")
+  return runner.rsplit(".", 1)[-1] if isinstance(runner, str) else (
+      type(runner).__name__)
+
+
+def is_dataflow_dry_run(options) -> bool:
+  """Whether Dataflow will build the job and submit nothing (--dry_run, as
+  the DataflowRunner reads it: any value but none)."""
+  return runner_name(options) in DATAFLOW_RUNNERS and bool(
+      options.view_as(beam_options.TestOptions).dry_run)
+
+
+def check_workers(config: PredictConfig, card: card_lib.ModelCard,
+                  options) -> None:
+  """Refuses a Dataflow job whose workers would lack TensorFlow.
+
+  --setup_file installs the slim serving package on each worker (LiteRT,
+  Pillow, Beam: no TensorFlow); the Keras and SavedModel engines and the
+  tensorflow decoder need TensorFlow, which a worker image or a
+  requirements file must bring.
+  """
+  if runner_name(options) not in DATAFLOW_RUNNERS or (
+      not engines.needs_tensorflow(card, config.engine)):
+    return
+  if (options.view_as(beam_options.WorkerOptions).sdk_container_image or
+      options.view_as(beam_options.SetupOptions).requirements_file):
+    return
+  what = (f"--engine {config.engine}" if config.engine in
+          engines.TENSORFLOW_ENGINES else "the model's tensorflow decoder")
+  raise ConfigError(
+      f"{what} needs TensorFlow on the Dataflow workers, and --setup_file "
+      "installs the package without it: pass --sdk_container_image with an "
+      "image built from dataflow/worker.Dockerfile with EXTRAS=tensorflow "
+      "(docs/dataflow.md), or --requirements_file naming tensorflow")
 
 
 def _check_scheme(flag: str, path: str) -> None:

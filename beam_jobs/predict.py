@@ -72,8 +72,12 @@ def run(config: config_lib.PredictConfig, beam_args=None) -> dict:
   until its manifest is written; beam_jobs/output_folder.py says what it may
   replace and delete there.
   """
-  card = config.validate()
   options = PipelineOptions(beam_args or [])
+  dry_run = config_lib.is_dataflow_dry_run(options)
+  card = config.validate(offline=dry_run)
+  config_lib.check_workers(config, card, options)
+  if dry_run:
+    return _dry_run(config, card, options)
   run_id = output_folder.new_run_id()
   lock = output_folder.OutputLock(config.output, run_id)
   inherited = lock.acquire()
@@ -87,8 +91,7 @@ def run(config: config_lib.PredictConfig, beam_args=None) -> dict:
   keep = state.kept_predictions() if config.skip_existing else []
   started = time.time()
   pipeline = beam.Pipeline(options=options)
-  build_pipeline(pipeline, config, card, run_id,
-                 [paths.join(config.output, entry["name"]) for entry in keep])
+  build_pipeline(pipeline, config, card, run_id, *_skip_arguments(config, keep))
   try:
     result = pipeline.run()
     result.wait_until_finish()
@@ -143,6 +146,45 @@ def run(config: config_lib.PredictConfig, beam_args=None) -> dict:
   return manifest
 
 
+def _skip_arguments(config: config_lib.PredictConfig, keep: list) -> tuple:
+  """build_pipeline's skip_files and skip_rows for the kept shards."""
+  return ([paths.join(config.output, entry["name"]) for entry in keep],
+          sum(entry.get("rows") or 0 for entry in keep))
+
+
+def _dry_run(config: config_lib.PredictConfig, card, options) -> dict:
+  """Builds the Dataflow job and submits nothing (Dataflow's --dry_run).
+
+  Nothing is written: no lock, no manifest. A remote input or output is
+  not listed (that needs the network), so with a gs:// output the job is
+  built without the --skip_existing join.
+  """
+  keep = []
+  if config.skip_existing and not paths.is_remote(config.output):
+    keep = output_folder.inspect(config.output).kept_predictions()
+  pipeline = beam.Pipeline(options=options)
+  build_pipeline(pipeline, config, card, output_folder.new_run_id(),
+                 *_skip_arguments(config, keep))
+  result = pipeline.run()
+  job = getattr(result, "job", None)
+  return {
+      "dry_run": True,
+      "transforms": len(job.proto_pipeline.components.transforms) if job
+                    else None,
+      "unchecked": [f"--{flag} {value}" for flag, value in (
+          ("input", config.input), ("input_list", config.input_list),
+          ("output", config.output)) if value and paths.is_remote(value)],
+  }
+
+
+def dry_run_line(report: dict, output: str) -> str:
+  unchecked = (f"; not checked offline: {', '.join(report['unchecked'])}"
+               if report["unchecked"] else "")
+  return (f"dry run: the Dataflow job was built ({report['transforms']} "
+          f"transforms) and not submitted; nothing was written to {output}"
+          f"{unchecked}")
+
+
 def main(argv=None) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
@@ -155,6 +197,9 @@ def main(argv=None) -> int:
   except PipelineError as error:
     print(f"beam_jobs.predict: error: {error}", file=sys.stderr)
     return 1
+  if manifest.get("dry_run"):
+    print(dry_run_line(manifest, config.output))
+    return 0
   counts = manifest["counts"]
   skipped = (f" ({counts['skipped']} already predicted, skipped)"
              if counts["skipped"] else "")
