@@ -6,7 +6,8 @@ as plain rows beside them. Every stage imports these names from here.
 """
 
 import dataclasses
-from typing import Optional
+import re
+from typing import Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -22,18 +23,84 @@ METRICS_NAMESPACE = "beam_jobs"
 INPUTS, PREDICTIONS, ERROR_ROWS, SKIPPED = ("inputs", "predictions", "errors",
                                             "skipped")
 COUNTERS = (INPUTS, PREDICTIONS, ERROR_ROWS, SKIPPED)
+# Of the predictions: those whose given label names a class, and those whose
+# given label matches none (the rest came without a label).
+LABELLED, UNMATCHED_LABELS = "labelled", "unmatched_labels"
+LABEL_COUNTERS = (LABELLED, UNMATCHED_LABELS)
 
 
 def counter(name: str):
-  """One of the pipeline's Beam counters, by its name in COUNTERS."""
-  if name not in COUNTERS:
-    raise ValueError(f"unknown counter {name!r}: expected one of {COUNTERS}")
+  """One of the pipeline's Beam counters, by its name in COUNTERS or
+  LABEL_COUNTERS."""
+  if name not in COUNTERS + LABEL_COUNTERS:
+    raise ValueError(f"unknown counter {name!r}: expected one of "
+                     f"{COUNTERS + LABEL_COUNTERS}")
   return beam.metrics.Metrics.counter(METRICS_NAMESPACE, name)
+
+
+_DIGITS = re.compile(r"[0-9]+")
+
+
+class LabelMatcher:
+  """Turns the labels inputs come with into the model's class names.
+
+  A class name matches itself. An integer, or a string of digits, is a class
+  index (Fashion-MNIST and Keras' datasets store labels as 0-9), unless some
+  class name is itself a string of digits (class folders named 0-9): then
+  names alone match, so no value can mean two classes. Anything else (an
+  index out of range, a name the model does not know) matches no class.
+  """
+
+  def __init__(self, class_names: Sequence[str]):
+    self._names = {name: name for name in class_names}
+    self._by_index = ({} if any(_DIGITS.fullmatch(n) for n in class_names)
+                      else dict(enumerate(class_names)))
+
+  def match(self, value) -> Optional[str]:
+    """The class name `value` stands for, or None."""
+    if value is None or isinstance(value, bool):
+      return None
+    if isinstance(value, str):
+      name = self._names.get(value)
+      if name is None and _DIGITS.fullmatch(value):
+        name = self._by_index.get(int(value))
+      return name
+    if isinstance(value, float):
+      # Integer columns with nulls arrive from pandas as floats: 3.0 is 3.
+      return self._by_index.get(int(value)) if value.is_integer() else None
+    if isinstance(value, int):
+      return self._by_index.get(value)
+    return None
+
+  def match_all(self, values: Sequence):
+    """For a batch: (class names or None, the labels as text, how many
+    matched a class, how many were given but matched none)."""
+    if all(value is None for value in values):
+      nothing = [None] * len(values)
+      return nothing, nothing, 0, 0
+    names = [self.match(value) for value in values]
+    given = [given_label(value) for value in values]
+    labelled = sum(name is not None for name in names)
+    return (names, given, labelled,
+            sum(text is not None for text in given) - labelled)
+
+
+def given_label(value) -> Optional[str]:
+  """A label as its source gave it, as text (3.0 from a float column is 3)."""
+  if value is None:
+    return None
+  if isinstance(value, float) and value.is_integer():
+    return str(int(value))
+  return str(value)
 
 
 @dataclasses.dataclass
 class ImageBatch:
-  """Images with their ids, where they came from and their known labels.
+  """Images with their ids, where they came from and their given labels.
+
+  `true_labels` holds each input's label as its source gave it (a class
+  folder's name, a label column's value, or None); FormatPredictions matches
+  them to the card's class names.
 
   Sources fill `encoded` (image file bytes) or `pixels` (raw uint8 rows);
   preprocessing turns either into `pixels` of shape (N, H, W, C).

@@ -10,7 +10,9 @@ from apache_beam.ml.inference.base import RunInference
 from beam_jobs import outputs
 from beam_jobs.config import PredictConfig
 from beam_jobs.inference import ImageClassifierHandler
+from beam_jobs.contracts import ERROR_ROWS
 from beam_jobs.contracts import ERRORS
+from beam_jobs.contracts import PREDICTIONS
 from beam_jobs.preprocess import Preprocess
 from beam_jobs.sources import ExistingIds
 from beam_jobs.sources import ReadImageFiles
@@ -30,8 +32,12 @@ def read_inputs(pipeline, config: PredictConfig, card: ModelCard):
 
 
 def build_pipeline(pipeline, config: PredictConfig, card: ModelCard,
-                   run_id: str) -> None:
-  """Wires the graph; `run_id` names this run's output shards."""
+                   run_id: str, progress=None) -> None:
+  """Wires the graph; `run_id` names this run's output shards.
+
+  With `progress` (a progress.ProgressReporter, for local runs) the
+  predictions and the error rows are also counted for progress lines.
+  """
   read = read_inputs(pipeline, config, card)
   preprocessed = read.images | "Preprocess" >> Preprocess(
       card, config.max_image_pixels)
@@ -48,6 +54,11 @@ def build_pipeline(pipeline, config: PredictConfig, card: ModelCard,
   errors = ((read.errors, preprocessed.errors, formatted.errors)
             | "CollectErrors" >> beam.Flatten())
   _ = errors | "WriteErrors" >> outputs.WriteErrors(config.output, run_id)
+  if progress is not None:
+    _ = formatted.tables | "ProgressPredictions" >> beam.ParDo(
+        progress.counter(PREDICTIONS))
+    _ = errors | "ProgressErrors" >> beam.ParDo(
+        progress.counter(ERROR_ROWS))
   if config.bigquery_table:
     _ = formatted.tables | "WritePredictionsToBigQuery" >> (
         outputs.WriteBigQuery(

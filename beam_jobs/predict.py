@@ -8,6 +8,7 @@ Usage:
 Writes predictions-*.parquet, errors-*.parquet and _run.json to OUTPUT_DIR.
 """
 
+import contextlib
 import dataclasses
 import glob
 import logging
@@ -15,6 +16,7 @@ import os
 import sys
 import time
 import uuid
+from typing import Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -26,7 +28,10 @@ from beam_jobs import contracts
 from beam_jobs import outputs
 from beam_jobs.inference import METRICS_NAMESPACE as INFERENCE_NAMESPACE
 from beam_jobs.pipeline import build_pipeline
+from beam_jobs.progress import ProgressReporter
+from beam_jobs.progress import runs_locally
 from model import card as card_lib
+from model import cli
 from model import paths
 
 
@@ -39,20 +44,25 @@ class PipelineError(RuntimeError):
   """The pipeline itself failed; its outputs were not committed."""
 
 
-def read_counts(pipeline_result) -> dict:
-  """Inputs, predictions, errors, skips and model loads from Beam metrics."""
+def read_counts(pipeline_result) -> tuple:
+  """From Beam metrics: (inputs, predictions, errors, skips and model loads;
+  predictions with a label that matched a class and with one that did not).
+  """
   counts = dict.fromkeys(contracts.COUNTERS + ("model_loads",), 0)
+  labels = dict.fromkeys(contracts.LABEL_COUNTERS, 0)
   metrics = pipeline_result.metrics().query(MetricsFilter())
   for counter in metrics["counters"]:
-    if counter.key.metric.namespace == contracts.METRICS_NAMESPACE and (
-        counter.key.metric.name in counts):
-      counts[counter.key.metric.name] += _metric_value(counter)
+    if counter.key.metric.namespace != contracts.METRICS_NAMESPACE:
+      continue
+    for totals in (counts, labels):
+      if counter.key.metric.name in totals:
+        totals[counter.key.metric.name] += _metric_value(counter)
   # RunInference records one load-latency sample per model load.
   for distribution in metrics["distributions"]:
     if (distribution.key.metric.namespace == INFERENCE_NAMESPACE and
         distribution.key.metric.name.endswith("load_model_latency_milli_secs")):
       counts["model_loads"] += _metric_value(distribution)
-  return counts
+  return counts, labels
 
 
 def clear_previous_outputs(output: str, keep_predictions: bool) -> None:
@@ -78,19 +88,27 @@ def clear_previous_outputs(output: str, keep_predictions: bool) -> None:
     FileSystems.delete(stale + sorted(staging))
 
 
-def run(config: config_lib.PredictConfig, beam_args=None) -> dict:
-  """Validates, runs the pipeline to the end, and writes the manifest."""
+def run(config: config_lib.PredictConfig, beam_args=None,
+        progress: Optional[ProgressReporter] = None) -> dict:
+  """Validates, runs the pipeline to the end, and writes the manifest.
+
+  On a local runner, progress lines go to stderr every
+  `config.progress_seconds` unless `progress` brings its own reporter.
+  """
   card = config.validate()
   options = PipelineOptions(beam_args or [])
+  if progress is None and config.progress_seconds and runs_locally(options):
+    progress = ProgressReporter(config.progress_seconds)
   clear_previous_outputs(config.output, keep_predictions=config.skip_existing)
   run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + (
       "-" + uuid.uuid4().hex[:6])
   started = time.time()
   pipeline = beam.Pipeline(options=options)
-  build_pipeline(pipeline, config, card, run_id)
+  build_pipeline(pipeline, config, card, run_id, progress)
   try:
-    result = pipeline.run()
-    result.wait_until_finish()
+    with progress or contextlib.nullcontext():
+      result = pipeline.run()
+      result.wait_until_finish()
   except Exception as error:  # pylint: disable=broad-except
     logging.exception("pipeline failed")
     message = str(error).strip().splitlines()[0][:300] if str(error) else ""
@@ -98,14 +116,19 @@ def run(config: config_lib.PredictConfig, beam_args=None) -> dict:
                         f"{config.output}: {type(error).__name__}: {message}"
                        ) from error
   elapsed = time.time() - started
-  counts = read_counts(result)
+  counts, labels = read_counts(result)
   manifest = {
       "run_id": run_id,
       "model_id": card.model_id,
       "model": card_lib.card_summary(card),
+      "class_names": list(card.class_names),
       "arguments": dataclasses.asdict(config),
       "beam_args": list(beam_args or []),
       "counts": counts,
+      # Of the predictions: labels that named a class (by name or index)
+      # and labels that matched none; the rest came without one.
+      "true_labels": {"matched": labels[contracts.LABELLED],
+                      "unmatched": labels[contracts.UNMATCHED_LABELS]},
       "accounted": counts["inputs"] == counts["predictions"] + counts["errors"],
       "elapsed_seconds": round(elapsed, 3),
       "images_per_second": round(counts["inputs"] / elapsed, 1) if elapsed else None,
@@ -115,10 +138,49 @@ def run(config: config_lib.PredictConfig, beam_args=None) -> dict:
   return manifest
 
 
+def summary_lines(manifest: dict) -> list:
+  """The run in a few lines: counts, time, and what the labels matched."""
+  counts = manifest["counts"]
+  skipped = (f" ({counts['skipped']} already predicted, skipped)"
+             if counts["skipped"] else "")
+  lines = [f"{counts['inputs']} inputs{skipped}: {counts['predictions']} "
+           f"predictions, {counts['errors']} errors, {counts['model_loads']} "
+           f"model load(s) in {manifest['elapsed_seconds']:.1f}s "
+           f"({manifest['images_per_second']} images/s)"]
+  labels = manifest["true_labels"]
+  if labels["matched"] or labels["unmatched"]:
+    lines.append(f"true labels: {labels['matched']} match a class of the "
+                 f"model, {labels['unmatched']} match none")
+  return lines
+
+
+def label_warning(manifest: dict) -> Optional[str]:
+  """A warning when given labels matched no class, else None."""
+  unmatched = manifest["true_labels"]["unmatched"]
+  if not unmatched:
+    return None
+  return (f"{unmatched} true labels match none of the model's "
+          f"{len(manifest['class_names'])} classes by name or index; they "
+          "are kept in the source_label column and not scored")
+
+
+def next_commands(output: str) -> list:
+  report = ("report" if paths.is_remote(output) else
+            output.rstrip("/") + "-report")
+  return [cli.command("python", "-m", "tools.query", output),
+          cli.command("python", "-m", "tools.query", output, "accuracy"),
+          cli.command("python", "-m", "tools.report", output, "--out",
+                      report)]
+
+
 def main(argv=None) -> int:
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-  config, beam_args = config_lib.parse_args(argv)
+  """The command line. Filters library noise off this process's stderr."""
+  try:
+    config, beam_args = config_lib.parse_args(argv)
+  except config_lib.ConfigError as error:
+    print(f"beam_jobs.predict: error: {error}", file=sys.stderr)
+    return 2
+  cli.quiet_libraries(config.verbose)
   try:
     manifest = run(config, beam_args)
   except config_lib.ConfigError as error:
@@ -127,14 +189,13 @@ def main(argv=None) -> int:
   except PipelineError as error:
     print(f"beam_jobs.predict: error: {error}", file=sys.stderr)
     return 1
-  counts = manifest["counts"]
-  skipped = (f" ({counts['skipped']} already predicted, skipped)"
-             if counts["skipped"] else "")
-  print(f"{counts['inputs']} inputs{skipped}: {counts['predictions']} "
-        f"predictions, {counts['errors']} errors, {counts['model_loads']} "
-        "model load(s) in "
-        f"{manifest['elapsed_seconds']:.1f}s "
-        f"({manifest['images_per_second']} images/s) -> {config.output}")
+  for line in summary_lines(manifest):
+    print(line)
+  warning = label_warning(manifest)
+  if warning:
+    print(f"beam_jobs.predict: warning: {warning}", file=sys.stderr)
+  cli.print_next(f"{config.output} (predictions-*.parquet, errors-*.parquet, "
+                 f"{outputs.MANIFEST_FILE})", next_commands(config.output))
   if not manifest["accounted"]:
     print("beam_jobs.predict: error: inputs != predictions + errors; "
           f"see {outputs.MANIFEST_FILE}", file=sys.stderr)

@@ -238,9 +238,10 @@ class _ReadParquetShard(beam.DoFn):
       if not rows:
         return
     counter(INPUTS).inc(rows)
+    # Labels stay as the column holds them (names, indices); they are
+    # matched to class names when predictions are formatted.
     labels = (record_batch.column(self._label_column).to_pylist()
               if self._label_column else [None] * rows)
-    labels = [None if label is None else str(label) for label in labels]
     images = record_batch.column(self._image_column)
     batch = ImageBatch(ids=ids, sources=[path] * rows, true_labels=labels)
     if pa.types.is_binary(images.type) or pa.types.is_large_binary(images.type):

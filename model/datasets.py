@@ -201,16 +201,18 @@ def write_png_folder(split: Split, class_names: list, out_dir: str) -> int:
 
 def main(argv=None) -> int:
   """Writes a Fashion-MNIST split as a PNG folder, for the pipeline to read."""
-  import argparse  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
-  parser = argparse.ArgumentParser(
+  from model import cli  # pylint: disable=import-outside-toplevel
+  parser = cli.ArgumentParser(
       prog="python -m model.datasets",
       description="Write a Fashion-MNIST split as PNG files in class folders.")
   parser.add_argument("--data", default=None,
-                      help="folder of the four IDX files; omit for Keras' loader")
-  parser.add_argument("--split", default="test", choices=["train", "test"])
+                      help="folder of the four IDX files (default: none, "
+                      "Keras' loader, which downloads)")
+  parser.add_argument("--split", default="test", choices=["train", "test"],
+                      help="which split to write")
   parser.add_argument("--limit", type=int, default=None,
-                      help="write only the first N images")
+                      help="write only the first N images (default: all)")
   parser.add_argument("--to_png", required=True, help="output folder")
   args = parser.parse_args(argv)
   try:

@@ -6,7 +6,6 @@ Usage:
   python -m model.train --data ../shared/data/flowers --output models/flowers
 """
 
-import argparse
 import logging
 import os
 import sys
@@ -14,6 +13,7 @@ import time
 
 import numpy as np
 
+from model import cli
 from model import datasets
 
 DEFAULT_SEED = 0
@@ -21,6 +21,7 @@ DEFAULT_VALIDATION_SPLIT = 0.2
 DEFAULT_IMAGE_SIZE = 64
 MIN_TRAIN_IMAGES = 20
 MIN_IMAGES_PER_CLASS = 2
+_LOG = logging.getLogger("model.train")
 
 
 def load_dataset(data: str, image_size: int, color_mode: str,
@@ -123,8 +124,8 @@ def train(dataset: datasets.Dataset, architecture: str, output: str,
                       shuffle=False, verbose=verbose)
   seconds = time.monotonic() - started
   loss, accuracy = model.evaluate(test_data, verbose=0)
-  logging.info("%s accuracy %.4f after %d epochs in %.0fs", dataset.test_name,
-               accuracy, epochs, seconds)
+  _LOG.info("%s accuracy %.4f after %d epochs in %.0fs", dataset.test_name,
+            accuracy, epochs, seconds)
 
   return export.export_model(
       model, output,
@@ -157,43 +158,56 @@ def train(dataset: datasets.Dataset, architecture: str, output: str,
       history=history.history)
 
 
-def parse_args(argv):
-  parser = argparse.ArgumentParser(
-      prog="python -m model.train", description=__doc__,
-      formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> cli.ArgumentParser:
+  parser = cli.ArgumentParser(prog="python -m model.train",
+                              description=__doc__)
   parser.add_argument(
       "--data", default=None,
-      help="Fashion-MNIST IDX folder or folder of class sub-folders; "
-      "omit to use keras.datasets.fashion_mnist")
+      help="Fashion-MNIST IDX folder or folder of class sub-folders "
+      "(default: none, keras.datasets.fashion_mnist, which downloads)")
   parser.add_argument("--output", required=True, help="model folder to write")
   parser.add_argument("--architecture", default=None,
-                      help="a name from model/architectures.py: tutorial_mlp, "
-                      "tutorial_cnn, fashion_cnn (default for Fashion-MNIST), "
-                      "photo_cnn or photo_xception (default for image folders)")
-  parser.add_argument("--epochs", type=int, default=None)
-  parser.add_argument("--batch_size", type=int, default=None)
-  parser.add_argument("--learning_rate", type=float, default=None)
+                      help="a recipe from model/architectures.py: "
+                      "tutorial_mlp, tutorial_cnn, fashion_cnn, photo_cnn or "
+                      "photo_xception (default: fashion_cnn for "
+                      "Fashion-MNIST, photo_xception for image folders)")
+  parser.add_argument("--epochs", type=int, default=None,
+                      help="passes over the training images (default: the "
+                      "architecture's own)")
+  parser.add_argument("--batch_size", type=int, default=None,
+                      help="images per training step (default: the "
+                      "architecture's own)")
+  parser.add_argument("--learning_rate", type=float, default=None,
+                      help="peak of the cosine schedule (default: the "
+                      "architecture's own)")
   parser.add_argument("--image_size", type=int, default=DEFAULT_IMAGE_SIZE,
                       help="square input size for image folders")
   parser.add_argument("--color_mode", default="rgb",
                       choices=["rgb", "grayscale"],
                       help="colour mode for image folders")
   parser.add_argument("--validation_split", type=float,
-                      default=DEFAULT_VALIDATION_SPLIT)
+                      default=DEFAULT_VALIDATION_SPLIT,
+                      help="share of an image folder held out for validation")
   parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
                       help="seeds weights, shuffling and augmentation, and "
                       "the validation split unless --split_seed is given")
   parser.add_argument("--split_seed", type=int, default=None,
                       help="seed of the validation split alone, to compare "
-                      "training seeds on one split")
+                      "training seeds on one split (default: --seed)")
   parser.add_argument("--quiet", action="store_true",
-                      help="no per-epoch progress")
-  return parser.parse_args(argv)
+                      help="no per-epoch lines")
+  parser.add_argument("--verbose", action="store_true",
+                      help="also TensorFlow's and Keras' own log lines")
+  return parser
+
+
+def parse_args(argv):
+  return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
   args = parse_args(argv)
+  cli.quiet_libraries(args.verbose)
   try:
     dataset = load_dataset(args.data, args.image_size, args.color_mode,
                            args.validation_split,
@@ -210,6 +224,12 @@ def main(argv=None) -> int:
   print(f"exported {card.architecture} model {card.model_id} to "
         f"{args.output}: {card.metrics}, TFLite agreement "
         f"{card.tflite['top1_agreement']:.4f}")
+  cli.print_next(
+      f"{args.output} (model.keras, model.tflite, model_card.json, "
+      "training_curves.png)",
+      [cli.command("python", "-m", "beam_jobs.predict", "--input",
+                   "IMAGES_OR_SHARDS", "--model", args.output, "--output",
+                   "OUTPUT_DIR")])
   return 0
 
 
