@@ -44,11 +44,12 @@ _DIGITS = re.compile(r"[0-9]+")
 class LabelMatcher:
   """Turns the labels inputs come with into the model's class names.
 
-  A class name matches itself. An integer, or a string of digits, is a class
-  index (Fashion-MNIST and Keras' datasets store labels as 0-9), unless some
-  class name is itself a string of digits (class folders named 0-9): then
-  names alone match, so no value can mean two classes. Anything else (an
-  index out of range, a name the model does not know) matches no class.
+  A label whose text is a class name matches that class. Otherwise an
+  integer, or a string of digits, is a class index (Fashion-MNIST and Keras'
+  datasets store labels as 0-9), unless some class name is itself a string
+  of digits (class folders named 0-9): then names alone match, so no value
+  can mean two classes. Anything else (an index out of range, a name the
+  model does not know) matches no class.
   """
 
   def __init__(self, class_names: Sequence[str]):
@@ -58,19 +59,15 @@ class LabelMatcher:
 
   def match(self, value) -> Optional[str]:
     """The class name `value` stands for, or None."""
-    if value is None or isinstance(value, bool):
+    return self._match_text(given_label(value))
+
+  def _match_text(self, text: Optional[str]) -> Optional[str]:
+    if text is None:
       return None
-    if isinstance(value, str):
-      name = self._names.get(value)
-      if name is None and _DIGITS.fullmatch(value):
-        name = self._by_index.get(int(value))
-      return name
-    if isinstance(value, float):
-      # Integer columns with nulls arrive from pandas as floats: 3.0 is 3.
-      return self._by_index.get(int(value)) if value.is_integer() else None
-    if isinstance(value, int):
-      return self._by_index.get(value)
-    return None
+    name = self._names.get(text)
+    if name is None and _DIGITS.fullmatch(text):
+      name = self._by_index.get(int(text))
+    return name
 
   def match_all(self, values: Sequence):
     """For a batch: (class names or None, the labels as text, how many
@@ -78,16 +75,17 @@ class LabelMatcher:
     if all(value is None for value in values):
       nothing = [None] * len(values)
       return nothing, nothing, 0, 0
-    names = [self.match(value) for value in values]
     given = [given_label(value) for value in values]
+    names = [self._match_text(text) for text in given]
     labelled = sum(name is not None for name in names)
     return (names, given, labelled,
             sum(text is not None for text in given) - labelled)
 
 
 def given_label(value) -> Optional[str]:
-  """A label as its source gave it, as text (3.0 from a float column is 3)."""
-  if value is None:
+  """A label as its source gave it, as text: 3.0 from a float column (an
+  integer column with nulls, through pandas) is "3"; booleans are no label."""
+  if value is None or isinstance(value, bool):
     return None
   if isinstance(value, float) and value.is_integer():
     return str(int(value))

@@ -181,6 +181,7 @@ def main(argv=None) -> int:
     print(f"beam_jobs.predict: error: {error}", file=sys.stderr)
     return 2
   cli.quiet_libraries(config.verbose)
+  output = config.output  # As the user wrote it; validation makes it absolute.
   try:
     manifest = run(config, beam_args)
   except config_lib.ConfigError as error:
@@ -194,8 +195,8 @@ def main(argv=None) -> int:
   warning = label_warning(manifest)
   if warning:
     print(f"beam_jobs.predict: warning: {warning}", file=sys.stderr)
-  cli.print_next(f"{config.output} (predictions-*.parquet, errors-*.parquet, "
-                 f"{outputs.MANIFEST_FILE})", next_commands(config.output))
+  cli.print_next(f"{output} (predictions-*.parquet, errors-*.parquet, "
+                 f"{outputs.MANIFEST_FILE})", next_commands(output))
   if not manifest["accounted"]:
     print("beam_jobs.predict: error: inputs != predictions + errors; "
           f"see {outputs.MANIFEST_FILE}", file=sys.stderr)

@@ -199,9 +199,7 @@ def write_png_folder(split: Split, class_names: list, out_dir: str) -> int:
   return len(split)
 
 
-def main(argv=None) -> int:
-  """Writes a Fashion-MNIST split as a PNG folder, for the pipeline to read."""
-  import sys  # pylint: disable=import-outside-toplevel
+def build_parser():
   from model import cli  # pylint: disable=import-outside-toplevel
   parser = cli.ArgumentParser(
       prog="python -m model.datasets",
@@ -214,7 +212,13 @@ def main(argv=None) -> int:
   parser.add_argument("--limit", type=int, default=None,
                       help="write only the first N images (default: all)")
   parser.add_argument("--to_png", required=True, help="output folder")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv=None) -> int:
+  """Writes a Fashion-MNIST split as a PNG folder, for the pipeline to read."""
+  import sys  # pylint: disable=import-outside-toplevel
+  args = build_parser().parse_args(argv)
   try:
     dataset = load_fashion_mnist(args.data)
   except (FileNotFoundError, ValueError) as error:

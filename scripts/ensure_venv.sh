@@ -5,10 +5,13 @@ VENV=${VENV:-$ROOT/.venv}
 PYTHON=${PYTHON:-python3}
 STAMP=$VENV/.installed-$(sha256sum "$ROOT/setup.py" | cut -c1-16)
 if [[ ! -f "$STAMP" ]]; then
-  echo "== Installing the project into $VENV (first run takes a few minutes)"
+  echo "== Installing the project into $VENV (first run: about 2 minutes; pip's own progress follows)"
   [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test,gcp]"
+  # pip's own lines (Collecting, Downloading with a bar, Installing) show
+  # that the long install is moving.
+  "$VENV/bin/python" -m pip install --progress-bar on -e "$ROOT[test,gcp]"
+  echo "== Installed; later runs reuse $VENV"
   rm -f "$VENV"/.installed-*
   touch "$STAMP"
 fi

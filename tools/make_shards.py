@@ -85,7 +85,7 @@ def make_shards(input_pattern: str, output_dir: str,
   return written
 
 
-def main(argv=None) -> int:
+def build_parser() -> cli.ArgumentParser:
   parser = cli.ArgumentParser(prog="python -m tools.make_shards",
                               description=__doc__.split("\n\n")[0])
   parser.add_argument("input", help="image directory or glob")
@@ -97,7 +97,11 @@ def main(argv=None) -> int:
   parser.add_argument("--model", default=None,
                       help="write raw pixels of this model's input size "
                       "(default: none, the files' encoded bytes)")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
   try:
     card = card_lib.load_card(args.model) if args.model else None
     written = make_shards(args.input, args.output, args.rows_per_shard, card)

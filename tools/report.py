@@ -355,7 +355,7 @@ th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left}}img{{max-width:100
   return path
 
 
-def main(argv=None) -> int:
+def build_parser() -> cli.ArgumentParser:
   parser = cli.ArgumentParser(prog="python -m tools.report",
                               description=__doc__.split("\n\n")[0])
   parser.add_argument("output_dir", help="the --output folder of a run")
@@ -364,7 +364,11 @@ def main(argv=None) -> int:
                       "replaced, nothing else in it is touched")
   parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
                       help="images per grid")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
   try:
     written = write_report(args.output_dir, args.out, args.samples)
   except query.QueryError as error:
