@@ -22,6 +22,7 @@ from beam_jobs.contracts import BatchResult
 from beam_jobs.contracts import LabelMatcher
 from beam_jobs.contracts import counter
 from model.card import ModelCard
+from model.paths import is_remote
 from model.paths import join
 
 PREDICTIONS_PREFIX = "predictions"
@@ -235,6 +236,12 @@ class WriteBigQuery(beam.PTransform):
 
 def _table_rows(element):
   return element.to_pylist() if isinstance(element, pa.Table) else [element]
+
+
+def report_dir_for(output: str) -> str:
+  """Where the next-step hints suggest a report of `output`: beside a local
+  output folder; tools.report writes locally, so a gs:// one gets ./report."""
+  return "report" if is_remote(output) else output.rstrip("/") + "-report"
 
 
 def write_manifest(output: str, manifest: dict) -> str:

@@ -165,12 +165,10 @@ def label_warning(manifest: dict) -> Optional[str]:
 
 
 def next_commands(output: str) -> list:
-  report = ("report" if paths.is_remote(output) else
-            output.rstrip("/") + "-report")
   return [cli.command("python", "-m", "tools.query", output),
           cli.command("python", "-m", "tools.query", output, "accuracy"),
           cli.command("python", "-m", "tools.report", output, "--out",
-                      report)]
+                      outputs.report_dir_for(output))]
 
 
 def main(argv=None) -> int:

@@ -152,8 +152,12 @@ def _readme_tables() -> dict:
 
 
 def _readme_default(text: str):
-  """A README default cell as the parser's value would print."""
-  text = text.replace("`", "").replace(",", "").strip()
+  """A README default cell as the parser's value: empty (required), none and
+  a default computed at run time (in italics) are None, off is False."""
+  text = text.strip()
+  if text.startswith("*"):
+    return None
+  text = text.replace("`", "").replace(",", "")
   return {"": None, "none": None, "off": False}.get(text, text)
 
 
@@ -168,8 +172,11 @@ def test_readme_flag_tables_match_the_parsers():
     documented = {}
     for row in rows:
       names = re.findall(r"`(--\w+)`", row[0])
-      defaults = [d.strip() for d in row[1].split(",")] if len(names) > 1 and (
-          row[1]) else [row[1]] * len(names)
+      # One default per flag, or one shared by all the row's flags.
+      defaults = [d.strip() for d in row[1].split(",")] if len(names) > 1 else [
+          row[1]]
+      if len(defaults) == 1:
+        defaults = defaults * len(names)
       assert len(defaults) == len(names), (command, row)
       documented.update(zip(names, defaults))
     assert set(documented) == set(flags), (
@@ -180,6 +187,8 @@ def test_readme_flag_tables_match_the_parsers():
       readme = _readme_default(default)
       if expected is None or isinstance(expected, bool):
         assert readme == expected, (command, name, default, expected)
+      elif isinstance(expected, (int, float)):
+        assert float(readme) == expected, (command, name, default, expected)
       else:
         assert readme == str(expected), (command, name, default, expected)
 

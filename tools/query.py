@@ -410,10 +410,8 @@ class Command:
 
 
 def _report_command(output_dir: str) -> str:
-  report = ("report" if paths.is_remote(output_dir) else
-            output_dir.rstrip("/") + "-report")
   return cli.command("python", "-m", "tools.report", output_dir, "--out",
-                     report)
+                     outputs.report_dir_for(output_dir))
 
 
 COMMANDS = {
