@@ -4,7 +4,7 @@
 # DirectRunner, query the results and draw a report.
 #
 # Usage: ./run_local.sh [--data IDX_OR_CLASS_FOLDER] [--images DIR_OR_GLOB]
-#                       [--model MODEL_DIR] [--work DIR] [--engine tflite|keras]
+#                       [--model MODEL_DIR] [--work DIR] [--engine auto|tflite|keras|savedmodel]
 #                       [-- extra flags for beam_jobs.predict]
 #   Each run writes to a new folder DIR/run-YYYYmmdd-HHMMSS (DIR: local_run),
 #   and DIR/latest points to the newest; earlier runs are kept.
@@ -18,7 +18,7 @@ DATA=sample_data/fashion-mnist
 IMAGES=""
 MODEL=""
 WORK=local_run
-ENGINE=tflite
+ENGINE=auto
 EXTRA=()
 while [[ $# -gt 0 ]]; do
   case "$1" in

@@ -22,8 +22,8 @@ from model import engines
 from model import paths
 from model import preprocessing
 
-DEFAULT_ENGINE = "tflite"
 DEFAULT_TOP_K = 3
+ENGINE_CHOICES = ("auto",) + engines.ENGINES
 INPUT_FORMATS = ("auto", "images", "parquet")
 DEFAULT_PROGRESS_SECONDS = 5.0
 # Runners that learn extra pipeline options from their job server at
@@ -43,7 +43,8 @@ class PredictConfig:
   model: str
   output: str
   input_format: str = "auto"
-  engine: str = DEFAULT_ENGINE
+  # auto: the fastest engine the model folder holds.
+  engine: str = "auto"
   batch_size: int = DEFAULT_BATCH_SIZE
   top_k: int = DEFAULT_TOP_K
   write_probabilities: bool = False
@@ -70,8 +71,8 @@ class PredictConfig:
     self.input_format = self.resolved_format()
     if self.input_format not in INPUT_FORMATS:
       raise ConfigError(f"--input_format must be one of {INPUT_FORMATS}")
-    if self.engine not in engines.ENGINES:
-      raise ConfigError(f"--engine must be one of {engines.ENGINES}")
+    if self.engine not in ENGINE_CHOICES:
+      raise ConfigError(f"--engine must be one of {ENGINE_CHOICES}")
     for name in ("batch_size", "top_k"):
       if getattr(self, name) < 1:
         raise ConfigError(f"--{name} must be at least 1")
@@ -106,17 +107,27 @@ class PredictConfig:
     return card
 
   def _load_card(self) -> card_lib.ModelCard:
-    missing = [name for name in card_lib.MODEL_FILES
-               if not FileSystems.exists(paths.join(self.model, name))]
-    if missing:
+    if not FileSystems.exists(paths.join(self.model, card_lib.CARD_FILE)):
+      adopt = adopt_command(self.model)
+      if adopt:
+        raise ConfigError(
+            f"--model {self.model} is a model trained elsewhere, not a model "
+            f"folder; make one first: {adopt}")
       raise ConfigError(
           f"--model {self.model} is not a model folder: missing "
-          f"{', '.join(missing)} (expected the output of python -m model.train)")
+          f"{card_lib.CARD_FILE} (expected the output of python -m "
+          "model.train or python -m model.adopt)")
     try:
       card = card_lib.load_card(self.model)
       card_lib.check_model_files(self.model, card)
     except (ValueError, OSError) as error:
       raise ConfigError(f"--model {self.model}: {error}") from None
+    if self.engine == "auto":
+      self.engine = card.default_engine
+    elif self.engine not in card.engines:
+      raise ConfigError(
+          f"--engine {self.engine}: {self.model} holds no {self.engine} "
+          f"model; it serves with {', '.join(card.engines)}")
     return card
 
   def _check_columns(self, shard_path: str) -> None:
@@ -142,6 +153,20 @@ class PredictConfig:
           "folder or pass --overwrite")
 
 
+def adopt_command(model: str) -> Optional[str]:
+  """The model.adopt command for a model file or SavedModel folder, if
+  `model` is one."""
+  is_file = model.lower().endswith((".keras", ".h5", ".hdf5", ".tflite"))
+  if not ((is_file and FileSystems.exists(model)) or
+          FileSystems.exists(paths.join(model, "saved_model.pb"))):
+    return None
+  name = model.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+  output = paths.join(model.rstrip("/").rsplit("/", 1)[0], name + "_model")
+  return (f"python -m model.adopt {model.rstrip('/')} --output {output} "
+          "--class_names NAME,NAME,... [--input_scale raw|unit|symmetric|"
+          "caffe|torch]")
+
+
 def build_parser() -> cli.ArgumentParser:
   parser = cli.ArgumentParser(
       prog="python -m beam_jobs.predict",
@@ -153,14 +178,14 @@ def build_parser() -> cli.ArgumentParser:
                       help="image directory or glob, or a glob of .parquet "
                       "shards (local or gs://)")
   parser.add_argument("--model", required=True,
-                      help="model folder written by python -m model.train")
+                      help="model folder written by python -m model.train or "
+                      "python -m model.adopt")
   parser.add_argument("--output", required=True, help="output folder")
   parser.add_argument("--input_format", default="auto", choices=INPUT_FORMATS,
                       help="auto: parquet when --input ends in .parquet")
-  parser.add_argument("--engine", default=DEFAULT_ENGINE,
-                      choices=engines.ENGINES,
-                      help="tflite: LiteRT with XNNPACK; keras: a compiled "
-                      "tf.function")
+  parser.add_argument("--engine", default="auto", choices=ENGINE_CHOICES,
+                      help="auto: the fastest the model folder holds "
+                      "(tflite when present)")
   parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE,
                       help="images per read, decode and inference batch")
   parser.add_argument("--top_k", type=int, default=DEFAULT_TOP_K,

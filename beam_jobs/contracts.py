@@ -101,7 +101,8 @@ class ImageBatch:
   them to the card's class names.
 
   Sources fill `encoded` (image file bytes) or `pixels` (raw uint8 rows);
-  preprocessing turns either into `pixels` of shape (N, H, W, C).
+  preprocessing turns either into `pixels` of shape (N, H, W, C): uint8, or
+  float32 from the TensorFlow decoder, whose values are not rounded.
   """
   ids: list
   sources: list

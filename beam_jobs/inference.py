@@ -24,12 +24,18 @@ from model import paths
 METRICS_NAMESPACE = "RunInference"
 
 
-def local_model_dir(model_dir: str) -> str:
-  """Returns a local folder holding the model, copying remote ones once."""
+def local_model_dir(model_dir: str, engine: str) -> str:
+  """Returns a local folder holding the model, copying remote ones once:
+  the card and the files the engine reads."""
   if not paths.is_remote(model_dir):
     return model_dir
   local = tempfile.mkdtemp(prefix="model-")
-  for name in card_lib.MODEL_FILES:
+  card_bytes = paths.read_bytes(paths.join(model_dir, card_lib.CARD_FILE))
+  card = card_lib.load_card(model_dir, card_bytes)
+  with open(os.path.join(local, card_lib.CARD_FILE), "wb") as target:
+    target.write(card_bytes)
+  for name in card_lib.model_files(model_dir, card, [engine]):
+    os.makedirs(os.path.dirname(os.path.join(local, name)), exist_ok=True)
     with open(os.path.join(local, name), "wb") as target:
       target.write(paths.read_bytes(paths.join(model_dir, name)))
   return local
@@ -37,7 +43,7 @@ def local_model_dir(model_dir: str) -> str:
 
 class ImageClassifierHandler(base.ModelHandler[ImageBatch, BatchResult,
                                                engines.Engine]):
-  """Serves an exported model folder with the Keras or TFLite engine."""
+  """Serves a model folder with one of its engines (see model/engines.py)."""
 
   def __init__(self, model_dir: str, engine: str = "tflite",
                threads: int = 0):
@@ -47,7 +53,7 @@ class ImageClassifierHandler(base.ModelHandler[ImageBatch, BatchResult,
     self._threads = threads
 
   def load_model(self) -> engines.Engine:
-    local = local_model_dir(self._model_dir)
+    local = local_model_dir(self._model_dir, self._engine)
     logging.info("loading %s model from %s (pid %d)", self._engine,
                  self._model_dir, os.getpid())
     return engines.load_engine(local, self._engine, self._threads)
@@ -77,7 +83,9 @@ def _isolate_failures(batch: ImageBatch, model: engines.Engine,
   never takes its batch mates down with it.
   """
   try:
-    return rows, model.probabilities(batch.pixels.astype(np.float32)), []
+    # Pixels arrive as uint8 (Pillow, raw Parquet) or float32 (TensorFlow's
+    # decoder, unrounded); the engine scales either.
+    return rows, model.probabilities(batch.pixels), []
   except Exception as error:  # pylint: disable=broad-except
     if len(batch) == 1:
       empty = np.zeros((0, model.card.num_classes), dtype=np.float32)

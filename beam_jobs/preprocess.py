@@ -3,7 +3,6 @@
 from typing import Optional
 
 import apache_beam as beam
-import numpy as np
 
 from beam_jobs.contracts import ERRORS
 from beam_jobs.contracts import ImageBatch
@@ -13,40 +12,41 @@ from model.card import ModelCard
 
 
 class DecodeImages(beam.DoFn):
-  """Decodes each batch with the training decoder; bad images become errors.
+  """Decodes each batch with the card's decoder; bad images become errors.
 
-  A batch that arrives as raw pixels already has the model's input size and
-  passes through untouched.
+  The decoder is the one the model was trained with: this project's Pillow
+  decoder (uint8 pixels) or Keras' TensorFlow recipe (float32 pixels, made
+  a batch per TensorFlow call). A batch that arrives as raw pixels already
+  has the model's input size and passes through untouched.
   """
 
   def __init__(self, card: ModelCard,
                max_image_pixels: Optional[int] = (
                    preprocessing.DEFAULT_MAX_IMAGE_PIXELS)):
-    self._height, self._width = card.height, card.width
-    self._channels = card.channels
-    self._color_mode = card.color_mode
-    self._max_pixels = max_image_pixels
+    self._arguments = (card.decoder, card.height, card.width, card.color_mode,
+                       max_image_pixels)
+    self._decoder = None
+
+  def setup(self):
+    # Built on the worker: TensorFlow's traced decoder does not pickle, and a
+    # Pillow model's worker never imports TensorFlow.
+    self._decoder = preprocessing.BatchDecoder(*self._arguments)
 
   def process(self, batch: ImageBatch):
     if batch.encoded is None:
       yield batch
       return
-    pixels = np.empty((len(batch), self._height, self._width, self._channels),
-                      dtype=np.uint8)
-    good = []
-    for index, data in enumerate(batch.encoded):
-      try:
-        pixels[len(good)] = preprocessing.decode_image(
-            data, self._height, self._width, self._color_mode, self._max_pixels)
-        good.append(index)
-      except Exception as error:  # pylint: disable=broad-except
-        yield beam.pvalue.TaggedOutput(
-            ERRORS, error_row(batch.ids[index], batch.sources[index], "decode",
-                              error))
+    if self._decoder is None:
+      self.setup()
+    pixels, good, errors = self._decoder.decode(batch.encoded)
+    for index, error in errors:
+      yield beam.pvalue.TaggedOutput(
+          ERRORS, error_row(batch.ids[index], batch.sources[index], "decode",
+                            error))
     if good:
       decoded = batch.take(good)
       decoded.encoded = None
-      decoded.pixels = pixels[:len(good)]
+      decoded.pixels = pixels
       yield decoded
 
 

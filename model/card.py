@@ -1,25 +1,36 @@
-"""The model card: everything the pipeline needs to serve an exported model.
+"""The model card: everything the pipeline needs to serve a model folder.
 
-An exported model is one folder holding `model.keras`, `model.tflite` and
-`model_card.json`. The card is the only contract between training and serving:
-colour mode, input size, resize rule, value range and output kind all come
-from it, so serving cannot drift from training.
+A model folder holds `model_card.json` and the model in one or more formats:
+`model.keras`, `model.tflite`, or a `saved_model/` folder. `model.train`
+writes the first two; `model.adopt` writes whichever a model trained
+elsewhere allows. The card is the only contract between training and
+serving: colour mode, input size, decoder, value range and output kind all
+come from it, so serving cannot drift from training.
 """
 
 import dataclasses
 import hashlib
 import json
+import re
 from typing import Any, Optional
 
+from model import preprocessing
 from model.paths import join
+from model.paths import match_paths
 from model.paths import read_bytes
 
 MODEL_FILE = "model.keras"
 TFLITE_FILE = "model.tflite"
+SAVED_MODEL_DIR = "saved_model"
 CARD_FILE = "model_card.json"
 CURVES_FILE = "training_curves.png"
-# What serving reads from a model folder.
-MODEL_FILES = (CARD_FILE, MODEL_FILE, TFLITE_FILE)
+# The engines a folder can serve with, fastest first, and what each reads.
+ENGINE_FILES = {"tflite": TFLITE_FILE, "keras": MODEL_FILE,
+                "savedmodel": SAVED_MODEL_DIR}
+# The order model files enter the model id.
+_HASH_ORDER = ("keras", "tflite", "savedmodel")
+# The card's name for this project's own decoder before it had a short one.
+_LEGACY_PILLOW_DECODER = "model.preprocessing.decode_image"
 
 COLOR_MODES = {"grayscale": 1, "rgb": 3}
 OUTPUT_KINDS = ("logits", "probabilities")
@@ -40,14 +51,20 @@ class ModelCard:
   input_shape: list  # [height, width, channels]
   color_mode: str
   output: str  # "logits" or "probabilities"
-  # How raw pixels become the model input. Rescaling happens inside the model,
-  # so the input is the decoded uint8 image as float32 in [0, 255].
+  # How encoded images become the model input: `decoder` (pillow or
+  # tensorflow), `input_scale` (and for custom, `input_mean`/`input_std`).
   preprocessing: dict = dataclasses.field(default_factory=dict)
   dataset: dict = dataclasses.field(default_factory=dict)
   metrics: dict = dataclasses.field(default_factory=dict)
   training: dict = dataclasses.field(default_factory=dict)
   tflite: dict = dataclasses.field(default_factory=dict)
   format_version: int = CARD_FORMAT_VERSION
+  # The engines the folder serves with (keys of ENGINE_FILES).
+  engines: list = dataclasses.field(
+      default_factory=lambda: ["keras", "tflite"])
+  # For a model trained elsewhere (model.adopt): its source file, SHA-256,
+  # format, and which card fields were read from it or declared.
+  adopted: dict = dataclasses.field(default_factory=dict)
 
   @property
   def height(self) -> int:
@@ -64,6 +81,28 @@ class ModelCard:
   @property
   def num_classes(self) -> int:
     return len(self.class_names)
+
+  @property
+  def decoder(self) -> str:
+    name = self.preprocessing.get("decoder", "pillow")
+    return "pillow" if name == _LEGACY_PILLOW_DECODER else name
+
+  @property
+  def input_scale(self) -> str:
+    return self.preprocessing.get("input_scale", "raw")
+
+  @property
+  def input_mean(self) -> Optional[list]:
+    return self.preprocessing.get("input_mean")
+
+  @property
+  def input_std(self) -> Optional[list]:
+    return self.preprocessing.get("input_std")
+
+  @property
+  def default_engine(self) -> str:
+    """The fastest engine the folder holds."""
+    return next(name for name in ENGINE_FILES if name in self.engines)
 
   def validate(self) -> "ModelCard":
     """Raises ValueError naming the first field that is not as expected."""
@@ -84,7 +123,18 @@ class ModelCard:
           f"model card output must be one of {OUTPUT_KINDS}, got {self.output!r}")
     if len(self.class_names) < 2:
       raise ValueError("model card needs at least two class_names")
+    if not self.engines or any(e not in ENGINE_FILES for e in self.engines):
+      raise ValueError(f"model card engines must be some of "
+                       f"{list(ENGINE_FILES)}, got {self.engines!r}")
+    self._validate_feeding()
     return self
+
+  def _validate_feeding(self) -> None:
+    if self.decoder not in preprocessing.DECODERS:
+      raise ValueError(f"model card decoder must be one of "
+                       f"{preprocessing.DECODERS}, got {self.decoder!r}")
+    check_input_scale(self.input_scale, self.color_mode, self.input_mean,
+                      self.input_std)
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
@@ -104,6 +154,31 @@ class ModelCard:
     if missing:
       raise ValueError(f"model card is missing fields: {', '.join(missing)}")
     return cls(**{k: v for k, v in fields.items() if k in known}).validate()
+
+
+def check_input_scale(input_scale: str, color_mode: str,
+                      mean: Optional[list] = None,
+                      std: Optional[list] = None) -> None:
+  """Raises ValueError unless the scaling fits the colour mode."""
+  if input_scale not in preprocessing.INPUT_SCALES:
+    raise ValueError(f"input_scale must be one of "
+                     f"{preprocessing.INPUT_SCALES}, got {input_scale!r}")
+  channels = COLOR_MODES[color_mode]
+  if input_scale in ("caffe", "torch") and color_mode != "rgb":
+    raise ValueError(f"input_scale {input_scale} needs an rgb model, not "
+                     f"{color_mode}")
+  if input_scale != "custom":
+    if mean is not None or std is not None:
+      raise ValueError("input_mean and input_std go with input_scale custom "
+                       "only")
+    return
+  for name, values in (("input_mean", mean), ("input_std", std)):
+    if (not isinstance(values, list) or len(values) != channels or
+        not all(isinstance(v, (int, float)) for v in values)):
+      raise ValueError(f"input_scale custom needs {name} with {channels} "
+                       f"number(s), one per channel; got {values!r}")
+  if any(v <= 0 for v in std):
+    raise ValueError(f"input_std must be positive, got {std}")
 
 
 def content_hash(*payloads: bytes) -> str:
@@ -132,9 +207,36 @@ def load_card(model_dir: str, card_bytes: Optional[bytes] = None) -> ModelCard:
     except Exception:  # pylint: disable=broad-except
       raise FileNotFoundError(
           f"no model card at {path}: expected a folder made by "
-          "`python -m model.train` holding model.keras, model.tflite and "
-          "model_card.json") from None
+          "`python -m model.train` or `python -m model.adopt`") from None
   return ModelCard.from_json(card_bytes.decode("utf-8"))
+
+
+def model_files(model_dir: str, card: ModelCard,
+                engines: Optional[list] = None) -> list:
+  """The files (relative to the folder) that the named engines read, in
+  model-id order; a SavedModel contributes every file below its folder."""
+  names = []
+  for engine in _HASH_ORDER:
+    if engine not in (card.engines if engines is None else engines):
+      continue
+    if engine != "savedmodel":
+      names.append(ENGINE_FILES[engine])
+      continue
+    base = join(model_dir, SAVED_MODEL_DIR)
+    names.extend(SAVED_MODEL_DIR + "/" + path[len(base) + 1:]
+                 for path in match_paths(base + "/**"))
+  return names
+
+
+def model_payloads(model_dir: str, card: ModelCard) -> list:
+  """The bytes `compute_model_id` hashes for a folder: each model file, and
+  for a SavedModel each file's relative name before its bytes."""
+  payloads = []
+  for name in model_files(model_dir, card):
+    if name.startswith(SAVED_MODEL_DIR + "/"):
+      payloads.append(name.encode())
+    payloads.append(read_bytes(join(model_dir, name)))
+  return payloads
 
 
 def card_summary(card: ModelCard) -> dict[str, Any]:
@@ -150,9 +252,10 @@ def card_summary(card: ModelCard) -> dict[str, Any]:
 
 def check_model_files(model_dir: str, card: ModelCard) -> None:
   """Refuses a folder whose model files are not the ones the card describes,
-  or whose Keras model carries a Lambda layer (arbitrary Python code).
+  whose Keras model carries a Lambda layer (arbitrary Python code), or whose
+  SavedModel holds ops that reach files or Python.
 
-  Both checks read bytes only, so they run in the launcher before any work.
+  Every check reads bytes only, so they run in the launcher before any work.
   """
   import io  # pylint: disable=import-outside-toplevel
   import zipfile  # pylint: disable=import-outside-toplevel
@@ -160,27 +263,121 @@ def check_model_files(model_dir: str, card: ModelCard) -> None:
     raise ValueError(
         f"model card format {card.format_version}, expected "
         f"{CARD_FORMAT_VERSION}; export the model again with this version")
-  payloads = [read_bytes(join(model_dir, name))
-              for name in (MODEL_FILE, TFLITE_FILE)]
+  for engine in card.engines:
+    if not model_files(model_dir, card, [engine]):
+      raise ValueError(f"the card lists the {engine} engine but "
+                       f"{join(model_dir, ENGINE_FILES[engine])} is missing")
+  payloads = model_payloads(model_dir, card)
   actual = compute_model_id(card, *payloads)
   if actual != card.model_id:
     raise ValueError(
         f"{model_dir}: the model files and the card's serving fields hash to "
         f"{actual} but the card says {card.model_id}; the card does not "
         "describe these files (was one of them changed after export?)")
-  try:
-    with zipfile.ZipFile(io.BytesIO(payloads[0])) as archive:
-      config = archive.read("config.json").decode("utf-8")
-  except (zipfile.BadZipFile, KeyError):
-    raise ValueError(f"{join(model_dir, MODEL_FILE)} is not a Keras 3 "
-                     ".keras file") from None
-  if "Lambda" in _class_names(json.loads(config)):
+  if "keras" in card.engines:
+    path = join(model_dir, MODEL_FILE)
+    try:
+      with zipfile.ZipFile(io.BytesIO(payloads[0])) as archive:
+        config = archive.read("config.json").decode("utf-8")
+    except (zipfile.BadZipFile, KeyError):
+      raise ValueError(f"{path} is not a Keras 3 .keras file") from None
+    check_keras_config(json.loads(config), path)
+  if "savedmodel" in card.engines:
+    path = join(model_dir, SAVED_MODEL_DIR)
+    check_saved_model(read_bytes(join(path, "saved_model.pb")), path)
+
+
+def check_keras_config(config: dict, where: str) -> None:
+  """Refuses a Keras model config holding a Lambda layer, before loading."""
+  if "Lambda" in layer_classes(config):
     raise ValueError(
-        f"{join(model_dir, MODEL_FILE)} has a Lambda layer, which runs "
-        "arbitrary Python code when loaded; it is refused (Keras safe_mode)")
+        f"{where} has a Lambda layer, which runs arbitrary Python code when "
+        "loaded; it is refused (Keras safe_mode)")
 
 
-def _class_names(config) -> set:
+# Op types that reach the file system, the network or Python. Loading a
+# SavedModel runs its initialiser ops, so they are refused before loading.
+_UNSAFE_OPS = re.compile(
+    r"File|Reader|Dataset|Summary|Record|Print|Debug|Rpc|Save|Restore|"
+    r"Checkpoint|Remapp|Sql|Lmdb|ImmutableConst|^(Eager)?PyFunc")
+# The checkpoint plumbing every SavedModel holds, allowed only in the
+# functions its saver_def names (the TF1 save and restore entry points).
+_CHECKPOINT_OPS = frozenset(["SaveV2", "RestoreV2", "MergeV2Checkpoints",
+                             "ShardedFilename"])
+
+
+def saved_model_unsafe_ops(saved_model_pb: bytes) -> list:
+  """The unsafe op types in a saved_model.pb, read without loading it.
+
+  Checkpoint ops count as unsafe unless only the saver's own functions
+  reach them. Raises ValueError if the bytes are not a SavedModel proto.
+  """
+  # pylint: disable=import-outside-toplevel
+  from google.protobuf.message import DecodeError
+  from tensorflow.core.protobuf import saved_model_pb2
+  model = saved_model_pb2.SavedModel()
+  try:
+    model.ParseFromString(saved_model_pb)
+  except DecodeError:
+    raise ValueError("saved_model.pb is not a SavedModel") from None
+  unsafe = set()
+  for graph in model.meta_graphs:
+    functions = {f.signature.name: f for f in graph.graph_def.library.function}
+
+    def reachable(nodes, functions=functions):
+      seen, stack = set(), [_called(node) for node in nodes]
+      stack = [name for names in stack for name in names]
+      while stack:
+        name = stack.pop()
+        if name in seen or name not in functions:
+          continue
+        seen.add(name)
+        stack.extend(n for node in functions[name].node_def
+                     for n in _called(node))
+      return seen
+
+    saver = {graph.saver_def.restore_op_name.split(":")[0],
+             graph.saver_def.save_tensor_name.split(":")[0]}
+    main_nodes = list(graph.graph_def.node)
+    model_functions = reachable(n for n in main_nodes if n.name not in saver)
+    # Anything the saver does not reach is model code, called or not.
+    saver_only = reachable(n for n in main_nodes if n.name in saver)
+    saver_only -= model_functions
+    for node in main_nodes:
+      if node.name not in saver:
+        unsafe.update(_unsafe(node.op, in_saver=False))
+    for name, function in functions.items():
+      for node in function.node_def:
+        unsafe.update(_unsafe(node.op, in_saver=name in saver_only))
+  return sorted(unsafe)
+
+
+def _unsafe(op: str, in_saver: bool) -> list:
+  if in_saver and op in _CHECKPOINT_OPS:
+    return []
+  return [op] if _UNSAFE_OPS.search(op) else []
+
+
+def _called(node) -> list:
+  """The functions a graph node calls, from its function-valued attrs."""
+  names = []
+  for value in node.attr.values():
+    if value.func.name:
+      names.append(value.func.name)
+    names.extend(f.name for f in value.list.func)
+  return names
+
+
+def check_saved_model(saved_model_pb: bytes, where: str) -> None:
+  unsafe = saved_model_unsafe_ops(saved_model_pb)
+  if unsafe:
+    raise ValueError(
+        f"{where} holds ops that reach files, the network or Python "
+        f"({', '.join(unsafe)}); a SavedModel runs ops as it loads, so it is "
+        "refused")
+
+
+def layer_classes(config) -> set:
   """Every `class_name` in a Keras model config, at any depth."""
   found, stack = set(), [config]
   while stack:

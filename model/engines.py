@@ -1,9 +1,11 @@
-"""Inference engines for an exported model: a compiled Keras call or LiteRT.
+"""Inference engines for a model folder: Keras, LiteRT (TFLite), SavedModel.
 
-Both take a float32 batch (N, H, W, C) of raw [0, 255] pixels and return
-softmax probabilities, whatever the card says the model outputs. The export
-step uses them to check that TFLite agrees with Keras, and the pipeline's
-model handler serves with them.
+Every engine takes a float32 batch (N, H, W, C) of decoded [0, 255] pixels,
+maps it to the model's input range (the card's `input_scale`, vectorised,
+before the model runs) and returns softmax probabilities, whatever the card
+says the model outputs. The export step uses them to check that TFLite agrees
+with Keras, and the pipeline's model handler serves with them. Only the
+Keras and SavedModel engines import TensorFlow; LiteRT needs none.
 """
 
 import os
@@ -12,14 +14,23 @@ import threading
 import numpy as np
 
 from model import card as card_lib
+from model import preprocessing
 
-ENGINES = ("keras", "tflite")
+# Fastest first: a folder's default engine is the first it holds.
+ENGINES = tuple(card_lib.ENGINE_FILES)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
   shifted = logits - logits.max(axis=1, keepdims=True)
   exp = np.exp(shifted)
   return exp / exp.sum(axis=1, keepdims=True)
+
+
+def fit_rank(images: np.ndarray, rank: int) -> np.ndarray:
+  """A (N, H, W, 1) batch for a model whose input is (batch, H, W)."""
+  if rank == 3 and images.ndim == 4 and images.shape[-1] == 1:
+    return images[..., 0]
+  return images
 
 
 class Engine:
@@ -32,8 +43,18 @@ class Engine:
   def _raw_outputs(self, images: np.ndarray) -> np.ndarray:
     raise NotImplementedError
 
+  def model_inputs(self, images: np.ndarray) -> np.ndarray:
+    """The card's scaling applied to a batch of [0, 255] pixels."""
+    return preprocessing.scale_pixels(images, self.card.input_scale,
+                                      self.card.input_mean,
+                                      self.card.input_std)
+
+  def outputs(self, images: np.ndarray) -> np.ndarray:
+    """What the model itself returns (logits or probabilities)."""
+    return self._raw_outputs(self.model_inputs(images))
+
   def probabilities(self, images: np.ndarray) -> np.ndarray:
-    outputs = self._raw_outputs(np.asarray(images, dtype=np.float32))
+    outputs = self.outputs(images)
     if self.card.output == "logits":
       return softmax(outputs.astype(np.float64)).astype(np.float32)
     return outputs.astype(np.float32)
@@ -52,18 +73,68 @@ class KerasEngine(Engine):
     # safe_mode refuses Lambda layers carrying arbitrary Python code.
     self.model = keras.saving.load_model(model_path, compile=False,
                                          safe_mode=True)
-    spec = tf.TensorSpec([None, card.height, card.width, card.channels],
-                         tf.float32)
+    self._rank = len(self.model.inputs[0].shape)
+    shape = [None, card.height, card.width, card.channels][:self._rank]
+    spec = tf.TensorSpec(shape, tf.float32)
     self._call = tf.function(lambda x: self.model(x, training=False),
                              input_signature=[spec], reduce_retracing=True)
 
   def _raw_outputs(self, images):
-    return self._call(images).numpy()
+    return self._call(fit_rank(images, self._rank)).numpy()
+
+
+class SavedModelEngine(Engine):
+  """A TensorFlow SavedModel's `serving_default` signature.
+
+  Its ops were listed from saved_model.pb and checked before it is loaded
+  (`card.check_saved_model`): loading a SavedModel runs its initialisers.
+  """
+  name = "savedmodel"
+
+  def __init__(self, card, model_path: str, threads: int = 0):
+    super().__init__(card)
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    if threads:
+      _set_tf_threads(tf, threads)
+    with open(os.path.join(model_path, "saved_model.pb"), "rb") as handle:
+      card_lib.check_saved_model(handle.read(), model_path)
+    self._tf = tf
+    self._loaded = tf.saved_model.load(model_path)
+    signature = saved_model_signature(self._loaded, model_path)
+    self._function, self._input, spec, self._output = signature
+    self._rank = len(spec.shape)
+    self._dtype = spec.dtype
+
+  def _raw_outputs(self, images):
+    images = fit_rank(images, self._rank)
+    outputs = self._function(**{
+        self._input: self._tf.cast(self._tf.constant(images), self._dtype)})
+    return outputs[self._output].numpy()
+
+
+def saved_model_signature(loaded, where: str):
+  """(function, input name, input spec, output name) of `serving_default`;
+  ValueError unless it has one input and one output."""
+  signatures = getattr(loaded, "signatures", {})
+  if "serving_default" not in signatures:
+    raise ValueError(f"{where} has no serving_default signature; it has "
+                     f"{sorted(signatures) or 'none'}")
+  function = signatures["serving_default"]
+  _, inputs = function.structured_input_signature
+  outputs = function.structured_outputs
+  if len(inputs) != 1 or len(outputs) != 1:
+    raise ValueError(f"{where}: the serving_default signature has "
+                     f"{len(inputs)} inputs and {len(outputs)} outputs; a "
+                     "classifier needs one image input and one output")
+  (name, spec), = inputs.items()
+  return function, name, spec, next(iter(outputs))
 
 
 class TFLiteEngine(Engine):
   """LiteRT's interpreter with XNNPACK and an explicit thread count.
 
+  A full-integer model (uint8/int8 input and output) gets its input quantised
+  with the input tensor's scale and zero point and its output dequantised.
   An interpreter is not thread-safe, so calls are serialised with a lock;
   parallelism comes from worker processes and XNNPACK's own threads.
   """
@@ -76,12 +147,29 @@ class TFLiteEngine(Engine):
     self._interpreter = litert.Interpreter(
         model_path=model_path or None, model_content=model_content,
         num_threads=max(1, threads))
-    self._input = self._interpreter.get_input_details()[0]["index"]
-    self._output = self._interpreter.get_output_details()[0]["index"]
+    details = self._interpreter.get_input_details()[0]
+    self._input = details["index"]
+    self._input_dtype = details["dtype"]
+    self._input_quantization = details["quantization"]
+    self._rank = len(details["shape"])
+    output = self._interpreter.get_output_details()[0]
+    self._output = output["index"]
+    self._output_quantization = (output["quantization"] if np.issubdtype(
+        output["dtype"], np.integer) else None)
     self._batch_size = 0
     self._lock = threading.Lock()
 
+  def _quantised(self, images: np.ndarray) -> np.ndarray:
+    if not np.issubdtype(self._input_dtype, np.integer):
+      return images.astype(self._input_dtype, copy=False)
+    scale, zero_point = self._input_quantization
+    if scale:
+      images = np.round(images / np.float32(scale)) + zero_point
+    limits = np.iinfo(self._input_dtype)
+    return np.clip(images, limits.min, limits.max).astype(self._input_dtype)
+
   def _raw_outputs(self, images):
+    images = self._quantised(fit_rank(images, self._rank))
     with self._lock:
       if len(images) != self._batch_size:
         self._interpreter.resize_tensor_input(self._input, list(images.shape))
@@ -89,7 +177,12 @@ class TFLiteEngine(Engine):
         self._batch_size = len(images)
       self._interpreter.set_tensor(self._input, images)
       self._interpreter.invoke()
-      return self._interpreter.get_tensor(self._output).copy()
+      outputs = self._interpreter.get_tensor(self._output).copy()
+    if self._output_quantization is not None:
+      scale, zero_point = self._output_quantization
+      outputs = (outputs.astype(np.float32) - zero_point) * np.float32(
+          scale or 1.0)
+    return outputs
 
 
 def _set_tf_threads(tf, threads: int) -> None:
@@ -101,14 +194,20 @@ def _set_tf_threads(tf, threads: int) -> None:
     pass
 
 
-def load_engine(model_dir: str, engine: str, threads: int = 0,
+def load_engine(model_dir: str, engine: str = "", threads: int = 0,
                 card: card_lib.ModelCard = None) -> Engine:
-  """Loads a local model folder with the named engine."""
+  """Loads a local model folder with the named engine (default: the
+  fastest the folder holds)."""
+  card = card or card_lib.load_card(model_dir)
+  engine = engine or card.default_engine
   if engine not in ENGINES:
     raise ValueError(f"unknown engine {engine!r}: expected one of {ENGINES}")
-  card = card or card_lib.load_card(model_dir)
+  if engine not in card.engines:
+    raise ValueError(f"{model_dir} holds no {engine} model; its engines are "
+                     f"{card.engines}")
+  path = os.path.join(model_dir, card_lib.ENGINE_FILES[engine])
   if engine == "keras":
-    return KerasEngine(card, os.path.join(model_dir, card_lib.MODEL_FILE),
-                       threads)
-  return TFLiteEngine(card, os.path.join(model_dir, card_lib.TFLITE_FILE),
-                      threads or os.cpu_count() or 1)
+    return KerasEngine(card, path, threads)
+  if engine == "savedmodel":
+    return SavedModelEngine(card, path, threads)
+  return TFLiteEngine(card, path, threads or os.cpu_count() or 1)

@@ -1,9 +1,16 @@
-"""The one image decoder, shared by training and serving.
+"""How an encoded image becomes a model input, shared by training and serving.
 
-Training on image folders and the Beam pipeline both call `decode_image`, so
-the same file always becomes the same array. The model holds its own
-rescaling; this module only turns encoded bytes into uint8 pixels of the
-model's input size.
+Two decoders, named in the card's `preprocessing.decoder`:
+
+* `pillow`, this project's own: `decode_image` turns bytes into uint8 pixels
+  of the model's input size. Training on image folders and the Beam pipeline
+  both call it, so the same file always becomes the same array.
+* `tensorflow`, the recipe of `keras.utils.image_dataset_from_directory`,
+  for models trained elsewhere: `tf.image.decode_image` and an unrounded
+  bilinear `tf.image.resize`, float32 out.
+
+`scale_pixels` then maps [0, 255] pixels to the range the model was trained
+on (the card's `input_scale`), a whole batch at once.
 """
 
 import io
@@ -22,6 +29,15 @@ DEFAULT_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own default.
 PILLOW_PIXEL_LIMIT = 2 * Image.MAX_IMAGE_PIXELS
 
 _PIL_MODES = {"grayscale": "L", "rgb": "RGB"}
+_CHANNELS = {"grayscale": 1, "rgb": 3}
+
+DECODERS = ("pillow", "tensorflow")
+# How [0, 255] pixels become the model input. The keras.applications names
+# are those of `imagenet_utils.preprocess_input`: symmetric is its "tf" mode.
+INPUT_SCALES = ("raw", "unit", "symmetric", "caffe", "torch", "custom")
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+TORCH_MEAN = (0.485, 0.456, 0.406)
+TORCH_STD = (0.229, 0.224, 0.225)
 # Pillow's "I;16" -> "L" conversion clips at 255 instead of scaling; these
 # modes are scaled to 8 bits by hand.
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
@@ -70,6 +86,35 @@ def _to_eight_bit(image: Image.Image) -> Image.Image:
   return Image.fromarray(scaled, mode="L")
 
 
+def _check_bytes(data: Optional[bytes]) -> None:
+  if data is None:
+    raise ValueError("null image cell")
+  if not data:
+    raise ValueError("empty image: zero bytes")
+
+
+def open_checked(data: bytes, max_pixels: Optional[int]) -> Image.Image:
+  """Opens an image lazily (header only), refusing one above `max_pixels`.
+
+  Raises Image.DecompressionBombError for an image that is too large, and
+  PIL.UnidentifiedImageError for bytes that are not an image.
+  """
+  limit = f"exceeds the limit of {max_pixels} pixels (--max_image_pixels)"
+  try:
+    # Opening reads the header only; Pillow's own guard refuses images
+    # beyond PILLOW_PIXEL_LIMIT here, whatever the caller's limit.
+    image = Image.open(io.BytesIO(data))
+  except Image.DecompressionBombError as error:
+    raise Image.DecompressionBombError(f"image {limit}; {error}") from None
+  # The caller's limit is checked from the header too, with no process-wide
+  # setting, so threads decoding with different limits don't interfere.
+  if max_pixels is not None and image.width * image.height > max_pixels:
+    image.close()
+    raise Image.DecompressionBombError(
+        f"image of {image.width}x{image.height} pixels {limit}")
+  return image
+
+
 def decode_image(data: bytes,
                  height: int,
                  width: int,
@@ -82,28 +127,13 @@ def decode_image(data: bytes,
   ValueError for bytes that are empty or not an image Pillow can read, and
   Image.DecompressionBombError for images larger than `max_pixels`.
   """
-  if data is None:
-    raise ValueError("null image cell")
-  if not data:
-    raise ValueError("empty image: zero bytes")
+  _check_bytes(data)
   pixels = _decode_plain_png(data, color_mode, max_pixels)
   if pixels is not None:
     if pixels.shape[:2] != (height, width):
       pixels = np.asarray(_resize(Image.fromarray(pixels), height, width))
     return pixels.reshape(height, width, -1)
-  limit = f"exceeds the limit of {max_pixels} pixels (--max_image_pixels)"
-  try:
-    # Opening reads the header only; Pillow's own guard refuses images
-    # beyond PILLOW_PIXEL_LIMIT here, whatever the caller's limit.
-    image = Image.open(io.BytesIO(data))
-  except Image.DecompressionBombError as error:
-    raise Image.DecompressionBombError(f"image {limit}; {error}") from None
-  with image:
-    # The caller's limit is checked from the header too, with no process-wide
-    # setting, so threads decoding with different limits don't interfere.
-    if max_pixels is not None and image.width * image.height > max_pixels:
-      raise Image.DecompressionBombError(
-          f"image of {image.width}x{image.height} pixels {limit}")
+  with open_checked(data, max_pixels) as image:
     # In place: the copying form copies every image, rotated or not.
     ImageOps.exif_transpose(image, in_place=True)
     if image.mode in _WIDE_MODES:
@@ -131,3 +161,153 @@ def encode_png(pixels: np.ndarray) -> bytes:
   buffer = io.BytesIO()
   Image.fromarray(pixels).save(buffer, format="PNG")
   return buffer.getvalue()
+
+
+def scale_pixels(pixels: np.ndarray, input_scale: str,
+                 mean: Optional[list] = None,
+                 std: Optional[list] = None) -> np.ndarray:
+  """Maps a batch (N, H, W, C) of [0, 255] pixels to the model's input range.
+
+  The arithmetic is float32 and in the order keras.applications'
+  `preprocess_input` uses, so a model gets the values its author fed it.
+  `custom` is (pixels - mean) / std per channel, in pixel units.
+  """
+  x = np.asarray(pixels, dtype=np.float32)
+  if input_scale == "raw":
+    return x
+  if input_scale == "unit":
+    return x / np.float32(255.0)
+  if input_scale == "symmetric":
+    return x / np.float32(127.5) - np.float32(1.0)
+  if input_scale == "caffe":
+    return x[..., ::-1] - np.asarray(CAFFE_MEAN_BGR, np.float32)
+  if input_scale == "torch":
+    return ((x / np.float32(255.0) - np.asarray(TORCH_MEAN, np.float32)) /
+            np.asarray(TORCH_STD, np.float32))
+  if input_scale == "custom":
+    return ((x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32))
+  raise ValueError(f"unknown input_scale {input_scale!r}: expected one of "
+                   f"{INPUT_SCALES}")
+
+
+def _tensorflow_message(error) -> str:
+  """The one useful line of a TensorFlow op error."""
+  lines = [line.strip() for line in str(getattr(error, "message", error))
+           .splitlines() if line.strip()]
+  useful = [line for line in lines if not line.startswith(
+      ("Graph execution error", "Detected at node", "[[", "File "))]
+  line = (useful or lines or [type(error).__name__])[0]
+  if line.startswith("{{"):
+    line = line.split("}}", 1)[-1].strip()
+  return line.split(" [Op:")[0]
+
+
+class TensorFlowDecoder:
+  """Keras' `image_dataset_from_directory` decoding, one TF call per batch.
+
+  `tf.image.decode_image(channels, expand_animations=False)` then
+  `tf.image.resize` (bilinear, no antialiasing, even at the same size), as
+  keras/src/utils/image_dataset_utils.py does; float32, neither rounded nor
+  clipped, since that is what the model saw in training. No EXIF rotation,
+  as Keras applies none. TensorFlow is imported here, on first use only.
+  """
+
+  def __init__(self, height: int, width: int, color_mode: str):
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    self._tf = tf
+    channels = _CHANNELS[color_mode]
+
+    def decode(data):
+      image = tf.image.decode_image(data, channels=channels,
+                                    expand_animations=False)
+      return tf.image.resize(image, (height, width), method="bilinear")
+
+    spec = tf.TensorSpec([height, width, channels], tf.float32)
+    # One traced graph mapping over the batch: the decodes run in
+    # TensorFlow's C++ thread pool, outside the GIL.
+    self._batch = tf.function(
+        lambda batch: tf.map_fn(decode, batch, fn_output_signature=spec),
+        input_signature=[tf.TensorSpec([None], tf.string)])
+    self._one = tf.function(decode,
+                            input_signature=[tf.TensorSpec([], tf.string)])
+
+  def decode_batch(self, payloads: list) -> np.ndarray:
+    """Decodes every payload; raises if any one of them fails."""
+    return self._batch(self._tf.constant(payloads, self._tf.string)).numpy()
+
+  def decode(self, data: bytes) -> np.ndarray:
+    """Decodes one payload; a failure is a ValueError with one line."""
+    try:
+      return self._one(self._tf.constant(data, self._tf.string)).numpy()
+    except self._tf.errors.OpError as error:
+      raise ValueError(_tensorflow_message(error)) from None
+
+
+class BatchDecoder:
+  """Decodes batches of encoded images with the decoder a card names.
+
+  `decode` returns the pixels of the images that decoded, their indices in
+  the batch, and an (index, exception) pair for each that did not, so one
+  bad file is one error and its batch mates go on.
+  """
+
+  def __init__(self, decoder: str, height: int, width: int, color_mode: str,
+               max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
+    if decoder not in DECODERS:
+      raise ValueError(f"unknown decoder {decoder!r}: expected one of "
+                       f"{DECODERS}")
+    self._decoder = decoder
+    self._shape = (height, width, _CHANNELS[color_mode])
+    self._color_mode = color_mode
+    self._max_pixels = max_pixels
+    self._tensorflow = None
+
+  def decode(self, payloads: list):
+    if self._decoder == "pillow":
+      return self._decode_with_pillow(payloads)
+    return self._decode_with_tensorflow(payloads)
+
+  def _decode_with_pillow(self, payloads):
+    pixels = np.empty((len(payloads),) + self._shape, dtype=np.uint8)
+    good, errors = [], []
+    for index, data in enumerate(payloads):
+      try:
+        pixels[len(good)] = decode_image(data, *self._shape[:2],
+                                         self._color_mode, self._max_pixels)
+        good.append(index)
+      except Exception as error:  # pylint: disable=broad-except
+        errors.append((index, error))
+    return pixels[:len(good)], good, errors
+
+  def _decode_with_tensorflow(self, payloads):
+    if self._tensorflow is None:
+      self._tensorflow = TensorFlowDecoder(*self._shape[:2], self._color_mode)
+    good, errors = [], []
+    for index, data in enumerate(payloads):
+      # Pillow reads the header only, so an image above the limit is refused
+      # before TensorFlow allocates its pixels.
+      try:
+        _check_bytes(data)
+        open_checked(data, self._max_pixels).close()
+        good.append(index)
+      except Exception as error:  # pylint: disable=broad-except
+        errors.append((index, error))
+    if not good:
+      return np.empty((0,) + self._shape, np.float32), good, errors
+    try:
+      pixels = self._tensorflow.decode_batch([payloads[i] for i in good])
+      return pixels, good, errors
+    except Exception:  # pylint: disable=broad-except
+      pass
+    # Some image failed: decode one at a time to find which.
+    decoded, kept = [], []
+    for index in good:
+      try:
+        decoded.append(self._tensorflow.decode(payloads[index]))
+        kept.append(index)
+      except Exception as error:  # pylint: disable=broad-except
+        errors.append((index, error))
+    errors.sort(key=lambda pair: pair[0])
+    pixels = (np.stack(decoded) if decoded else
+              np.empty((0,) + self._shape, np.float32))
+    return pixels, kept, errors

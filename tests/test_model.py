@@ -43,8 +43,8 @@ def test_keras_loader_works_offline_from_its_cache(tmp_path, monkeypatch):
   import keras  # pylint: disable=import-outside-toplevel
   monkeypatch.setattr(keras.config, "keras_home", lambda: str(tmp_path),
                       raising=False)
-  # Keras reads KERAS_HOME once, when first imported; an earlier test may
-  # have imported it already, so its loader's own lookup is redirected too.
+  # KERAS_HOME is read when Keras is first imported, which an earlier test
+  # module may have done; get_file asks this accessor.
   from keras.src.backend import config as keras_config  # pylint: disable=import-outside-toplevel
   monkeypatch.setattr(keras_config, "keras_home", lambda: str(tmp_path))
   loaded = datasets.load_fashion_mnist()

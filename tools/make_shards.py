@@ -53,6 +53,11 @@ def make_shards(input_pattern: str, output_dir: str,
   (the pipeline reports them)."""
   if rows_per_shard < 1:
     raise ValueError("rows_per_shard must be at least 1")
+  if card is not None and card.decoder != "pillow":
+    raise ValueError(
+        f"the model decodes with {card.decoder} into unrounded float pixels, "
+        "which raw uint8 shards cannot hold; write encoded shards (no "
+        "--model) and the pipeline decodes them as the model needs")
   pattern = paths.expand_pattern(paths.absolute(input_pattern))
   files = paths.match_paths(pattern)
   if not files:
