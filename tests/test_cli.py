@@ -12,6 +12,7 @@ import textwrap
 import pytest
 
 from beam_jobs import config as config_lib
+from model import adopt
 from model import cli
 from model import datasets
 from model import train
@@ -22,6 +23,7 @@ from tools import report
 
 PARSERS = {
     "python -m model.train": train.build_parser,
+    "python -m model.adopt": adopt.build_parser,
     "python -m model.datasets": datasets.build_parser,
     "python -m beam_jobs.predict": config_lib.build_parser,
     "python -m tools.query": query.build_parser,
