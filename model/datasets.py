@@ -218,6 +218,7 @@ def build_parser():
 def main(argv=None) -> int:
   """Writes a Fashion-MNIST split as a PNG folder, for the pipeline to read."""
   import sys  # pylint: disable=import-outside-toplevel
+  from model import cli  # pylint: disable=import-outside-toplevel
   args = build_parser().parse_args(argv)
   try:
     dataset = load_fashion_mnist(args.data)
@@ -229,6 +230,13 @@ def main(argv=None) -> int:
     split = Split(split.images[:args.limit], split.labels[:args.limit])
   count = write_png_folder(split, dataset.class_names, args.to_png)
   print(f"wrote {count} PNG images to {args.to_png}")
+  cli.print_next(
+      f"{args.to_png} (one folder per class)",
+      [cli.command("python", "-m", "beam_jobs.predict", "--input",
+                   args.to_png, "--model", "MODEL_DIR", "--output",
+                   "OUTPUT_DIR"),
+       cli.command("python", "-m", "tools.make_shards", args.to_png,
+                   "SHARDS_DIR")])
   return 0
 
 

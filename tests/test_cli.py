@@ -331,3 +331,37 @@ def test_a_healthy_run_on_the_sample_prints_no_library_noise(tmp_path,
                  "--output", str(tmp_path / "verbose"), "--verbose", env=env)
   assert verbose.returncode == 0, verbose.stderr
   assert "XNNPACK" in verbose.stderr and "INFO" in verbose.stderr
+
+
+def test_commands_end_with_where_results_are_and_what_is_next(tmp_path,
+                                                             capsys):
+  from tests.conftest import SAMPLE_DIR  # pylint: disable=import-outside-toplevel
+  images, shards = str(tmp_path / "images"), str(tmp_path / "shards")
+  assert datasets.main(["--data", SAMPLE_DIR, "--to_png", images,
+                        "--limit", "6"]) == 0
+  assert make_shards.main([images, shards]) == 0
+  out = capsys.readouterr().out
+  assert f"Results: {images}" in out and f"Results: {shards}" in out
+  assert f"python -m tools.make_shards {images}" in out
+  assert f"python -m beam_jobs.predict --input '{shards}/images-*.parquet'" in (
+      out)
+
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  from beam_jobs import outputs  # pylint: disable=import-outside-toplevel
+  results = tmp_path / "out"
+  results.mkdir()
+  pq.write_table(outputs.predictions_table(
+      ["a", "b"], ["s", "s"], ["cat", None], np.eye(2, dtype=np.float32),
+      ["cat", "dog"], 1, "m", "tflite", False),
+                 results / "predictions-00000-of-00001.parquet")
+  pq.write_table(outputs.ERRORS_SCHEMA.empty_table(),
+                 results / "errors-00000-of-00001.parquet")
+  assert query.main([str(results)]) == 0
+  out = capsys.readouterr().out
+  assert out.rstrip().endswith(
+      f"python -m tools.report {results} --out {results}-report")
+  assert f"python -m tools.query {results} accuracy" in out
+  # Machine-readable output stays pure.
+  assert query.main([str(results), "accuracy", "--json"]) == 0
+  assert "Next:" not in capsys.readouterr().out
