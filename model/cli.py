@@ -107,21 +107,34 @@ class ArgumentParser(argparse.ArgumentParser):
   def parse_args(self, args=None, namespace=None):
     namespace, extras = self.parse_known_args(args, namespace)
     if extras:
-      self.error(unknown_arguments_message(extras, option_names(self)))
+      self.error(unknown_arguments_message(extras,
+                                           option_names(self, namespace)))
     return namespace
 
   def error(self, message):
+    choice = _INVALID_CHOICE.match(message)
+    if choice:
+      close = difflib.get_close_matches(
+          choice.group(1), re.findall(r"'([^']*)'", choice.group(2)), n=1)
+      if close:
+        message += f"; did you mean {close[0]}?"
     self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def option_names(parser: argparse.ArgumentParser) -> list:
-  """Every flag of a parser and of its sub-commands."""
+_INVALID_CHOICE = re.compile(r".*invalid choice: '([^']*)' \(choose from (.*)\)$")
+
+
+def option_names(parser: argparse.ArgumentParser, namespace=None) -> list:
+  """The flags of a parser and of its sub-commands: with a parsed
+  `namespace`, only of the sub-command it chose."""
   names = []
   for action in parser._actions:  # pylint: disable=protected-access
     names.extend(o for o in action.option_strings if o.startswith("--"))
     if isinstance(action, argparse._SubParsersAction):  # pylint: disable=protected-access
-      for sub in action.choices.values():
-        names.extend(option_names(sub))
+      chosen = getattr(namespace, action.dest, None) if namespace else None
+      for name, sub in action.choices.items():
+        if namespace is None or name == chosen:
+          names.extend(option_names(sub, namespace))
   return sorted(set(names))
 
 

@@ -365,3 +365,17 @@ def test_commands_end_with_where_results_are_and_what_is_next(tmp_path,
   # Machine-readable output stays pure.
   assert query.main([str(results), "accuracy", "--json"]) == 0
   assert "Next:" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["out", "acuracy"], "did you mean accuracy?"),
+    # A flag of another sub-command is not offered as the fix.
+    (["out", "accuracy", "--limit", "3"], "unknown flag --limit (see"),
+    (["out", "low-confidence", "--limt", "3"], "did you mean --limit?"),
+])
+def test_query_names_the_nearest_command_or_flag(args, expected, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    query.build_parser().parse_args(args)
+  assert exit_info.value.code == 2
+  error = capsys.readouterr().err
+  assert expected in error and error.count("\n") == 1, error
