@@ -12,6 +12,8 @@ REQUIRED = [
     "imagecodecs>=2024.1",
     "pyarrow>=14",
     "duckdb>=1.1,<3",
+    # tools.query's read-only file system for DuckDB.
+    "fsspec>=2023.1",
     "matplotlib>=3.8,<4",
 ]
 

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options import pipeline_options as beam_options
 
-from beam_jobs import outputs
+from beam_jobs import output_folder
+from beam_jobs import sources
 from beam_jobs.contracts import DEFAULT_BATCH_SIZE
 from model import card as card_lib
 from model import cli
@@ -67,6 +68,7 @@ class PredictConfig:
   def validate(self) -> card_lib.ModelCard:
     """Checks everything that can be checked before any work; returns the card."""
     for name in ("input", "model", "output"):
+      _check_scheme(name, getattr(self, name))
       setattr(self, name, paths.absolute(getattr(self, name)))
     self.input_format = self.resolved_format()
     if self.input_format not in INPUT_FORMATS:
@@ -120,6 +122,10 @@ class PredictConfig:
     try:
       card = card_lib.load_card(self.model)
       card_lib.check_model_files(self.model, card)
+      if "tflite" in card.engines:
+        # Keras and SavedModel engines check their width when they load.
+        engines.check_model_shapes(card, paths.read_bytes(
+            paths.join(self.model, card_lib.TFLITE_FILE)))
     except (ValueError, OSError) as error:
       raise ConfigError(f"--model {self.model}: {error}") from None
     if self.engine == "auto":
@@ -132,25 +138,46 @@ class PredictConfig:
 
   def _check_columns(self, shard_path: str) -> None:
     try:
-      with FileSystems.open(shard_path) as handle:
-        names = pq.ParquetFile(handle).schema_arrow.names
+      with paths.open_file(shard_path) as handle:
+        schema = pq.ParquetFile(handle).schema_arrow
     except Exception:  # pylint: disable=broad-except
       # An unreadable shard is reported per shard by the pipeline itself.
       return
     for flag in ("image_column", "id_column", "label_column"):
       column = getattr(self, flag)
-      if column and column not in names:
+      if column and column not in schema.names:
         raise ConfigError(f"--{flag} {column!r} is not a column of "
-                          f"{shard_path}; it has {names}")
+                          f"{shard_path}; it has {schema.names}")
+    problem = sources.image_column_problem(
+        schema.field(self.image_column).type)
+    if problem:
+      raise ConfigError(f"--image_column {self.image_column!r} of "
+                        f"{shard_path} {problem}")
 
   def _check_output(self, card: card_lib.ModelCard) -> None:
-    previous = outputs.read_manifest(self.output)
-    if (previous and previous.get("model_id") != card.model_id and
-        not self.overwrite):
-      raise ConfigError(
-          f"--output {self.output} holds results of model "
-          f"{previous.get('model_id')}, not {card.model_id}; choose another "
-          "folder or pass --overwrite")
+    """What the folder holds: beam_jobs/output_folder.py decides."""
+    try:
+      output_folder.check(output_folder.inspect(self.output), card.model_id,
+                          self.overwrite)
+    except output_folder.FolderError as error:
+      raise ConfigError(str(error)) from None
+
+
+def _check_scheme(flag: str, path: str) -> None:
+  """Refuses a URL Beam has no file system for (http://, file://, ...), and
+  for --output one the lock cannot be taken on (only local and gs://)."""
+  if not paths.is_remote(path):
+    return
+  hint = (f" (for a local path, drop the file://: {path[len('file://'):]})"
+          if path.startswith("file://") else "")
+  try:
+    FileSystems.get_filesystem(path)
+  except Exception:  # pylint: disable=broad-except
+    raise ConfigError(f"--{flag} {path}: expected a local path or "
+                      f"gs://BUCKET/...{hint}") from None
+  if flag == "output" and not path.startswith("gs://"):
+    raise ConfigError(f"--output {path}: expected a local folder or "
+                      "gs://BUCKET/..., where a second run can be locked out")
 
 
 def adopt_command(model: str) -> Optional[str]:

@@ -23,6 +23,9 @@ METRICS_NAMESPACE = "beam_jobs"
 INPUTS, PREDICTIONS, ERROR_ROWS, SKIPPED = ("inputs", "predictions", "errors",
                                             "skipped")
 COUNTERS = (INPUTS, PREDICTIONS, ERROR_ROWS, SKIPPED)
+# Rows whose id an earlier row of the same run had; reported apart from the
+# counts, since such rows are still predictions or errors.
+DUPLICATE_IDS = "duplicate_ids"
 # Of the predictions: those whose given label names a class, and those whose
 # given label matches none (the rest came without a label).
 LABELLED, UNMATCHED_LABELS = "labelled", "unmatched_labels"
@@ -30,11 +33,10 @@ LABEL_COUNTERS = (LABELLED, UNMATCHED_LABELS)
 
 
 def counter(name: str):
-  """One of the pipeline's Beam counters, by its name in COUNTERS or
-  LABEL_COUNTERS."""
-  if name not in COUNTERS + LABEL_COUNTERS:
-    raise ValueError(f"unknown counter {name!r}: expected one of "
-                     f"{COUNTERS + LABEL_COUNTERS}")
+  """One of the pipeline's Beam counters, by its name."""
+  known = COUNTERS + (DUPLICATE_IDS,) + LABEL_COUNTERS
+  if name not in known:
+    raise ValueError(f"unknown counter {name!r}: expected one of {known}")
   return beam.metrics.Metrics.counter(METRICS_NAMESPACE, name)
 
 
@@ -84,11 +86,14 @@ class LabelMatcher:
 
 def given_label(value) -> Optional[str]:
   """A label as its source gave it, as text: 3.0 from a float column (an
-  integer column with nulls, through pandas) is "3"; booleans are no label."""
+  integer column with nulls, through pandas) is "3", bytes are decoded as
+  UTF-8; booleans are no label."""
   if value is None or isinstance(value, bool):
     return None
   if isinstance(value, float) and value.is_integer():
     return str(int(value))
+  if isinstance(value, bytes):
+    return value.decode("utf-8", "backslashreplace")
   return str(value)
 
 

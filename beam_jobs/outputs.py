@@ -6,13 +6,17 @@ success: a failed run leaves no half-written visible files.
 """
 
 import json
+import os
+import zlib
 from typing import Optional
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from beam_jobs.contracts import DUPLICATE_IDS
 from beam_jobs.contracts import ERROR_ROWS
 from beam_jobs.contracts import ERRORS
 from beam_jobs.contracts import LABELLED
@@ -28,6 +32,8 @@ from model.paths import join
 PREDICTIONS_PREFIX = "predictions"
 ERRORS_PREFIX = "errors"
 MANIFEST_FILE = "_run.json"
+# A manifest lists one entry per shard; this bounds what a reader accepts.
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 PARQUET_SUFFIX = ".parquet"
 
 TOP_K_TYPE = pa.list_(
@@ -144,6 +150,54 @@ def _count_error(row: dict) -> dict:
   return row
 
 
+# Ids are counted in this many groups by hash: each batch sends one list per
+# group instead of one element per id, and no worker holds every id.
+ID_GROUPS = 64
+
+
+def _id_groups(ids: list):
+  groups = {}
+  for id_ in ids:
+    groups.setdefault(zlib.crc32(id_.encode("utf-8", "backslashreplace"))
+                      % ID_GROUPS, []).append(id_)
+  return groups.items()
+
+
+def _table_id_groups(table: pa.Table):
+  return _id_groups(table.column("id").to_pylist())
+
+
+def _error_id_groups(row: dict):
+  return _id_groups([row["id"]])
+
+
+def _count_repeats(group_and_lists) -> None:
+  _, lists = group_and_lists
+  seen, repeats = set(), 0
+  for ids in lists:
+    for id_ in ids:
+      if id_ in seen:
+        repeats += 1
+      else:
+        seen.add(id_)
+  if repeats:
+    counter(DUPLICATE_IDS).inc(repeats)
+
+
+class CountDuplicateIds(beam.PTransform):
+  """Counts rows, predictions and errors together, whose id an earlier row
+  had (the counter DUPLICATE_IDS); writes nothing."""
+
+  def expand(self, tables_and_errors):
+    tables, errors = tables_and_errors
+    return (
+        (tables | "PredictionIds" >> beam.FlatMap(_table_id_groups),
+         errors | "ErrorIds" >> beam.FlatMap(_error_id_groups))
+        | "AllIds" >> beam.Flatten()
+        | "GroupByHash" >> beam.GroupByKey()
+        | "CountRepeats" >> beam.Map(_count_repeats))
+
+
 def predictions_glob(output: str) -> str:
   return join(output, f"{PREDICTIONS_PREFIX}-*{PARQUET_SUFFIX}")
 
@@ -244,16 +298,79 @@ def report_dir_for(output: str) -> str:
   return "report" if is_remote(output) else output.rstrip("/") + "-report"
 
 
+class ManifestError(ValueError):
+  """A `_run.json` that is not a manifest this tool wrote."""
+
+
+def manifest_path(output: str) -> str:
+  return join(output, MANIFEST_FILE)
+
+
 def write_manifest(output: str, manifest: dict) -> str:
-  path = join(output, MANIFEST_FILE)
-  with FileSystems.create(path) as handle:
-    handle.write((json.dumps(manifest, indent=2, default=str) + "\n").encode())
+  """Writes `_run.json` atomically: readers see the old one or the new one.
+
+  Locally the text goes to a temporary file, is flushed to disk and renamed
+  over the manifest; a full disk fails the write and leaves the old one. On
+  object stores (gs://) one object write is atomic by itself.
+  """
+  path = manifest_path(output)
+  data = (json.dumps(manifest, indent=2, default=str) + "\n").encode()
+  if is_remote(output):
+    with FileSystems.create(path) as handle:
+      handle.write(data)
+    return path
+  temporary = join(output, f"{MANIFEST_FILE}.{manifest['run_id']}.tmp")
+  _write_local(temporary, data)
+  _publish_local(temporary, path)
   return path
 
 
+def _write_local(path: str, data: bytes) -> None:
+  with open(path, "wb") as handle:
+    handle.write(data)
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _publish_local(temporary: str, path: str) -> None:
+  """The commit point of a local run: one rename, atomic on POSIX."""
+  os.replace(temporary, path)
+  try:
+    # The rename itself reaches the disk once the folder is synced.
+    folder = os.open(os.path.dirname(path), os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(folder)
+  except OSError:
+    pass
+  finally:
+    os.close(folder)
+
+
 def read_manifest(output: str) -> Optional[dict]:
-  path = join(output, MANIFEST_FILE)
-  if not FileSystems.exists(path):
-    return None
-  with FileSystems.open(path) as handle:
-    return json.loads(handle.read().decode())
+  """The folder's manifest, None when it has none.
+
+  Raises ManifestError, naming the file, when `_run.json` is empty, not JSON
+  or not an object: a damaged manifest tells nothing about the folder.
+  """
+  path = manifest_path(output)
+  try:
+    if not FileSystems.exists(path):
+      return None
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED
+                         ) as handle:
+      data = handle.read(MAX_MANIFEST_BYTES + 1)
+  except (OSError, ValueError) as error:
+    raise ManifestError(f"{path} cannot be read: {error}") from None
+  if len(data) > MAX_MANIFEST_BYTES:
+    raise ManifestError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes: "
+                        "not a manifest this tool wrote")
+  try:
+    manifest = json.loads(data.decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    what = "empty (0 bytes)" if not data else f"not valid JSON ({error})"
+    raise ManifestError(f"{path} is {what}") from None
+  if not isinstance(manifest, dict):
+    raise ManifestError(f"{path} is not a JSON object")
+  return manifest

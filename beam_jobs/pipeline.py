@@ -20,8 +20,9 @@ from beam_jobs.sources import ReadParquetImages
 from model.card import ModelCard
 
 
-def read_inputs(pipeline, config: PredictConfig, card: ModelCard):
-  skip = ExistingIds(outputs.predictions_glob(config.output),
+def read_inputs(pipeline, config: PredictConfig, card: ModelCard,
+                skip_files=()):
+  skip = ExistingIds(list(skip_files),
                      card.model_id) if config.skip_existing else None
   if config.input_format == "parquet":
     return pipeline | "ReadParquetImages" >> ReadParquetImages(
@@ -32,13 +33,14 @@ def read_inputs(pipeline, config: PredictConfig, card: ModelCard):
 
 
 def build_pipeline(pipeline, config: PredictConfig, card: ModelCard,
-                   run_id: str, progress=None) -> None:
-  """Wires the graph; `run_id` names this run's output shards.
+                   run_id: str, skip_files=(), progress=None) -> None:
+  """Wires the graph; `run_id` names this run's output shards, and with
+  --skip_existing `skip_files` are the earlier prediction shards kept.
 
   With `progress` (a progress.ProgressReporter, for local runs) the
   predictions and the error rows are also counted for progress lines.
   """
-  read = read_inputs(pipeline, config, card)
+  read = read_inputs(pipeline, config, card, skip_files)
   preprocessed = read.images | "Preprocess" >> Preprocess(
       card, config.max_image_pixels)
   handler = ImageClassifierHandler(config.model, config.engine,
@@ -54,6 +56,11 @@ def build_pipeline(pipeline, config: PredictConfig, card: ModelCard,
   errors = ((read.errors, preprocessed.errors, formatted.errors)
             | "CollectErrors" >> beam.Flatten())
   _ = errors | "WriteErrors" >> outputs.WriteErrors(config.output, run_id)
+  if config.input_format == "parquet" and config.id_column:
+    # File paths and SHARD#ROW ids are unique by construction; ids from a
+    # column are data, and repeats are counted for the manifest.
+    _ = ((formatted.tables, errors)
+         | "CountDuplicateIds" >> outputs.CountDuplicateIds())
   if progress is not None:
     _ = formatted.tables | "ProgressPredictions" >> beam.ParDo(
         progress.counter(PREDICTIONS))

@@ -10,21 +10,19 @@ Writes predictions-*.parquet, errors-*.parquet and _run.json to OUTPUT_DIR.
 
 import contextlib
 import dataclasses
-import glob
 import logging
 import os
 import sys
 import time
-import uuid
 from typing import Optional
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_jobs import config as config_lib
 from beam_jobs import contracts
+from beam_jobs import output_folder
 from beam_jobs import outputs
 from beam_jobs.inference import METRICS_NAMESPACE as INFERENCE_NAMESPACE
 from beam_jobs.pipeline import build_pipeline
@@ -33,6 +31,10 @@ from beam_jobs.progress import runs_locally
 from model import card as card_lib
 from model import cli
 from model import paths
+
+
+# 2: the manifest lists the result set's files (beam_jobs/output_folder.py).
+MANIFEST_VERSION = 2
 
 
 def _metric_value(result) -> int:
@@ -65,52 +67,53 @@ def read_counts(pipeline_result) -> tuple:
   return counts, labels
 
 
-def clear_previous_outputs(output: str, keep_predictions: bool) -> None:
-  """Removes an earlier run's shards and a killed run's staging folders.
-
-  With `keep_predictions` (--skip_existing) the predictions stay and only the
-  errors go, since those inputs are tried again.
-  """
-  patterns = [outputs.errors_glob(output)]
-  if not keep_predictions:
-    patterns.append(outputs.predictions_glob(output))
-  # A killed run's staging folders: found by their files, deleted whole.
-  patterns.append(paths.join(output, "beam-temp-*/*"))
-  matched = [m.path for result in FileSystems.match(patterns)
-             for m in result.metadata_list]
-  staging = {path.rsplit("/", 1)[0] for path in matched
-             if "/beam-temp-" in path}
-  if not paths.is_remote(output):
-    # Object stores have no empty folders; a local disk can.
-    staging.update(glob.glob(os.path.join(output, "beam-temp-*")))
-  stale = [path for path in matched if "/beam-temp-" not in path]
-  if stale or staging:
-    FileSystems.delete(stale + sorted(staging))
+def read_duplicate_ids(pipeline_result) -> int:
+  """Rows whose id an earlier row of the run already had (0 when uncounted)."""
+  metrics = pipeline_result.metrics().query(MetricsFilter().with_name(
+      contracts.DUPLICATE_IDS))
+  return sum(_metric_value(counter) for counter in metrics["counters"]
+             if counter.key.metric.namespace == contracts.METRICS_NAMESPACE)
 
 
 def run(config: config_lib.PredictConfig, beam_args=None,
         progress: Optional[ProgressReporter] = None) -> dict:
-  """Validates, runs the pipeline to the end, and writes the manifest.
+  """Validates, runs the pipeline to the end, and commits its results.
 
-  On a local runner, progress lines go to stderr every
-  `config.progress_seconds` unless `progress` brings its own reporter.
+  The run holds the output folder's lock from before the pipeline starts
+  until its manifest is written; beam_jobs/output_folder.py says what it may
+  replace and delete there. On a local runner, progress lines go to stderr
+  every `config.progress_seconds` unless `progress` brings its own reporter.
   """
   card = config.validate()
   options = PipelineOptions(beam_args or [])
   if progress is None and config.progress_seconds and runs_locally(options):
     progress = ProgressReporter(config.progress_seconds)
-  clear_previous_outputs(config.output, keep_predictions=config.skip_existing)
-  run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + (
-      "-" + uuid.uuid4().hex[:6])
+  run_id = output_folder.new_run_id()
+  lock = output_folder.OutputLock(config.output, run_id)
+  inherited = lock.acquire()
+  try:
+    # The folder again, now that no other run can change it.
+    state = output_folder.inspect(config.output)
+    output_folder.check(state, card.model_id, config.overwrite)
+  except BaseException:
+    lock.release()
+    raise
+  keep = state.kept_predictions() if config.skip_existing else []
   started = time.time()
   pipeline = beam.Pipeline(options=options)
-  build_pipeline(pipeline, config, card, run_id, progress)
+  build_pipeline(pipeline, config, card, run_id,
+                 [paths.join(config.output, entry["name"]) for entry in keep],
+                 progress)
   try:
     with progress or contextlib.nullcontext():
       result = pipeline.run()
       result.wait_until_finish()
   except Exception as error:  # pylint: disable=broad-except
     logging.exception("pipeline failed")
+    # Its shards were never listed: they go, and the earlier results stay.
+    # Should that fail, the lock stays too, and the next run cleans up.
+    output_folder.discard_run(config.output, run_id)
+    lock.release()
     message = str(error).strip().splitlines()[0][:300] if str(error) else ""
     raise PipelineError(f"the pipeline failed, nothing was committed to "
                         f"{config.output}: {type(error).__name__}: {message}"
@@ -118,6 +121,7 @@ def run(config: config_lib.PredictConfig, beam_args=None,
   elapsed = time.time() - started
   counts, labels = read_counts(result)
   manifest = {
+      "manifest_version": MANIFEST_VERSION,
       "run_id": run_id,
       "model_id": card.model_id,
       "model": card_lib.card_summary(card),
@@ -129,12 +133,34 @@ def run(config: config_lib.PredictConfig, beam_args=None,
       # and labels that matched none; the rest came without one.
       "true_labels": {"matched": labels[contracts.LABELLED],
                       "unmatched": labels[contracts.UNMATCHED_LABELS]},
-      "accounted": counts["inputs"] == counts["predictions"] + counts["errors"],
+      "duplicate_ids": read_duplicate_ids(result),
       "elapsed_seconds": round(elapsed, 3),
-      "images_per_second": round(counts["inputs"] / elapsed, 1) if elapsed else None,
+      "images_per_second": round(counts["inputs"] / elapsed, 1) if elapsed
+                           else None,
       "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
   }
-  outputs.write_manifest(config.output, manifest)
+  try:
+    manifest.update(output_folder.plan_commit(state, run_id, keep,
+                                              config.overwrite, inherited))
+  except output_folder.FolderError as error:
+    raise PipelineError(str(error)) from None
+  # Every input is a prediction or an error row, and this run's shards hold
+  # exactly the rows its counters counted.
+  manifest["accounted"] = (
+      counts["inputs"] == counts["predictions"] + counts["errors"] and
+      manifest["written"] == {outputs.PREDICTIONS_PREFIX: counts["predictions"],
+                              outputs.ERRORS_PREFIX: counts["errors"]})
+  try:
+    output_folder.commit(config.output, manifest)
+  except OSError as error:
+    # A full disk, say. The lock stays, so the next run cleans up this
+    # run's files; until then the folder reads as before, or as this run
+    # if only the deleting failed.
+    raise PipelineError(
+        f"could not commit to {config.output}: {type(error).__name__}: "
+        f"{error}; its earlier results stand unless {outputs.MANIFEST_FILE} "
+        f"now names run {run_id}") from error
+  lock.release()
   return manifest
 
 
@@ -164,6 +190,15 @@ def label_warning(manifest: dict) -> Optional[str]:
           "are kept in the source_label column and not scored")
 
 
+def duplicate_warning(manifest: dict, output: str) -> Optional[str]:
+  """A warning when rows repeated an id, else None."""
+  if not manifest["duplicate_ids"]:
+    return None
+  return (f"{manifest['duplicate_ids']} rows repeat an id an earlier row had "
+          f"(duplicate_ids in {outputs.MANIFEST_FILE}; python -m tools.query "
+          f"{output} shows them)")
+
+
 def next_commands(output: str) -> list:
   return [cli.command("python", "-m", "tools.query", output),
           cli.command("python", "-m", "tools.query", output, "accuracy"),
@@ -182,7 +217,7 @@ def main(argv=None) -> int:
   output = config.output  # As the user wrote it; validation makes it absolute.
   try:
     manifest = run(config, beam_args)
-  except config_lib.ConfigError as error:
+  except (config_lib.ConfigError, output_folder.FolderError) as error:
     print(f"beam_jobs.predict: error: {error}", file=sys.stderr)
     return 2
   except PipelineError as error:
@@ -190,14 +225,15 @@ def main(argv=None) -> int:
     return 1
   for line in summary_lines(manifest):
     print(line)
-  warning = label_warning(manifest)
-  if warning:
-    print(f"beam_jobs.predict: warning: {warning}", file=sys.stderr)
+  for warning in (label_warning(manifest), duplicate_warning(manifest, output)):
+    if warning:
+      print(f"beam_jobs.predict: warning: {warning}", file=sys.stderr)
   cli.print_next(f"{output} (predictions-*.parquet, errors-*.parquet, "
                  f"{outputs.MANIFEST_FILE})", next_commands(output))
   if not manifest["accounted"]:
-    print("beam_jobs.predict: error: inputs != predictions + errors; "
-          f"see {outputs.MANIFEST_FILE}", file=sys.stderr)
+    print("beam_jobs.predict: error: inputs != predictions + errors, or the "
+          f"shards do not hold what was counted; see {outputs.MANIFEST_FILE}",
+          file=sys.stderr)
     return 1
   return 0
 

@@ -5,14 +5,13 @@ whose `errors` output holds a row for every input it could not read.
 """
 
 import concurrent.futures
-from typing import Iterable, Optional
+from typing import Iterable, NamedTuple, Optional
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 
 from beam_jobs.contracts import DEFAULT_BATCH_SIZE
 from beam_jobs.contracts import ERRORS
@@ -23,7 +22,6 @@ from beam_jobs.contracts import counter
 from beam_jobs.contracts import error_row
 from model import paths
 
-_UNCOMPRESSED = CompressionTypes.UNCOMPRESSED
 # An object store answers each small read after tens of milliseconds, so a
 # group of remote files is read by this many threads at once; local files
 # read faster one after another.
@@ -33,24 +31,34 @@ REMOTE_READ_THREADS = 16
 class ExistingIds:
   """Ids a model already predicted in an output folder, loaded on a worker.
 
-  Only the glob and model id travel in the job graph; each worker reads the
-  id column itself in `setup`, so millions of ids never bloat the graph.
+  Only the shard paths (those the folder's manifest lists) and the model id
+  travel in the job graph; each worker reads the id column itself in
+  `setup`, so millions of ids never bloat the graph.
   """
 
-  def __init__(self, predictions_glob: str, model_id: str):
-    self.predictions_glob = predictions_glob
+  def __init__(self, files: list, model_id: str):
+    self.files = list(files)
     self.model_id = model_id
 
   def load(self) -> frozenset:
     ids = set()
-    for path in paths.match_paths(self.predictions_glob):
-      with FileSystems.open(path, compression_type=_UNCOMPRESSED) as handle:
+    for path in self.files:
+      with paths.open_file(path) as handle:
         table = pq.read_table(handle, columns=["id", "model_id"])
       for id_, model_id in zip(table.column("id").to_pylist(),
                                table.column("model_id").to_pylist()):
-        if model_id == self.model_id:
+        if model_id == self.model_id and id_ is not None:
           ids.add(id_)
     return frozenset(ids)
+
+
+def _name_error(path: str) -> dict:
+  """The error row of a file whose name is not valid UTF-8: it is never
+  read, and its id is the name with the undecodable bytes escaped."""
+  name = paths.printable(path)
+  return error_row(name, name, "read",
+                   "the file name is not valid UTF-8 (its bytes are shown "
+                   "escaped as \\xNN); the file was not read")
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:
@@ -69,12 +77,35 @@ class _MatchInGroups(beam.DoFn):
     self._existing = self._skip.load() if self._skip else frozenset()
 
   def process(self, pattern: str):
-    matched = paths.match_paths(pattern)
+    matched = yield from _match_text_paths(pattern)
     if self._existing:
       kept = [p for p in matched if p not in self._existing]
       counter(SKIPPED).inc(len(matched) - len(kept))
       matched = kept
     yield from _chunks(matched, self._group_size)
+
+
+def _match_text_paths(pattern: str):
+  """Yields an error row for each matched path whose name is not valid
+  UTF-8, counted as an input; returns the other paths.
+
+  Such a name cannot be written as text, nor even passed between stages,
+  so it ends here.
+  """
+  matched = paths.match_paths(pattern)
+  undecodable = [p for p in matched if not paths.is_printable(p)]
+  counter(INPUTS).inc(len(undecodable))
+  for path in undecodable:
+    yield beam.pvalue.TaggedOutput(ERRORS, _name_error(path))
+  return [p for p in matched if paths.is_printable(p)]
+
+
+class _MatchShards(beam.DoFn):
+  """Expands a pattern into shard paths, one element each."""
+
+  def process(self, pattern: str):
+    matched = yield from _match_text_paths(pattern)
+    yield from matched
 
 
 class _ReadFileGroup(beam.DoFn):
@@ -98,13 +129,12 @@ class _ReadFileGroup(beam.DoFn):
 
   def process(self, group: list):
     counter(INPUTS).inc(len(group))
-    # One file system lookup per group; images are read as stored, never
-    # decompressed by file name.
-    filesystem = FileSystems.get_filesystem(group[0])
 
     def read(path):
+      # Images are read as stored, never decompressed by file name; a local
+      # FIFO, socket or device is refused before it is opened.
       try:
-        with filesystem.open(path, compression_type=_UNCOMPRESSED) as handle:
+        with paths.open_file(path) as handle:
           return handle.read()
       except Exception as error:  # pylint: disable=broad-except
         return error
@@ -144,46 +174,103 @@ class ReadImageFiles(beam.PTransform):
     self._skip = skip
 
   def expand(self, pipeline):
-    return (
+    matched = (
         pipeline
         | "Pattern" >> beam.Create([self._pattern])
         | "MatchFiles" >> beam.ParDo(
-            _MatchInGroups(self._batch_size, self._skip))
+            _MatchInGroups(self._batch_size, self._skip)).with_outputs(
+                ERRORS, main="groups"))
+    read = (
+        matched.groups
         # Matching happens on one worker; spread the groups before reading.
         | "SpreadGroups" >> beam.Reshuffle()
         | "ReadFiles" >> beam.ParDo(
             _ReadFileGroup(paths.pattern_base(self._pattern),
                            self._class_names)).with_outputs(ERRORS, main="images"))
+    errors = ((matched.errors, read.errors)
+              | "ReadErrors" >> beam.Flatten())
+    return ReadResult(read.images, errors)
+
+
+class ReadResult(NamedTuple):
+  """A source's outputs: ImageBatches, and a row for each unread input."""
+  images: beam.PCollection
+  errors: beam.PCollection
 
 
 def raw_pixel_array(column: pa.Array, row_length: int):
-  """Splits a list column of uint8 into rows; returns (pixels, bad rows).
+  """Splits a list column of integers into rows; returns (pixels, good rows,
+  bad rows).
 
-  Rows of the wrong length or with nulls are reported by index, so the good
-  rows in the same record batch still go through.
+  A row that is null, of the wrong length, holds a null value or a value
+  outside 0..255 is reported by index with the reason, so the good rows of
+  the same record batch still go through. `pixels` holds the good rows'
+  values, flattened, as uint8.
   """
   if isinstance(column, pa.ChunkedArray):
     column = column.combine_chunks()
-  lengths = column.value_lengths().to_numpy(zero_copy_only=False)
   valid = column.is_valid().to_numpy(zero_copy_only=False)
-  lengths = np.where(valid, np.nan_to_num(lengths, nan=0), 0).astype(np.int64)
-  good = valid & (lengths == row_length)
+  lengths = pc.list_value_length(column).fill_null(0).to_numpy(
+      zero_copy_only=False).astype(np.int64)
+  candidates = np.flatnonzero(valid & (lengths == row_length))
   bad = {}
-  for index in np.flatnonzero(~good):
-    bad[int(index)] = ("null image cell" if not valid[index] else
-                       f"raw pixels of length {lengths[index]}, expected "
+  for index in np.flatnonzero(~valid):
+    bad[int(index)] = "null image cell"
+  for index in np.flatnonzero(valid & (lengths != row_length)):
+    bad[int(index)] = (f"raw pixels of length {lengths[index]}, expected "
                        f"{row_length} (height x width x channels)")
-  values = column.filter(pa.array(good)).flatten()
+  values = column.take(pa.array(candidates, pa.int64())).flatten()
+  shape = (len(candidates), row_length)
   if values.null_count:
-    raise ValueError("raw pixel values must not be null")
-  pixels = values.to_numpy(zero_copy_only=False)
-  if pixels.size and (pixels.min() < 0 or pixels.max() > 255):
-    raise ValueError("raw pixel values must lie in 0..255")
-  return pixels.astype(np.uint8, copy=False), np.flatnonzero(good), bad
+    nulls = values.is_null().to_numpy(zero_copy_only=False).reshape(shape)
+    values = values.fill_null(0)
+  else:
+    nulls = np.zeros(shape, dtype=bool)
+  numbers = values.to_numpy(zero_copy_only=False).reshape(shape)
+  rejected = nulls.any(axis=1)
+  for index in candidates[rejected]:
+    bad[int(index)] = "raw pixels hold a null value"
+  if numbers.dtype != np.uint8 and numbers.size:
+    outside = ((numbers.min(axis=1) < 0) | (numbers.max(axis=1) > 255)
+               ) & ~rejected
+    for position in np.flatnonzero(outside):
+      row = numbers[position]
+      value = row[(row < 0) | (row > 255)][0]
+      bad[int(candidates[position])] = (
+          f"raw pixel value {value} outside 0..255")
+    rejected |= outside
+  good = candidates[~rejected]
+  pixels = numbers[~rejected].astype(np.uint8, copy=False).ravel()
+  return pixels, good, dict(sorted(bad.items()))
+
+
+def _id_text(value) -> str:
+  if isinstance(value, bytes):
+    return value.decode("utf-8", "backslashreplace")
+  return str(value)
+
+
+def image_column_problem(column_type: pa.DataType) -> Optional[str]:
+  """Why a column of this type cannot hold images, or None if it can."""
+  if (pa.types.is_binary(column_type) or pa.types.is_large_binary(column_type)
+      or pa.types.is_fixed_size_binary(column_type)):
+    return None
+  if ((pa.types.is_list(column_type) or pa.types.is_large_list(column_type) or
+       pa.types.is_fixed_size_list(column_type)) and
+      pa.types.is_integer(column_type.value_type)):
+    return None
+  return (f"has type {column_type}; expected binary (encoded PNG/JPEG) or a "
+          "list of integers 0..255 (raw pixels)")
 
 
 class _ReadParquetShard(beam.DoFn):
-  """Reads one shard as Arrow record batches, one ImageBatch per batch."""
+  """Reads one shard as Arrow record batches, one ImageBatch per batch.
+
+  Every row is an input that ends as an image or an error row of its own: a
+  null id, a missing image or id column, an image column of the wrong type
+  and a bad raw-pixel row fail their rows alone. A shard that cannot be
+  opened, or breaks part-way, is one input with one error row naming where.
+  """
 
   def __init__(self, image_column: str, id_column: Optional[str],
                label_column: Optional[str], batch_size: int,
@@ -201,59 +288,96 @@ class _ReadParquetShard(beam.DoFn):
   def process(self, path: str):
     offset = 0
     try:
-      with FileSystems.open(path) as handle:
+      with paths.open_file(path) as handle:
         shard = pq.ParquetFile(handle)
+        names = shard.schema_arrow.names
         columns = [c for c in (self._image_column, self._id_column,
-                               self._label_column) if c]
-        missing = [c for c in columns if c not in shard.schema_arrow.names]
-        if missing:
-          raise KeyError(f"columns {missing} not in shard; it has "
-                         f"{shard.schema_arrow.names}")
+                               self._label_column) if c and c in names]
+        # With none of them, one column is read to count the rows.
         for record_batch in shard.iter_batches(
-            batch_size=self._batch_size, columns=columns):
+            batch_size=self._batch_size, columns=columns or names[:1]):
           yield from self._batch_outputs(path, offset, record_batch)
           offset += record_batch.num_rows
     except Exception as error:  # pylint: disable=broad-except
-      # A shard that cannot be read is one input with one error row, and the
+      # What could not be read is one input with one error row, and the
       # other shards go on.
       counter(INPUTS).inc()
-      after = f" (after {offset} rows were read)" if offset else ""
+      after = (f" (rows from {offset} on; rows before it were read)"
+               if offset else "")
       yield beam.pvalue.TaggedOutput(
           ERRORS, error_row(path, path, "read",
                             f"{type(error).__name__}: {error}{after}"))
 
-  def _batch_outputs(self, path: str, offset: int, record_batch):
+  def _ids(self, path: str, offset: int, record_batch) -> tuple:
+    """The rows' ids, and a reason for each row whose id is unusable."""
     rows = record_batch.num_rows
-    if self._id_column:
-      ids = [str(v) for v in record_batch.column(self._id_column).to_pylist()]
-    else:
-      ids = [f"{path}#{offset + i}" for i in range(rows)]
+    generated = [f"{path}#{offset + i}" for i in range(rows)]
+    if not self._id_column:
+      return generated, {}
+    if self._id_column not in record_batch.schema.names:
+      reason = f"the shard has no id column {self._id_column!r} (--id_column)"
+      return generated, dict.fromkeys(range(rows), reason)
+    values = record_batch.column(self._id_column).to_pylist()
+    ids, problems = [], {}
+    for i, value in enumerate(values):
+      if value is None:
+        # Named by shard and row instead, in the error row only.
+        ids.append(generated[i])
+        problems[i] = (f"null id in column {self._id_column!r}; this row is "
+                       "named SHARD#ROW here")
+      else:
+        ids.append(_id_text(value))
+    return ids, problems
+
+  def _batch_outputs(self, path: str, offset: int, record_batch):
+    ids, problems = self._ids(path, offset, record_batch)
+    rows = record_batch.num_rows
+    names = record_batch.schema.names
     if self._existing:
-      keep = [i for i, id_ in enumerate(ids) if id_ not in self._existing]
+      keep = [i for i in range(rows)
+              if i in problems or ids[i] not in self._existing]
       counter(SKIPPED).inc(rows - len(keep))
       if len(keep) < rows:
         record_batch = record_batch.take(pa.array(keep, pa.int64()))
         ids = [ids[i] for i in keep]
+        problems = {new: problems[old] for new, old in enumerate(keep)
+                    if old in problems}
         rows = len(keep)
       if not rows:
         return
     counter(INPUTS).inc(rows)
+    if self._image_column not in names:
+      reason = f"the shard has no image column {self._image_column!r}"
+      problems.update({i: reason for i in range(rows) if i not in problems})
+    else:
+      column_problem = image_column_problem(
+          record_batch.schema.field(self._image_column).type)
+      if column_problem:
+        reason = f"column {self._image_column!r} {column_problem}"
+        problems.update({i: reason for i in range(rows) if i not in problems})
+    for index in sorted(problems):
+      yield beam.pvalue.TaggedOutput(
+          ERRORS, error_row(ids[index], path, "read", problems[index]))
+    good = [i for i in range(rows) if i not in problems]
+    if not good:
+      return
+    if len(good) < rows:
+      record_batch = record_batch.take(pa.array(good, pa.int64()))
+      ids = [ids[i] for i in good]
+    rows = len(good)
+    # The label column is optional: a shard without it has unknown labels.
     # Labels stay as the column holds them (names, indices); they are
     # matched to class names when predictions are formatted.
     labels = (record_batch.column(self._label_column).to_pylist()
-              if self._label_column else [None] * rows)
+              if self._label_column and self._label_column in names
+              else [None] * rows)
     images = record_batch.column(self._image_column)
     batch = ImageBatch(ids=ids, sources=[path] * rows, true_labels=labels)
-    if pa.types.is_binary(images.type) or pa.types.is_large_binary(images.type):
+    if not pa.types.is_list(images.type) and not pa.types.is_large_list(
+        images.type) and not pa.types.is_fixed_size_list(images.type):
       batch.encoded = images.to_pylist()
       yield batch
       return
-    if not (pa.types.is_list(images.type) or
-            pa.types.is_large_list(images.type) or
-            pa.types.is_fixed_size_list(images.type)):
-      raise TypeError(f"column {self._image_column!r} has type {images.type}; "
-                      "expected binary (encoded PNG/JPEG) or a list of uint8 "
-                      "(raw pixels)")
     row_length = int(np.prod(self._input_shape))
     pixels, good, bad = raw_pixel_array(images, row_length)
     for index, message in bad.items():
@@ -283,10 +407,16 @@ class ReadParquetImages(beam.PTransform):
                                      batch_size, input_shape, skip)
 
   def expand(self, pipeline):
-    return (
+    matched = (
         pipeline
         | "Pattern" >> beam.Create([self._pattern])
-        | "MatchShards" >> beam.FlatMap(paths.match_paths)
+        | "MatchShards" >> beam.ParDo(_MatchShards()).with_outputs(
+            ERRORS, main="shards"))
+    read = (
+        matched.shards
         | "SpreadShards" >> beam.Reshuffle()
         | "ReadShards" >> beam.ParDo(self._reader).with_outputs(
             ERRORS, main="images"))
+    errors = ((matched.errors, read.errors)
+              | "ReadErrors" >> beam.Flatten())
+    return ReadResult(read.images, errors)

@@ -1,4 +1,5 @@
-"""Local and remote (gs://, ...) paths, read through Beam's FileSystems.
+"""Local and remote (gs://, ...) paths: remote ones read through Beam's
+FileSystems, local ones opened only when they are regular files.
 
 Training, serving and the result tools name files the same way: a local path
 is made absolute, a folder means every file below it, and a file's class is
@@ -8,9 +9,15 @@ the folder it sits in.
 import os
 import posixpath
 import re
+import stat
 from typing import Optional
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
+# What a local path that is not a regular file is, for error messages.
+_SPECIAL_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+                  (stat.S_ISSOCK, "a socket"),
+                  (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"))
 
 
 def is_remote(path: str) -> bool:
@@ -30,14 +37,73 @@ def absolute(path: str) -> str:
   return absolute_path + "/" if path.endswith("/") else absolute_path
 
 
+class NotARegularFile(OSError):
+  """A local path that is a FIFO, socket, device or folder: never opened."""
+
+
+def _special_kind(mode: int) -> Optional[str]:
+  if stat.S_ISREG(mode):
+    return None
+  for test, kind in _SPECIAL_KINDS:
+    if test(mode):
+      return kind
+  return "not a regular file"
+
+
+def open_file(path: str):
+  """Opens a local or remote file for reading, as stored.
+
+  A local path is checked with stat before it is opened and refused unless
+  it is a regular file (after following symbolic links): opening a FIFO
+  blocks forever and opening a device can have effects of its own. The open
+  itself is non-blocking and checked again, so a file swapped for a FIFO in
+  between is refused as well.
+  """
+  if is_remote(path):
+    # pylint: disable=import-outside-toplevel
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+    return FileSystems.open(path,
+                            compression_type=CompressionTypes.UNCOMPRESSED)
+  kind = _special_kind(os.stat(path).st_mode)
+  if kind:
+    raise NotARegularFile(f"{printable(path)} is {kind}, not a regular file; "
+                          "it was not opened")
+  descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY |
+                       getattr(os, "O_CLOEXEC", 0))
+  try:
+    kind = _special_kind(os.fstat(descriptor).st_mode)
+    if kind:
+      raise NotARegularFile(f"{printable(path)} is {kind}, not a regular "
+                            "file; it was not read")
+    os.set_blocking(descriptor, True)
+    return os.fdopen(descriptor, "rb")
+  except BaseException:
+    os.close(descriptor)
+    raise
+
+
 def read_bytes(path: str) -> bytes:
   """Reads a local or remote file, as stored (never decompressed by name)."""
-  # pylint: disable=import-outside-toplevel
-  from apache_beam.io.filesystem import CompressionTypes
-  from apache_beam.io.filesystems import FileSystems
-  with FileSystems.open(
-      path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+  with open_file(path) as handle:
     return handle.read()
+
+
+def printable(path: str) -> str:
+  """A path as text that can be printed and stored: the bytes of a file name
+  that is not valid UTF-8 (which Python holds as surrogate escapes) become
+  \\xNN."""
+  return path.encode("utf-8", "surrogateescape").decode("utf-8",
+                                                        "backslashreplace")
+
+
+def is_printable(path: str) -> bool:
+  """Whether a path is valid text as it is (see `printable`)."""
+  try:
+    path.encode("utf-8")
+  except UnicodeEncodeError:
+    return False
+  return True
 
 
 def expand_pattern(pattern: str) -> str:
@@ -55,10 +121,46 @@ def pattern_base(pattern: str) -> str:
 
 
 def match_paths(pattern: str, limit: Optional[int] = None) -> list:
-  """File paths a pattern matches, sorted."""
+  """File paths a pattern matches, sorted.
+
+  Remote patterns go through Beam's FileSystems. Local ones are listed here
+  with the same pattern rules, because Beam's local listing drops every
+  entry it cannot stat: a dangling or looping symbolic link would vanish
+  instead of becoming an error row. Under a recursive pattern (`**`, what a
+  folder means), a sub-folder that cannot be listed is returned as a path
+  too, so that reading it fails visibly.
+  """
+  if not is_remote(pattern):
+    matched = _match_local(pattern)
+    return matched[:limit] if limit else matched
   from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
   result = FileSystems.match([pattern], limits=[limit] if limit else None)[0]
   return sorted(metadata.path for metadata in result.metadata_list)
+
+
+def _match_local(pattern: str) -> list:
+  # pylint: disable=import-outside-toplevel
+  from apache_beam.io.filesystem import FileSystem
+  if pattern.endswith("/"):
+    pattern += "*"
+  prefix = _GLOB_CHARS.split(pattern, 1)[0]
+  if prefix == pattern:
+    return [pattern] if os.path.lexists(pattern) else []
+  root = posixpath.dirname(prefix)
+  unlistable = []
+  found = [
+      os.path.join(folder, name)
+      for folder, _, names in os.walk(
+          root, onerror=lambda error: unlistable.append(error.filename))
+      for name in names
+  ]
+  regex = re.compile(FileSystem.translate_pattern(pattern))
+  matched = [path for path in found if regex.match(path)]
+  # The root itself not existing is no match, not an error.
+  if "**" in pattern:
+    matched.extend(path for path in unlistable
+                   if path and path != root and os.path.lexists(path))
+  return sorted(matched)
 
 
 def folder_label(path: str, base: str,

@@ -262,7 +262,9 @@ def test_crash_mid_run_leaves_nothing_and_a_rerun_completes(tmp_path, png_dir,
   assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
   visible = sorted(p.name for p in output.iterdir() if
                    not p.name.startswith("beam-temp-"))
-  assert visible == []  # No shard, no manifest: nothing half-written.
+  # No shard, no manifest: nothing half-written. The killed run's lock
+  # stays, naming its run for the run that takes it over.
+  assert visible == ["_run.lock"]
   # The killed run did write staging files, out of sight.
   assert any(p.name.startswith("beam-temp-") for p in output.iterdir())
 
@@ -272,6 +274,7 @@ def test_crash_mid_run_leaves_nothing_and_a_rerun_completes(tmp_path, png_dir,
   ids = [r["id"] for r in rows]
   assert len(ids) == 200 and len(set(ids)) == 200
   assert not any(p.name.startswith("beam-temp-") for p in output.iterdir())
+  assert not (output / "_run.lock").exists()
 
 
 def test_skip_existing_classifies_only_new_images(tmp_path, tiny_model,

@@ -71,7 +71,15 @@ def make_shards(input_pattern: str, output_dir: str,
   for number, start in enumerate(range(0, len(files), rows_per_shard)):
     rows = {"id": [], "image": [], "label": []}
     for path in files[start:start + rows_per_shard]:
-      data = paths.read_bytes(path)
+      try:
+        if not paths.is_printable(path):
+          raise ValueError("the file name is not valid UTF-8")
+        data = paths.read_bytes(path)
+      except (OSError, ValueError) as error:
+        # A FIFO, a dangling link or an undecodable name: it is no image.
+        print(f"skipped {paths.printable(path)}: {type(error).__name__}: "
+              f"{error}", file=sys.stderr)
+        continue
       if card is not None:
         try:
           data = preprocessing.decode_image(data, card.height, card.width,

@@ -59,15 +59,16 @@ def _open(data: bytes) -> np.ndarray:
 
 def _read_image(row: dict, manifest: dict):
   """The input image for a prediction row, or None when it can't be had."""
-  from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
+  from model import paths  # pylint: disable=import-outside-toplevel
   arguments = (manifest or {}).get("arguments", {})
   try:
+    # Ids are data: paths.open_file never opens a FIFO or device they name.
     if arguments.get("input_format") != "parquet":
-      with FileSystems.open(row["id"]) as handle:
+      with paths.open_file(row["id"]) as handle:
         return _open(handle.read())
     import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
     id_column, image_column = arguments["id_column"], arguments["image_column"]
-    with FileSystems.open(row["source"]) as handle:
+    with paths.open_file(row["source"]) as handle:
       table = pq.read_table(handle, columns=[c for c in (id_column,
                                                          image_column) if c])
     if id_column:
