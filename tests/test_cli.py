@@ -369,8 +369,7 @@ def test_commands_end_with_where_results_are_and_what_is_next(tmp_path,
 
 @pytest.mark.parametrize("args, expected", [
     (["out", "acuracy"], "did you mean accuracy?"),
-    # A flag of another sub-command is not offered as the fix.
-    (["out", "accuracy", "--limit", "3"], "unknown flag --limit (see"),
+    (["out", "accuracy", "--limit", "3"], "unknown flag --limit"),
     (["out", "low-confidence", "--limt", "3"], "did you mean --limit?"),
 ])
 def test_query_names_the_nearest_command_or_flag(args, expected, capsys):
@@ -379,3 +378,5 @@ def test_query_names_the_nearest_command_or_flag(args, expected, capsys):
   assert exit_info.value.code == 2
   error = capsys.readouterr().err
   assert expected in error and error.count("\n") == 1, error
+  # A flag of another sub-command is not offered as the fix.
+  assert "did you mean --limit?" not in error or "--limt" in args

@@ -24,9 +24,11 @@ NAMES = ["cat", "dog", "owl"]
 
 def test_label_matcher():
   match = LabelMatcher(NAMES).match
-  assert [match(v) for v in ("dog", 1, "1", "01", 2.0, np.int64(0).item())] == [
-      "dog", "dog", "dog", "dog", "owl", "cat"]
-  for value in (None, 3, -1, "3", "Dog", "", 1.5, True, "1.0", b"1"):
+  # A binary label column's bytes are read as UTF-8 text.
+  assert [match(v) for v in ("dog", 1, "1", "01", 2.0, np.int64(0).item(),
+                             b"owl", b"1")] == [
+      "dog", "dog", "dog", "dog", "owl", "cat", "owl", "dog"]
+  for value in (None, 3, -1, "3", "Dog", "", 1.5, True, "1.0", b"\xff"):
     assert match(value) is None, value
   # Class names that are digits themselves match by name only, so "1" can
   # never mean two classes.
