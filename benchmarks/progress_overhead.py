@@ -3,13 +3,15 @@
 Usage:
   python -m benchmarks.progress_overhead [--work /tmp/bench] [--repeats 3]
       [--w1_images 300000] [--fashion_model DIR] [--shared_data DIR]
+      [--profile_shards 5]
 
 P runs as `benchmarks.throughput` runs it (`--direct_num_workers 2
 --direct_running_mode multi_processing --inference_threads 1`), once with
 the default `--progress_seconds` and once with `--progress_seconds 0`,
-alternating so that a busy spell on the machine hits both alike. Prints the
-medians of each one's whole-process wall time and CPU time (P's process
-tree) and their ratios.
+back to back and in turn first (ABBA), so that a busy spell on the machine
+hits both alike. Prints the medians of each one's whole-process wall time
+and CPU time (P's process tree) and their ratios, then P in one process under
+cProfile: the share of its time spent in the progress code itself.
 """
 
 import argparse
@@ -18,7 +20,6 @@ import resource
 import shutil
 import statistics
 import sys
-import time
 
 from beam_jobs import config as config_lib
 from benchmarks import throughput
@@ -35,6 +36,9 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--w1_images", type=int, default=300_000)
   parser.add_argument("--fashion_model", default=None)
+  parser.add_argument("--profile_shards", type=int, default=5,
+                      help="W1 shards (10,000 images each) for the cProfile "
+                      "run")
   parser.add_argument("--shared_data", default=throughput.SHARED,
                       help="folder holding fashion-mnist/ (a worktree's "
                       "../shared/data may not exist)")
@@ -52,7 +56,10 @@ def main(argv=None):
   cpu = {name: [] for name in VARIANTS}
   images = {}
   for repeat in range(args.repeats):
-    for name, flags in VARIANTS.items():
+    # ABBA: each variant goes first in every other repeat, so neither gains
+    # from running second (or first) after the other.
+    order = list(VARIANTS.items())
+    for name, flags in (order if repeat % 2 == 0 else order[::-1]):
       before = resource.getrusage(resource.RUSAGE_CHILDREN)
       result = throughput.run_system("P", folder, model, out, 0,
                                      throughput.P_FLAGS + flags)
@@ -88,34 +95,40 @@ def main(argv=None):
             for label, values in (("wall", seconds), ("CPU", cpu))}
   print(f"median of each repeat's ratio: wall {paired['wall']:.3f}, CPU "
         f"{paired['CPU']:.3f}")
-  batches = -(-images["no progress lines"] // throughput.BATCH)
-  per_batch = counting_seconds_per_batch()
-  share = per_batch * batches / used["no progress lines"]
-  print(f"\nthe counting alone: {per_batch * 1e6:.2f} µs per batch of "
-        f"{throughput.BATCH}, {per_batch * batches * 1e3:.1f} ms for W1's "
-        f"{batches} batches: {share:.4%} of P's median CPU without progress")
+  print_profile(folder, model, os.path.join(args.work, "out", "profiled"),
+                args.profile_shards)
 
 
-def counting_seconds_per_batch(batches: int = 2000, repeats: int = 5) -> float:
-  """What a worker's progress counter costs per prediction batch: its own
-  code, timed directly (the best of `repeats`), so the machine's load hardly
-  sways it. Beam's per-element cost of one more fused ParDo comes on top."""
-  import pyarrow as pa  # pylint: disable=import-outside-toplevel
-  from beam_jobs.contracts import PREDICTIONS  # pylint: disable=import-outside-toplevel
-  from beam_jobs.progress import ProgressReporter  # pylint: disable=import-outside-toplevel
-  table = pa.table({"id": [str(i) for i in range(throughput.BATCH)]})
-  reporter = ProgressReporter(config_lib.DEFAULT_PROGRESS_SECONDS)
-  counter = reporter.counter(PREDICTIONS)
-  counter.setup()
-  best = float("inf")
-  for _ in range(repeats):
-    started = time.perf_counter()
-    for _ in range(batches):
-      counter.process(table)
-    best = min(best, (time.perf_counter() - started) / batches)
-  counter.finish_bundle()
-  shutil.rmtree(reporter.folder)
-  return best
+def print_profile(folder: str, model: str, out: str, shards: int) -> None:
+  """P in one process (FnApiRunner in memory) under cProfile, with progress
+  lines, on the first `shards` shards: the time spent in
+  beam_jobs/progress.py against the whole run. The counting runs in the
+  profiled thread there; the printing thread wakes every few seconds."""
+  import cProfile  # pylint: disable=import-outside-toplevel
+  import pstats  # pylint: disable=import-outside-toplevel
+  from beam_jobs import predict  # pylint: disable=import-outside-toplevel
+  subset = out + "-input"
+  shutil.rmtree(subset, ignore_errors=True)
+  shutil.rmtree(out, ignore_errors=True)
+  os.makedirs(subset)
+  for name in sorted(n for n in os.listdir(folder)
+                     if n.endswith(".parquet"))[:shards]:
+    os.link(os.path.join(folder, name), os.path.join(subset, name))
+  config = config_lib.PredictConfig(os.path.join(subset, "*.parquet"), model,
+                                    out, inference_threads=1)
+  profile = cProfile.Profile()
+  profile.enable()
+  manifest = predict.run(config, ["--runner", "FnApiRunner"])
+  profile.disable()
+  stats = pstats.Stats(profile)
+  ours = [entry for function, entry in stats.stats.items()
+          if function[0].endswith(os.path.join("beam_jobs", "progress.py"))]
+  seconds = sum(entry[2] for entry in ours)
+  print(f"\nin one process under cProfile, "
+        f"{manifest['counts']['predictions']} images: "
+        f"{seconds * 1e3:.1f} ms in progress.py "
+        f"({sum(entry[1] for entry in ours)} calls) of {stats.total_tt:.2f} s "
+        f"profiled: {seconds / stats.total_tt:.3%}")
 
 
 if __name__ == "__main__":
