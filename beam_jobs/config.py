@@ -9,6 +9,7 @@ import csv
 import dataclasses
 import io
 import re
+import sys
 from typing import Optional
 
 import pyarrow.parquet as pq
@@ -19,6 +20,7 @@ from beam_jobs import output_folder
 from beam_jobs import sources
 from beam_jobs.contracts import DEFAULT_BATCH_SIZE
 from model import card as card_lib
+from model import cli
 from model import engines
 from model import paths
 from model import preprocessing
@@ -26,6 +28,11 @@ from model import preprocessing
 DEFAULT_TOP_K = 3
 ENGINE_CHOICES = ("auto",) + engines.ENGINES
 INPUT_FORMATS = ("auto", "images", "parquet")
+DEFAULT_PROGRESS_SECONDS = 5.0
+# Runners that learn extra pipeline options from their job server at
+# submission; flags unknown to Beam's Python options may be theirs.
+JOB_SERVER_RUNNERS = ("PortableRunner", "FlinkRunner", "SparkRunner",
+                      "PrismRunner")
 DATAFLOW_RUNNERS = ("DataflowRunner", "TestDataflowRunner")
 # What input_format becomes with --input_list.
 LIST_FORMAT = "list"
@@ -57,6 +64,8 @@ class PredictConfig:
   overwrite: bool = False
   skip_existing: bool = False
   bigquery_table: Optional[str] = None
+  progress_seconds: float = DEFAULT_PROGRESS_SECONDS
+  verbose: bool = False
   input_list: Optional[str] = None
   uri_column: str = "uri"
 
@@ -91,6 +100,9 @@ class PredictConfig:
     for name in ("batch_size", "top_k"):
       if getattr(self, name) < 1:
         raise ConfigError(f"--{name} must be at least 1")
+    if self.progress_seconds < 0:
+      raise ConfigError("--progress_seconds must be 0 (no progress lines) or "
+                        "more")
     if self.max_image_pixels is not None and not (
         1 <= self.max_image_pixels <= preprocessing.PILLOW_PIXEL_LIMIT):
       raise ConfigError(
@@ -209,18 +221,11 @@ class PredictConfig:
       raise ConfigError(str(error)) from None
 
 
-def runner_name(options) -> str:
-  """The runner Beam's options name, without its module."""
-  runner = options.view_as(beam_options.StandardOptions).runner or (
-      "DirectRunner")
-  return runner.rsplit(".", 1)[-1] if isinstance(runner, str) else (
-      type(runner).__name__)
-
-
 def is_dataflow_dry_run(options) -> bool:
   """Whether Dataflow will build the job and submit nothing (--dry_run, as
   the DataflowRunner reads it: any value but none)."""
-  return runner_name(options) in DATAFLOW_RUNNERS and bool(
+  return _runner_name(options.view_as(
+      beam_options.StandardOptions)) in DATAFLOW_RUNNERS and bool(
       options.view_as(beam_options.TestOptions).dry_run)
 
 
@@ -233,7 +238,8 @@ def check_workers(config: PredictConfig, card: card_lib.ModelCard,
   tensorflow decoder need TensorFlow, which a worker image or a
   requirements file must bring.
   """
-  if runner_name(options) not in DATAFLOW_RUNNERS or (
+  if _runner_name(options.view_as(
+      beam_options.StandardOptions)) not in DATAFLOW_RUNNERS or (
       not engines.needs_tensorflow(card, config.engine)):
     return
   if (options.view_as(beam_options.WorkerOptions).sdk_container_image or
@@ -279,12 +285,14 @@ def adopt_command(model: str) -> Optional[str]:
           "caffe|torch]")
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+def build_parser() -> cli.ArgumentParser:
+  parser = cli.ArgumentParser(
       prog="python -m beam_jobs.predict",
-      description="Classify images from a directory or Parquet shards; any "
-      "other flag (--runner, --direct_num_workers, --project, ...) goes to "
-      "Beam's PipelineOptions.")
+      description="Classify images from a directory, Parquet shards or lists\n"
+      "of image URIs.\n\n"
+      "Beam's pipeline options (--runner, --direct_num_workers, --project,\n"
+      "--region, --temp_location, ...) are accepted too; any other flag is\n"
+      "refused.")
   parser.add_argument("--input", default=None,
                       help="image directory or glob, or a glob of .parquet "
                       "shards (local or gs://)")
@@ -306,14 +314,18 @@ def build_parser() -> argparse.ArgumentParser:
                       "(tflite when present)")
   parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE,
                       help="images per read, decode and inference batch")
-  parser.add_argument("--top_k", type=int, default=DEFAULT_TOP_K)
+  parser.add_argument("--top_k", type=int, default=DEFAULT_TOP_K,
+                      help="best classes kept in the top_k column")
   parser.add_argument("--write_probabilities", action="store_true",
                       help="also write the full probability vector")
-  parser.add_argument("--image_column", default="image")
+  parser.add_argument("--image_column", default="image",
+                      help="Parquet column with image bytes or raw pixels")
   parser.add_argument("--id_column", default="id",
-                      help="empty for none: ids become SHARD#ROW")
+                      help="Parquet (or list) column with ids; empty for "
+                      "none: ids become SHARD#ROW (a list's: the URI)")
   parser.add_argument("--label_column", default=None,
-                      help="column with the true class name, if known")
+                      help="Parquet (or list) column with the true label: a "
+                      "class name or a class index")
   parser.add_argument("--max_image_pixels", type=int,
                       default=preprocessing.DEFAULT_MAX_IMAGE_PIXELS,
                       help="images declaring more pixels are refused "
@@ -328,12 +340,68 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--skip_existing", action="store_true",
                       help="keep --output's predictions by this model and "
                       "classify only inputs whose ids it lacks")
+  parser.add_argument("--progress_seconds", type=float,
+                      default=DEFAULT_PROGRESS_SECONDS,
+                      help="seconds between progress lines on local runners; "
+                      "0 for none")
+  parser.add_argument("--verbose", action="store_true",
+                      help="also TensorFlow's, LiteRT's and Beam's own log "
+                      "lines")
   return parser
 
 
+def beam_option_parser() -> argparse.ArgumentParser:
+  """The parser Beam builds for its pipeline options, as Beam builds it.
+
+  `PipelineOptions.get_all_options` parses with every loaded subclass of
+  PipelineOptions (standard, Google Cloud, worker, setup, direct, portable,
+  Flink, Spark, Prism, ...), abbreviations off; an argument none of them
+  knows is dropped there with a warning. Building the same parser lets us
+  refuse it instead, before any work.
+  """
+  parser = beam_options._BeamArgumentParser(allow_abbrev=False)  # pylint: disable=protected-access
+  classes = {}
+  for cls in beam_options.PipelineOptions.__subclasses__():
+    classes.setdefault(str(cls), cls)
+  for cls in classes.values():
+    cls._add_argparse_args(parser)  # pylint: disable=protected-access
+
+  def error(message):
+    # Beam ignores ambiguity; any other parse error fails the run there too.
+    if not message.startswith("ambiguous option: "):
+      raise ConfigError(f"Beam pipeline option: {message}")
+
+  parser.error = error
+  return parser
+
+
+def _runner_name(beam_options_namespace) -> str:
+  runner = getattr(beam_options_namespace, "runner", None) or "DirectRunner"
+  return runner.rsplit(".", 1)[-1] if isinstance(runner, str) else (
+      type(runner).__name__)
+
+
 def parse_args(argv=None):
-  """Returns (PredictConfig, the remaining Beam pipeline arguments)."""
-  args, beam_args = build_parser().parse_known_args(argv)
+  """Returns (PredictConfig, Beam's pipeline arguments).
+
+  Raises ConfigError for a flag that is neither ours nor a Beam pipeline
+  option, naming the nearest known flag.
+  """
+  parser = build_parser()
+  args, rest = parser.parse_known_args(argv)
+  if rest:
+    beam_parser = beam_option_parser()
+    known, unknown = beam_parser.parse_known_args(rest)
+    if unknown:
+      message = cli.unknown_arguments_message(
+          unknown, cli.option_names(parser) + cli.option_names(beam_parser))
+      if _runner_name(known) not in JOB_SERVER_RUNNERS:
+        raise ConfigError(f"{message}; our flags are in --help, and any "
+                          "Beam pipeline option is accepted")
+      # A job server adds its runner's own options only when the job is
+      # submitted, so they cannot be checked here.
+      print(f"beam_jobs.predict: warning: {message}: passed to the "
+            f"{_runner_name(known)} job server unchecked", file=sys.stderr)
   fields = vars(args)
   fields["id_column"] = fields["id_column"] or None
-  return PredictConfig(**fields), beam_args
+  return PredictConfig(**fields), rest

@@ -18,8 +18,11 @@ from apache_beam.io.filesystems import FileSystems
 from beam_jobs.contracts import DUPLICATE_IDS
 from beam_jobs.contracts import ERROR_ROWS
 from beam_jobs.contracts import ERRORS
+from beam_jobs.contracts import LABELLED
 from beam_jobs.contracts import PREDICTIONS
+from beam_jobs.contracts import UNMATCHED_LABELS
 from beam_jobs.contracts import BatchResult
+from beam_jobs.contracts import LabelMatcher
 from beam_jobs.contracts import counter
 from beam_jobs.contracts import id_bucket
 from model.card import ModelCard
@@ -52,6 +55,7 @@ def predictions_schema(write_probabilities: bool = False) -> pa.Schema:
       ("confidence", pa.float32()),
       ("top_k", TOP_K_TYPE),
       ("true_label", pa.string()),
+      ("source_label", pa.string()),
       ("model_id", pa.string()),
       ("engine", pa.string()),
   ]
@@ -62,8 +66,13 @@ def predictions_schema(write_probabilities: bool = False) -> pa.Schema:
 
 def predictions_table(ids, sources, true_labels, probabilities: np.ndarray,
                       class_names: list, top_k: int, model_id: str,
-                      engine: str, write_probabilities: bool) -> pa.Table:
-  """Formats a batch of probability vectors as prediction rows."""
+                      engine: str, write_probabilities: bool,
+                      source_labels=None) -> pa.Table:
+  """Formats a batch of probability vectors as prediction rows.
+
+  `true_labels` are class names (or None); `source_labels` the labels as the
+  inputs gave them, by default the same.
+  """
   rows, num_classes = probabilities.shape
   k = min(top_k, num_classes)
   # A stable sort keeps argmax's tie-break: the lowest class index wins.
@@ -83,6 +92,8 @@ def predictions_table(ids, sources, true_labels, probabilities: np.ndarray,
       pa.array(confidences[:, 0], pa.float32()),
       pa.ListArray.from_arrays(offsets, top_k_values).cast(TOP_K_TYPE),
       pa.array(true_labels, pa.string()),
+      pa.array(true_labels if source_labels is None else source_labels,
+               pa.string()),
       pa.array([model_id] * rows, pa.string()),
       pa.array([engine] * rows, pa.string()),
   ]
@@ -96,7 +107,12 @@ def predictions_table(ids, sources, true_labels, probabilities: np.ndarray,
 
 
 class FormatPredictions(beam.DoFn):
-  """Turns each inference result into one Arrow table of prediction rows."""
+  """Turns each inference result into one Arrow table of prediction rows.
+
+  Given labels are matched to the card's class names here, where every
+  prediction passes, so `true_label` is always a class name or null and the
+  label counters add up with the predictions.
+  """
 
   def __init__(self, card: ModelCard, engine: str, top_k: int,
                write_probabilities: bool):
@@ -105,7 +121,10 @@ class FormatPredictions(beam.DoFn):
     self._engine = engine
     self._top_k = top_k
     self._write_probabilities = write_probabilities
+    self._matcher = LabelMatcher(self._class_names)
     self._predictions = counter(PREDICTIONS)
+    self._labelled = counter(LABELLED)
+    self._unmatched = counter(UNMATCHED_LABELS)
 
   def process(self, result: BatchResult):
     for row in result.errors:
@@ -114,10 +133,16 @@ class FormatPredictions(beam.DoFn):
     if not len(batch):
       return
     self._predictions.inc(len(batch))
-    yield predictions_table(batch.ids, batch.sources, batch.true_labels,
+    true_labels, given, labelled, unmatched = self._matcher.match_all(
+        batch.true_labels)
+    if labelled:
+      self._labelled.inc(labelled)
+    if unmatched:
+      self._unmatched.inc(unmatched)
+    yield predictions_table(batch.ids, batch.sources, true_labels,
                             result.probabilities, self._class_names,
                             self._top_k, self._model_id, self._engine,
-                            self._write_probabilities)
+                            self._write_probabilities, source_labels=given)
 
 
 def _count_error(row: dict) -> dict:
@@ -264,6 +289,12 @@ class WriteBigQuery(beam.PTransform):
 
 def _table_rows(element):
   return element.to_pylist() if isinstance(element, pa.Table) else [element]
+
+
+def report_dir_for(output: str) -> str:
+  """Where the next-step hints suggest a report of `output`: beside a local
+  output folder; tools.report writes locally, so a gs:// one gets ./report."""
+  return "report" if is_remote(output) else output.rstrip("/") + "-report"
 
 
 class ManifestError(ValueError):

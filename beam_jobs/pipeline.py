@@ -10,7 +10,9 @@ from apache_beam.ml.inference.base import RunInference
 from beam_jobs import outputs
 from beam_jobs.config import PredictConfig
 from beam_jobs.inference import ImageClassifierHandler
+from beam_jobs.contracts import ERROR_ROWS
 from beam_jobs.contracts import ERRORS
+from beam_jobs.contracts import PREDICTIONS
 from beam_jobs.preprocess import Preprocess
 from beam_jobs.skip_existing import SkipExisting
 from beam_jobs.sources import ReadImageFiles
@@ -37,10 +39,15 @@ def read_inputs(pipeline, config: PredictConfig, card: ModelCard,
 
 
 def build_pipeline(pipeline, config: PredictConfig, card: ModelCard,
-                   run_id: str, skip_files=(), skip_rows=None) -> None:
+                   run_id: str, skip_files=(), progress=None,
+                   skip_rows=None) -> None:
   """Wires the graph; `run_id` names this run's output shards, and with
   --skip_existing `skip_files` are the earlier prediction shards kept
-  (holding `skip_rows` rows, when known)."""
+  (holding `skip_rows` rows, when known).
+
+  With `progress` (a progress.ProgressReporter, for local runs) the
+  predictions and the error rows are also counted for progress lines.
+  """
   read = read_inputs(pipeline, config, card, skip_files, skip_rows)
   preprocessed = read.images | "Preprocess" >> Preprocess(
       card, config.max_image_pixels)
@@ -63,6 +70,11 @@ def build_pipeline(pipeline, config: PredictConfig, card: ModelCard,
     # column or a list are data, and repeats are counted for the manifest.
     _ = ((formatted.tables, errors)
          | "CountDuplicateIds" >> outputs.CountDuplicateIds())
+  if progress is not None:
+    _ = formatted.tables | "ProgressPredictions" >> beam.ParDo(
+        progress.counter(PREDICTIONS))
+    _ = errors | "ProgressErrors" >> beam.ParDo(
+        progress.counter(ERROR_ROWS))
   if config.bigquery_table:
     _ = formatted.tables | "WritePredictionsToBigQuery" >> (
         outputs.WriteBigQuery(

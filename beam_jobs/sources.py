@@ -304,10 +304,11 @@ class _ReadParquetItem(beam.DoFn):
       ids = [ids[i] for i in good]
     rows = len(good)
     # The label column is optional: a shard without it has unknown labels.
+    # Labels stay as the column holds them (names, indices); they are
+    # matched to class names when predictions are formatted.
     labels = (record_batch.column(self._label_column).to_pylist()
               if self._label_column and self._label_column in names
               else [None] * rows)
-    labels = [None if label is None else _id_text(label) for label in labels]
     images = record_batch.column(self._image_column)
     batch = ImageBatch(ids=ids, sources=[path] * rows, true_labels=labels)
     if not pa.types.is_list(images.type) and not pa.types.is_large_list(

@@ -8,7 +8,6 @@ Usage:
       --backbone MobileNetV3Small --weights imagenet        # transfer learning
 """
 
-import argparse
 import logging
 import os
 import sys
@@ -16,6 +15,7 @@ import time
 
 import numpy as np
 
+from model import cli
 from model import datasets
 
 DEFAULT_SEED = 0
@@ -23,6 +23,7 @@ DEFAULT_VALIDATION_SPLIT = 0.2
 DEFAULT_IMAGE_SIZE = 64
 MIN_TRAIN_IMAGES = 20
 MIN_IMAGES_PER_CLASS = 2
+_LOG = logging.getLogger("model.train")
 # A pretrained backbone: the resolution its ImageNet weights were trained at;
 # the Keras transfer-learning guide's rates (Adam at its default for the head,
 # 1e-5 to fine-tune) and TensorFlow's transfer-learning tutorial's epochs.
@@ -211,9 +212,9 @@ def train_backbone(dataset: datasets.Dataset, backbone: str, output: str,
              "trainable": "the new head; the backbone frozen"}]
   if fine_tune_epochs:
     unfrozen = backbones.unfreeze_top_blocks(backbone, model, fine_tune_blocks)
-    logging.info("fine-tuning %s: %d trainable weights",
-                 ", ".join(unfrozen["unfrozen_blocks"]),
-                 len(model.trainable_weights))
+    _LOG.info("fine-tuning %s: %d trainable weights",
+              ", ".join(unfrozen["unfrozen_blocks"]),
+              len(model.trainable_weights))
     fine_history = fit(fine_tune_learning_rate, epochs,
                        epochs + fine_tune_epochs)
     history = {key: history[key] + fine_history[key] for key in history}
@@ -237,8 +238,8 @@ def _evaluate_and_export(model, output: str, architecture: str,
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from model import export  # pylint: disable=import-outside-toplevel
   loss, accuracy = model.evaluate(test_data, verbose=0)
-  logging.info("%s accuracy %.4f after %d epochs in %.0fs", dataset.test_name,
-               accuracy, len(history["loss"]), seconds)
+  _LOG.info("%s accuracy %.4f after %d epochs in %.0fs", dataset.test_name,
+            accuracy, len(history["loss"]), seconds)
   return export.export_model(
       model, output,
       architecture=architecture,
@@ -268,26 +269,31 @@ def _evaluate_and_export(model, output: str, architecture: str,
       **export_options)
 
 
-def parse_args(argv):
-  parser = argparse.ArgumentParser(
-      prog="python -m model.train", description=__doc__,
-      formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> cli.ArgumentParser:
+  parser = cli.ArgumentParser(prog="python -m model.train",
+                              description=__doc__)
   parser.add_argument(
       "--data", default=None,
-      help="Fashion-MNIST IDX folder or folder of class sub-folders; "
-      "omit to use keras.datasets.fashion_mnist")
+      help="Fashion-MNIST IDX folder or folder of class sub-folders "
+      "(default: none, keras.datasets.fashion_mnist, which downloads)")
   parser.add_argument("--output", required=True, help="model folder to write")
   parser.add_argument("--architecture", default=None,
-                      help="a name from model/architectures.py: tutorial_mlp, "
-                      "tutorial_cnn, fashion_cnn (default for Fashion-MNIST), "
-                      "photo_cnn or photo_xception (default for image folders)")
+                      help="a recipe from model/architectures.py: "
+                      "tutorial_mlp, tutorial_cnn, fashion_cnn, photo_cnn or "
+                      "photo_xception (default: fashion_cnn for "
+                      "Fashion-MNIST, photo_xception for image folders)")
   parser.add_argument("--epochs", type=int, default=None,
-                      help="epochs; with --backbone, of the head phase")
-  parser.add_argument("--batch_size", type=int, default=None)
+                      help="passes over the training images; with "
+                      "--backbone, of the head phase (default: the "
+                      "architecture's own)")
+  parser.add_argument("--batch_size", type=int, default=None,
+                      help="images per training step (default: the "
+                      "architecture's own)")
   parser.add_argument("--learning_rate", type=float, default=None,
-                      help="learning rate; with --backbone, of the head phase")
+                      help="peak learning rate; with --backbone, of the head "
+                      "phase (default: the architecture's own)")
   parser.add_argument("--image_size", type=int, default=None,
-                      help=f"square input size for image folders (default "
+                      help=f"square input size for image folders (default: "
                       f"{DEFAULT_IMAGE_SIZE}, {DEFAULT_BACKBONE_IMAGE_SIZE} "
                       "with --backbone)")
   backbone = parser.add_argument_group(
@@ -298,15 +304,16 @@ def parse_args(argv):
                         help="MobileNetV3Small, MobileNetV3Large or "
                         "EfficientNetV2B0 (instead of --architecture)")
   backbone.add_argument("--weights", default=None,
-                        help="imagenet (default: Keras downloads them to "
+                        help="imagenet (Keras downloads them to "
                         "$KERAS_HOME/models), none (random), or a local "
                         ".weights.h5, .keras or downloaded .h5 file of the "
-                        "headless backbone")
+                        "headless backbone (default: imagenet)")
   backbone.add_argument("--fine_tune_epochs", type=int, default=None,
-                        help=f"epochs of the fine-tuning phase (default "
-                        f"{BACKBONE_FINE_TUNE_EPOCHS}; 0 skips it)")
+                        help=f"epochs of the fine-tuning phase; 0 skips it "
+                        f"(default: {BACKBONE_FINE_TUNE_EPOCHS})")
   backbone.add_argument("--fine_tune_learning_rate", type=float, default=None,
-                        help=f"default {BACKBONE_FINE_TUNE_LEARNING_RATE}")
+                        help="learning rate of the fine-tuning phase "
+                        f"(default: {BACKBONE_FINE_TUNE_LEARNING_RATE})")
   backbone.add_argument("--fine_tune_blocks", type=int, default=None,
                         help="top blocks to unfreeze (default: the last "
                         "stage's: 3 for MobileNetV3, 8 for EfficientNetV2B0)")
@@ -314,16 +321,23 @@ def parse_args(argv):
                       choices=["rgb", "grayscale"],
                       help="colour mode for image folders")
   parser.add_argument("--validation_split", type=float,
-                      default=DEFAULT_VALIDATION_SPLIT)
+                      default=DEFAULT_VALIDATION_SPLIT,
+                      help="share of an image folder held out for validation")
   parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
                       help="seeds weights, shuffling and augmentation, and "
                       "the validation split unless --split_seed is given")
   parser.add_argument("--split_seed", type=int, default=None,
                       help="seed of the validation split alone, to compare "
-                      "training seeds on one split")
+                      "training seeds on one split (default: --seed)")
   parser.add_argument("--quiet", action="store_true",
-                      help="no per-epoch progress")
-  return parser.parse_args(argv)
+                      help="no per-epoch lines")
+  parser.add_argument("--verbose", action="store_true",
+                      help="also TensorFlow's and Keras' own log lines")
+  return parser
+
+
+def parse_args(argv):
+  return build_parser().parse_args(argv)
 
 
 def check_backbone_flags(args) -> None:
@@ -339,8 +353,8 @@ def check_backbone_flags(args) -> None:
 
 
 def main(argv=None) -> int:
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
   args = parse_args(argv)
+  cli.quiet_libraries(args.verbose)
   verbose = 0 if args.quiet else 2
   try:
     check_backbone_flags(args)
@@ -375,6 +389,12 @@ def main(argv=None) -> int:
   print(f"exported {card.architecture} model {card.model_id} to "
         f"{args.output}: {card.metrics}, TFLite agreement "
         f"{card.tflite['top1_agreement']:.4f}")
+  cli.print_next(
+      f"{args.output} (model.keras, model.tflite, model_card.json, "
+      "training_curves.png)",
+      [cli.command("python", "-m", "beam_jobs.predict", "--input",
+                   "IMAGES_OR_SHARDS", "--model", args.output, "--output",
+                   "OUTPUT_DIR")])
   return 0
 
 

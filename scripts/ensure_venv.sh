@@ -12,10 +12,13 @@ SETUP_HASH=$(sha256sum "$ROOT/setup.py" | cut -c1-16)
 ensure_install() {
   local venv=$1 spec=$2 stamp=$1/.installed-$SETUP_HASH
   [[ -f "$stamp" ]] && return 0
-  echo "== Installing $spec into $venv (first run takes a few minutes)"
+  echo "== Installing $spec into $venv (first run: about 2 minutes; pip's own progress follows)"
   [[ -x "$venv/bin/python" ]] || "$PYTHON" -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --upgrade pip
-  "$venv/bin/python" -m pip install --quiet -e "$spec"
+  # pip's own lines (Collecting, Downloading with a bar, Installing) show
+  # that the long install is moving.
+  "$venv/bin/python" -m pip install --progress-bar on -e "$spec"
+  echo "== Installed; later runs reuse $venv"
   rm -f "$venv"/.installed-*
   touch "$stamp"
 }

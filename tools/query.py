@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from beam_jobs import output_folder
 from beam_jobs import outputs
+from model import cli
 from model import paths
 
 ECE_BINS = 10
@@ -547,29 +548,88 @@ def error_rows(connection, limit: int = DEFAULT_LIMIT) -> list:
                "LIMIT ?", [limit])
 
 
-def accuracy(connection) -> dict:
+def _columns(connection, view: str = "predictions") -> set:
+  return {row["column_name"] for row in rows(connection, f"DESCRIBE {view}")}
+
+
+def class_names_of(output_dir: str) -> Optional[list]:
+  """The model's class names in index order, from the run's manifest."""
+  manifest = outputs.read_manifest(output_dir) or {}
+  return manifest.get("class_names")
+
+
+def label_check(connection, class_names: Optional[list] = None) -> dict:
+  """How the given true labels matched the model's classes.
+
+  Returns the rows' count with a label that names a class ("matched") and
+  with one that matches none ("unmatched", with the most common of them),
+  and the SQL condition that selects the matched rows.
+  """
+  if "source_label" in _columns(connection):
+    # predict matched the labels itself: true_label is a class name or null,
+    # and source_label keeps each label as it was given.
+    scored = "true_label IS NOT NULL"
+    unmatched = "source_label IS NOT NULL AND true_label IS NULL"
+    given, parameters = "source_label", []
+  else:
+    # Outputs of an earlier version hold labels as given in true_label; only
+    # those naming a known class (or, lacking the card's list, a predicted
+    # one) can be scored.
+    known = class_names or [r["label"] for r in rows(
+        connection, "SELECT DISTINCT label FROM predictions")]
+    scored = "list_contains(?::VARCHAR[], true_label)"
+    unmatched = ("true_label IS NOT NULL AND NOT list_contains(?::VARCHAR[], "
+                 "true_label)")
+    given, parameters = "true_label", [known]
+  return {
+      "matched": scalar(connection, f"SELECT count(*) FROM predictions WHERE "
+                        f"{scored}", parameters),
+      "unmatched": scalar(connection, "SELECT count(*) FROM predictions "
+                          f"WHERE {unmatched}", parameters),
+      "unmatched_examples": rows(connection, f"""
+          SELECT {given} AS label, count(*) AS images FROM predictions
+          WHERE {unmatched} GROUP BY 1 ORDER BY images DESC, label LIMIT 5""",
+                                 parameters),
+      "condition": (scored, parameters),
+  }
+
+
+def _examples(labels: dict) -> str:
+  return ", ".join(f"{r['label']!r} ({r['images']})"
+                   for r in labels["unmatched_examples"])
+
+
+def accuracy(connection, class_names: Optional[list] = None) -> dict:
   """Accuracy, per-class precision/recall/F1, confusion and calibration.
 
-  Only rows with a known `true_label` count.
+  Only rows whose true label names one of the model's classes count; with
+  `class_names` (the card's, in index order) the matrix has every class.
   """
-  labelled = scalar(connection, "SELECT count(*) FROM predictions "
-                     "WHERE true_label IS NOT NULL")
-  if not labelled:
+  labels = label_check(connection, class_names)
+  if not labels["matched"]:
+    if labels["unmatched"]:
+      raise QueryError(
+          f"none of the {labels['unmatched']} true labels names a class of "
+          f"the model (most common: {_examples(labels)}); labels must be "
+          "class names or class indices, so there is no score to give")
     raise QueryError("no prediction has a true_label: accuracy needs inputs "
                      "in class folders or a --label_column")
+  scored, parameters = labels.pop("condition")
+  labelled = labels["matched"]
   correct = scalar(connection, "SELECT count(*) FROM predictions "
-                    "WHERE true_label = label")
-  classes = [row["name"] for row in rows(connection, """
+                    f"WHERE {scored} AND true_label = label", parameters)
+  classes = list(class_names) if class_names else [
+      row["name"] for row in rows(connection, f"""
       SELECT name FROM (
         SELECT label AS name, min(label_index) AS position FROM predictions
         GROUP BY label
         UNION ALL
         SELECT true_label, NULL FROM predictions
-        WHERE true_label IS NOT NULL GROUP BY true_label)
-      GROUP BY name ORDER BY min(position) NULLS LAST, name""")]
-  pairs = rows(connection, """
+        WHERE {scored} GROUP BY true_label)
+      GROUP BY name ORDER BY min(position) NULLS LAST, name""", parameters)]
+  pairs = rows(connection, f"""
       SELECT true_label, label, count(*) AS images FROM predictions
-      WHERE true_label IS NOT NULL GROUP BY ALL""")
+      WHERE {scored} GROUP BY ALL""", parameters)
   index = {name: i for i, name in enumerate(classes)}
   matrix = [[0] * len(classes) for _ in classes]
   for pair in pairs:
@@ -592,13 +652,15 @@ def accuracy(connection) -> dict:
              count(*) AS images,
              avg(confidence::DOUBLE) AS mean_confidence,
              avg((label = true_label)::INTEGER::DOUBLE) AS accuracy
-      FROM predictions WHERE true_label IS NOT NULL GROUP BY 1 ORDER BY 1""")
+      FROM predictions WHERE {scored} GROUP BY 1 ORDER BY 1""", parameters)
   ece = sum(b["images"] / labelled * abs(b["accuracy"] - b["mean_confidence"])
             for b in bins)
   return {
       "labelled": labelled,
       "correct": correct,
       "accuracy": correct / labelled,
+      "unmatched_labels": labels["unmatched"],
+      "unmatched_examples": labels["unmatched_examples"],
       "classes": classes,
       "per_class": per_class,
       "confusion_matrix": matrix,
@@ -624,8 +686,12 @@ def duplicates(connection, limit: int = DEFAULT_LIMIT) -> list:
 
 
 def summary(connection, output_dir: str) -> dict:
+  manifest = outputs.read_manifest(output_dir)
+  class_names = (manifest or {}).get("class_names")
+  labels = label_check(connection, class_names)
+  labels.pop("condition")
   result = {
-      "manifest": outputs.read_manifest(output_dir),
+      "manifest": manifest,
       "predictions": scalar(connection, "SELECT count(*) FROM predictions"),
       "errors": scalar(connection, "SELECT count(*) FROM errors"),
       "duplicate_ids": duplicate_count(connection),
@@ -634,8 +700,9 @@ def summary(connection, output_dir: str) -> dict:
       "error_summary": error_summary(connection),
       "least_confident": low_confidence(connection, below=1.01, limit=5),
   }
+  result["true_labels"] = labels
   try:
-    scores = accuracy(connection)
+    scores = accuracy(connection, class_names)
     result["accuracy"] = {k: scores[k] for k in ("labelled", "correct",
                                                  "accuracy")}
   except QueryError:
@@ -703,6 +770,9 @@ def render_summary(result: dict) -> str:
     score = result["accuracy"]
     parts.append(f"accuracy {score['accuracy']:.4f} ({score['correct']}/"
                  f"{score['labelled']} labelled images)")
+  if result["true_labels"]["unmatched"]:
+    parts.append(_unmatched_line(result["true_labels"]["unmatched"],
+                                 result["true_labels"]))
   parts.append(format_table(result["classes"], "\npredictions per class"))
   parts.append(format_table(result["confidence_histogram"],
                             "\nconfidence histogram"))
@@ -713,18 +783,27 @@ def render_summary(result: dict) -> str:
   return "\n".join(parts)
 
 
+def _unmatched_line(count: int, labels: dict) -> str:
+  return (f"{count} true labels match no class of the model and are not "
+          f"scored (most common: {_examples(labels)})")
+
+
 def render_accuracy(result: dict) -> str:
-  header = (f"accuracy {result['accuracy']:.4f} ({result['correct']}/"
+  header = [f"accuracy {result['accuracy']:.4f} ({result['correct']}/"
             f"{result['labelled']}), expected calibration error "
-            f"{result['expected_calibration_error']:.4f}")
+            f"{result['expected_calibration_error']:.4f}"]
+  if result["unmatched_labels"]:
+    header.append(_unmatched_line(
+        result["unmatched_labels"],
+        {"unmatched_examples": result["unmatched_examples"]}))
   confusion = [dict({"true \\ predicted": name},
-                    **{str(i): v for i, v in enumerate(row)})
+                    **dict(zip(result["classes"], row)))
                for name, row in zip(result["classes"],
                                     result["confusion_matrix"])]
-  return "\n".join([
-      header,
+  return "\n".join(header + [
       format_table(result["per_class"], "\nper class"),
-      format_table(confusion, "\nconfusion matrix (columns in class order)"),
+      format_table(confusion, "\nconfusion matrix (rows: true class, "
+                   "columns: predicted class)"),
   ])
 
 
@@ -747,13 +826,25 @@ class Command:
   run: Callable  # (connection, parsed arguments) -> result
   arguments: tuple = ()  # (name, argparse keyword arguments) pairs
   render: Callable = format_table
+  # (output folder) -> commands worth running next, shown after the tables.
+  next: Callable = lambda output_dir: []
+
+
+def _report_command(output_dir: str) -> str:
+  return cli.command("python", "-m", "tools.report", output_dir, "--out",
+                     outputs.report_dir_for(output_dir))
 
 
 COMMANDS = {
     "summary": Command(
         "counts, classes, confidence and errors (the default)",
         lambda connection, args: summary(connection, args.output_dir),
-        render=render_summary),
+        render=render_summary,
+        next=lambda output_dir: [
+            cli.command("python", "-m", "tools.query", output_dir,
+                        "accuracy"),
+            cli.command("python", "-m", "tools.query", output_dir, "errors"),
+            _report_command(output_dir)]),
     "sql": Command(
         "one read-only SQL statement over the views predictions and errors",
         lambda connection, args: run_sql(connection, args.statement,
@@ -765,8 +856,13 @@ COMMANDS = {
     "accuracy": Command(
         "accuracy, per-class precision/recall/F1, confusion matrix and "
         "calibration (needs true labels)",
-        lambda connection, args: accuracy(connection),
-        render=render_accuracy),
+        lambda connection, args: accuracy(connection,
+                                          class_names_of(args.output_dir)),
+        render=render_accuracy,
+        next=lambda output_dir: [
+            cli.command("python", "-m", "tools.query", output_dir,
+                        "misclassified"),
+            _report_command(output_dir)]),
     "low-confidence": Command(
         "the least confident predictions",
         lambda connection, args: low_confidence(connection, args.below,
@@ -796,11 +892,10 @@ COMMANDS = {
 DEFAULT_COMMAND = "summary"
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+def build_parser() -> cli.ArgumentParser:
+  parser = cli.ArgumentParser(
       prog="python -m tools.query",
-      description="Query the outputs of python -m beam_jobs.predict.",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+      description="Query the outputs of python -m beam_jobs.predict.")
   parser.add_argument("output_dir", help="the --output folder of a run")
   parser.add_argument("--json", action="store_true",
                       help="print JSON instead of tables")
@@ -810,9 +905,8 @@ def build_parser() -> argparse.ArgumentParser:
   commands = parser.add_subparsers(dest="command", metavar="COMMAND",
                                    help=f"default: {DEFAULT_COMMAND}")
   for name, command in COMMANDS.items():
-    sub = commands.add_parser(
-        name, help=command.help, description=command.help,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = commands.add_parser(name, help=command.help,
+                              description=command.help)
     for argument, options in command.arguments:
       sub.add_argument(argument, **options)
     sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
@@ -838,10 +932,12 @@ def main(argv=None) -> int:
     message = " ".join(str(error).split())
     print(f"tools.query: error: {message}", file=sys.stderr)
     return 1
+  command = COMMANDS[args.command or DEFAULT_COMMAND]
   if args.json:
     print(json.dumps(result, indent=2, default=str))
   else:
-    print(COMMANDS[args.command or DEFAULT_COMMAND].render(result))
+    print(command.render(result))
+    cli.print_next(None, command.next(args.output_dir))
   return 0
 
 
