@@ -168,6 +168,7 @@ def _raw(images) -> list:
   return [image.ravel().tolist() for image in images]
 
 
+@pytest.mark.slow
 def test_hostile_parquet_rows_fail_alone(tmp_path, tiny_model, sample):
   shards = tmp_path / "shards"
   shards.mkdir()
@@ -368,6 +369,7 @@ def _one_image_folder(tmp_path, sample) -> str:
   return str(folder)
 
 
+@pytest.mark.slow
 def test_files_this_tool_did_not_write_are_never_deleted(tmp_path, tiny_model,
                                                          sample):
   images = _one_image_folder(tmp_path, sample)
@@ -401,6 +403,7 @@ def test_files_this_tool_did_not_write_are_never_deleted(tmp_path, tiny_model,
   assert manifest["others"] == ["notes.txt"] and len(predictions) == 3
 
 
+@pytest.mark.slow
 def test_damaged_manifest_stops_predict_in_one_line(tmp_path, tiny_model,
                                                    sample, capsys):
   images = _one_image_folder(tmp_path, sample)
@@ -450,6 +453,7 @@ def test_output_that_cannot_be_written_is_one_line_before_any_work(
   assert output in err
 
 
+@pytest.mark.slow
 def test_a_rerun_over_this_models_results_needs_a_choice(tmp_path, tiny_model,
                                                         sample, capsys):
   """Results are never replaced silently: --skip_existing keeps them,
@@ -709,6 +713,7 @@ def test_a_rerun_killed_anywhere_leaves_one_complete_result_set(
                                  for e in k])
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_the_manifest_write_keeps_the_earlier_results(
     tmp_path, tiny_model, sample, capsys, monkeypatch):
   images = _one_image_folder(tmp_path, sample)
