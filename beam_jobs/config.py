@@ -216,7 +216,8 @@ class PredictConfig:
       return
     try:
       output_folder.check(output_folder.inspect(self.output), card.model_id,
-                          self.overwrite)
+                          self.overwrite, self.skip_existing)
+      output_folder.check_writable(self.output)
     except output_folder.FolderError as error:
       raise ConfigError(str(error)) from None
 
@@ -333,7 +334,9 @@ def build_parser() -> cli.ArgumentParser:
   parser.add_argument("--inference_threads", type=int, default=0,
                       help="threads per model; 0 picks the engine default")
   parser.add_argument("--overwrite", action="store_true",
-                      help="replace results of a different model in --output")
+                      help="replace the results in --output (this model's, "
+                      "another model's, or a folder with files this tool did "
+                      "not write); deletes only this tool's own kinds of file")
   parser.add_argument("--bigquery_table", default=None,
                       help="also write predictions to PROJECT:DATASET.TABLE "
                       "and errors to PROJECT:DATASET.TABLE_errors")

@@ -33,6 +33,7 @@ import re
 import shutil
 import socket
 import stat
+import tempfile
 import time
 import uuid
 from typing import Optional
@@ -208,8 +209,31 @@ def inspect(output: str) -> FolderState:
   return state
 
 
-def check(state: FolderState, model_id: str, overwrite: bool) -> None:
-  """Refuses, in one line, a folder this run may not write to."""
+def check_writable(output: str) -> None:
+  """Refuses, before any work, a local folder that cannot be made or written.
+
+  An object store answers only when written to, so a gs:// folder is first
+  written by the lock, which fails in one line too.
+  """
+  if paths.is_remote(output):
+    return
+  try:
+    os.makedirs(output, exist_ok=True)
+    with tempfile.TemporaryFile(dir=output):
+      pass
+  except OSError as error:
+    raise FolderError(f"--output {output}: cannot write there "
+                      f"({error.strerror or error})") from None
+
+
+def check(state: FolderState, model_id: str, overwrite: bool,
+          skip_existing: bool = False) -> None:
+  """Refuses, in one line, a folder this run may not write to.
+
+  A folder already holding this model's results is refused too unless the
+  user says what to do with them: keep them (--skip_existing) or replace
+  them (--overwrite); a re-run never replaces them silently.
+  """
   output = state.output
   if state.manifest_problem and not overwrite:
     raise FolderError(
@@ -222,6 +246,16 @@ def check(state: FolderState, model_id: str, overwrite: bool) -> None:
         f"--output {output} holds results of model "
         f"{previous.get('model_id')}, not {model_id}; choose another "
         "folder or pass --overwrite")
+  if (previous and previous.get("model_id") == model_id and
+      not (overwrite or skip_existing)):
+    counts = previous.get("counts") or {}
+    held = (f" ({counts.get('predictions')} predictions, "
+            f"{counts.get('errors')} errors)" if counts else "")
+    raise FolderError(
+        f"--output {output} already holds results of this model from run "
+        f"{previous.get('run_id')}{held}; pass --skip_existing to classify "
+        "only inputs it lacks, --overwrite to replace them, or choose "
+        "another folder")
   foreign = state.foreign()
   if foreign and not overwrite:
     shown = ", ".join(paths.printable(name) for name in foreign[:_MAX_LISTED])

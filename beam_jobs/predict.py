@@ -98,7 +98,8 @@ def run(config: config_lib.PredictConfig, beam_args=None,
   try:
     # The folder again, now that no other run can change it.
     state = output_folder.inspect(config.output)
-    output_folder.check(state, card.model_id, config.overwrite)
+    output_folder.check(state, card.model_id, config.overwrite,
+                        config.skip_existing)
   except BaseException:
     lock.release()
     raise

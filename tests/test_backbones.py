@@ -88,6 +88,7 @@ def test_weight_files_are_the_ones_keras_applications_downloads():
       "efficientnetv2-b0_notop.h5")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".weights.h5", ".keras", "_legacy.h5"])
 def test_weights_path_loads_exactly_the_saved_weights(tmp_path, suffix):
   saved = _calibrated_backbone("MobileNetV3Small", _noise())
@@ -109,6 +110,7 @@ def test_weights_path_loads_exactly_the_saved_weights(tmp_path, suffix):
     np.testing.assert_array_equal(before.numpy(), after.numpy())
 
 
+@pytest.mark.slow
 def test_wrong_weights_files_fail_in_one_line(tmp_path):
   path = _save(_calibrated_backbone("MobileNetV3Small", _noise()),
                str(tmp_path / "small.weights.h5"))
@@ -222,6 +224,7 @@ def test_fine_tuning_unfreezes_exactly_the_top_blocks(name, blocks):
     backbones.unfreeze_top_blocks(name, model, blocks + 1)
 
 
+@pytest.mark.slow
 def test_a_fine_tuning_step_moves_only_the_unfrozen_weights(tmp_path):
   """BatchNorm statistics and the frozen blocks survive a training step."""
   images = _noise(16)

@@ -168,6 +168,7 @@ def _raw(images) -> list:
   return [image.ravel().tolist() for image in images]
 
 
+@pytest.mark.slow
 def test_hostile_parquet_rows_fail_alone(tmp_path, tiny_model, sample):
   shards = tmp_path / "shards"
   shards.mkdir()
@@ -368,6 +369,7 @@ def _one_image_folder(tmp_path, sample) -> str:
   return str(folder)
 
 
+@pytest.mark.slow
 def test_files_this_tool_did_not_write_are_never_deleted(tmp_path, tiny_model,
                                                          sample):
   images = _one_image_folder(tmp_path, sample)
@@ -396,11 +398,12 @@ def test_files_this_tool_did_not_write_are_never_deleted(tmp_path, tiny_model,
   assert (output / "notes.txt").read_bytes() == b"mine"
   assert not (output / "predictions-link.parquet").exists()
   assert not (output / "beam-temp-predictions-x").exists()
-  # The file it left alone stops no later run.
-  manifest, predictions, _ = _run(output, **config)
+  # The file it left alone stops no later run (one that keeps the results).
+  manifest, predictions, _ = _run(output, **config, skip_existing=True)
   assert manifest["others"] == ["notes.txt"] and len(predictions) == 3
 
 
+@pytest.mark.slow
 def test_damaged_manifest_stops_predict_in_one_line(tmp_path, tiny_model,
                                                    sample, capsys):
   images = _one_image_folder(tmp_path, sample)
@@ -431,6 +434,45 @@ def test_output_that_is_a_file_is_one_line(tmp_path, tiny_model, sample,
                        str(tmp_path / "out")])
   err = capsys.readouterr().err
   assert code == 2 and err.count("\n") == 1 and "is a file" in err
+
+
+@pytest.mark.parametrize("where", ["read-only file system",
+                                   "under a file"])
+def test_output_that_cannot_be_written_is_one_line_before_any_work(
+    tmp_path, tiny_model, sample, capsys, where):
+  images = _one_image_folder(tmp_path, sample)
+  if where == "read-only file system":
+    output = "/proc/self/beam_jobs_out"  # read-only even for root
+  else:
+    (tmp_path / "a_file").write_text("x")
+    output = str(tmp_path / "a_file" / "out")
+  code = predict.main(["--input", images, "--model", tiny_model, "--output",
+                       output])
+  err = capsys.readouterr().err
+  assert code == 2 and err.count("\n") == 1, err
+  assert output in err
+
+
+@pytest.mark.slow
+def test_a_rerun_over_this_models_results_needs_a_choice(tmp_path, tiny_model,
+                                                        sample, capsys):
+  """Results are never replaced silently: --skip_existing keeps them,
+  --overwrite replaces them."""
+  images = _one_image_folder(tmp_path, sample)
+  args = ["--input", images, "--model", tiny_model, "--output",
+          str(tmp_path / "out")]
+  assert predict.main(args) == 0
+  first = json.loads((tmp_path / "out" / "_run.json").read_text())["run_id"]
+  capsys.readouterr()
+  assert predict.main(args) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and first in err and "--overwrite" in err
+  assert json.loads((tmp_path / "out" / "_run.json").read_text())[
+      "run_id"] == first
+  assert predict.main(args + ["--skip_existing"]) == 0
+  assert predict.main(args + ["--overwrite"]) == 0
+  assert json.loads((tmp_path / "out" / "_run.json").read_text())[
+      "run_id"] != first
 
 
 def _dead_pid() -> int:
@@ -650,6 +692,8 @@ def test_a_rerun_killed_anywhere_leaves_one_complete_result_set(
   first = _predict_cli(args)
   assert first.returncode == 0, first.stderr[-2000:]
   committed = _assert_one_complete_result_set(output, expected)
+  # Each re-run replaces this model's results, which it must be told to.
+  args.append("--overwrite")
   for where, target, calls in KILL_POINTS:
     killed = _predict_cli(args, kill_at=(target, calls))
     assert killed.returncode == -signal.SIGKILL, (where, killed.stderr[-2000:])
@@ -669,6 +713,7 @@ def test_a_rerun_killed_anywhere_leaves_one_complete_result_set(
                                  for e in k])
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_the_manifest_write_keeps_the_earlier_results(
     tmp_path, tiny_model, sample, capsys, monkeypatch):
   images = _one_image_folder(tmp_path, sample)
@@ -681,7 +726,8 @@ def test_a_full_disk_at_the_manifest_write_keeps_the_earlier_results(
     raise OSError(28, "No space left on device")
 
   monkeypatch.setattr(outputs, "_write_local", full_disk)
-  args = ["--input", images, "--model", tiny_model, "--output", str(output)]
+  args = ["--input", images, "--model", tiny_model, "--output", str(output),
+          "--overwrite"]
   assert predict.main(args + ["--runner", "DirectRunner"]) == 1
   err = capsys.readouterr().err
   assert "No space left on device" in err and "Traceback" not in err
@@ -694,7 +740,8 @@ def test_a_full_disk_at_the_manifest_write_keeps_the_earlier_results(
   record = json.loads(lock.read_text())
   record["pid"] = _dead_pid()
   lock.write_text(json.dumps(record))
-  manifest, predictions, _ = _run(output, input=images, model=tiny_model)
+  manifest, predictions, _ = _run(output, input=images, model=tiny_model,
+                                  overwrite=True)
   assert len(predictions) == 3
   assert sorted(p.name for p in output.iterdir()) == sorted(
       [outputs.MANIFEST_FILE] + [e["name"] for k in manifest["files"].values()

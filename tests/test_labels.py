@@ -73,6 +73,7 @@ def _predict(shards, form, model, tmp_path):
   return output, manifest
 
 
+@pytest.mark.slow
 def test_class_indices_score_like_class_names(labelled_shards, tiny_model,
                                              tmp_path):
   scores = {}
@@ -97,6 +98,7 @@ def test_class_indices_score_like_class_names(labelled_shards, tiny_model,
       tiny_model).class_names
 
 
+@pytest.mark.slow
 def test_labels_matching_no_class_are_counted_and_not_scored(
     labelled_shards, tiny_model, tmp_path):
   output, manifest = _predict(labelled_shards, "unknown", tiny_model, tmp_path)

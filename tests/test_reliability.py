@@ -195,6 +195,7 @@ def test_bad_and_unusual_images_in_one_run(tmp_path, tiny_model, sample):
   assert counts["inputs"] == 20 + len(unusual) + len(broken) + 1
 
 
+@pytest.mark.slow
 def test_bad_parquet_rows_and_shards(tmp_path, tiny_model, sample):
   import pyarrow as pa  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
@@ -277,6 +278,7 @@ def test_crash_mid_run_leaves_nothing_and_a_rerun_completes(tmp_path, png_dir,
   assert not (output / "_run.lock").exists()
 
 
+@pytest.mark.slow
 def test_skip_existing_classifies_only_new_images(tmp_path, tiny_model,
                                                   sample):
   from model import datasets  # pylint: disable=import-outside-toplevel
@@ -310,6 +312,7 @@ def test_skip_existing_classifies_only_new_images(tmp_path, tiny_model,
   assert set(ids) == {str(p) for p in pile.glob("*/*.png")}
 
 
+@pytest.mark.slow
 def test_skip_existing_on_parquet(tmp_path, tiny_model, png_dir):
   from tools import make_shards  # pylint: disable=import-outside-toplevel
   from tests.conftest import read_parquet_rows  # pylint: disable=import-outside-toplevel

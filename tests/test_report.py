@@ -29,6 +29,7 @@ def run(tmp_path_factory, sample, tiny_model):
   return root, config
 
 
+@pytest.mark.slow
 def test_report_renders_every_plot(run):
   root, config = run
   written = report.write_report(config.output, str(root / "report"), samples=6)
@@ -70,6 +71,7 @@ def test_images_are_read_back_by_id(run, sample, tiny_model, tmp_path):
   np.testing.assert_array_equal(back[..., 0], original)
 
 
+@pytest.mark.slow
 def test_missing_source_leaves_a_blank_tile(run, tmp_path):
   root, config = run
   rows = read_parquet_rows(os.path.join(config.output, "predictions-*.parquet"))
@@ -107,6 +109,7 @@ def _red_pixels(path) -> int:
               (pixels[..., 2] < 80)).sum())
 
 
+@pytest.mark.slow
 def test_unlabelled_report_is_honest(unlabelled_run):
   root, config = unlabelled_run
   written = report.write_report(config.output, str(root / "report"),
