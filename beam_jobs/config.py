@@ -217,7 +217,8 @@ class PredictConfig:
     try:
       output_folder.check(output_folder.inspect(self.output), card.model_id,
                           self.overwrite, self.skip_existing)
-      output_folder.check_writable(self.output)
+      if not offline:  # a dry run writes nothing, not even the folder
+        output_folder.check_writable(self.output)
     except output_folder.FolderError as error:
       raise ConfigError(str(error)) from None
 
