@@ -5,7 +5,9 @@ one line naming what was expected.
 """
 
 import argparse
+import csv
 import dataclasses
+import io
 import re
 import sys
 from typing import Optional
@@ -31,6 +33,9 @@ DEFAULT_PROGRESS_SECONDS = 5.0
 # submission; flags unknown to Beam's Python options may be theirs.
 JOB_SERVER_RUNNERS = ("PortableRunner", "FlinkRunner", "SparkRunner",
                       "PrismRunner")
+DATAFLOW_RUNNERS = ("DataflowRunner", "TestDataflowRunner")
+# What input_format becomes with --input_list.
+LIST_FORMAT = "list"
 _BIGQUERY_TABLE = re.compile(r"^[a-z][a-z0-9.:-]*[a-z0-9]:\w+\.[\w$-]+$")
 
 
@@ -40,7 +45,9 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class PredictConfig:
-  input: str
+  # One of `input` (a folder, glob or shards) and `input_list` (lists of
+  # image URIs).
+  input: Optional[str]
   model: str
   output: str
   input_format: str = "auto"
@@ -59,20 +66,35 @@ class PredictConfig:
   bigquery_table: Optional[str] = None
   progress_seconds: float = DEFAULT_PROGRESS_SECONDS
   verbose: bool = False
+  input_list: Optional[str] = None
+  uri_column: str = "uri"
 
   def resolved_format(self) -> str:
+    if self.input_list:
+      return LIST_FORMAT
     if self.input_format != "auto":
       return self.input_format
     return "parquet" if self.input.endswith(".parquet") else "images"
 
-  def validate(self) -> card_lib.ModelCard:
-    """Checks everything that can be checked before any work; returns the card."""
-    for name in ("input", "model", "output"):
-      _check_scheme(name, getattr(self, name))
-      setattr(self, name, paths.absolute(getattr(self, name)))
-    self.input_format = self.resolved_format()
-    if self.input_format not in INPUT_FORMATS:
+  def validate(self, offline: bool = False) -> card_lib.ModelCard:
+    """Checks everything that can be checked before any work; returns the
+    card. `offline` (a dry run) skips the checks of a remote input or
+    output, which need the network."""
+    if bool(self.input) == bool(self.input_list):
+      raise ConfigError("pass one of --input (an image folder, a glob, or "
+                        "Parquet shards) and --input_list (lists of image "
+                        "URIs)")
+    if self.input_list and self.input_format not in ("auto", LIST_FORMAT):
+      raise ConfigError("--input_format is for --input; each list file's "
+                        "format comes from its name (.parquet, .csv, else "
+                        "text)")
+    for name in ("input", "input_list", "model", "output"):
+      if getattr(self, name):
+        _check_scheme(name, getattr(self, name))
+        setattr(self, name, paths.absolute(getattr(self, name)))
+    if self.input_format not in INPUT_FORMATS + (LIST_FORMAT,):
       raise ConfigError(f"--input_format must be one of {INPUT_FORMATS}")
+    self.input_format = self.resolved_format()
     if self.engine not in ENGINE_CHOICES:
       raise ConfigError(f"--engine must be one of {ENGINE_CHOICES}")
     for name in ("batch_size", "top_k"):
@@ -94,18 +116,24 @@ class PredictConfig:
       raise ConfigError("--skip_existing keeps earlier results and --overwrite "
                         "replaces them; pass one of them")
     card = self._load_card()
-    pattern = (self.input if self.input_format == "parquet" else
-               paths.expand_pattern(self.input))
+    flag, pattern = ("input_list", self.input_list) if self.input_list else (
+        "input", self.input if self.input_format == "parquet" else
+        paths.expand_pattern(self.input))
+    if offline and paths.is_remote(pattern):
+      self._check_output(card, offline)
+      return card
     # One match is enough to know the input is there; the pipeline lists all.
     matched = paths.match_paths(pattern, limit=1)
     if not matched:
-      kind = ("Parquet shards" if self.input_format == "parquet" else
-              "image files")
-      raise ConfigError(f"--input {self.input} matches no files: expected "
-                        f"{kind}")
+      kind = {"parquet": "Parquet shards", "images": "image files",
+              LIST_FORMAT: "text, CSV or Parquet lists of image URIs"}
+      raise ConfigError(f"--{flag} {getattr(self, flag)} matches no files: "
+                        f"expected {kind[self.input_format]}")
     if self.input_format == "parquet":
       self._check_columns(matched[0])
-    self._check_output(card)
+    elif self.input_format == LIST_FORMAT:
+      self._check_list_columns(matched[0])
+    self._check_output(card, offline)
     return card
 
   def _load_card(self) -> card_lib.ModelCard:
@@ -154,14 +182,78 @@ class PredictConfig:
       raise ConfigError(f"--image_column {self.image_column!r} of "
                         f"{shard_path} {problem}")
 
-  def _check_output(self, card: card_lib.ModelCard) -> None:
+  def _check_list_columns(self, list_path: str) -> None:
+    """The --uri_column (and --label_column) of the first list file."""
+    kind = sources.list_format(list_path)
+    if kind == "text":
+      if self.label_column:
+        raise ConfigError(
+            f"--label_column {self.label_column!r}: {list_path} is a text "
+            "list, one URI per line with no columns; give labels in a CSV or "
+            "Parquet list")
+      return
+    try:
+      with paths.open_file(list_path) as handle:
+        if kind == "parquet":
+          names = pq.ParquetFile(handle).schema_arrow.names
+        else:
+          text = io.TextIOWrapper(handle, encoding="utf-8-sig",
+                                  errors="replace", newline="")
+          names = next(csv.reader(text), [])
+    except Exception:  # pylint: disable=broad-except
+      # An unreadable list is reported by the pipeline, as one error row.
+      return
+    for flag in ("uri_column", "label_column"):
+      column = getattr(self, flag)
+      if column and column not in names:
+        raise ConfigError(f"--{flag} {column!r} is not a column of "
+                          f"{list_path}; it has {names}")
+
+  def _check_output(self, card: card_lib.ModelCard,
+                    offline: bool = False) -> None:
     """What the folder holds: beam_jobs/output_folder.py decides."""
+    if offline and paths.is_remote(self.output):
+      return
     try:
       output_folder.check(output_folder.inspect(self.output), card.model_id,
                           self.overwrite, self.skip_existing)
-      output_folder.check_writable(self.output)
+      if not offline:  # a dry run writes nothing, not even the folder
+        output_folder.check_writable(self.output)
     except output_folder.FolderError as error:
       raise ConfigError(str(error)) from None
+
+
+def is_dataflow_dry_run(options) -> bool:
+  """Whether Dataflow will build the job and submit nothing (--dry_run, as
+  the DataflowRunner reads it: any value but none)."""
+  return _runner_name(options.view_as(
+      beam_options.StandardOptions)) in DATAFLOW_RUNNERS and bool(
+      options.view_as(beam_options.TestOptions).dry_run)
+
+
+def check_workers(config: PredictConfig, card: card_lib.ModelCard,
+                  options) -> None:
+  """Refuses a Dataflow job whose workers would lack TensorFlow.
+
+  --setup_file installs the slim serving package on each worker (LiteRT,
+  Pillow, Beam: no TensorFlow); the Keras and SavedModel engines and the
+  tensorflow decoder need TensorFlow, which a worker image or a
+  requirements file must bring.
+  """
+  if _runner_name(options.view_as(
+      beam_options.StandardOptions)) not in DATAFLOW_RUNNERS or (
+      not engines.needs_tensorflow(card, config.engine)):
+    return
+  if (options.view_as(beam_options.WorkerOptions).sdk_container_image or
+      options.view_as(beam_options.SetupOptions).requirements_file):
+    return
+  what = (f"--engine {config.engine}" if config.engine in
+          engines.TENSORFLOW_ENGINES else "the model's tensorflow decoder")
+  raise ConfigError(
+      f"{what} needs TensorFlow on the Dataflow workers, and --setup_file "
+      "installs the package without it: pass --sdk_container_image with an "
+      "image built from dataflow/worker.Dockerfile with EXTRAS=tensorflow "
+      "(docs/dataflow.md), or --requirements_file naming tensorflow")
 
 
 def _check_scheme(flag: str, path: str) -> None:
@@ -198,13 +290,21 @@ def adopt_command(model: str) -> Optional[str]:
 def build_parser() -> cli.ArgumentParser:
   parser = cli.ArgumentParser(
       prog="python -m beam_jobs.predict",
-      description="Classify images from a directory or Parquet shards.\n\n"
+      description="Classify images from a directory, Parquet shards or lists\n"
+      "of image URIs.\n\n"
       "Beam's pipeline options (--runner, --direct_num_workers, --project,\n"
       "--region, --temp_location, ...) are accepted too; any other flag is\n"
       "refused.")
-  parser.add_argument("--input", required=True,
+  parser.add_argument("--input", default=None,
                       help="image directory or glob, or a glob of .parquet "
                       "shards (local or gs://)")
+  parser.add_argument("--input_list", default=None,
+                      help="instead of --input: a glob of list files of "
+                      "image URIs, by name .txt (one per line), .csv or "
+                      ".parquet (columns --uri_column, --id_column, "
+                      "--label_column)")
+  parser.add_argument("--uri_column", default="uri",
+                      help="CSV or Parquet list column with the image URIs")
   parser.add_argument("--model", required=True,
                       help="model folder written by python -m model.train or "
                       "python -m model.adopt")
@@ -223,11 +323,11 @@ def build_parser() -> cli.ArgumentParser:
   parser.add_argument("--image_column", default="image",
                       help="Parquet column with image bytes or raw pixels")
   parser.add_argument("--id_column", default="id",
-                      help="Parquet column with ids; empty for none: ids "
-                      "become SHARD#ROW")
+                      help="Parquet (or list) column with ids; empty for "
+                      "none: ids become SHARD#ROW (a list's: the URI)")
   parser.add_argument("--label_column", default=None,
-                      help="Parquet column with the true label: a class name "
-                      "or a class index")
+                      help="Parquet (or list) column with the true label: a "
+                      "class name or a class index")
   parser.add_argument("--max_image_pixels", type=int,
                       default=preprocessing.DEFAULT_MAX_IMAGE_PIXELS,
                       help="images declaring more pixels are refused "

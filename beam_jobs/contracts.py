@@ -7,6 +7,7 @@ as plain rows beside them. Every stage imports these names from here.
 
 import dataclasses
 import re
+import zlib
 from typing import Optional, Sequence
 
 import apache_beam as beam
@@ -38,6 +39,13 @@ def counter(name: str):
   if name not in known:
     raise ValueError(f"unknown counter {name!r}: expected one of {known}")
   return beam.metrics.Metrics.counter(METRICS_NAMESPACE, name)
+
+
+def id_bucket(id_: str, buckets: int) -> int:
+  """The bucket of an id among `buckets`, the same in every process (a
+  CRC-32, not Python's salted hash): stages that meet ids by bucket (the
+  --skip_existing join, the duplicate count) agree on it."""
+  return zlib.crc32(id_.encode("utf-8", "backslashreplace")) % buckets
 
 
 _DIGITS = re.compile(r"[0-9]+")

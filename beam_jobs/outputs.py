@@ -7,7 +7,6 @@ success: a failed run leaves no half-written visible files.
 
 import json
 import os
-import zlib
 from typing import Optional
 
 import apache_beam as beam
@@ -25,6 +24,7 @@ from beam_jobs.contracts import UNMATCHED_LABELS
 from beam_jobs.contracts import BatchResult
 from beam_jobs.contracts import LabelMatcher
 from beam_jobs.contracts import counter
+from beam_jobs.contracts import id_bucket
 from model.card import ModelCard
 from model.paths import is_remote
 from model.paths import join
@@ -158,8 +158,7 @@ ID_GROUPS = 64
 def _id_groups(ids: list):
   groups = {}
   for id_ in ids:
-    groups.setdefault(zlib.crc32(id_.encode("utf-8", "backslashreplace"))
-                      % ID_GROUPS, []).append(id_)
+    groups.setdefault(id_bucket(id_, ID_GROUPS), []).append(id_)
   return groups.items()
 
 

@@ -84,8 +84,12 @@ def run(config: config_lib.PredictConfig, beam_args=None,
   replace and delete there. On a local runner, progress lines go to stderr
   every `config.progress_seconds` unless `progress` brings its own reporter.
   """
-  card = config.validate()
   options = PipelineOptions(beam_args or [])
+  dry_run = config_lib.is_dataflow_dry_run(options)
+  card = config.validate(offline=dry_run)
+  config_lib.check_workers(config, card, options)
+  if dry_run:
+    return _dry_run(config, card, options)
   if progress is None and config.progress_seconds and runs_locally(options):
     progress = ProgressReporter(config.progress_seconds)
   run_id = output_folder.new_run_id()
@@ -102,9 +106,9 @@ def run(config: config_lib.PredictConfig, beam_args=None,
   keep = state.kept_predictions() if config.skip_existing else []
   started = time.time()
   pipeline = beam.Pipeline(options=options)
-  build_pipeline(pipeline, config, card, run_id,
-                 [paths.join(config.output, entry["name"]) for entry in keep],
-                 progress)
+  skip_files, skip_rows = _skip_arguments(config, keep)
+  build_pipeline(pipeline, config, card, run_id, skip_files, progress,
+                 skip_rows)
   try:
     with progress or contextlib.nullcontext():
       result = pipeline.run()
@@ -163,6 +167,46 @@ def run(config: config_lib.PredictConfig, beam_args=None,
         f"now names run {run_id}") from error
   lock.release()
   return manifest
+
+
+def _skip_arguments(config: config_lib.PredictConfig, keep: list) -> tuple:
+  """build_pipeline's skip_files and skip_rows for the kept shards."""
+  return ([paths.join(config.output, entry["name"]) for entry in keep],
+          sum(entry.get("rows") or 0 for entry in keep))
+
+
+def _dry_run(config: config_lib.PredictConfig, card, options) -> dict:
+  """Builds the Dataflow job and submits nothing (Dataflow's --dry_run).
+
+  Nothing is written: no lock, no manifest. A remote input or output is
+  not listed (that needs the network), so with a gs:// output the job is
+  built without the --skip_existing join.
+  """
+  keep = []
+  if config.skip_existing and not paths.is_remote(config.output):
+    keep = output_folder.inspect(config.output).kept_predictions()
+  pipeline = beam.Pipeline(options=options)
+  skip_files, skip_rows = _skip_arguments(config, keep)
+  build_pipeline(pipeline, config, card, output_folder.new_run_id(),
+                 skip_files, skip_rows=skip_rows)
+  result = pipeline.run()
+  job = getattr(result, "job", None)
+  return {
+      "dry_run": True,
+      "transforms": len(job.proto_pipeline.components.transforms) if job
+                    else None,
+      "unchecked": [f"--{flag} {value}" for flag, value in (
+          ("input", config.input), ("input_list", config.input_list),
+          ("output", config.output)) if value and paths.is_remote(value)],
+  }
+
+
+def dry_run_line(report: dict, output: str) -> str:
+  unchecked = (f"; not checked offline: {', '.join(report['unchecked'])}"
+               if report["unchecked"] else "")
+  return (f"dry run: the Dataflow job was built ({report['transforms']} "
+          f"transforms) and not submitted; nothing was written to {output}"
+          f"{unchecked}")
 
 
 def summary_lines(manifest: dict) -> list:
@@ -224,6 +268,9 @@ def main(argv=None) -> int:
   except PipelineError as error:
     print(f"beam_jobs.predict: error: {error}", file=sys.stderr)
     return 1
+  if manifest.get("dry_run"):
+    print(dry_run_line(manifest, output))
+    return 0
   for line in summary_lines(manifest):
     print(line)
   for warning in (label_warning(manifest), duplicate_warning(manifest, output)):

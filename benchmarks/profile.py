@@ -56,9 +56,11 @@ def stage_seconds(folder, model_dir, batch_size):
   card = card_lib.load_card(model_dir)
   kind, items = throughput.list_inputs(folder)
   if kind == "parquet":
-    reader = sources._ReadParquetShard(  # pylint: disable=protected-access
+    from beam_jobs import row_groups  # pylint: disable=import-outside-toplevel
+    reader = sources._ReadParquetItem(  # pylint: disable=protected-access
         "image", "id", "label", batch_size, card.input_shape)
-    work = items
+    work = [item for shard in items for item in row_groups.plan_items(
+        shard, row_groups.footer_rows(shard))]
   else:
     reader = sources._ReadFileGroup(folder, card.class_names)  # pylint: disable=protected-access
     work = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]

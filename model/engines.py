@@ -18,6 +18,14 @@ from model import preprocessing
 
 # Fastest first: a folder's default engine is the first it holds.
 ENGINES = tuple(card_lib.ENGINE_FILES)
+# The engines that import TensorFlow when they load.
+TENSORFLOW_ENGINES = ("keras", "savedmodel")
+
+
+def needs_tensorflow(card: card_lib.ModelCard, engine: str) -> bool:
+  """Whether serving a model with `engine` imports TensorFlow: the Keras and
+  SavedModel engines do, and so does the card's `tensorflow` decoder."""
+  return engine in TENSORFLOW_ENGINES or card.decoder == "tensorflow"
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

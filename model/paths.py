@@ -6,6 +6,7 @@ is made absolute, a folder means every file below it, and a file's class is
 the folder it sits in.
 """
 
+import itertools
 import os
 import posixpath
 import re
@@ -121,46 +122,90 @@ def pattern_base(pattern: str) -> str:
 
 
 def match_paths(pattern: str, limit: Optional[int] = None) -> list:
-  """File paths a pattern matches, sorted.
+  """File paths a pattern matches, sorted; with `limit`, at most that many
+  of them, found without listing the rest.
 
   Remote patterns go through Beam's FileSystems. Local ones are listed here
-  with the same pattern rules, because Beam's local listing drops every
-  entry it cannot stat: a dangling or looping symbolic link would vanish
-  instead of becoming an error row. Under a recursive pattern (`**`, what a
-  folder means), a sub-folder that cannot be listed is returned as a path
-  too, so that reading it fails visibly.
+  (`walk_local`) with the same pattern rules, because Beam's local listing
+  drops every entry it cannot stat: a dangling or looping symbolic link
+  would vanish instead of becoming an error row. Under a recursive pattern
+  (`**`, what a folder means), a sub-folder that cannot be listed is
+  returned as a path too, so that reading it fails visibly.
   """
   if not is_remote(pattern):
-    matched = _match_local(pattern)
-    return matched[:limit] if limit else matched
+    return sorted(itertools.islice(_match_local(pattern), limit))
   from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
   result = FileSystems.match([pattern], limits=[limit] if limit else None)[0]
   return sorted(metadata.path for metadata in result.metadata_list)
 
 
-def _match_local(pattern: str) -> list:
+def pattern_regex(pattern: str) -> "re.Pattern":
+  """The regular expression Beam's FileSystems match paths with: `*` within
+  one folder, `**` across folders, `?` and `[...]` as in fnmatch."""
   # pylint: disable=import-outside-toplevel
   from apache_beam.io.filesystem import FileSystem
+  return re.compile(FileSystem.translate_pattern(pattern))
+
+
+def scan_local(folder: str):
+  """One local folder's entries as os.walk sees them, streamed: yields
+  (path, is_folder). A link to a folder is neither listed nor followed (as
+  os.walk without followlinks); any other entry, a dangling link included,
+  is a file. Raises OSError when the folder cannot be listed."""
+  with os.scandir(folder) as entries:
+    for entry in entries:
+      try:
+        is_dir = entry.is_dir()
+      except OSError:
+        is_dir = False
+      if not is_dir:
+        yield entry.path, False
+        continue
+      try:
+        is_link = entry.is_symlink()
+      except OSError:
+        is_link = False
+      if not is_link:
+        yield entry.path, True
+
+
+def walk_local(root: str, descend=None):
+  """Every file below a local folder, streamed, depth first: yields (path,
+  listed). `listed` is False for a folder that could not be listed (the
+  root included), which is yielded in place of its files. `descend(folder)`
+  may decline to enter a sub-folder. Only the folders still to visit are
+  held, never the files."""
+  pending = [root]
+  while pending:
+    folder = pending.pop()
+    try:
+      for path, is_folder in scan_local(folder):
+        if not is_folder:
+          yield path, True
+        elif descend is None or descend(path):
+          pending.append(path)
+    except OSError:
+      yield folder, False
+
+
+def _match_local(pattern: str):
   if pattern.endswith("/"):
     pattern += "*"
   prefix = _GLOB_CHARS.split(pattern, 1)[0]
   if prefix == pattern:
-    return [pattern] if os.path.lexists(pattern) else []
+    if os.path.lexists(pattern):
+      yield pattern
+    return
   root = posixpath.dirname(prefix)
-  unlistable = []
-  found = [
-      os.path.join(folder, name)
-      for folder, _, names in os.walk(
-          root, onerror=lambda error: unlistable.append(error.filename))
-      for name in names
-  ]
-  regex = re.compile(FileSystem.translate_pattern(pattern))
-  matched = [path for path in found if regex.match(path)]
-  # The root itself not existing is no match, not an error.
-  if "**" in pattern:
-    matched.extend(path for path in unlistable
-                   if path and path != root and os.path.lexists(path))
-  return sorted(matched)
+  regex = pattern_regex(pattern)
+  recursive = "**" in pattern
+  for path, listed in walk_local(root):
+    if listed:
+      if regex.match(path):
+        yield path
+    # The root itself not existing is no match, not an error.
+    elif recursive and path != root and os.path.lexists(path):
+      yield path
 
 
 def folder_label(path: str, base: str,
