@@ -1,19 +1,40 @@
-"""Package definition; Dataflow stages it to workers with --setup_file."""
+"""Package definition; Dataflow stages it to workers with --setup_file.
+
+The base install is what a worker needs to serve a TFLite model folder with
+the Pillow decoder: Beam, LiteRT, Pillow, imagecodecs, pyarrow, numpy, and
+no TensorFlow. The extras add the rest:
+
+  tensorflow  training (model.train), model.adopt, the keras and savedmodel
+              engines and the tensorflow decoder
+  tools       tools.query (DuckDB) and tools.report (matplotlib)
+  gcp         Beam's Google Cloud I/O, gcsfs, and `build` (for --setup_file)
+  test        pytest
+
+scripts/ensure_venv.sh installs all of them into .venv, and the base alone
+into .venv-slim.
+"""
 
 import setuptools
 
 REQUIRED = [
     "apache-beam>=2.77,<2.78",
-    "tensorflow>=2.21,<2.22",
-    "keras>=3.10,<4",
     "ai-edge-litert>=2.0,<3",
     "numpy>=1.26,<3",
     "pillow>=10.0",
     "imagecodecs>=2024.1",
     "pyarrow>=14",
-    "duckdb>=1.1,<3",
-    "matplotlib>=3.8,<4",
 ]
+
+EXTRAS = {
+    # model.export also plots the training curves with matplotlib.
+    "tensorflow": ["tensorflow>=2.21,<2.22", "keras>=3.10,<4",
+                   "matplotlib>=3.8,<4"],
+    # tools.query's read-only file system for DuckDB is fsspec's.
+    "tools": ["duckdb>=1.1,<3", "fsspec>=2023.1", "matplotlib>=3.8,<4"],
+    # build: Beam stages --setup_file with `python -m build --sdist`.
+    "gcp": ["apache-beam[gcp]>=2.77,<2.78", "gcsfs", "build"],
+    "test": ["pytest>=8"],
+}
 
 setuptools.setup(
     name="beam-image-classification",
@@ -23,9 +44,5 @@ setuptools.setup(
     python_requires=">=3.10,<3.13",
     packages=setuptools.find_packages(include=["model", "beam_jobs", "tools"]),
     install_requires=REQUIRED,
-    extras_require={
-        "test": ["pytest>=8"],
-        # build: Beam stages --setup_file with `python -m build --sdist`.
-        "gcp": ["apache-beam[gcp]>=2.77,<2.78", "gcsfs", "build"],
-    },
+    extras_require=EXTRAS,
 )

@@ -6,7 +6,9 @@ as plain rows beside them. Every stage imports these names from here.
 """
 
 import dataclasses
-from typing import Optional
+import re
+import zlib
+from typing import Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -22,18 +24,94 @@ METRICS_NAMESPACE = "beam_jobs"
 INPUTS, PREDICTIONS, ERROR_ROWS, SKIPPED = ("inputs", "predictions", "errors",
                                             "skipped")
 COUNTERS = (INPUTS, PREDICTIONS, ERROR_ROWS, SKIPPED)
+# Rows whose id an earlier row of the same run had; reported apart from the
+# counts, since such rows are still predictions or errors.
+DUPLICATE_IDS = "duplicate_ids"
+# Of the predictions: those whose given label names a class, and those whose
+# given label matches none (the rest came without a label).
+LABELLED, UNMATCHED_LABELS = "labelled", "unmatched_labels"
+LABEL_COUNTERS = (LABELLED, UNMATCHED_LABELS)
 
 
 def counter(name: str):
-  """One of the pipeline's Beam counters, by its name in COUNTERS."""
-  if name not in COUNTERS:
-    raise ValueError(f"unknown counter {name!r}: expected one of {COUNTERS}")
+  """One of the pipeline's Beam counters, by its name."""
+  known = COUNTERS + (DUPLICATE_IDS,) + LABEL_COUNTERS
+  if name not in known:
+    raise ValueError(f"unknown counter {name!r}: expected one of {known}")
   return beam.metrics.Metrics.counter(METRICS_NAMESPACE, name)
+
+
+def id_bucket(id_: str, buckets: int) -> int:
+  """The bucket of an id among `buckets`, the same in every process (a
+  CRC-32, not Python's salted hash): stages that meet ids by bucket (the
+  --skip_existing join, the duplicate count) agree on it."""
+  return zlib.crc32(id_.encode("utf-8", "backslashreplace")) % buckets
+
+
+_DIGITS = re.compile(r"[0-9]+")
+
+
+class LabelMatcher:
+  """Turns the labels inputs come with into the model's class names.
+
+  A label whose text is a class name matches that class. Otherwise an
+  integer, or a string of digits, is a class index (Fashion-MNIST and Keras'
+  datasets store labels as 0-9), unless some class name is itself a string
+  of digits (class folders named 0-9): then names alone match, so no value
+  can mean two classes. Anything else (an index out of range, a name the
+  model does not know) matches no class.
+  """
+
+  def __init__(self, class_names: Sequence[str]):
+    self._names = {name: name for name in class_names}
+    self._by_index = ({} if any(_DIGITS.fullmatch(n) for n in class_names)
+                      else dict(enumerate(class_names)))
+
+  def match(self, value) -> Optional[str]:
+    """The class name `value` stands for, or None."""
+    return self._match_text(given_label(value))
+
+  def _match_text(self, text: Optional[str]) -> Optional[str]:
+    if text is None:
+      return None
+    name = self._names.get(text)
+    if name is None and _DIGITS.fullmatch(text):
+      name = self._by_index.get(int(text))
+    return name
+
+  def match_all(self, values: Sequence):
+    """For a batch: (class names or None, the labels as text, how many
+    matched a class, how many were given but matched none)."""
+    if all(value is None for value in values):
+      nothing = [None] * len(values)
+      return nothing, nothing, 0, 0
+    given = [given_label(value) for value in values]
+    names = [self._match_text(text) for text in given]
+    labelled = sum(name is not None for name in names)
+    return (names, given, labelled,
+            sum(text is not None for text in given) - labelled)
+
+
+def given_label(value) -> Optional[str]:
+  """A label as its source gave it, as text: 3.0 from a float column (an
+  integer column with nulls, through pandas) is "3", bytes are decoded as
+  UTF-8; booleans are no label."""
+  if value is None or isinstance(value, bool):
+    return None
+  if isinstance(value, float) and value.is_integer():
+    return str(int(value))
+  if isinstance(value, bytes):
+    return value.decode("utf-8", "backslashreplace")
+  return str(value)
 
 
 @dataclasses.dataclass
 class ImageBatch:
-  """Images with their ids, where they came from and their known labels.
+  """Images with their ids, where they came from and their given labels.
+
+  `true_labels` holds each input's label as its source gave it (a class
+  folder's name, a label column's value, or None); FormatPredictions matches
+  them to the card's class names.
 
   Sources fill `encoded` (image file bytes) or `pixels` (raw uint8 rows);
   preprocessing turns either into `pixels` of shape (N, H, W, C): uint8, or

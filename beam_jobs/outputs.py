@@ -6,24 +6,34 @@ success: a failed run leaves no half-written visible files.
 """
 
 import json
+import os
 from typing import Optional
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from beam_jobs.contracts import DUPLICATE_IDS
 from beam_jobs.contracts import ERROR_ROWS
 from beam_jobs.contracts import ERRORS
+from beam_jobs.contracts import LABELLED
 from beam_jobs.contracts import PREDICTIONS
+from beam_jobs.contracts import UNMATCHED_LABELS
 from beam_jobs.contracts import BatchResult
+from beam_jobs.contracts import LabelMatcher
 from beam_jobs.contracts import counter
+from beam_jobs.contracts import id_bucket
 from model.card import ModelCard
+from model.paths import is_remote
 from model.paths import join
 
 PREDICTIONS_PREFIX = "predictions"
 ERRORS_PREFIX = "errors"
 MANIFEST_FILE = "_run.json"
+# A manifest lists one entry per shard; this bounds what a reader accepts.
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 PARQUET_SUFFIX = ".parquet"
 
 TOP_K_TYPE = pa.list_(
@@ -45,6 +55,7 @@ def predictions_schema(write_probabilities: bool = False) -> pa.Schema:
       ("confidence", pa.float32()),
       ("top_k", TOP_K_TYPE),
       ("true_label", pa.string()),
+      ("source_label", pa.string()),
       ("model_id", pa.string()),
       ("engine", pa.string()),
   ]
@@ -55,8 +66,13 @@ def predictions_schema(write_probabilities: bool = False) -> pa.Schema:
 
 def predictions_table(ids, sources, true_labels, probabilities: np.ndarray,
                       class_names: list, top_k: int, model_id: str,
-                      engine: str, write_probabilities: bool) -> pa.Table:
-  """Formats a batch of probability vectors as prediction rows."""
+                      engine: str, write_probabilities: bool,
+                      source_labels=None) -> pa.Table:
+  """Formats a batch of probability vectors as prediction rows.
+
+  `true_labels` are class names (or None); `source_labels` the labels as the
+  inputs gave them, by default the same.
+  """
   rows, num_classes = probabilities.shape
   k = min(top_k, num_classes)
   # A stable sort keeps argmax's tie-break: the lowest class index wins.
@@ -76,6 +92,8 @@ def predictions_table(ids, sources, true_labels, probabilities: np.ndarray,
       pa.array(confidences[:, 0], pa.float32()),
       pa.ListArray.from_arrays(offsets, top_k_values).cast(TOP_K_TYPE),
       pa.array(true_labels, pa.string()),
+      pa.array(true_labels if source_labels is None else source_labels,
+               pa.string()),
       pa.array([model_id] * rows, pa.string()),
       pa.array([engine] * rows, pa.string()),
   ]
@@ -89,7 +107,12 @@ def predictions_table(ids, sources, true_labels, probabilities: np.ndarray,
 
 
 class FormatPredictions(beam.DoFn):
-  """Turns each inference result into one Arrow table of prediction rows."""
+  """Turns each inference result into one Arrow table of prediction rows.
+
+  Given labels are matched to the card's class names here, where every
+  prediction passes, so `true_label` is always a class name or null and the
+  label counters add up with the predictions.
+  """
 
   def __init__(self, card: ModelCard, engine: str, top_k: int,
                write_probabilities: bool):
@@ -98,7 +121,10 @@ class FormatPredictions(beam.DoFn):
     self._engine = engine
     self._top_k = top_k
     self._write_probabilities = write_probabilities
+    self._matcher = LabelMatcher(self._class_names)
     self._predictions = counter(PREDICTIONS)
+    self._labelled = counter(LABELLED)
+    self._unmatched = counter(UNMATCHED_LABELS)
 
   def process(self, result: BatchResult):
     for row in result.errors:
@@ -107,15 +133,68 @@ class FormatPredictions(beam.DoFn):
     if not len(batch):
       return
     self._predictions.inc(len(batch))
-    yield predictions_table(batch.ids, batch.sources, batch.true_labels,
+    true_labels, given, labelled, unmatched = self._matcher.match_all(
+        batch.true_labels)
+    if labelled:
+      self._labelled.inc(labelled)
+    if unmatched:
+      self._unmatched.inc(unmatched)
+    yield predictions_table(batch.ids, batch.sources, true_labels,
                             result.probabilities, self._class_names,
                             self._top_k, self._model_id, self._engine,
-                            self._write_probabilities)
+                            self._write_probabilities, source_labels=given)
 
 
 def _count_error(row: dict) -> dict:
   counter(ERROR_ROWS).inc()
   return row
+
+
+# Ids are counted in this many groups by hash: each batch sends one list per
+# group instead of one element per id, and no worker holds every id.
+ID_GROUPS = 64
+
+
+def _id_groups(ids: list):
+  groups = {}
+  for id_ in ids:
+    groups.setdefault(id_bucket(id_, ID_GROUPS), []).append(id_)
+  return groups.items()
+
+
+def _table_id_groups(table: pa.Table):
+  return _id_groups(table.column("id").to_pylist())
+
+
+def _error_id_groups(row: dict):
+  return _id_groups([row["id"]])
+
+
+def _count_repeats(group_and_lists) -> None:
+  _, lists = group_and_lists
+  seen, repeats = set(), 0
+  for ids in lists:
+    for id_ in ids:
+      if id_ in seen:
+        repeats += 1
+      else:
+        seen.add(id_)
+  if repeats:
+    counter(DUPLICATE_IDS).inc(repeats)
+
+
+class CountDuplicateIds(beam.PTransform):
+  """Counts rows, predictions and errors together, whose id an earlier row
+  had (the counter DUPLICATE_IDS); writes nothing."""
+
+  def expand(self, tables_and_errors):
+    tables, errors = tables_and_errors
+    return (
+        (tables | "PredictionIds" >> beam.FlatMap(_table_id_groups),
+         errors | "ErrorIds" >> beam.FlatMap(_error_id_groups))
+        | "AllIds" >> beam.Flatten()
+        | "GroupByHash" >> beam.GroupByKey()
+        | "CountRepeats" >> beam.Map(_count_repeats))
 
 
 def predictions_glob(output: str) -> str:
@@ -212,16 +291,85 @@ def _table_rows(element):
   return element.to_pylist() if isinstance(element, pa.Table) else [element]
 
 
+def report_dir_for(output: str) -> str:
+  """Where the next-step hints suggest a report of `output`: beside a local
+  output folder; tools.report writes locally, so a gs:// one gets ./report."""
+  return "report" if is_remote(output) else output.rstrip("/") + "-report"
+
+
+class ManifestError(ValueError):
+  """A `_run.json` that is not a manifest this tool wrote."""
+
+
+def manifest_path(output: str) -> str:
+  return join(output, MANIFEST_FILE)
+
+
 def write_manifest(output: str, manifest: dict) -> str:
-  path = join(output, MANIFEST_FILE)
-  with FileSystems.create(path) as handle:
-    handle.write((json.dumps(manifest, indent=2, default=str) + "\n").encode())
+  """Writes `_run.json` atomically: readers see the old one or the new one.
+
+  Locally the text goes to a temporary file, is flushed to disk and renamed
+  over the manifest; a full disk fails the write and leaves the old one. On
+  object stores (gs://) one object write is atomic by itself.
+  """
+  path = manifest_path(output)
+  data = (json.dumps(manifest, indent=2, default=str) + "\n").encode()
+  if is_remote(output):
+    with FileSystems.create(path) as handle:
+      handle.write(data)
+    return path
+  temporary = join(output, f"{MANIFEST_FILE}.{manifest['run_id']}.tmp")
+  _write_local(temporary, data)
+  _publish_local(temporary, path)
   return path
 
 
+def _write_local(path: str, data: bytes) -> None:
+  with open(path, "wb") as handle:
+    handle.write(data)
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _publish_local(temporary: str, path: str) -> None:
+  """The commit point of a local run: one rename, atomic on POSIX."""
+  os.replace(temporary, path)
+  try:
+    # The rename itself reaches the disk once the folder is synced.
+    folder = os.open(os.path.dirname(path), os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(folder)
+  except OSError:
+    pass
+  finally:
+    os.close(folder)
+
+
 def read_manifest(output: str) -> Optional[dict]:
-  path = join(output, MANIFEST_FILE)
-  if not FileSystems.exists(path):
-    return None
-  with FileSystems.open(path) as handle:
-    return json.loads(handle.read().decode())
+  """The folder's manifest, None when it has none.
+
+  Raises ManifestError, naming the file, when `_run.json` is empty, not JSON
+  or not an object: a damaged manifest tells nothing about the folder.
+  """
+  path = manifest_path(output)
+  try:
+    if not FileSystems.exists(path):
+      return None
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED
+                         ) as handle:
+      data = handle.read(MAX_MANIFEST_BYTES + 1)
+  except (OSError, ValueError) as error:
+    raise ManifestError(f"{path} cannot be read: {error}") from None
+  if len(data) > MAX_MANIFEST_BYTES:
+    raise ManifestError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes: "
+                        "not a manifest this tool wrote")
+  try:
+    manifest = json.loads(data.decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    what = "empty (0 bytes)" if not data else f"not valid JSON ({error})"
+    raise ManifestError(f"{path} is {what}") from None
+  if not isinstance(manifest, dict):
+    raise ManifestError(f"{path} is not a JSON object")
+  return manifest

@@ -10,17 +10,26 @@ from apache_beam.ml.inference.base import RunInference
 from beam_jobs import outputs
 from beam_jobs.config import PredictConfig
 from beam_jobs.inference import ImageClassifierHandler
+from beam_jobs.contracts import ERROR_ROWS
 from beam_jobs.contracts import ERRORS
+from beam_jobs.contracts import PREDICTIONS
 from beam_jobs.preprocess import Preprocess
-from beam_jobs.sources import ExistingIds
+from beam_jobs.skip_existing import SkipExisting
 from beam_jobs.sources import ReadImageFiles
+from beam_jobs.sources import ReadInputList
 from beam_jobs.sources import ReadParquetImages
 from model.card import ModelCard
 
 
-def read_inputs(pipeline, config: PredictConfig, card: ModelCard):
-  skip = ExistingIds(outputs.predictions_glob(config.output),
-                     card.model_id) if config.skip_existing else None
+def read_inputs(pipeline, config: PredictConfig, card: ModelCard,
+                skip_files=(), skip_rows=None):
+  # With nothing kept from before there is nothing to skip, and no join.
+  skip = SkipExisting(list(skip_files), card.model_id, skip_rows) if (
+      config.skip_existing and skip_files) else None
+  if config.input_list:
+    return pipeline | "ReadInputList" >> ReadInputList(
+        config.input_list, config.uri_column, config.id_column,
+        config.label_column, config.batch_size, skip)
   if config.input_format == "parquet":
     return pipeline | "ReadParquetImages" >> ReadParquetImages(
         config.input, card.input_shape, config.image_column, config.id_column,
@@ -30,9 +39,16 @@ def read_inputs(pipeline, config: PredictConfig, card: ModelCard):
 
 
 def build_pipeline(pipeline, config: PredictConfig, card: ModelCard,
-                   run_id: str) -> None:
-  """Wires the graph; `run_id` names this run's output shards."""
-  read = read_inputs(pipeline, config, card)
+                   run_id: str, skip_files=(), progress=None,
+                   skip_rows=None) -> None:
+  """Wires the graph; `run_id` names this run's output shards, and with
+  --skip_existing `skip_files` are the earlier prediction shards kept
+  (holding `skip_rows` rows, when known).
+
+  With `progress` (a progress.ProgressReporter, for local runs) the
+  predictions and the error rows are also counted for progress lines.
+  """
+  read = read_inputs(pipeline, config, card, skip_files, skip_rows)
   preprocessed = read.images | "Preprocess" >> Preprocess(
       card, config.max_image_pixels)
   handler = ImageClassifierHandler(config.model, config.engine,
@@ -48,6 +64,17 @@ def build_pipeline(pipeline, config: PredictConfig, card: ModelCard,
   errors = ((read.errors, preprocessed.errors, formatted.errors)
             | "CollectErrors" >> beam.Flatten())
   _ = errors | "WriteErrors" >> outputs.WriteErrors(config.output, run_id)
+  if config.input_list or (config.input_format == "parquet" and
+                           config.id_column):
+    # File paths and SHARD#ROW ids are unique by construction; ids from a
+    # column or a list are data, and repeats are counted for the manifest.
+    _ = ((formatted.tables, errors)
+         | "CountDuplicateIds" >> outputs.CountDuplicateIds())
+  if progress is not None:
+    _ = formatted.tables | "ProgressPredictions" >> beam.ParDo(
+        progress.counter(PREDICTIONS))
+    _ = errors | "ProgressErrors" >> beam.ParDo(
+        progress.counter(ERROR_ROWS))
   if config.bigquery_table:
     _ = formatted.tables | "WritePredictionsToBigQuery" >> (
         outputs.WriteBigQuery(

@@ -8,26 +8,33 @@ Usage:
 Writes predictions-*.parquet, errors-*.parquet and _run.json to OUTPUT_DIR.
 """
 
+import contextlib
 import dataclasses
-import glob
 import logging
 import os
 import sys
 import time
-import uuid
+from typing import Optional
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_jobs import config as config_lib
 from beam_jobs import contracts
+from beam_jobs import output_folder
 from beam_jobs import outputs
 from beam_jobs.inference import METRICS_NAMESPACE as INFERENCE_NAMESPACE
 from beam_jobs.pipeline import build_pipeline
+from beam_jobs.progress import ProgressReporter
+from beam_jobs.progress import runs_locally
 from model import card as card_lib
+from model import cli
 from model import paths
+
+
+# 2: the manifest lists the result set's files (beam_jobs/output_folder.py).
+MANIFEST_VERSION = 2
 
 
 def _metric_value(result) -> int:
@@ -39,105 +46,242 @@ class PipelineError(RuntimeError):
   """The pipeline itself failed; its outputs were not committed."""
 
 
-def read_counts(pipeline_result) -> dict:
-  """Inputs, predictions, errors, skips and model loads from Beam metrics."""
+def read_counts(pipeline_result) -> tuple:
+  """From Beam metrics: (inputs, predictions, errors, skips and model loads;
+  predictions with a label that matched a class and with one that did not).
+  """
   counts = dict.fromkeys(contracts.COUNTERS + ("model_loads",), 0)
+  labels = dict.fromkeys(contracts.LABEL_COUNTERS, 0)
   metrics = pipeline_result.metrics().query(MetricsFilter())
   for counter in metrics["counters"]:
-    if counter.key.metric.namespace == contracts.METRICS_NAMESPACE and (
-        counter.key.metric.name in counts):
-      counts[counter.key.metric.name] += _metric_value(counter)
+    if counter.key.metric.namespace != contracts.METRICS_NAMESPACE:
+      continue
+    for totals in (counts, labels):
+      if counter.key.metric.name in totals:
+        totals[counter.key.metric.name] += _metric_value(counter)
   # RunInference records one load-latency sample per model load.
   for distribution in metrics["distributions"]:
     if (distribution.key.metric.namespace == INFERENCE_NAMESPACE and
         distribution.key.metric.name.endswith("load_model_latency_milli_secs")):
       counts["model_loads"] += _metric_value(distribution)
-  return counts
+  return counts, labels
 
 
-def clear_previous_outputs(output: str, keep_predictions: bool) -> None:
-  """Removes an earlier run's shards and a killed run's staging folders.
+def read_duplicate_ids(pipeline_result) -> int:
+  """Rows whose id an earlier row of the run already had (0 when uncounted)."""
+  metrics = pipeline_result.metrics().query(MetricsFilter().with_name(
+      contracts.DUPLICATE_IDS))
+  return sum(_metric_value(counter) for counter in metrics["counters"]
+             if counter.key.metric.namespace == contracts.METRICS_NAMESPACE)
 
-  With `keep_predictions` (--skip_existing) the predictions stay and only the
-  errors go, since those inputs are tried again.
+
+def run(config: config_lib.PredictConfig, beam_args=None,
+        progress: Optional[ProgressReporter] = None) -> dict:
+  """Validates, runs the pipeline to the end, and commits its results.
+
+  The run holds the output folder's lock from before the pipeline starts
+  until its manifest is written; beam_jobs/output_folder.py says what it may
+  replace and delete there. On a local runner, progress lines go to stderr
+  every `config.progress_seconds` unless `progress` brings its own reporter.
   """
-  patterns = [outputs.errors_glob(output)]
-  if not keep_predictions:
-    patterns.append(outputs.predictions_glob(output))
-  # A killed run's staging folders: found by their files, deleted whole.
-  patterns.append(paths.join(output, "beam-temp-*/*"))
-  matched = [m.path for result in FileSystems.match(patterns)
-             for m in result.metadata_list]
-  staging = {path.rsplit("/", 1)[0] for path in matched
-             if "/beam-temp-" in path}
-  if not paths.is_remote(output):
-    # Object stores have no empty folders; a local disk can.
-    staging.update(glob.glob(os.path.join(output, "beam-temp-*")))
-  stale = [path for path in matched if "/beam-temp-" not in path]
-  if stale or staging:
-    FileSystems.delete(stale + sorted(staging))
-
-
-def run(config: config_lib.PredictConfig, beam_args=None) -> dict:
-  """Validates, runs the pipeline to the end, and writes the manifest."""
-  card = config.validate()
   options = PipelineOptions(beam_args or [])
-  clear_previous_outputs(config.output, keep_predictions=config.skip_existing)
-  run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + (
-      "-" + uuid.uuid4().hex[:6])
+  dry_run = config_lib.is_dataflow_dry_run(options)
+  card = config.validate(offline=dry_run)
+  config_lib.check_workers(config, card, options)
+  if dry_run:
+    return _dry_run(config, card, options)
+  if progress is None and config.progress_seconds and runs_locally(options):
+    progress = ProgressReporter(config.progress_seconds)
+  run_id = output_folder.new_run_id()
+  lock = output_folder.OutputLock(config.output, run_id)
+  inherited = lock.acquire()
+  try:
+    # The folder again, now that no other run can change it.
+    state = output_folder.inspect(config.output)
+    output_folder.check(state, card.model_id, config.overwrite,
+                        config.skip_existing)
+  except BaseException:
+    lock.release()
+    raise
+  keep = state.kept_predictions() if config.skip_existing else []
   started = time.time()
   pipeline = beam.Pipeline(options=options)
-  build_pipeline(pipeline, config, card, run_id)
+  skip_files, skip_rows = _skip_arguments(config, keep)
+  build_pipeline(pipeline, config, card, run_id, skip_files, progress,
+                 skip_rows)
   try:
-    result = pipeline.run()
-    result.wait_until_finish()
+    with progress or contextlib.nullcontext():
+      result = pipeline.run()
+      result.wait_until_finish()
   except Exception as error:  # pylint: disable=broad-except
     logging.exception("pipeline failed")
+    # Its shards were never listed: they go, and the earlier results stay.
+    # Should that fail, the lock stays too, and the next run cleans up.
+    output_folder.discard_run(config.output, run_id)
+    lock.release()
     message = str(error).strip().splitlines()[0][:300] if str(error) else ""
     raise PipelineError(f"the pipeline failed, nothing was committed to "
                         f"{config.output}: {type(error).__name__}: {message}"
                        ) from error
   elapsed = time.time() - started
-  counts = read_counts(result)
+  counts, labels = read_counts(result)
   manifest = {
+      "manifest_version": MANIFEST_VERSION,
       "run_id": run_id,
       "model_id": card.model_id,
       "model": card_lib.card_summary(card),
+      "class_names": list(card.class_names),
       "arguments": dataclasses.asdict(config),
       "beam_args": list(beam_args or []),
       "counts": counts,
-      "accounted": counts["inputs"] == counts["predictions"] + counts["errors"],
+      # Of the predictions: labels that named a class (by name or index)
+      # and labels that matched none; the rest came without one.
+      "true_labels": {"matched": labels[contracts.LABELLED],
+                      "unmatched": labels[contracts.UNMATCHED_LABELS]},
+      "duplicate_ids": read_duplicate_ids(result),
       "elapsed_seconds": round(elapsed, 3),
-      "images_per_second": round(counts["inputs"] / elapsed, 1) if elapsed else None,
+      "images_per_second": round(counts["inputs"] / elapsed, 1) if elapsed
+                           else None,
       "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
   }
-  outputs.write_manifest(config.output, manifest)
+  try:
+    manifest.update(output_folder.plan_commit(state, run_id, keep,
+                                              config.overwrite, inherited))
+  except output_folder.FolderError as error:
+    raise PipelineError(str(error)) from None
+  # Every input is a prediction or an error row, and this run's shards hold
+  # exactly the rows its counters counted.
+  manifest["accounted"] = (
+      counts["inputs"] == counts["predictions"] + counts["errors"] and
+      manifest["written"] == {outputs.PREDICTIONS_PREFIX: counts["predictions"],
+                              outputs.ERRORS_PREFIX: counts["errors"]})
+  try:
+    output_folder.commit(config.output, manifest)
+  except OSError as error:
+    # A full disk, say. The lock stays, so the next run cleans up this
+    # run's files; until then the folder reads as before, or as this run
+    # if only the deleting failed.
+    raise PipelineError(
+        f"could not commit to {config.output}: {type(error).__name__}: "
+        f"{error}; its earlier results stand unless {outputs.MANIFEST_FILE} "
+        f"now names run {run_id}") from error
+  lock.release()
   return manifest
 
 
+def _skip_arguments(config: config_lib.PredictConfig, keep: list) -> tuple:
+  """build_pipeline's skip_files and skip_rows for the kept shards."""
+  return ([paths.join(config.output, entry["name"]) for entry in keep],
+          sum(entry.get("rows") or 0 for entry in keep))
+
+
+def _dry_run(config: config_lib.PredictConfig, card, options) -> dict:
+  """Builds the Dataflow job and submits nothing (Dataflow's --dry_run).
+
+  Nothing is written: no lock, no manifest. A remote input or output is
+  not listed (that needs the network), so with a gs:// output the job is
+  built without the --skip_existing join.
+  """
+  keep = []
+  if config.skip_existing and not paths.is_remote(config.output):
+    keep = output_folder.inspect(config.output).kept_predictions()
+  pipeline = beam.Pipeline(options=options)
+  skip_files, skip_rows = _skip_arguments(config, keep)
+  build_pipeline(pipeline, config, card, output_folder.new_run_id(),
+                 skip_files, skip_rows=skip_rows)
+  result = pipeline.run()
+  job = getattr(result, "job", None)
+  return {
+      "dry_run": True,
+      "transforms": len(job.proto_pipeline.components.transforms) if job
+                    else None,
+      "unchecked": [f"--{flag} {value}" for flag, value in (
+          ("input", config.input), ("input_list", config.input_list),
+          ("output", config.output)) if value and paths.is_remote(value)],
+  }
+
+
+def dry_run_line(report: dict, output: str) -> str:
+  unchecked = (f"; not checked offline: {', '.join(report['unchecked'])}"
+               if report["unchecked"] else "")
+  return (f"dry run: the Dataflow job was built ({report['transforms']} "
+          f"transforms) and not submitted; nothing was written to {output}"
+          f"{unchecked}")
+
+
+def summary_lines(manifest: dict) -> list:
+  """The run in a few lines: counts, time, and what the labels matched."""
+  counts = manifest["counts"]
+  skipped = (f" ({counts['skipped']} already predicted, skipped)"
+             if counts["skipped"] else "")
+  lines = [f"{counts['inputs']} inputs{skipped}: {counts['predictions']} "
+           f"predictions, {counts['errors']} errors, {counts['model_loads']} "
+           f"model load(s) in {manifest['elapsed_seconds']:.1f}s "
+           f"({manifest['images_per_second']} images/s)"]
+  labels = manifest["true_labels"]
+  if labels["matched"] or labels["unmatched"]:
+    lines.append(f"true labels: {labels['matched']} match a class of the "
+                 f"model, {labels['unmatched']} match none")
+  return lines
+
+
+def label_warning(manifest: dict) -> Optional[str]:
+  """A warning when given labels matched no class, else None."""
+  unmatched = manifest["true_labels"]["unmatched"]
+  if not unmatched:
+    return None
+  return (f"{unmatched} true labels match none of the model's "
+          f"{len(manifest['class_names'])} classes by name or index; they "
+          "are kept in the source_label column and not scored")
+
+
+def duplicate_warning(manifest: dict, output: str) -> Optional[str]:
+  """A warning when rows repeated an id, else None."""
+  if not manifest["duplicate_ids"]:
+    return None
+  return (f"{manifest['duplicate_ids']} rows repeat an id an earlier row had "
+          f"(duplicate_ids in {outputs.MANIFEST_FILE}; python -m tools.query "
+          f"{output} shows them)")
+
+
+def next_commands(output: str) -> list:
+  return [cli.command("python", "-m", "tools.query", output),
+          cli.command("python", "-m", "tools.query", output, "accuracy"),
+          cli.command("python", "-m", "tools.report", output, "--out",
+                      outputs.report_dir_for(output))]
+
+
 def main(argv=None) -> int:
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-  config, beam_args = config_lib.parse_args(argv)
+  """The command line. Filters library noise off this process's stderr."""
+  try:
+    config, beam_args = config_lib.parse_args(argv)
+  except config_lib.ConfigError as error:
+    print(f"beam_jobs.predict: error: {error}", file=sys.stderr)
+    return 2
+  cli.quiet_libraries(config.verbose)
+  output = config.output  # As the user wrote it; validation makes it absolute.
   try:
     manifest = run(config, beam_args)
-  except config_lib.ConfigError as error:
+  except (config_lib.ConfigError, output_folder.FolderError) as error:
     print(f"beam_jobs.predict: error: {error}", file=sys.stderr)
     return 2
   except PipelineError as error:
     print(f"beam_jobs.predict: error: {error}", file=sys.stderr)
     return 1
-  counts = manifest["counts"]
-  skipped = (f" ({counts['skipped']} already predicted, skipped)"
-             if counts["skipped"] else "")
-  print(f"{counts['inputs']} inputs{skipped}: {counts['predictions']} "
-        f"predictions, {counts['errors']} errors, {counts['model_loads']} "
-        "model load(s) in "
-        f"{manifest['elapsed_seconds']:.1f}s "
-        f"({manifest['images_per_second']} images/s) -> {config.output}")
+  if manifest.get("dry_run"):
+    print(dry_run_line(manifest, output))
+    return 0
+  for line in summary_lines(manifest):
+    print(line)
+  for warning in (label_warning(manifest), duplicate_warning(manifest, output)):
+    if warning:
+      print(f"beam_jobs.predict: warning: {warning}", file=sys.stderr)
+  cli.print_next(f"{output} (predictions-*.parquet, errors-*.parquet, "
+                 f"{outputs.MANIFEST_FILE})", next_commands(output))
   if not manifest["accounted"]:
-    print("beam_jobs.predict: error: inputs != predictions + errors; "
-          f"see {outputs.MANIFEST_FILE}", file=sys.stderr)
+    print("beam_jobs.predict: error: inputs != predictions + errors, or the "
+          f"shards do not hold what was counted; see {outputs.MANIFEST_FILE}",
+          file=sys.stderr)
     return 1
   return 0
 

@@ -57,9 +57,11 @@ def stage_seconds(folder, model_dir, batch_size, max_images=0):
   card = card_lib.load_card(model_dir)
   kind, items = throughput.list_inputs(folder)
   if kind == "parquet":
-    reader = sources._ReadParquetShard(  # pylint: disable=protected-access
+    from beam_jobs import row_groups  # pylint: disable=import-outside-toplevel
+    reader = sources._ReadParquetItem(  # pylint: disable=protected-access
         "image", "id", "label", batch_size, card.input_shape)
-    work = items
+    work = [item for shard in items for item in row_groups.plan_items(
+        shard, row_groups.footer_rows(shard))]
   else:
     if max_images:
       items = items[::max(1, len(items) // max_images)][:max_images]

@@ -17,7 +17,6 @@ check images. Nothing runs code from the model: Keras loads in safe_mode
 checked before it is loaded, and nothing is unpickled.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -32,6 +31,7 @@ from typing import Optional
 import numpy as np
 
 from model import card as card_lib
+from model import cli
 from model import engines
 from model import export
 from model import paths
@@ -697,8 +697,8 @@ def _evaluate(card, out_dir, eval_set, eval_data, say, warn) -> dict:
           "eval_engine": card.default_engine}
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+def build_parser() -> cli.ArgumentParser:
+  parser = cli.ArgumentParser(
       prog="python -m model.adopt",
       description="Make a model folder that beam_jobs.predict serves from a "
       "classifier trained elsewhere.")
@@ -721,7 +721,9 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--color_mode", default=None,
                       choices=tuple(card_lib.COLOR_MODES),
                       help="only for an input with dynamic channels")
-  parser.add_argument("--output_kind", default="auto", choices=OUTPUT_KINDS)
+  parser.add_argument("--output_kind", default="auto", choices=OUTPUT_KINDS,
+                      help="what the model outputs; auto: read from its last "
+                      "layer")
   parser.add_argument("--decoder", default="tensorflow",
                       choices=preprocessing.DECODERS,
                       help="tensorflow: as keras.utils."
@@ -729,12 +731,14 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--eval_data", default=None,
                       help="a folder of class sub-folders to score the model "
                       "on through the serving decoder")
+  parser.add_argument("--verbose", action="store_true",
+                      help="also TensorFlow's and Keras' own log lines")
   return parser
 
 
 def main(argv=None) -> int:
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   args = build_parser().parse_args(argv)
+  cli.quiet_libraries(args.verbose)
   try:
     adopt(args.source, args.output, parse_class_names(args.class_names),
           input_scale=args.input_scale,
@@ -746,6 +750,11 @@ def main(argv=None) -> int:
   except (AdoptError, OSError) as error:
     print(f"model.adopt: error: {error}", file=sys.stderr)
     return 2
+  cli.print_next(
+      f"{args.output} (model_card.json and the model files)",
+      [cli.command("python", "-m", "beam_jobs.predict", "--input",
+                   "IMAGES_OR_SHARDS", "--model", args.output, "--output",
+                   "OUTPUT_DIR")])
   return 0
 
 

@@ -288,11 +288,44 @@ def check_model_files(model_dir: str, card: ModelCard) -> None:
 
 
 def check_keras_config(config: dict, where: str) -> None:
-  """Refuses a Keras model config holding a Lambda layer, before loading."""
-  if "Lambda" in layer_classes(config):
+  """Refuses a Keras model config holding code, before loading."""
+  unsafe = unsafe_objects(config)
+  if unsafe:
     raise ValueError(
-        f"{where} has a Lambda layer, which runs arbitrary Python code when "
-        "loaded; it is refused (Keras safe_mode)")
+        f"{where} has {unsafe[0]}, which runs arbitrary Python code when "
+        "loaded or comes from outside Keras; it is refused (Keras safe_mode)")
+
+
+# Keras serialises Python lambdas under this class name; Lambda layers hold
+# them.
+_CODE_CLASSES = ("Lambda", "__lambda__")
+# Packages a served model's objects may come from (`module` in the config):
+# those Keras itself imports from when it loads a model.
+_SAFE_PACKAGES = ("keras", "keras_hub", "keras_cv", "keras_nlp", "builtins")
+
+
+def unsafe_objects(config) -> list:
+  """Every object in a Keras model config that can carry code: a Lambda
+  layer or serialised lambda, however its class is spelled (`Lambda`,
+  `layers.Lambda`, `keras.layers.Lambda`, `package>Lambda`), and any object
+  whose module lies outside Keras."""
+  found, stack = [], [config]
+  while stack:
+    node = stack.pop()
+    if isinstance(node, dict):
+      for key in ("class_name", "registered_name"):
+        name = node.get(key)
+        if isinstance(name, str) and (
+            re.split(r"[.>]", name)[-1] in _CODE_CLASSES):
+          found.append(f"a Lambda layer or lambda ({key} {name!r})")
+      module = node.get("module")
+      if isinstance(module, str) and (
+          module.split(".", 1)[0] not in _SAFE_PACKAGES):
+        found.append(f"an object from module {module!r}")
+      stack.extend(node.values())
+    elif isinstance(node, list):
+      stack.extend(node)
+  return found
 
 
 # Op types that reach the file system, the network or Python. Loading a

@@ -199,20 +199,27 @@ def write_png_folder(split: Split, class_names: list, out_dir: str) -> int:
   return len(split)
 
 
-def main(argv=None) -> int:
-  """Writes a Fashion-MNIST split as a PNG folder, for the pipeline to read."""
-  import argparse  # pylint: disable=import-outside-toplevel
-  import sys  # pylint: disable=import-outside-toplevel
-  parser = argparse.ArgumentParser(
+def build_parser():
+  from model import cli  # pylint: disable=import-outside-toplevel
+  parser = cli.ArgumentParser(
       prog="python -m model.datasets",
       description="Write a Fashion-MNIST split as PNG files in class folders.")
   parser.add_argument("--data", default=None,
-                      help="folder of the four IDX files; omit for Keras' loader")
-  parser.add_argument("--split", default="test", choices=["train", "test"])
+                      help="folder of the four IDX files (default: none, "
+                      "Keras' loader, which downloads)")
+  parser.add_argument("--split", default="test", choices=["train", "test"],
+                      help="which split to write")
   parser.add_argument("--limit", type=int, default=None,
-                      help="write only the first N images")
+                      help="write only the first N images (default: all)")
   parser.add_argument("--to_png", required=True, help="output folder")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv=None) -> int:
+  """Writes a Fashion-MNIST split as a PNG folder, for the pipeline to read."""
+  import sys  # pylint: disable=import-outside-toplevel
+  from model import cli  # pylint: disable=import-outside-toplevel
+  args = build_parser().parse_args(argv)
   try:
     dataset = load_fashion_mnist(args.data)
   except (FileNotFoundError, ValueError) as error:
@@ -223,6 +230,13 @@ def main(argv=None) -> int:
     split = Split(split.images[:args.limit], split.labels[:args.limit])
   count = write_png_folder(split, dataset.class_names, args.to_png)
   print(f"wrote {count} PNG images to {args.to_png}")
+  cli.print_next(
+      f"{args.to_png} (one folder per class)",
+      [cli.command("python", "-m", "beam_jobs.predict", "--input",
+                   args.to_png, "--model", "MODEL_DIR", "--output",
+                   "OUTPUT_DIR"),
+       cli.command("python", "-m", "tools.make_shards", args.to_png,
+                   "SHARDS_DIR")])
   return 0
 
 

@@ -18,6 +18,14 @@ from model import preprocessing
 
 # Fastest first: a folder's default engine is the first it holds.
 ENGINES = tuple(card_lib.ENGINE_FILES)
+# The engines that import TensorFlow when they load.
+TENSORFLOW_ENGINES = ("keras", "savedmodel")
+
+
+def needs_tensorflow(card: card_lib.ModelCard, engine: str) -> bool:
+  """Whether serving a model with `engine` imports TensorFlow: the Keras and
+  SavedModel engines do, and so does the card's `tensorflow` decoder."""
+  return engine in TENSORFLOW_ENGINES or card.decoder == "tensorflow"
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -73,6 +81,7 @@ class KerasEngine(Engine):
     # safe_mode refuses Lambda layers carrying arbitrary Python code.
     self.model = keras.saving.load_model(model_path, compile=False,
                                          safe_mode=True)
+    _check_width(self.model.output_shape[-1], card, model_path)
     self._rank = len(self.model.inputs[0].shape)
     shape = [None, card.height, card.width, card.channels][:self._rank]
     spec = tf.TensorSpec(shape, tf.float32)
@@ -153,6 +162,7 @@ class TFLiteEngine(Engine):
     self._input_quantization = details["quantization"]
     self._rank = len(details["shape"])
     output = self._interpreter.get_output_details()[0]
+    _check_width(output["shape"][-1], card, model_path or "TFLite model")
     self._output = output["index"]
     self._output_quantization = (output["quantization"] if np.issubdtype(
         output["dtype"], np.integer) else None)
@@ -195,6 +205,37 @@ class TFLiteEngine(Engine):
       outputs = (outputs.astype(np.float32) - zero_point) * np.float32(
           scale or 1.0)
     return outputs
+
+
+def _check_width(width, card: card_lib.ModelCard, where: str) -> None:
+  if width is not None and int(width) != card.num_classes:
+    raise ValueError(f"{where} outputs {int(width)} classes but the card "
+                     f"names {card.num_classes}")
+
+
+def check_model_shapes(card: card_lib.ModelCard, tflite: bytes) -> None:
+  """Refuses a card whose class count or input size is not the TFLite
+  model's, read from its tensors without TensorFlow: a card with one class
+  name too few would otherwise fail only when the first batch is labelled.
+  """
+  from ai_edge_litert import interpreter as litert  # pylint: disable=import-outside-toplevel
+  try:
+    model = litert.Interpreter(model_content=tflite)
+    inputs, outputs = model.get_input_details(), model.get_output_details()
+  except Exception as error:  # pylint: disable=broad-except
+    raise ValueError(f"{card_lib.TFLITE_FILE} cannot be loaded: "
+                     f"{error}") from None
+  if len(inputs) != 1 or len(outputs) != 1:
+    raise ValueError(f"{card_lib.TFLITE_FILE} has {len(inputs)} inputs and "
+                     f"{len(outputs)} outputs; expected one of each")
+  _check_width(outputs[0]["shape"][-1], card, card_lib.TFLITE_FILE)
+  # (batch, height, width[, channels]); -1 in the signature is any size.
+  dims = inputs[0].get("shape_signature", inputs[0]["shape"])[1:]
+  expected = [int(d) for d in card.input_shape][:len(dims)]
+  if any(int(d) not in (-1, e) for d, e in zip(dims, expected)):
+    raise ValueError(f"{card_lib.TFLITE_FILE} takes input of shape "
+                     f"{[int(d) for d in inputs[0]['shape'][1:]]} but the "
+                     f"card says {list(card.input_shape)}")
 
 
 def _set_tf_threads(tf, threads: int) -> None:

@@ -78,8 +78,14 @@ def export_model(model,
                  dataset: dict,
                  metrics: dict,
                  training: dict,
-                 history: Optional[dict] = None) -> card_lib.ModelCard:
-  """Writes the model folder and returns its card."""
+                 history: Optional[dict] = None,
+                 rescaling: str = "inside the model: x / 255"
+                 ) -> card_lib.ModelCard:
+  """Writes the model folder and returns its card.
+
+  `rescaling` says what the model's own first layers do to the [0, 255]
+  pixels; whatever it is, the model takes them raw.
+  """
   os.makedirs(out_dir, exist_ok=True)
   # Until the new card is written, the folder must not pass for a model.
   card_path = os.path.join(out_dir, card_lib.CARD_FILE)
@@ -110,7 +116,7 @@ def export_model(model,
                      "when": "the decoded size differs"},
           "input_dtype": "float32",
           "input_value_range": [0, 255],
-          "rescaling": "inside the model: x / 255",
+          "rescaling": rescaling,
       },
       dataset=dataset,
       metrics=metrics,

@@ -1,16 +1,24 @@
-"""Local and remote (gs://, ...) paths, read through Beam's FileSystems.
+"""Local and remote (gs://, ...) paths: remote ones read through Beam's
+FileSystems, local ones opened only when they are regular files.
 
 Training, serving and the result tools name files the same way: a local path
 is made absolute, a folder means every file below it, and a file's class is
 the folder it sits in.
 """
 
+import itertools
 import os
 import posixpath
 import re
+import stat
 from typing import Optional
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
+# What a local path that is not a regular file is, for error messages.
+_SPECIAL_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+                  (stat.S_ISSOCK, "a socket"),
+                  (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"))
 
 
 def is_remote(path: str) -> bool:
@@ -30,14 +38,73 @@ def absolute(path: str) -> str:
   return absolute_path + "/" if path.endswith("/") else absolute_path
 
 
+class NotARegularFile(OSError):
+  """A local path that is a FIFO, socket, device or folder: never opened."""
+
+
+def _special_kind(mode: int) -> Optional[str]:
+  if stat.S_ISREG(mode):
+    return None
+  for test, kind in _SPECIAL_KINDS:
+    if test(mode):
+      return kind
+  return "not a regular file"
+
+
+def open_file(path: str):
+  """Opens a local or remote file for reading, as stored.
+
+  A local path is checked with stat before it is opened and refused unless
+  it is a regular file (after following symbolic links): opening a FIFO
+  blocks forever and opening a device can have effects of its own. The open
+  itself is non-blocking and checked again, so a file swapped for a FIFO in
+  between is refused as well.
+  """
+  if is_remote(path):
+    # pylint: disable=import-outside-toplevel
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+    return FileSystems.open(path,
+                            compression_type=CompressionTypes.UNCOMPRESSED)
+  kind = _special_kind(os.stat(path).st_mode)
+  if kind:
+    raise NotARegularFile(f"{printable(path)} is {kind}, not a regular file; "
+                          "it was not opened")
+  descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY |
+                       getattr(os, "O_CLOEXEC", 0))
+  try:
+    kind = _special_kind(os.fstat(descriptor).st_mode)
+    if kind:
+      raise NotARegularFile(f"{printable(path)} is {kind}, not a regular "
+                            "file; it was not read")
+    os.set_blocking(descriptor, True)
+    return os.fdopen(descriptor, "rb")
+  except BaseException:
+    os.close(descriptor)
+    raise
+
+
 def read_bytes(path: str) -> bytes:
   """Reads a local or remote file, as stored (never decompressed by name)."""
-  # pylint: disable=import-outside-toplevel
-  from apache_beam.io.filesystem import CompressionTypes
-  from apache_beam.io.filesystems import FileSystems
-  with FileSystems.open(
-      path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+  with open_file(path) as handle:
     return handle.read()
+
+
+def printable(path: str) -> str:
+  """A path as text that can be printed and stored: the bytes of a file name
+  that is not valid UTF-8 (which Python holds as surrogate escapes) become
+  \\xNN."""
+  return path.encode("utf-8", "surrogateescape").decode("utf-8",
+                                                        "backslashreplace")
+
+
+def is_printable(path: str) -> bool:
+  """Whether a path is valid text as it is (see `printable`)."""
+  try:
+    path.encode("utf-8")
+  except UnicodeEncodeError:
+    return False
+  return True
 
 
 def expand_pattern(pattern: str) -> str:
@@ -55,10 +122,90 @@ def pattern_base(pattern: str) -> str:
 
 
 def match_paths(pattern: str, limit: Optional[int] = None) -> list:
-  """File paths a pattern matches, sorted."""
+  """File paths a pattern matches, sorted; with `limit`, at most that many
+  of them, found without listing the rest.
+
+  Remote patterns go through Beam's FileSystems. Local ones are listed here
+  (`walk_local`) with the same pattern rules, because Beam's local listing
+  drops every entry it cannot stat: a dangling or looping symbolic link
+  would vanish instead of becoming an error row. Under a recursive pattern
+  (`**`, what a folder means), a sub-folder that cannot be listed is
+  returned as a path too, so that reading it fails visibly.
+  """
+  if not is_remote(pattern):
+    return sorted(itertools.islice(_match_local(pattern), limit))
   from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
   result = FileSystems.match([pattern], limits=[limit] if limit else None)[0]
   return sorted(metadata.path for metadata in result.metadata_list)
+
+
+def pattern_regex(pattern: str) -> "re.Pattern":
+  """The regular expression Beam's FileSystems match paths with: `*` within
+  one folder, `**` across folders, `?` and `[...]` as in fnmatch."""
+  # pylint: disable=import-outside-toplevel
+  from apache_beam.io.filesystem import FileSystem
+  return re.compile(FileSystem.translate_pattern(pattern))
+
+
+def scan_local(folder: str):
+  """One local folder's entries as os.walk sees them, streamed: yields
+  (path, is_folder). A link to a folder is neither listed nor followed (as
+  os.walk without followlinks); any other entry, a dangling link included,
+  is a file. Raises OSError when the folder cannot be listed."""
+  with os.scandir(folder) as entries:
+    for entry in entries:
+      try:
+        is_dir = entry.is_dir()
+      except OSError:
+        is_dir = False
+      if not is_dir:
+        yield entry.path, False
+        continue
+      try:
+        is_link = entry.is_symlink()
+      except OSError:
+        is_link = False
+      if not is_link:
+        yield entry.path, True
+
+
+def walk_local(root: str, descend=None):
+  """Every file below a local folder, streamed, depth first: yields (path,
+  listed). `listed` is False for a folder that could not be listed (the
+  root included), which is yielded in place of its files. `descend(folder)`
+  may decline to enter a sub-folder. Only the folders still to visit are
+  held, never the files."""
+  pending = [root]
+  while pending:
+    folder = pending.pop()
+    try:
+      for path, is_folder in scan_local(folder):
+        if not is_folder:
+          yield path, True
+        elif descend is None or descend(path):
+          pending.append(path)
+    except OSError:
+      yield folder, False
+
+
+def _match_local(pattern: str):
+  if pattern.endswith("/"):
+    pattern += "*"
+  prefix = _GLOB_CHARS.split(pattern, 1)[0]
+  if prefix == pattern:
+    if os.path.lexists(pattern):
+      yield pattern
+    return
+  root = posixpath.dirname(prefix)
+  regex = pattern_regex(pattern)
+  recursive = "**" in pattern
+  for path, listed in walk_local(root):
+    if listed:
+      if regex.match(path):
+        yield path
+    # The root itself not existing is no match, not an error.
+    elif recursive and path != root and os.path.lexists(path):
+      yield path
 
 
 def folder_label(path: str, base: str,

@@ -54,6 +54,14 @@ def rows_per_slice(values_per_row: int) -> int:
   rows = max(1, MAX_SLICE_VALUES // max(1, values_per_row))
   return 1 << (rows.bit_length() - 1)
 
+# Images above this many pixels are first reduced, in their own mode, by a
+# whole factor that leaves them at least twice the model's size (JPEGs by
+# the decoder's own DCT scaling, before decoding). Every conversion after it
+# (16 bits to 8, alpha compositing, colour) then works on the small image,
+# so a decode's peak memory is about the decoded image itself: at most 4
+# bytes a pixel in Pillow, whatever the mode, within --max_image_pixels
+# (benchmarks/decode_memory.py). Smaller images decode exactly as before.
+REDUCE_ABOVE_PIXELS = 4096 * 4096
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_HEADER_END = 33  # signature, IHDR length and type, 13 bytes, CRC
@@ -89,6 +97,28 @@ def _decode_plain_png(data: bytes, color_mode: str,
 def _resize(image: Image.Image, height: int, width: int) -> Image.Image:
   """The one resize of both decoding paths (RESIZE_INTERPOLATION)."""
   return image.resize((width, height), Image.Resampling.BILINEAR)
+
+
+def _reduce_large(image: Image.Image, height: int,
+                  width: int) -> Image.Image:
+  """A large image reduced by a whole factor, in its own mode (see
+  REDUCE_ABOVE_PIXELS); the orientation is applied later, so the factor
+  leaves twice the model's larger side on the image's shorter one."""
+  factor = min(image.width, image.height) // (2 * max(height, width))
+  if image.width * image.height <= REDUCE_ABOVE_PIXELS or factor < 2:
+    return image
+  if image.format == "JPEG":
+    # Decodes at 1/2, 1/4 or 1/8 scale, never below the size asked for.
+    image.draft(image.mode, (image.width // factor, image.height // factor))
+    factor = min(image.width, image.height) // (2 * max(height, width))
+    if factor < 2:
+      return image
+  size = (image.width // factor, image.height // factor)
+  try:
+    return image.reduce(factor)
+  except ValueError:
+    # Modes reduce() lacks (16-bit, palette, 1-bit): the same box average.
+    return image.resize(size, Image.Resampling.BOX)
 
 
 def _to_eight_bit(image: Image.Image) -> Image.Image:
@@ -146,6 +176,10 @@ def decode_image(data: bytes,
       pixels = np.asarray(_resize(Image.fromarray(pixels), height, width))
     return pixels.reshape(height, width, -1)
   with open_checked(data, max_pixels) as image:
+    reduced = _reduce_large(image, height, width)
+    if reduced is not image:
+      reduced.info = image.info  # The EXIF orientation, still to apply.
+      image = reduced
     # In place: the copying form copies every image, rotated or not.
     ImageOps.exif_transpose(image, in_place=True)
     if image.mode in _WIDE_MODES:

@@ -4,9 +4,10 @@ Usage:
   python -m model.train --output models/fashion                      # Keras loader
   python -m model.train --data sample_data/fashion-mnist --output models/fashion
   python -m model.train --data ../shared/data/flowers --output models/flowers
+  python -m model.train --data ../shared/data/flowers --output models/flowers \
+      --backbone MobileNetV3Small --weights imagenet        # transfer learning
 """
 
-import argparse
 import logging
 import os
 import sys
@@ -14,6 +15,7 @@ import time
 
 import numpy as np
 
+from model import cli
 from model import datasets
 
 DEFAULT_SEED = 0
@@ -21,6 +23,17 @@ DEFAULT_VALIDATION_SPLIT = 0.2
 DEFAULT_IMAGE_SIZE = 64
 MIN_TRAIN_IMAGES = 20
 MIN_IMAGES_PER_CLASS = 2
+_LOG = logging.getLogger("model.train")
+# A pretrained backbone: the resolution its ImageNet weights were trained at;
+# the Keras transfer-learning guide's rates (Adam at its default for the head,
+# 1e-5 to fine-tune) and TensorFlow's transfer-learning tutorial's epochs.
+DEFAULT_BACKBONE_IMAGE_SIZE = 224
+BACKBONE_MIN_SIZE = 32  # keras.applications refuses smaller inputs
+BACKBONE_EPOCHS = 10
+BACKBONE_BATCH_SIZE = 32
+BACKBONE_LEARNING_RATE = 1e-3
+BACKBONE_FINE_TUNE_EPOCHS = 10
+BACKBONE_FINE_TUNE_LEARNING_RATE = 1e-5
 
 
 def load_dataset(data: str, image_size: int, color_mode: str,
@@ -87,7 +100,6 @@ def train(dataset: datasets.Dataset, architecture: str, output: str,
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   # TensorFlow loads only now, after every path and flag has been checked.
   from model import architectures  # pylint: disable=import-outside-toplevel
-  from model import export  # pylint: disable=import-outside-toplevel
 
   check_dataset(dataset)
   recipe = architectures.get_recipe(architecture)
@@ -122,10 +134,112 @@ def train(dataset: datasets.Dataset, architecture: str, output: str,
   history = model.fit(train_data, validation_data=test_data, epochs=epochs,
                       shuffle=False, verbose=verbose)
   seconds = time.monotonic() - started
-  loss, accuracy = model.evaluate(test_data, verbose=0)
-  logging.info("%s accuracy %.4f after %d epochs in %.0fs", dataset.test_name,
-               accuracy, epochs, seconds)
+  return _evaluate_and_export(
+      model, output, architecture, dataset, test_data, history.history,
+      seconds, {"epochs": epochs, "batch_size": batch_size,
+                "learning_rate": learning_rate, "seed": seed})
 
+
+def train_backbone(dataset: datasets.Dataset, backbone: str, output: str,
+                   weights="imagenet", epochs: int = None,
+                   batch_size: int = None, learning_rate: float = None,
+                   fine_tune_epochs: int = None,
+                   fine_tune_learning_rate: float = None,
+                   fine_tune_blocks: int = None, seed: int = DEFAULT_SEED,
+                   verbose: int = 2):
+  """Transfer learning in two phases; returns the model card.
+
+  Phase 1 trains a new head on the frozen backbone; phase 2 unfreezes the
+  backbone's top `fine_tune_blocks` blocks and trains on at a small learning
+  rate (skipped when fine_tune_epochs is 0). `weights` is "imagenet", "none",
+  a local file, or a backbones.Weights already resolved.
+  """
+  import keras  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from model import architectures  # pylint: disable=import-outside-toplevel
+  from model import backbones  # pylint: disable=import-outside-toplevel
+
+  check_dataset(dataset)
+  spec = backbones.get_backbone(backbone)
+  height, width, channels = dataset.train.images.shape[1:]
+  if channels != 3 or min(height, width) < BACKBONE_MIN_SIZE:
+    raise ValueError(
+        f"--backbone {backbone} needs RGB images of at least "
+        f"{BACKBONE_MIN_SIZE}x{BACKBONE_MIN_SIZE}; {dataset.source} gives "
+        f"{height}x{width}x{channels}")
+  if isinstance(weights, str):
+    weights = backbones.resolve_weights(backbone, weights)
+  epochs = BACKBONE_EPOCHS if epochs is None else epochs
+  if epochs < 1:
+    raise ValueError(f"--epochs must be at least 1, got {epochs}")
+  batch_size = batch_size or BACKBONE_BATCH_SIZE
+  learning_rate = learning_rate or BACKBONE_LEARNING_RATE
+  fine_tune_epochs = (BACKBONE_FINE_TUNE_EPOCHS if fine_tune_epochs is None
+                      else fine_tune_epochs)
+  if fine_tune_epochs < 0:
+    raise ValueError(
+        f"--fine_tune_epochs must be 0 or more, got {fine_tune_epochs}")
+  fine_tune_learning_rate = (fine_tune_learning_rate or
+                             BACKBONE_FINE_TUNE_LEARNING_RATE)
+  if fine_tune_blocks is None:
+    fine_tune_blocks = spec.fine_tune_blocks
+  keras.utils.set_random_seed(seed)
+  tf.config.experimental.enable_op_determinism()
+
+  model = backbones.build_classifier(backbone, (height, width, channels),
+                                     len(dataset.class_names), weights)
+  if fine_tune_epochs:
+    # A bad block count fails now, not after the first phase.
+    backbones.check_block_count(backbone, model, fine_tune_blocks)
+  augment = architectures.photo_augmentation(seed)
+  train_data = make_tf_dataset(dataset.train, batch_size, seed, augment,
+                               shuffle=True)
+  test_data = make_tf_dataset(dataset.test, 256, seed)
+
+  def fit(learning_rate, first_epoch, last_epoch):
+    # compile() fixes which weights train, so each phase compiles anew.
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"])
+    return model.fit(train_data, validation_data=test_data,
+                     initial_epoch=first_epoch, epochs=last_epoch,
+                     shuffle=False, verbose=verbose).history
+
+  started = time.monotonic()
+  history = fit(learning_rate, 0, epochs)
+  phases = [{"name": "head", "epochs": epochs, "learning_rate": learning_rate,
+             "trainable": "the new head; the backbone frozen"}]
+  if fine_tune_epochs:
+    unfrozen = backbones.unfreeze_top_blocks(backbone, model, fine_tune_blocks)
+    _LOG.info("fine-tuning %s: %d trainable weights",
+              ", ".join(unfrozen["unfrozen_blocks"]),
+              len(model.trainable_weights))
+    fine_history = fit(fine_tune_learning_rate, epochs,
+                       epochs + fine_tune_epochs)
+    history = {key: history[key] + fine_history[key] for key in history}
+    phases.append({"name": "fine_tune", "epochs": fine_tune_epochs,
+                   "learning_rate": fine_tune_learning_rate, **unfrozen})
+  seconds = time.monotonic() - started
+  return _evaluate_and_export(
+      model, output, backbone, dataset, test_data, history, seconds,
+      {"epochs": epochs + fine_tune_epochs, "batch_size": batch_size,
+       "learning_rate": learning_rate, "seed": seed,
+       "backbone": {"name": backbone, "weights": weights.describe(),
+                    "phases": phases}},
+      rescaling=spec.rescaling)
+
+
+def _evaluate_and_export(model, output: str, architecture: str,
+                         dataset: datasets.Dataset, test_data, history: dict,
+                         seconds: float, training: dict, **export_options):
+  """Scores the trained model on the held-out split and exports it."""
+  import keras  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from model import export  # pylint: disable=import-outside-toplevel
+  loss, accuracy = model.evaluate(test_data, verbose=0)
+  _LOG.info("%s accuracy %.4f after %d epochs in %.0fs", dataset.test_name,
+            accuracy, len(history["loss"]), seconds)
   return export.export_model(
       model, output,
       architecture=architecture,
@@ -143,73 +257,144 @@ def train(dataset: datasets.Dataset, architecture: str, output: str,
       metrics={
           f"{dataset.test_name}_accuracy": round(float(accuracy), 6),
           f"{dataset.test_name}_loss": round(float(loss), 6),
-          "train_accuracy": round(float(history.history["accuracy"][-1]), 6),
+          "train_accuracy": round(float(history["accuracy"][-1]), 6),
       },
       training={
-          "epochs": epochs,
-          "batch_size": batch_size,
-          "learning_rate": learning_rate,
-          "seed": seed,
+          **training,
           "seconds": round(seconds, 1),
           "tensorflow": tf.__version__,
           "keras": keras.__version__,
       },
-      history=history.history)
+      history=history,
+      **export_options)
 
 
-def parse_args(argv):
-  parser = argparse.ArgumentParser(
-      prog="python -m model.train", description=__doc__,
-      formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> cli.ArgumentParser:
+  parser = cli.ArgumentParser(prog="python -m model.train",
+                              description=__doc__)
   parser.add_argument(
       "--data", default=None,
-      help="Fashion-MNIST IDX folder or folder of class sub-folders; "
-      "omit to use keras.datasets.fashion_mnist")
+      help="Fashion-MNIST IDX folder or folder of class sub-folders "
+      "(default: none, keras.datasets.fashion_mnist, which downloads)")
   parser.add_argument("--output", required=True, help="model folder to write")
   parser.add_argument("--architecture", default=None,
-                      help="a name from model/architectures.py: tutorial_mlp, "
-                      "tutorial_cnn, fashion_cnn (default for Fashion-MNIST), "
-                      "photo_cnn or photo_xception (default for image folders)")
-  parser.add_argument("--epochs", type=int, default=None)
-  parser.add_argument("--batch_size", type=int, default=None)
-  parser.add_argument("--learning_rate", type=float, default=None)
-  parser.add_argument("--image_size", type=int, default=DEFAULT_IMAGE_SIZE,
-                      help="square input size for image folders")
+                      help="a recipe from model/architectures.py: "
+                      "tutorial_mlp, tutorial_cnn, fashion_cnn, photo_cnn or "
+                      "photo_xception (default: fashion_cnn for "
+                      "Fashion-MNIST, photo_xception for image folders)")
+  parser.add_argument("--epochs", type=int, default=None,
+                      help="passes over the training images; with "
+                      "--backbone, of the head phase (default: the "
+                      "architecture's own)")
+  parser.add_argument("--batch_size", type=int, default=None,
+                      help="images per training step (default: the "
+                      "architecture's own)")
+  parser.add_argument("--learning_rate", type=float, default=None,
+                      help="peak learning rate; with --backbone, of the head "
+                      "phase (default: the architecture's own)")
+  parser.add_argument("--image_size", type=int, default=None,
+                      help=f"square input size for image folders (default: "
+                      f"{DEFAULT_IMAGE_SIZE}, {DEFAULT_BACKBONE_IMAGE_SIZE} "
+                      "with --backbone)")
+  backbone = parser.add_argument_group(
+      "transfer learning", "a pretrained keras.applications backbone under a "
+      "new head: the head trains first on the frozen backbone, then the top "
+      "blocks are fine-tuned")
+  backbone.add_argument("--backbone", default=None,
+                        help="MobileNetV3Small, MobileNetV3Large or "
+                        "EfficientNetV2B0 (instead of --architecture)")
+  backbone.add_argument("--weights", default=None,
+                        help="imagenet (Keras downloads them to "
+                        "$KERAS_HOME/models), none (random), or a local "
+                        ".weights.h5, .keras or downloaded .h5 file of the "
+                        "headless backbone (default: imagenet)")
+  backbone.add_argument("--fine_tune_epochs", type=int, default=None,
+                        help=f"epochs of the fine-tuning phase; 0 skips it "
+                        f"(default: {BACKBONE_FINE_TUNE_EPOCHS})")
+  backbone.add_argument("--fine_tune_learning_rate", type=float, default=None,
+                        help="learning rate of the fine-tuning phase "
+                        f"(default: {BACKBONE_FINE_TUNE_LEARNING_RATE})")
+  backbone.add_argument("--fine_tune_blocks", type=int, default=None,
+                        help="top blocks to unfreeze (default: the last "
+                        "stage's: 3 for MobileNetV3, 8 for EfficientNetV2B0)")
   parser.add_argument("--color_mode", default="rgb",
                       choices=["rgb", "grayscale"],
                       help="colour mode for image folders")
   parser.add_argument("--validation_split", type=float,
-                      default=DEFAULT_VALIDATION_SPLIT)
+                      default=DEFAULT_VALIDATION_SPLIT,
+                      help="share of an image folder held out for validation")
   parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
                       help="seeds weights, shuffling and augmentation, and "
                       "the validation split unless --split_seed is given")
   parser.add_argument("--split_seed", type=int, default=None,
                       help="seed of the validation split alone, to compare "
-                      "training seeds on one split")
+                      "training seeds on one split (default: --seed)")
   parser.add_argument("--quiet", action="store_true",
-                      help="no per-epoch progress")
-  return parser.parse_args(argv)
+                      help="no per-epoch lines")
+  parser.add_argument("--verbose", action="store_true",
+                      help="also TensorFlow's and Keras' own log lines")
+  return parser
+
+
+def parse_args(argv):
+  return build_parser().parse_args(argv)
+
+
+def check_backbone_flags(args) -> None:
+  """Refuses transfer-learning flags without --backbone, and the reverse."""
+  if args.backbone and args.architecture:
+    raise ValueError("give --architecture or --backbone, not both")
+  if not args.backbone:
+    given = [flag for flag in ("weights", "fine_tune_epochs",
+                               "fine_tune_learning_rate", "fine_tune_blocks")
+             if getattr(args, flag) is not None]
+    if given:
+      raise ValueError(f"--{', --'.join(given)} need --backbone")
 
 
 def main(argv=None) -> int:
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
   args = parse_args(argv)
+  cli.quiet_libraries(args.verbose)
+  verbose = 0 if args.quiet else 2
   try:
-    dataset = load_dataset(args.data, args.image_size, args.color_mode,
+    check_backbone_flags(args)
+    weights = None
+    if args.backbone:
+      from model import backbones  # pylint: disable=import-outside-toplevel
+      # The weights come before the data: no network fails in seconds.
+      weights = backbones.resolve_weights(args.backbone,
+                                          args.weights or "imagenet")
+    image_size = args.image_size or (
+        DEFAULT_BACKBONE_IMAGE_SIZE if args.backbone else DEFAULT_IMAGE_SIZE)
+    dataset = load_dataset(args.data, image_size, args.color_mode,
                            args.validation_split,
                            args.seed if args.split_seed is None
                            else args.split_seed)
-    architecture = args.architecture or (
-        "fashion_cnn" if dataset.name == "fashion_mnist" else "photo_xception")
-    card = train(dataset, architecture, args.output, args.epochs,
-                 args.batch_size, args.learning_rate, args.seed,
-                 verbose=0 if args.quiet else 2)
+    if args.backbone:
+      card = train_backbone(
+          dataset, args.backbone, args.output, weights, args.epochs,
+          args.batch_size, args.learning_rate, args.fine_tune_epochs,
+          args.fine_tune_learning_rate, args.fine_tune_blocks, args.seed,
+          verbose=verbose)
+    else:
+      architecture = args.architecture or (
+          "fashion_cnn" if dataset.name == "fashion_mnist"
+          else "photo_xception")
+      card = train(dataset, architecture, args.output, args.epochs,
+                   args.batch_size, args.learning_rate, args.seed,
+                   verbose=verbose)
   except (FileNotFoundError, ValueError, RuntimeError) as error:
     print(f"model.train: error: {error}", file=sys.stderr)
     return 2
   print(f"exported {card.architecture} model {card.model_id} to "
         f"{args.output}: {card.metrics}, TFLite agreement "
         f"{card.tflite['top1_agreement']:.4f}")
+  cli.print_next(
+      f"{args.output} (model.keras, model.tflite, model_card.json, "
+      "training_curves.png)",
+      [cli.command("python", "-m", "beam_jobs.predict", "--input",
+                   "IMAGES_OR_SHARDS", "--model", args.output, "--output",
+                   "OUTPUT_DIR")])
   return 0
 
 

@@ -33,6 +33,18 @@ def png_dir(tmp_path_factory, sample):
   return out
 
 
+def photo_folder(root, per_class=6, size=(24, 20)):
+  """Red and green JPEG photos of noise in two class folders under root."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(3)
+  for name, colour in (("red", 0), ("green", 1)):
+    (root / name).mkdir(parents=True)
+    for i in range(per_class):
+      pixels = rng.integers(0, 60, size + (3,), dtype=np.uint8)
+      pixels[..., colour] += 180
+      Image.fromarray(pixels).save(root / name / f"{i}.jpg", quality=90)
+
+
 def read_parquet_rows(pattern: str) -> list:
   import glob  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel

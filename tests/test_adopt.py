@@ -105,6 +105,7 @@ def _assert_same_as_author(rows, ids, logits, exact=True):
     pytest.param("h5", marks=pytest.mark.slow),
     pytest.param("export", marks=pytest.mark.slow),
     pytest.param("tf_saved_model", marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_float_models_serve_exactly_as_their_author_predicts(
     tmp_path, author, png_dir, sample, kind):
   card, said, _ = _adopt(author.files[kind], tmp_path / "model",
@@ -467,6 +468,7 @@ def test_input_scales_are_keras_applications_preprocess_input(mode):
       pixels, "symmetric"), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_own_models_state_their_feeding_recipe(tiny_model):
   card = card_lib.load_card(tiny_model)
   assert card.preprocessing["decoder"] == "pillow"
@@ -567,6 +569,7 @@ def test_raw_pixel_shards_refuse_a_tensorflow_decoder_model(tmp_path, author,
     make_shards.make_shards(png_dir, str(tmp_path / "shards"), card=card)
 
 
+@pytest.mark.slow
 def test_a_tflite_conversion_that_fails_or_disagrees_is_not_served(
     tmp_path, author, png_dir, sample, monkeypatch):
   import keras  # pylint: disable=import-outside-toplevel

@@ -16,6 +16,7 @@ from model import engines
 from model import preprocessing
 from tests.conftest import REPO
 from tests.conftest import SAMPLE_DIR
+from tests.conftest import photo_folder
 
 
 def test_idx_round_trip(tmp_path):
@@ -59,18 +60,8 @@ def test_missing_idx_files_name_what_was_expected(tmp_path):
     datasets.load_fashion_mnist(str(tmp_path))
 
 
-def _photo_folder(root, per_class=6, size=(24, 20)):
-  rng = np.random.default_rng(3)
-  for name, colour in (("red", 0), ("green", 1)):
-    (root / name).mkdir(parents=True)
-    for i in range(per_class):
-      pixels = rng.integers(0, 60, size + (3,), dtype=np.uint8)
-      pixels[..., colour] += 180
-      Image.fromarray(pixels).save(root / name / f"{i}.jpg", quality=90)
-
-
 def test_image_folder_split_is_seeded_and_decoded_like_serving(tmp_path):
-  _photo_folder(tmp_path / "photos")
+  photo_folder(tmp_path / "photos")
   first = datasets.load_image_folder(str(tmp_path / "photos"), (16, 16), "rgb",
                                      0.25, seed=7)
   again = datasets.load_image_folder(str(tmp_path / "photos"), (16, 16), "rgb",
@@ -95,7 +86,7 @@ def test_image_folder_split_is_seeded_and_decoded_like_serving(tmp_path):
 @pytest.mark.slow
 def test_photo_folder_trains_the_default_photo_model_and_exports_it(tmp_path):
   """The CLI path a user takes for a folder of photos, end to end."""
-  _photo_folder(tmp_path / "photos", per_class=14, size=(40, 36))
+  photo_folder(tmp_path / "photos", per_class=14, size=(40, 36))
   result = subprocess.run(
       [sys.executable, "-m", "model.train", "--data", str(tmp_path / "photos"),
        "--output", str(tmp_path / "model"), "--epochs", "2",
@@ -117,7 +108,7 @@ def test_too_small_or_empty_folders_fail_clearly(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(ValueError):
     datasets.load_image_folder(str(tmp_path / "empty"), (8, 8), "rgb", 0.2, 0)
-  _photo_folder(tmp_path / "tiny", per_class=3)
+  photo_folder(tmp_path / "tiny", per_class=3)
   tiny = datasets.load_image_folder(str(tmp_path / "tiny"), (8, 8), "rgb", 0.2,
                                     0)
   with pytest.raises(ValueError, match="at least 20"):

@@ -32,6 +32,7 @@ def _flatten_ids(batch):
   return list(zip(batch.ids, batch.true_labels))
 
 
+@pytest.mark.slow
 def test_read_image_files_in_batches_with_folder_labels(png_dir, sample):
   expected = [(path, sample.class_names[label]) for path, label in zip(
       png_ids(png_dir, sample), sample.test.labels)]
@@ -153,6 +154,7 @@ def test_predict_image_folder(tmp_path, png_dir, tiny_model, sample, engine):
   assert accuracy == pytest.approx(card.metrics["test_accuracy"], abs=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["encoded", "raw"])
 def test_predict_parquet_matches_image_folder(tmp_path, shards, png_dir,
                                               tiny_model, sample, form):

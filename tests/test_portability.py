@@ -242,3 +242,93 @@ def test_portable_runner_runs_on_external_worker_processes(
                       expected_labels(tiny_model, sample, "tflite")))
   assert {row["id"]: row["label"] for row in rows} == expected
   assert read_parquet_rows(str(output / "errors-*.parquet")) == []
+
+
+def _predict_cli(python, args, **kwargs):
+  return subprocess.run([python, "-m", "beam_jobs.predict"] + args, cwd=REPO,
+                        capture_output=True, text=True, timeout=300,
+                        check=False, **kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("output", ["local", "gs://fake-bucket/out"])
+def test_dataflow_dry_run_through_the_cli(tmp_path, png_dir, tiny_model,
+                                          output):
+  """Offline (this machine has no network): exit 0, one line, nothing
+  written; the output is locked and checked only by a real run."""
+  target = str(tmp_path / "out") if output == "local" else output
+  args = ["--input", png_dir, "--model", tiny_model, "--output", target,
+          "--skip_existing"] + DATAFLOW_ARGS
+  result = _predict_cli(sys.executable, args)
+  assert result.returncode == 0, result.stderr
+  assert "Traceback" not in result.stderr, result.stderr
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+      "dry run: the Dataflow job was built"), result.stdout
+  assert ("not checked offline: --output gs://fake-bucket/out" in lines[0]) == (
+      output != "local")
+  assert not os.path.exists(tmp_path / "out")
+
+  # A model that needs TensorFlow is refused: the workers' install is slim.
+  keras = _predict_cli(sys.executable, args + ["--engine", "keras"])
+  assert keras.returncode == 2
+  assert keras.stderr.count("\n") == 1 and "--sdk_container_image" in (
+      keras.stderr), keras.stderr
+  with_image = _predict_cli(sys.executable, args + [
+      "--engine", "keras", "--sdk_container_image", "example.com/worker:1"])
+  assert with_image.returncode == 0, with_image.stderr
+
+
+# Refuses TensorFlow and Keras in the process it is loaded into.
+TENSORFLOW_BLOCKER = """
+import importlib.abc, sys
+class Blocker(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in ("tensorflow", "keras", "tf_keras"):
+      raise ImportError(f"{name} is blocked: serving must not import it")
+sys.meta_path.insert(0, Blocker())
+"""
+
+
+@pytest.mark.slow
+def test_tflite_serving_imports_no_tensorflow(tmp_path, png_dir, tiny_model):
+  """In the full install, with TensorFlow blocked in the launcher and in
+  the DirectRunner's worker processes (sitecustomize runs in each)."""
+  site = tmp_path / "site"
+  site.mkdir()
+  (site / "sitecustomize.py").write_text(TENSORFLOW_BLOCKER)
+  env = dict(os.environ, PYTHONPATH=str(site))
+  result = _predict_cli(sys.executable, [
+      "--input", png_dir, "--model", tiny_model, "--output",
+      str(tmp_path / "out"), "--direct_num_workers", "2",
+      "--direct_running_mode", "multi_processing"], env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  manifest = outputs.read_manifest(str(tmp_path / "out"))
+  assert manifest["counts"]["predictions"] == 200 and manifest["accounted"]
+
+
+SLIM_PYTHON = os.path.join(REPO, ".venv-slim", "bin", "python")
+
+
+@pytest.mark.slow
+def test_tflite_model_served_from_the_slim_install(tmp_path, png_dir,
+                                                   tiny_model, sample):
+  """.venv-slim holds the base install alone (scripts/ensure_venv.sh makes
+  it, as ./run_tests.sh runs): no TensorFlow there to import."""
+  if not os.path.exists(SLIM_PYTHON):
+    pytest.fail(f"{SLIM_PYTHON} is missing: ./run_tests.sh creates it "
+                "(scripts/ensure_venv.sh)")
+  probe = subprocess.run([SLIM_PYTHON, "-c", "import tensorflow"],
+                         capture_output=True, text=True, check=False)
+  assert "No module named 'tensorflow'" in probe.stderr
+  output = tmp_path / "out"
+  result = _predict_cli(SLIM_PYTHON, [
+      "--input", png_dir, "--model", tiny_model, "--output", str(output)])
+  assert result.returncode == 0, result.stderr[-3000:]
+  manifest = outputs.read_manifest(str(output))
+  assert manifest["counts"] == {"inputs": 200, "predictions": 200,
+                                "errors": 0, "skipped": 0, "model_loads": 1}
+  rows = read_parquet_rows(str(output / "predictions-*.parquet"))
+  expected = dict(zip(png_ids(png_dir, sample),
+                      expected_labels(tiny_model, sample, "tflite")))
+  assert {row["id"]: row["label"] for row in rows} == expected

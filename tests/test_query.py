@@ -193,3 +193,93 @@ def test_cli_json_and_errors(crafted, tmp_path):
   assert "predictions per class" in table.stdout
   missing = run(str(tmp_path / "nothing"))
   assert missing.returncode == 2 and "no predictions" in missing.stderr
+
+
+def _committed_output(folder, predictions: list, errors: list) -> list:
+  """An output folder as a run leaves it: shards and a manifest listing
+  them. Returns the prediction shards' paths."""
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  folder.mkdir(exist_ok=True)
+  run = "20240101T000000-0a0b0c"
+  files = {"predictions": [], "errors": []}
+  written = []
+  for kind, tables in (("predictions", predictions), ("errors", errors)):
+    for index, table in enumerate(tables):
+      name = f"{kind}-{run}-{index:05d}-of-{len(tables):05d}.parquet"
+      if isinstance(table, pa.Table):
+        pq.write_table(table, folder / name, compression="none")
+        rows = table.num_rows
+      else:
+        rows = 0
+      files[kind].append({"name": name, "rows": rows})
+      written.append(folder / name)
+  outputs.write_manifest(str(folder), {"run_id": run, "model_id": "m",
+                                       "files": files})
+  return [p for p in written if p.name.startswith("predictions")]
+
+
+def _prediction_table(ids):
+  probabilities = np.full((len(ids), 3), 1 / 3, dtype=np.float32)
+  return outputs.predictions_table(ids, ["s"] * len(ids), [None] * len(ids),
+                                   probabilities, CLASSES, 2, "m", "keras",
+                                   False)
+
+
+def test_corrupt_shards_are_named_and_the_rest_answered(tmp_path, capsys):
+  folder = tmp_path / "out"
+  shards = _committed_output(folder, [
+      _prediction_table([f"a{i}" for i in range(100)]),
+      _prediction_table([f"b{i}" for i in range(100)]),
+      _prediction_table([f"c{i}" for i in range(100)]),
+      _prediction_table([f"d{i}" for i in range(100)]),
+  ], [_errors_table()])
+  truncated, empty, damaged, good = shards
+  truncated.write_bytes(truncated.read_bytes()[:-100])
+  empty.write_bytes(b"")
+  # A valid footer over damaged pages: found only when the pages are read.
+  data = bytearray(damaged.read_bytes())
+  start = pq.read_metadata(damaged).row_group(0).column(0).data_page_offset
+  data[start + 40:start + 400] = b"\xff" * 360
+  damaged.write_bytes(bytes(data))
+  connection = query.connect(str(folder))
+  assert query.scalar(connection, "SELECT count(DISTINCT id) FROM predictions"
+                      ) == 100
+  assert query.scalar(connection, "SELECT min(id) FROM predictions") == "d0"
+  warnings = capsys.readouterr().err
+  for path in (truncated, empty, damaged):
+    assert f"skipped {path}" in warnings
+  assert str(good) not in warnings
+
+
+def test_a_folder_of_errors_alone_can_be_queried(tmp_path, capsys):
+  folder = tmp_path / "out"
+  _committed_output(folder, [], [_errors_table()])
+  connection = query.connect(str(folder))
+  result = query.summary(connection, str(folder))
+  assert result["predictions"] == 0 and result["errors"] == 3
+  assert len(query.error_rows(connection)) == 3
+  assert query.main([str(folder), "errors"]) == 0
+  assert "bad1" in capsys.readouterr().out
+
+
+def test_duplicate_ids_are_reported(tmp_path):
+  folder = tmp_path / "out"
+  _committed_output(folder, [_prediction_table(["x", "y", "x"]),
+                             _prediction_table(["x", "bad1"])],
+                    [_errors_table()])
+  connection = query.connect(str(folder))
+  # x three times, bad1 as a prediction and an error: 2 + 1 repeats.
+  assert query.summary(connection, str(folder))["duplicate_ids"] == 3
+  assert query.duplicates(connection) == [{"id": "x", "rows": 3},
+                                          {"id": "bad1", "rows": 2}]
+
+
+@pytest.mark.parametrize("manifest", [b"", b"{\"run_id\": ", b"[1, 2]",
+                                      b"\xff\xfe"])
+def test_a_damaged_manifest_is_one_line(tmp_path, capsys, manifest):
+  folder = tmp_path / "out"
+  _committed_output(folder, [_prediction_table(["a"])], [])
+  (folder / outputs.MANIFEST_FILE).write_bytes(manifest)
+  assert query.main([str(folder)]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "_run.json" in err and "--overwrite" in err

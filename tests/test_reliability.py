@@ -195,6 +195,7 @@ def test_bad_and_unusual_images_in_one_run(tmp_path, tiny_model, sample):
   assert counts["inputs"] == 20 + len(unusual) + len(broken) + 1
 
 
+@pytest.mark.slow
 def test_bad_parquet_rows_and_shards(tmp_path, tiny_model, sample):
   import pyarrow as pa  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
@@ -262,7 +263,9 @@ def test_crash_mid_run_leaves_nothing_and_a_rerun_completes(tmp_path, png_dir,
   assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
   visible = sorted(p.name for p in output.iterdir() if
                    not p.name.startswith("beam-temp-"))
-  assert visible == []  # No shard, no manifest: nothing half-written.
+  # No shard, no manifest: nothing half-written. The killed run's lock
+  # stays, naming its run for the run that takes it over.
+  assert visible == ["_run.lock"]
   # The killed run did write staging files, out of sight.
   assert any(p.name.startswith("beam-temp-") for p in output.iterdir())
 
@@ -272,8 +275,10 @@ def test_crash_mid_run_leaves_nothing_and_a_rerun_completes(tmp_path, png_dir,
   ids = [r["id"] for r in rows]
   assert len(ids) == 200 and len(set(ids)) == 200
   assert not any(p.name.startswith("beam-temp-") for p in output.iterdir())
+  assert not (output / "_run.lock").exists()
 
 
+@pytest.mark.slow
 def test_skip_existing_classifies_only_new_images(tmp_path, tiny_model,
                                                   sample):
   from model import datasets  # pylint: disable=import-outside-toplevel
@@ -307,6 +312,7 @@ def test_skip_existing_classifies_only_new_images(tmp_path, tiny_model,
   assert set(ids) == {str(p) for p in pile.glob("*/*.png")}
 
 
+@pytest.mark.slow
 def test_skip_existing_on_parquet(tmp_path, tiny_model, png_dir):
   from tools import make_shards  # pylint: disable=import-outside-toplevel
   from tests.conftest import read_parquet_rows  # pylint: disable=import-outside-toplevel

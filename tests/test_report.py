@@ -29,6 +29,7 @@ def run(tmp_path_factory, sample, tiny_model):
   return root, config
 
 
+@pytest.mark.slow
 def test_report_renders_every_plot(run):
   root, config = run
   written = report.write_report(config.output, str(root / "report"), samples=6)
@@ -70,6 +71,7 @@ def test_images_are_read_back_by_id(run, sample, tiny_model, tmp_path):
   np.testing.assert_array_equal(back[..., 0], original)
 
 
+@pytest.mark.slow
 def test_missing_source_leaves_a_blank_tile(run, tmp_path):
   root, config = run
   rows = read_parquet_rows(os.path.join(config.output, "predictions-*.parquet"))
@@ -83,3 +85,77 @@ def test_missing_source_leaves_a_blank_tile(run, tmp_path):
     assert os.path.getsize(written["samples"]) > 0
   finally:
     shutil.move(moved, rows[0]["id"])
+
+
+@pytest.fixture(scope="module")
+def unlabelled_run(tmp_path_factory, sample, tiny_model):
+  """A run over 12 PNGs in one flat folder: no true labels."""
+  from model import preprocessing  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("unlabelled")
+  images = root / "images"
+  images.mkdir()
+  for i in range(12):
+    (images / f"{i:03d}.png").write_bytes(
+        preprocessing.encode_png(sample.test.images[i]))
+  config = config_lib.PredictConfig(str(images), tiny_model, str(root / "out"))
+  predict.run(config, ["--runner", "DirectRunner"])
+  return root, config
+
+
+def _red_pixels(path) -> int:
+  with Image.open(path) as image:
+    pixels = np.asarray(image.convert("RGB")).astype(int)
+  return int(((pixels[..., 0] > 180) & (pixels[..., 1] < 80) &
+              (pixels[..., 2] < 80)).sum())
+
+
+@pytest.mark.slow
+def test_unlabelled_report_is_honest(unlabelled_run):
+  root, config = unlabelled_run
+  written = report.write_report(config.output, str(root / "report"),
+                                samples=6)
+  assert set(written) == {"samples", "confidence", "index"}
+  assert set(written.skipped) == {"mistakes", "confusion", "reliability"}
+  page = open(written["index"]).read()
+  assert "not drawn" in page
+  for title in ("most confident mistakes", "confusion matrix",
+                "reliability diagram"):
+    assert title in page
+  assert "no prediction has a true_label" in page
+  # Nothing is known to be wrong: no red bar, no red caption.
+  assert _red_pixels(written["samples"]) == 0
+
+
+def test_grid_title_says_what_the_colours_mean():
+  labelled = {"label": "a", "true_label": "a"}
+  unlabelled = {"label": "a", "true_label": None}
+  assert "red: wrong" in report.grid_title([labelled, labelled])
+  assert "red:" not in report.grid_title([unlabelled])
+  assert "no true label" in report.grid_title([labelled, unlabelled])
+
+
+def test_report_replaces_its_own_files_only(run, tmp_path):
+  root, config = run
+  out = tmp_path / "report"
+  out.mkdir()
+  (out / "notes.txt").write_text("mine")
+  (out / report.FILES["mistakes"]).write_bytes(b"stale plot")
+  # An unlabelled run draws no mistakes: the stale plot must not remain.
+  unlabelled = tmp_path / "unlabelled_out"
+  labelled_rows = read_parquet_rows(os.path.join(config.output,
+                                                 "predictions-*.parquet"))
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  from beam_jobs import outputs  # pylint: disable=import-outside-toplevel
+  unlabelled.mkdir()
+  table = pa.Table.from_pylist(
+      [dict(r, true_label=None, source_label=None) for r in labelled_rows],
+      schema=outputs.predictions_schema(write_probabilities=True))
+  pq.write_table(table, unlabelled / "predictions-00000-of-00001.parquet")
+  pq.write_table(outputs.ERRORS_SCHEMA.empty_table(),
+                 unlabelled / "errors-00000-of-00001.parquet")
+  written = report.write_report(str(unlabelled), str(out), samples=3)
+  assert sorted(os.listdir(out)) == sorted(
+      ["notes.txt", "index.html", os.path.basename(written["samples"]),
+       os.path.basename(written["confidence"])])
+  assert (out / "notes.txt").read_text() == "mine"

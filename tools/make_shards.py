@@ -11,7 +11,6 @@ input size, decoded exactly as the pipeline decodes them. Shards are written
 under a temporary name and renamed when complete; memory holds one shard.
 """
 
-import argparse
 import io
 import sys
 from typing import Optional
@@ -22,6 +21,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from model import card as card_lib
+from model import cli
 from model import paths
 from model import preprocessing
 
@@ -71,7 +71,15 @@ def make_shards(input_pattern: str, output_dir: str,
   for number, start in enumerate(range(0, len(files), rows_per_shard)):
     rows = {"id": [], "image": [], "label": []}
     for path in files[start:start + rows_per_shard]:
-      data = paths.read_bytes(path)
+      try:
+        if not paths.is_printable(path):
+          raise ValueError("the file name is not valid UTF-8")
+        data = paths.read_bytes(path)
+      except (OSError, ValueError) as error:
+        # A FIFO, a dangling link or an undecodable name: it is no image.
+        print(f"skipped {paths.printable(path)}: {type(error).__name__}: "
+              f"{error}", file=sys.stderr)
+        continue
       if card is not None:
         try:
           data = preprocessing.decode_image(data, card.height, card.width,
@@ -90,16 +98,23 @@ def make_shards(input_pattern: str, output_dir: str,
   return written
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m tools.make_shards",
-                                   description=__doc__.split("\n\n")[0])
+def build_parser() -> cli.ArgumentParser:
+  parser = cli.ArgumentParser(prog="python -m tools.make_shards",
+                              description=__doc__.split("\n\n")[0])
   parser.add_argument("input", help="image directory or glob")
   parser.add_argument("output", help="folder for the shards")
   parser.add_argument("--rows_per_shard", type=int,
-                      default=DEFAULT_ROWS_PER_SHARD)
+                      default=DEFAULT_ROWS_PER_SHARD,
+                      help="rows per Parquet file; each shard is one work "
+                      "item for predict")
   parser.add_argument("--model", default=None,
-                      help="write raw pixels of this model's input size")
-  args = parser.parse_args(argv)
+                      help="write raw pixels of this model's input size "
+                      "(default: none, the files' encoded bytes)")
+  return parser
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
   try:
     card = card_lib.load_card(args.model) if args.model else None
     written = make_shards(args.input, args.output, args.rows_per_shard, card)
@@ -107,6 +122,12 @@ def main(argv=None) -> int:
     print(f"tools.make_shards: error: {error}", file=sys.stderr)
     return 2
   print(f"wrote {len(written)} shard(s) to {args.output}")
+  cli.print_next(
+      f"{args.output} ({SHARD_PREFIX}-*.parquet: id, image, label)",
+      [cli.command("python", "-m", "beam_jobs.predict", "--input",
+                   paths.join(args.output, f"{SHARD_PREFIX}-*.parquet"),
+                   "--label_column", "label", "--model",
+                   args.model or "MODEL_DIR", "--output", "OUTPUT_DIR")])
   return 0
 
 

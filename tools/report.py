@@ -11,7 +11,6 @@ correct and wrong, and a reliability diagram. All numbers come from
 `tools.query`.
 """
 
-import argparse
 import html
 import io
 import os
@@ -25,11 +24,15 @@ import numpy as np  # pylint: disable=wrong-import-position
 from PIL import Image  # pylint: disable=wrong-import-position
 
 from beam_jobs import outputs  # pylint: disable=wrong-import-position
+from model import cli  # pylint: disable=wrong-import-position
 from tools import query  # pylint: disable=wrong-import-position
 
 DEFAULT_SAMPLES = 15
 GRID_COLUMNS = 3
 CORRECT, WRONG, UNKNOWN = "blue", "red", "black"
+# The predicted class's bar when there is no true label to judge it by.
+PREDICTED = "#333333"
+OTHER_BARS = "#bbbbbb"
 DPI = 100
 FILES = {
     "samples": "samples.png",
@@ -37,6 +40,14 @@ FILES = {
     "confusion": "confusion_matrix.png",
     "confidence": "confidence_histogram.png",
     "reliability": "reliability_diagram.png",
+}
+INDEX = "index.html"
+TITLES = {
+    "samples": "sample predictions",
+    "mistakes": "most confident mistakes",
+    "confusion": "confusion matrix",
+    "confidence": "confidence histogram",
+    "reliability": "reliability diagram",
 }
 
 
@@ -48,15 +59,16 @@ def _open(data: bytes) -> np.ndarray:
 
 def _read_image(row: dict, manifest: dict):
   """The input image for a prediction row, or None when it can't be had."""
-  from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
+  from model import paths  # pylint: disable=import-outside-toplevel
   arguments = (manifest or {}).get("arguments", {})
   try:
+    # Ids are data: paths.open_file never opens a FIFO or device they name.
     if arguments.get("input_format") != "parquet":
-      with FileSystems.open(row["id"]) as handle:
+      with paths.open_file(row["id"]) as handle:
         return _open(handle.read())
     import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
     id_column, image_column = arguments["id_column"], arguments["image_column"]
-    with FileSystems.open(row["source"]) as handle:
+    with paths.open_file(row["source"]) as handle:
       table = pq.read_table(handle, columns=[c for c in (id_column,
                                                          image_column) if c])
     if id_column:
@@ -111,13 +123,16 @@ def plot_grid(rows: list, class_names: list, manifest: dict, path: str,
         fontsize=8)
     bar_axis = figure.add_subplot(grid_rows, 2 * GRID_COLUMNS, 2 * index + 2)
     names, values = _probability_pairs(row, class_names)
-    bars = bar_axis.bar(range(len(values)), values, color="#777777")
+    bars = bar_axis.bar(range(len(values)), values, color=OTHER_BARS)
     bar_axis.set_ylim([0, 1])
     bar_axis.set_xticks(range(len(names)))
     bar_axis.set_xticklabels(names, rotation=90, fontsize=6)
     bar_axis.tick_params(axis="y", labelsize=6)
+    # As in the Keras tutorial: the true class blue, a wrong prediction red.
+    # Without a true label nothing is known to be wrong.
     if row["label"] in names:
-      bars[names.index(row["label"])].set_color(WRONG)
+      bars[names.index(row["label"])].set_color(
+          PREDICTED if truth is None else WRONG)
     if truth in names:
       bars[names.index(truth)].set_color(CORRECT)
   figure.tight_layout()
@@ -148,6 +163,18 @@ def plot_confusion(scores: dict, path: str) -> None:
   plt.close(figure)
 
 
+def grid_title(rows: list) -> str:
+  """Says what the colours mean for the rows actually drawn."""
+  labelled = sum(row.get("true_label") is not None for row in rows)
+  if labelled == len(rows):
+    return "Sample predictions (blue: right, red: wrong)"
+  if not labelled:
+    return ("Sample predictions (no true labels: the predicted class is the "
+            "dark bar)")
+  return ("Sample predictions (blue: right, red: wrong, black: no true "
+          "label)")
+
+
 def plot_confidence(connection, path: str) -> None:
   rows = query.rows(connection, """
       SELECT confidence, true_label IS NULL AS unknown,
@@ -158,15 +185,20 @@ def plot_confidence(connection, path: str) -> None:
             ("wrong", WRONG, lambda r: r["correct"] is False),
             ("no true label", "#999999", lambda r: r["unknown"])]
   data = [[r["confidence"] for r in rows if keep(r)] for _, _, keep in groups]
-  labels = [f"{name} ({len(values)})" for (name, _, _), values in
-            zip(groups, data)]
+  labelled = bool(data[0] or data[1])
+  # Only the groups this run has, so an unlabelled run shows no empty
+  # "correct" and "wrong" entries.
+  drawn = [(name, colour, values) for (name, colour, _), values in
+           zip(groups, data) if values]
   # Side by side on a log scale: the few mistakes stay visible next to the
   # many confident right answers.
-  axis.hist(data, bins=bins, label=labels, log=True,
-            color=[colour for _, colour, _ in groups])
+  axis.hist([values for _, _, values in drawn], bins=bins, log=True,
+            label=[f"{name} ({len(values)})" for name, _, values in drawn],
+            color=[colour for _, colour, _ in drawn])
   axis.set_xlabel("confidence of the predicted label")
   axis.set_ylabel("images (log scale)")
-  axis.set_title("Confidence, correct vs wrong")
+  axis.set_title("Confidence, correct vs wrong" if labelled else
+                 "Confidence (no true labels)")
   axis.legend()
   figure.tight_layout()
   figure.savefig(path, dpi=DPI)
@@ -195,7 +227,10 @@ def plot_reliability(scores: dict, path: str) -> None:
   plt.close(figure)
 
 
-def _class_names(connection) -> list:
+def _class_names(connection, manifest) -> list:
+  """The card's class names from the manifest, else the predicted ones."""
+  if (manifest or {}).get("class_names"):
+    return list(manifest["class_names"])
   return [r["label"] for r in query.rows(
       connection, "SELECT label FROM predictions GROUP BY label "
       "ORDER BY min(label_index)")]
@@ -207,25 +242,45 @@ def _sample_rows(connection, samples: int, where: str, order: str) -> list:
       "LIMIT ?", [samples])
 
 
+def clear_report(out: str) -> None:
+  """Removes an earlier report's files, and only those, from `out`."""
+  for name in list(FILES.values()) + [INDEX]:
+    path = os.path.join(out, name)
+    if os.path.isfile(path):
+      os.remove(path)
+
+
+class ReportFiles(dict):
+  """{name: path} of the files a report wrote; `skipped` holds {name:
+  reason} for the plots it could not draw."""
+
+  def __init__(self):
+    super().__init__()
+    self.skipped = {}
+
+
 def write_report(output_dir: str, out: str,
-                 samples: int = DEFAULT_SAMPLES) -> dict:
-  """Draws every plot and index.html; returns {name: path} of what it wrote."""
-  os.makedirs(out, exist_ok=True)
+                 samples: int = DEFAULT_SAMPLES) -> ReportFiles:
+  """Draws every plot it can, and index.html, which also lists the plots it
+  could not draw and why."""
   connection = query.connect(output_dir)
+  os.makedirs(out, exist_ok=True)
+  clear_report(out)
   summary = query.summary(connection, output_dir)
   manifest = summary["manifest"]
-  names = _class_names(connection)
-  # Use the card's full class list when the run had every class predicted.
-  written = {}
+  names = _class_names(connection, manifest)
+  written = ReportFiles()
+  skipped = written.skipped
   sample_rows = _sample_rows(connection, samples, "TRUE", "hash(id), id")
   path = os.path.join(out, FILES["samples"])
-  plot_grid(sample_rows, names, manifest, path,
-            "Sample predictions (blue: right, red: wrong)")
+  plot_grid(sample_rows, names, manifest, path, grid_title(sample_rows))
   written["samples"] = path
   try:
-    scores = query.accuracy(connection)
-  except query.QueryError:
+    scores = query.accuracy(connection, (manifest or {}).get("class_names"))
+  except query.QueryError as error:
     scores = None
+    for name in ("mistakes", "confusion", "reliability"):
+      skipped[name] = str(error)
   if scores:
     mistakes = _sample_rows(connection, samples,
                             "true_label IS NOT NULL AND label <> true_label",
@@ -234,6 +289,8 @@ def write_report(output_dir: str, out: str,
       path = os.path.join(out, FILES["mistakes"])
       plot_grid(mistakes, names, manifest, path, "Most confident mistakes")
       written["mistakes"] = path
+    else:
+      skipped["mistakes"] = "every labelled prediction is right"
     for name, plot in (("confusion", plot_confusion),
                        ("reliability", plot_reliability)):
       path = os.path.join(out, FILES[name])
@@ -242,11 +299,20 @@ def write_report(output_dir: str, out: str,
   path = os.path.join(out, FILES["confidence"])
   plot_confidence(connection, path)
   written["confidence"] = path
-  written["index"] = _write_index(out, summary, scores, written)
+  written["index"] = _write_index(out, summary, scores, written, skipped)
   return written
 
 
-def _write_index(out: str, summary: dict, scores, written: dict) -> str:
+def skipped_by_reason(skipped: dict) -> dict:
+  """{reason: [plot titles]}, so one reason is said once."""
+  grouped = {}
+  for name, reason in skipped.items():
+    grouped.setdefault(reason, []).append(TITLES[name])
+  return grouped
+
+
+def _write_index(out: str, summary: dict, scores, written: dict,
+                 skipped: dict) -> str:
   manifest = summary["manifest"] or {}
   counts = manifest.get("counts", {})
   facts = [("model", manifest.get("model_id", "?")),
@@ -259,6 +325,9 @@ def _write_index(out: str, summary: dict, scores, written: dict) -> str:
                            f"({scores['correct']}/{scores['labelled']})"),
               ("expected calibration error",
                f"{scores['expected_calibration_error']:.4f}")]
+  if summary["true_labels"]["unmatched"]:
+    facts.append(("true labels matching no class",
+                  summary["true_labels"]["unmatched"]))
   table = "".join(f"<tr><th>{html.escape(str(k))}</th>"
                   f"<td>{html.escape(str(v))}</td></tr>" for k, v in facts)
   classes = "".join(
@@ -266,9 +335,13 @@ def _write_index(out: str, summary: dict, scores, written: dict) -> str:
       f"<td>{r['share']}</td><td>{r['mean_confidence']}</td></tr>"
       for r in summary["classes"])
   images = "".join(
-      f'<h2>{html.escape(name.replace("_", " "))}</h2>'
+      f'<h2>{html.escape(TITLES[name])}</h2>'
       f'<img src="{html.escape(os.path.basename(path))}" alt="{name}">'
       for name, path in written.items())
+  if skipped:
+    images += "<h2>not drawn</h2><ul>" + "".join(
+        f"<li>{html.escape(', '.join(names))}: {html.escape(reason)}</li>"
+        for reason, names in skipped_by_reason(skipped).items()) + "</ul>"
   page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Run report</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
@@ -277,26 +350,39 @@ th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left}}img{{max-width:100
 <h2>predictions per class</h2><table><tr><th>label</th><th>images</th>
 <th>share</th><th>mean confidence</th></tr>{classes}</table>{images}</body></html>
 """
-  path = os.path.join(out, "index.html")
+  path = os.path.join(out, INDEX)
   with open(path, "w") as handle:
     handle.write(page)
   return path
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m tools.report",
-                                   description=__doc__.split("\n\n")[0])
+def build_parser() -> cli.ArgumentParser:
+  parser = cli.ArgumentParser(prog="python -m tools.report",
+                              description=__doc__.split("\n\n")[0])
   parser.add_argument("output_dir", help="the --output folder of a run")
-  parser.add_argument("--out", required=True, help="folder for the report")
+  parser.add_argument("--out", required=True,
+                      help="folder for the report; its earlier plots are "
+                      "replaced, nothing else in it is touched")
   parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
                       help="images per grid")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
   try:
     written = write_report(args.output_dir, args.out, args.samples)
   except query.QueryError as error:
     print(f"tools.report: error: {error}", file=sys.stderr)
     return 2
-  print(f"wrote {written['index']} with {len(written) - 1} plots")
+  index = written.pop("index")
+  print(f"wrote {index} with {len(written)} plots")
+  for reason, names in skipped_by_reason(written.skipped).items():
+    print(f"  not drawn: {', '.join(names)}: {reason}")
+  cli.print_next(
+      f"{os.path.abspath(index)} (open it in a browser)",
+      [cli.command("python", "-m", "tools.query", args.output_dir,
+                   "misclassified")] if "mistakes" in written else [])
   return 0
 
 

@@ -1,0 +1,147 @@
+"""Parquet by row group: the work items of every Parquet input.
+
+A shard's footer says how many row groups it has and how many rows each
+holds; `PlanRowGroups` turns each shard into work items of consecutive row
+groups, (shard, first row group, stop row group, first row, stop row), of about
+ITEM_ROWS rows, so one large shard spreads over every worker and a retry
+redoes one item, not the shard. A row group is the smallest item: Parquet
+cannot start reading in the middle of one.
+
+`read_item` reads an item's row groups one at a time, so a corrupt row group
+costs its own rows only: it is reported as (first row, stop row, error) and
+the other row groups go on. Rows keep their global index in the shard,
+which names them (SHARD#ROW) however the shard was split.
+"""
+
+from typing import Iterable, Optional
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from beam_jobs.contracts import ERRORS
+from beam_jobs.contracts import INPUTS
+from beam_jobs.contracts import counter
+from beam_jobs.contracts import error_row
+from model import paths
+
+# Rows per work item: row groups are put together until an item has this
+# many (a row group of more is an item by itself).
+ITEM_ROWS = 10_000
+
+
+def plan_items(path: str, row_group_rows: list, item_rows: int = ITEM_ROWS):
+  """The work items of a shard whose row groups hold `row_group_rows` rows:
+  (path, first row group, stop row group, first row, stop row) tuples."""
+  first, first_row, row = 0, 0, 0
+  for index, count in enumerate(row_group_rows):
+    row += count
+    if row - first_row >= item_rows or index + 1 == len(row_group_rows):
+      yield (path, first, index + 1, first_row, row)
+      first, first_row = index + 1, row
+
+
+def footer_rows(path: str) -> list:
+  """The row count of each row group of a shard, from its footer."""
+  with paths.open_file(path) as handle:
+    metadata = pq.ParquetFile(handle).metadata
+    return [metadata.row_group(i).num_rows
+            for i in range(metadata.num_row_groups)]
+
+
+class PlanRowGroups(beam.DoFn):
+  """Shard paths (one, or a list of them) in; work items out.
+
+  A shard whose footer cannot be read is one input with one error row (its
+  id is the shard's path), unless `strict`: then it fails the run, for
+  shards the run cannot do without.
+  """
+
+  def __init__(self, item_rows: int = ITEM_ROWS, strict: bool = False):
+    self._item_rows = item_rows
+    self._strict = strict
+
+  def process(self, shards):
+    for path in [shards] if isinstance(shards, str) else shards:
+      try:
+        rows = footer_rows(path)
+      except Exception as error:  # pylint: disable=broad-except
+        if self._strict:
+          raise
+        counter(INPUTS).inc()
+        yield beam.pvalue.TaggedOutput(
+            ERRORS, error_row(path, path, "read",
+                              f"{type(error).__name__}: {error}"))
+        continue
+      yield from plan_items(path, rows, self._item_rows)
+
+
+def range_id(path: str, start: int, stop: int) -> str:
+  """The id of the error row standing for rows start..stop-1 of a shard."""
+  return f"{path}#{start}-{stop - 1}"
+
+
+def read_item(item: tuple, columns: Optional[list], batch_size: int,
+              rows: Optional[Iterable[int]] = None):
+  """Reads a work item's row groups as Arrow record batches.
+
+  Yields ("rows", global row indices, record batch) and, for each row group
+  that fails, ("error", first row, stop row, exception), after which the
+  next row group is read. `columns`: None for every column; the present
+  ones are read (with none present, none: the batches count the rows).
+  With `rows` (sorted global indices), only those rows are returned and row
+  groups holding none of them are not read. A shard that can no longer be
+  opened fails the item's whole range the same way.
+  """
+  path, first, stop, start, stop_row = item
+  wanted = None if rows is None else np.asarray(sorted(rows), dtype=np.int64)
+  try:
+    handle = paths.open_file(path)
+    shard = pq.ParquetFile(handle)
+  except Exception as error:  # pylint: disable=broad-except
+    yield ("error", start, stop_row, error)
+    return
+  with handle:
+    names = shard.schema_arrow.names
+    present = names if columns is None else [c for c in columns if c in names]
+    for index in range(first, stop):
+      count = shard.metadata.row_group(index).num_rows
+      yield from _read_row_group(shard, index, start, count,
+                                 present, batch_size, wanted)
+      start += count
+
+
+def _read_row_group(shard, index: int, start: int, count: int, columns: list,
+                    batch_size: int, wanted: Optional[np.ndarray]):
+  if wanted is not None:
+    lo, hi = np.searchsorted(wanted, [start, start + count])
+    if lo == hi:
+      return
+    selected = wanted[lo:hi]
+  offset = start
+  try:
+    for record_batch in shard.iter_batches(batch_size=batch_size,
+                                           row_groups=[index],
+                                           columns=columns):
+      indices = np.arange(offset, offset + record_batch.num_rows)
+      offset += record_batch.num_rows
+      if wanted is not None:
+        keep = np.flatnonzero(np.isin(indices, selected, assume_unique=True))
+        if not len(keep):
+          continue
+        if len(keep) < len(indices):
+          record_batch = record_batch.take(pa.array(keep, pa.int64()))
+          indices = indices[keep]
+      yield ("rows", indices, record_batch)
+  except Exception as error:  # pylint: disable=broad-except
+    yield ("error", offset, start + count, error)
+
+
+def item_error(item: tuple, start: int, stop: int, error) -> dict:
+  """The one error row of rows start..stop-1 of an item's shard."""
+  path = item[0]
+  return error_row(
+      range_id(path, start, stop), path, "read",
+      f"{type(error).__name__}: {error} (rows {start} to {stop - 1} of the "
+      "shard; its other row groups were read)")

@@ -1,0 +1,299 @@
+"""`tools.query sql` is read-only: every known way out is refused twice.
+
+Each hostile statement is refused by the statement checks (`run_sql`), and,
+run straight on the locked DuckDB connection as if those checks were not
+there, it reads no file but the listed shards and changes no file at all.
+The statements are those a security review found, plus the file functions,
+COPY, ATTACH, INSTALL, LOAD, SET and PRAGMA forms and the EXPLAIN ANALYZE
+and WITH wrappers that hide them.
+"""
+
+import dataclasses
+import hashlib
+import os
+import uuid
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from beam_jobs import outputs
+from tools import query
+
+SECRET = "TOP-SECRET-0d9a1c"
+RUN = "20240101T000000-abc123"
+CLASSES = ["cat", "dog", "owl"]
+SCHEME = query.SHARDS_PROTOCOL
+# A path outside every folder of the test, which no statement may create.
+PROBE = f"/tmp/sql-boundary-probe-{uuid.uuid4().hex}"
+
+
+@dataclasses.dataclass
+class Boundary:
+  root: str
+  out: str
+  shard: str  # the name of a listed predictions shard
+  rows: int
+
+
+def _shard_name(kind: str, index: int, count: int) -> str:
+  return f"{kind}-{RUN}-{index:05d}-of-{count:05d}.parquet"
+
+
+def _predictions(ids: list) -> pa.Table:
+  rng = np.random.default_rng(len(ids))
+  probabilities = rng.random((len(ids), 3)).astype(np.float32)
+  probabilities /= probabilities.sum(1, keepdims=True)
+  return outputs.predictions_table(ids, ["src"] * len(ids),
+                                   [CLASSES[i % 3] for i in range(len(ids))],
+                                   probabilities, CLASSES, 2, "m", "keras",
+                                   False)
+
+
+@pytest.fixture(scope="module")
+def boundary(tmp_path_factory):
+  root = tmp_path_factory.mktemp("boundary")
+  (root / "secret.txt").write_text(SECRET + "\n")
+  (root / "private").mkdir()
+  (root / "private" / "secret2.txt").write_text(SECRET + "\n")
+  (root / "out_evil").mkdir()
+  pq.write_table(pa.table({"id": [SECRET]}), root / "out_evil" / "x.parquet")
+  out = root / "out"
+  out.mkdir()
+  files = {"predictions": [], "errors": []}
+  for index in range(2):
+    name = _shard_name("predictions", index, 2)
+    pq.write_table(_predictions([f"img{index}_{i}" for i in range(50)]),
+                   out / name)
+    files["predictions"].append({"name": name, "rows": 50})
+  errors = _shard_name("errors", 0, 1)
+  pq.write_table(pa.Table.from_pylist(
+      [{"id": "bad", "source": "s", "stage": "decode", "error": "E: x"}],
+      schema=outputs.ERRORS_SCHEMA), out / errors)
+  files["errors"].append({"name": errors, "rows": 1})
+  outputs.write_manifest(str(out), {"run_id": RUN, "model_id": "m",
+                                    "files": files})
+  # Not listed: a shard planted beside the real ones, and links out.
+  pq.write_table(_predictions([SECRET]),
+                 out / "predictions-20990101T000000-ffffff-00000-of-00001.parquet")
+  os.symlink(root / "secret.txt", out / "passwd_link")
+  os.symlink(root / "private", out / "etc_link")
+  return Boundary(str(root), str(out), files["predictions"][0]["name"], 100)
+
+
+def _snapshot(root: str) -> dict:
+  """Every entry under root: kind, size and content hash; links unfollowed."""
+  entries = {}
+  for folder, folders, names in os.walk(root):
+    for name in folders + names:
+      path = os.path.join(folder, name)
+      info = os.lstat(path)
+      digest = None
+      if os.path.isfile(path) and not os.path.islink(path):
+        with open(path, "rb") as handle:
+          digest = hashlib.sha256(handle.read()).hexdigest()
+      entries[os.path.relpath(path, root)] = (info.st_mode, info.st_size,
+                                              digest)
+  return entries
+
+
+HOSTILE = [
+    # The issue's own findings.
+    "EXPLAIN ANALYZE COPY (SELECT * FROM predictions) TO '{out}/{shard}'",
+    "EXPLAIN ANALYZE COPY (SELECT 1) TO '{root}/x.csv'",
+    "EXPLAIN ANALYZE INSTALL httpfs",
+    "SELECT * FROM read_text('{root}/secret.txt')",
+    "SELECT * FROM read_text('/etc/passwd')",
+    # Writing files, in every wrapper.
+    "COPY (SELECT 1) TO '{root}/x.csv'",
+    "COPY (SELECT 1) TO '" + PROBE + "'",
+    "COPY (SELECT 'x' AS id) TO '{out}/predictions-evil.parquet'",
+    "COPY predictions TO '{out}/{shard}'",
+    "COPY (SELECT 1 AS a) TO '{out}/{shard}' (USE_TMP_FILE false)",
+    "COPY (SELECT 1) TO '" + SCHEME + "://x.csv'",
+    "COPY (SELECT 1 AS a) TO '" + SCHEME + "://{shard}'",
+    "COPY (SELECT 1 AS a) TO '" + SCHEME + "://{shard}' (USE_TMP_FILE false)",
+    "COPY predictions FROM '{root}/secret.txt'",
+    "WITH x AS (COPY (SELECT 'x' AS id) TO '{out}/predictions-cte.parquet') "
+    "SELECT 1",
+    "WITH x AS (COPY (SELECT 1) TO '" + SCHEME + "://y.parquet') SELECT 1",
+    "EXPLAIN (ANALYZE) COPY (SELECT 1) TO '{root}/z.csv'",
+    "/* c */ EXPLAIN /* c */ ANALYZE /* c */ COPY (SELECT 1) TO '{root}/z.csv'",
+    "SELECT 1; COPY (SELECT 1) TO '{root}/x.csv'",
+    "EXPORT DATABASE '{root}/exported'",
+    "EXPORT DATABASE '" + SCHEME + "://exported'",
+    "SELECT * FROM query('COPY (SELECT 1) TO ''{root}/q.csv''')",
+    # Databases.
+    "ATTACH '{root}/x.db'",
+    "ATTACH '{out}/x.db'",
+    "ATTACH '" + SCHEME + "://x.db'",
+    "ATTACH ':memory:' AS m2",
+    "DETACH memory",
+    "SELECT * FROM read_duckdb('{root}/x.db')",
+    # Extensions.
+    "INSTALL httpfs",
+    "FORCE INSTALL httpfs",
+    "LOAD httpfs",
+    "LOAD '{root}/evil.duckdb_extension'",
+    "UPDATE EXTENSIONS",
+    "CREATE EXTENSION REPOSITORY example.com",
+    "SELECT * FROM read_parquet('https://example.com/x.parquet')",
+    "SELECT * FROM read_parquet('s3://bucket/x.parquet')",
+    # Reading files other than the listed shards.
+    "SELECT * FROM read_text('{out}/passwd_link')",
+    "SELECT * FROM read_text('{out}/etc_link/secret2.txt')",
+    "SELECT * FROM read_text('{out}/../secret.txt')",
+    "SELECT * FROM read_text('{out}//../secret.txt')",
+    "SELECT * FROM read_text('file://{root}/secret.txt')",
+    "SELECT * FROM read_blob('{root}/secret.txt')",
+    "SELECT * FROM read_csv('{root}/secret.txt')",
+    "SELECT * FROM read_json('{root}/secret.txt')",
+    "SELECT * FROM sniff_csv('{root}/secret.txt')",
+    "SELECT * FROM read_parquet('{root}/out_evil/x.parquet')",
+    "SELECT * FROM read_parquet('{out}/../out_evil/x.parquet')",
+    "SELECT * FROM read_parquet('{out}/predictions-*.parquet')",
+    "SELECT * FROM parquet_metadata('{root}/out_evil/x.parquet')",
+    "SELECT * FROM '{root}/out_evil/x.parquet'",
+    "SELECT * FROM glob('{root}/*')",
+    "SELECT * FROM glob('{out}/**')",
+    "SELECT * FROM read_text('" + SCHEME + "://../secret.txt')",
+    "SELECT * FROM read_text('" + SCHEME + "://passwd_link')",
+    "SELECT * FROM read_parquet('" + SCHEME + "://../out_evil/x.parquet')",
+    "SELECT * FROM query('SELECT * FROM read_text(''{root}/secret.txt'')')",
+    # Settings, secrets and the catalog.
+    "SET enable_external_access = true",
+    "RESET enable_external_access",
+    "SET allowed_directories = ['/']",
+    "SET lock_configuration = false",
+    "SET temp_directory = '{root}'",
+    "SET threads = 1",
+    "SET VARIABLE v = 1",
+    "USE memory",
+    "PRAGMA enable_profiling",
+    "PRAGMA version",
+    "CALL duckdb_settings()",
+    "CHECKPOINT",
+    "VACUUM",
+    "CREATE SECRET (TYPE s3, KEY_ID 'a', SECRET 'b')",
+    "CREATE PERSISTENT SECRET ps (TYPE s3, KEY_ID 'a', SECRET 'b')",
+    "SELECT * FROM duckdb_secrets()",
+    "CREATE TABLE t AS SELECT 1 AS a",
+    "CREATE OR REPLACE VIEW predictions AS SELECT 1",
+    "DROP VIEW predictions",
+    "ALTER VIEW predictions RENAME TO p2",
+    "CREATE MACRO m(x) AS x + 1",
+    "INSERT INTO t VALUES (2)",
+    "UPDATE t SET a = 1",
+    "DELETE FROM t",
+    "MERGE INTO t USING (SELECT 1 a) s ON t.a = s.a "
+    "WHEN NOT MATCHED THEN INSERT VALUES (1)",
+    "WITH x AS (INSERT INTO t VALUES (1) RETURNING *) SELECT * FROM x",
+    "BEGIN TRANSACTION",
+    "PREPARE p AS SELECT 1",
+    "",
+    "SELECT 1; SELECT 2",
+]
+
+READ_ONLY = [
+    "SELECT count(*) AS n FROM predictions",
+    "FROM predictions SELECT label LIMIT 1",
+    "WITH x AS (SELECT label FROM predictions) SELECT count(*) FROM x",
+    "SUMMARIZE predictions",
+    "DESCRIBE predictions",
+    "SHOW TABLES",
+    "PIVOT predictions ON label USING count(*)",
+    "PIVOT predictions ON label IN ('cat', 'dog') USING count(*)",
+    "EXPLAIN SELECT * FROM predictions",
+    "EXPLAIN ANALYZE SELECT count(*) FROM predictions",
+    "explain (format json) select 1",
+    "SELECT stage, count(*) FROM errors GROUP BY ALL",
+    "SELECT count(*) FROM errors WHERE error NOT LIKE '%COPY%'",
+    "  -- a comment\n SELECT 1",
+    "VALUES (1), (2)",
+    "SELECT 'read_text(x)' AS looks_like_a_call, 1 AS \"copy\"",
+]
+
+
+@pytest.mark.parametrize("template", HOSTILE)
+def test_hostile_statement_is_refused_and_the_lock_holds(boundary, template):
+  statement = template.format(root=boundary.root, out=boundary.out,
+                              shard=boundary.shard)
+  views = query.connect(boundary.out)
+  with pytest.raises(query.QueryError):
+    query.run_sql(views, statement)
+  # Past the statement checks, straight on the locked connection.
+  before = _snapshot(boundary.root)
+  try:
+    cursor = views.connection.execute(statement)
+    result = repr(cursor.fetchall() if cursor else None)
+  except (duckdb.Error, PermissionError, ValueError, RuntimeError) as error:
+    result = str(error)
+  assert _snapshot(boundary.root) == before
+  assert SECRET not in result and "root:x:0:0" not in result
+  assert not os.path.exists(PROBE)
+
+
+@pytest.mark.parametrize("statement", READ_ONLY)
+def test_read_only_statements_run(boundary, statement):
+  views = query.connect(boundary.out)
+  assert query.run_sql(views, statement)
+
+
+def test_the_views_hold_exactly_the_listed_shards(boundary):
+  views = query.connect(boundary.out)
+  # The planted, unlisted shard holds SECRET; the listed ones 100 rows.
+  assert query.scalar(views, "SELECT count(*) FROM predictions") == 100
+  assert not query.rows(views, "SELECT id FROM predictions WHERE id = ?",
+                        [SECRET])
+  # Even past the statement checks, the scheme lists the listed shards.
+  names = sorted(row[0] for row in views.connection.execute(
+      f"SELECT file FROM glob('{SCHEME}://*')").fetchall())
+  assert [name.rsplit("/", 1)[-1] for name in names] == sorted(
+      os.path.basename(path) for path, _ in
+      views._shards.values())  # pylint: disable=protected-access
+  assert len(names) == 3
+
+
+def test_a_long_query_is_stopped_at_the_time_limit(boundary):
+  views = query.connect(boundary.out, timeout_seconds=0.5)
+  with pytest.raises(query.QueryError, match="--timeout"):
+    query.run_sql(views, "SELECT sum(a.range * b.range) FROM range(200000) a, "
+                  "range(200000) b")
+
+
+def test_results_are_capped_at_max_rows(boundary, capsys):
+  views = query.connect(boundary.out)
+  result = query.run_sql(views, "SELECT * FROM range(50)", max_rows=10)
+  assert len(result) == 10
+  assert "first 10 rows" in capsys.readouterr().err
+
+
+def test_the_cli_refuses_in_one_line(boundary, capsys):
+  code = query.main([boundary.out, "sql",
+                     f"EXPLAIN ANALYZE COPY (SELECT 1) TO '{boundary.root}/x'"])
+  err = capsys.readouterr().err
+  assert code == 2 and err.count("\n") == 1 and "read-only" in err
+  assert not os.path.exists(os.path.join(boundary.root, "x"))
+
+
+def test_remote_shards_are_read_through_their_file_system(tmp_path):
+  """gs:// shards reach DuckDB through fsspec (gcsfs); fsspec's in-memory
+  file system stands in for it here, offline."""
+  import fsspec  # pylint: disable=import-outside-toplevel
+  memory = fsspec.filesystem("memory")
+  with memory.open("memory://bucket/out/shard.parquet", "wb") as handle:
+    pq.write_table(_predictions([f"r{i}" for i in range(5000)]), handle)
+  shards = query.ListedShards(
+      {"shard.parquet": ("memory://bucket/out/shard.parquet", memory)})
+  connection = duckdb.connect()
+  connection.register_filesystem(shards)
+  rows = connection.execute(
+      f"SELECT count(*), count(DISTINCT id) FROM "
+      f"read_parquet('{SCHEME}://shard.parquet')").fetchall()
+  assert rows == [(5000, 5000)]
+  with pytest.raises(PermissionError):
+    shards.open(f"{SCHEME}://shard.parquet", "wb")
+  with pytest.raises(FileNotFoundError):
+    shards.open(f"{SCHEME}://other.parquet", "rb")
