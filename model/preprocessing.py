@@ -54,6 +54,7 @@ def rows_per_slice(values_per_row: int) -> int:
   rows = max(1, MAX_SLICE_VALUES // max(1, values_per_row))
   return 1 << (rows.bit_length() - 1)
 
+
 # Images above this many pixels are first reduced, in their own mode, by a
 # whole factor that leaves them at least twice the model's size (JPEGs by
 # the decoder's own DCT scaling, before decoding). Every conversion after it
