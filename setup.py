@@ -31,8 +31,9 @@ EXTRAS = {
                    "matplotlib>=3.8,<4"],
     # tools.query's read-only file system for DuckDB is fsspec's.
     "tools": ["duckdb>=1.1,<3", "fsspec>=2023.1", "matplotlib>=3.8,<4"],
-    # build: Beam stages --setup_file with `python -m build --sdist`.
-    "gcp": ["apache-beam[gcp]>=2.77,<2.78", "gcsfs", "build"],
+    # build and setuptools: Beam stages --setup_file with `python -m build
+    # --sdist --no-isolation`, which a fresh Python 3.12 venv cannot run alone.
+    "gcp": ["apache-beam[gcp]>=2.77,<2.78", "gcsfs", "build", "setuptools"],
     "test": ["pytest>=8"],
 }
 

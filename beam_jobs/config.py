@@ -149,11 +149,6 @@ class PredictConfig:
           "model.train or python -m model.adopt)")
     try:
       card = card_lib.load_card(self.model)
-      card_lib.check_model_files(self.model, card)
-      if "tflite" in card.engines:
-        # Keras and SavedModel engines check their width when they load.
-        engines.check_model_shapes(card, paths.read_bytes(
-            paths.join(self.model, card_lib.TFLITE_FILE)))
     except (ValueError, OSError) as error:
       raise ConfigError(f"--model {self.model}: {error}") from None
     if self.engine == "auto":
@@ -162,6 +157,14 @@ class PredictConfig:
       raise ConfigError(
           f"--engine {self.engine}: {self.model} holds no {self.engine} "
           f"model; it serves with {', '.join(card.engines)}")
+    try:
+      card_lib.check_model_files(self.model, card, self.engine)
+      if "tflite" in card.engines:
+        # Keras and SavedModel engines check their width when they load.
+        engines.check_model_shapes(card, paths.read_bytes(
+            paths.join(self.model, card_lib.TFLITE_FILE)))
+    except (ValueError, OSError) as error:
+      raise ConfigError(f"--model {self.model}: {error}") from None
     return card
 
   def _check_columns(self, shard_path: str) -> None:

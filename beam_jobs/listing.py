@@ -92,6 +92,7 @@ class PatternSpec:
   expression, and which sub-folders may hold a match."""
 
   def __init__(self, pattern: str):
+    pattern = paths.folder_pattern(pattern)
     self.pattern = pattern
     self.literal = not re.search(r"[*?\[]", pattern)
     self.base = paths.pattern_base(pattern)

@@ -19,6 +19,7 @@ from typing import Optional
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import SetupOptions
 
 from beam_jobs import config as config_lib
 from beam_jobs import contracts
@@ -171,8 +172,9 @@ def run(config: config_lib.PredictConfig, beam_args=None,
 
 def _skip_arguments(config: config_lib.PredictConfig, keep: list) -> tuple:
   """build_pipeline's skip_files and skip_rows for the kept shards."""
+  rows = [entry.get("rows") for entry in keep]
   return ([paths.join(config.output, entry["name"]) for entry in keep],
-          sum(entry.get("rows") or 0 for entry in keep))
+          None if None in rows else sum(rows))
 
 
 def _dry_run(config: config_lib.PredictConfig, card, options) -> dict:
@@ -182,6 +184,10 @@ def _dry_run(config: config_lib.PredictConfig, card, options) -> dict:
   not listed (that needs the network), so with a gs:// output the job is
   built without the --skip_existing join.
   """
+  setup = options.view_as(SetupOptions)
+  if setup.requirements_file and not setup.requirements_cache:
+    # Beam would pip-download the requirements to stage them: network.
+    setup.requirements_cache = "skip"
   keep = []
   if config.skip_existing and not paths.is_remote(config.output):
     keep = output_folder.inspect(config.output).kept_predictions()

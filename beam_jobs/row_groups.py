@@ -96,20 +96,35 @@ def read_item(item: tuple, columns: Optional[list], batch_size: int,
   """
   path, first, stop, start, stop_row = item
   wanted = None if rows is None else np.asarray(sorted(rows), dtype=np.int64)
+  handle = None
   try:
     handle = paths.open_file(path)
     shard = pq.ParquetFile(handle)
+    names = shard.schema_arrow.names
+    counts = [shard.metadata.row_group(i).num_rows for i in range(first, stop)]
   except Exception as error:  # pylint: disable=broad-except
-    yield ("error", start, stop_row, error)
+    if handle is not None:
+      handle.close()
+    yield from _failed(start, stop_row, wanted, error)
     return
   with handle:
-    names = shard.schema_arrow.names
     present = names if columns is None else [c for c in columns if c in names]
-    for index in range(first, stop):
-      count = shard.metadata.row_group(index).num_rows
+    for index, count in zip(range(first, stop), counts):
       yield from _read_row_group(shard, index, start, count,
                                  present, batch_size, wanted)
       start += count
+
+
+def _failed(start: int, stop: int, wanted: Optional[np.ndarray], error):
+  """The error of rows start..stop-1 failing; with `wanted`, of the wanted
+  rows among them only (the others were skipped, or reported by the pass
+  that read the ids), and none if there are none."""
+  if wanted is not None:
+    lost = wanted[(wanted >= start) & (wanted < stop)]
+    if not len(lost):
+      return
+    start, stop = int(lost[0]), int(lost[-1]) + 1
+  yield ("error", start, stop, error)
 
 
 def _read_row_group(shard, index: int, start: int, count: int, columns: list,
@@ -128,14 +143,15 @@ def _read_row_group(shard, index: int, start: int, count: int, columns: list,
       offset += record_batch.num_rows
       if wanted is not None:
         keep = np.flatnonzero(np.isin(indices, selected, assume_unique=True))
-        if not len(keep):
-          continue
         if len(keep) < len(indices):
           record_batch = record_batch.take(pa.array(keep, pa.int64()))
           indices = indices[keep]
-      yield ("rows", indices, record_batch)
+      if len(indices):
+        yield ("rows", indices, record_batch)
+      if wanted is not None and offset > selected[-1]:
+        return  # nothing wanted is left; the rest may fail, and is not ours
   except Exception as error:  # pylint: disable=broad-except
-    yield ("error", offset, start + count, error)
+    yield from _failed(offset, start + count, wanted, error)
 
 
 def item_error(item: tuple, start: int, stop: int, error) -> dict:

@@ -11,6 +11,7 @@ beam_jobs/skip_existing.py drops the inputs already predicted before any
 image is read.
 """
 
+import codecs
 import concurrent.futures
 import csv
 import io
@@ -577,12 +578,15 @@ class _ReadListItem(beam.DoFn):
                      f"{type(error).__name__}: {error}{after}")
 
   def _text_rows(self, path: str):
-    """One URI per line; surrounding blanks are dropped."""
+    """One URI per line; surrounding blanks and a UTF-8 byte order mark
+    (Windows' Notepad writes one) are dropped."""
     row = 0
     try:
       with paths.open_file(path) as handle:
         for row, line in enumerate(handle):
           line = line.strip()
+          if row == 0 and line.startswith(codecs.BOM_UTF8):
+            line = line[len(codecs.BOM_UTF8):]
           if line:
             yield row, line, False, None, None
     except Exception as error:  # pylint: disable=broad-except

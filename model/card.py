@@ -250,12 +250,15 @@ def card_summary(card: ModelCard) -> dict[str, Any]:
   }
 
 
-def check_model_files(model_dir: str, card: ModelCard) -> None:
+def check_model_files(model_dir: str, card: ModelCard,
+                      engine: Optional[str] = None) -> None:
   """Refuses a folder whose model files are not the ones the card describes,
   whose Keras model carries a Lambda layer (arbitrary Python code), or whose
   SavedModel holds ops that reach files or Python.
 
   Every check reads bytes only, so they run in the launcher before any work.
+  With `engine`, the SavedModel's ops are checked only when it serves: that
+  check parses with TensorFlow, which a slim install lacks.
   """
   import io  # pylint: disable=import-outside-toplevel
   import zipfile  # pylint: disable=import-outside-toplevel
@@ -282,7 +285,7 @@ def check_model_files(model_dir: str, card: ModelCard) -> None:
     except (zipfile.BadZipFile, KeyError):
       raise ValueError(f"{path} is not a Keras 3 .keras file") from None
     check_keras_config(json.loads(config), path)
-  if "savedmodel" in card.engines:
+  if "savedmodel" in card.engines and engine in (None, "savedmodel"):
     path = join(model_dir, SAVED_MODEL_DIR)
     check_saved_model(read_bytes(join(path, "saved_model.pb")), path)
 

@@ -114,6 +114,12 @@ def expand_pattern(pattern: str) -> str:
   return pattern.rstrip("/") + "/**"
 
 
+def folder_pattern(pattern: str) -> str:
+  """A pattern ending in `/` means the files in that folder, as Beam's
+  FileSystems.match reads it."""
+  return pattern + "*" if pattern.endswith("/") else pattern
+
+
 def pattern_base(pattern: str) -> str:
   """The folder above the first glob character: labels are relative to it."""
   match = _GLOB_CHARS.search(pattern)
@@ -189,8 +195,7 @@ def walk_local(root: str, descend=None):
 
 
 def _match_local(pattern: str):
-  if pattern.endswith("/"):
-    pattern += "*"
+  pattern = folder_pattern(pattern)
   prefix = _GLOB_CHARS.split(pattern, 1)[0]
   if prefix == pattern:
     if os.path.lexists(pattern):

@@ -499,6 +499,26 @@ def test_tflite_with_pillow_decoder_never_imports_tensorflow(tmp_path,
 
 
 @pytest.mark.slow
+def test_a_savedmodel_folder_served_by_tflite_needs_no_tensorflow_to_check(
+    tmp_path, author, png_dir, monkeypatch):
+  """The SavedModel's op check parses with TensorFlow, which a slim install
+  lacks: it runs only when the SavedModel is what serves."""
+  _adopt(author.files["export"], tmp_path / "model", input_scale="unit")
+
+  def no_tensorflow(_):
+    raise ModuleNotFoundError("No module named 'tensorflow'")
+
+  monkeypatch.setattr(card_lib, "saved_model_unsafe_ops", no_tensorflow)
+  model, out = str(tmp_path / "model"), str(tmp_path / "out")
+  config = config_lib.PredictConfig(png_dir, model, out)
+  assert config.validate().engines == ["savedmodel", "tflite"]
+  assert config.engine == "tflite"
+  with pytest.raises(ModuleNotFoundError):
+    config_lib.PredictConfig(png_dir, model, out,
+                             engine="savedmodel").validate()
+
+
+@pytest.mark.slow
 def test_adopt_cli_errors_are_one_line_and_exit_2(tmp_path):
   (tmp_path / "notes.keras").write_text("not a model")
   result = subprocess.run(

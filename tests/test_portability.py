@@ -277,6 +277,13 @@ def test_dataflow_dry_run_through_the_cli(tmp_path, png_dir, tiny_model,
   with_image = _predict_cli(sys.executable, args + [
       "--engine", "keras", "--sdk_container_image", "example.com/worker:1"])
   assert with_image.returncode == 0, with_image.stderr
+  # A requirements file is staged, never downloaded (Beam would pip-download
+  # it): a package no index has passes.
+  requirements = tmp_path / "requirements.txt"
+  requirements.write_text("no-such-package-anywhere==0.0.1\n")
+  with_requirements = _predict_cli(sys.executable, args + [
+      "--engine", "keras", "--requirements_file", str(requirements)])
+  assert with_requirements.returncode == 0, with_requirements.stderr
 
 
 # Refuses TensorFlow and Keras in the process it is loaded into.
@@ -307,7 +314,9 @@ def test_tflite_serving_imports_no_tensorflow(tmp_path, png_dir, tiny_model):
   assert manifest["counts"]["predictions"] == 200 and manifest["accounted"]
 
 
-SLIM_PYTHON = os.path.join(REPO, ".venv-slim", "bin", "python")
+SLIM_PYTHON = os.path.join(
+    os.environ.get("SLIM_VENV", os.path.join(REPO, ".venv-slim")), "bin",
+    "python")
 
 
 @pytest.mark.slow

@@ -73,7 +73,7 @@ def _flatten(group):
 
 @pytest.mark.parametrize("relative", [
     "**", "*/*.png", "**/00*.png", "[BC]*/*", "a/?/c/**", "Bag/01?.png",
-    "Sandal/*/0[12]/*.png", "*.png", "a/b*/**"])
+    "Sandal/*/0[12]/*.png", "*.png", "a/b*/**", "a/b2/", "Sandal/2024/*/"])
 def test_listing_matches_what_beam_matches(nested, relative):
   pattern = os.path.join(nested, relative)
   expected = _beam_match(pattern)
@@ -277,13 +277,14 @@ def test_plan_items_groups_row_groups():
   assert list(row_groups.plan_items("s", [])) == []
 
 
-def _corrupt_row_group(path, index):
-  """Overwrites the data pages of one row group's columns with garbage,
-  leaving the footer and the other row groups intact."""
+def _corrupt_row_group(path, index, columns=None):
+  """Overwrites the data pages of one row group's columns (all, or those at
+  the indices `columns`) with garbage, leaving the footer and the other row
+  groups intact."""
   metadata = pq.ParquetFile(path).metadata
   data = bytearray(open(path, "rb").read())
   group = metadata.row_group(index)
-  for c in range(group.num_columns):
+  for c in columns if columns is not None else range(group.num_columns):
     chunk = group.column(c)
     start = (chunk.dictionary_page_offset if chunk.has_dictionary_page
              else chunk.data_page_offset)
@@ -332,6 +333,26 @@ def test_corrupt_row_group_is_one_error_and_the_others_go_on(
   assert manifest["counts"]["skipped"] == 160
   assert manifest["counts"]["inputs"] == 1 and len(errors) == 1
   assert rows == [] and manifest["totals"]["predictions"] == 160
+
+
+def test_a_failing_row_group_reports_only_the_wanted_rows_it_took(
+    tmp_path, sample):
+  """With --skip_existing the rows to read are a subset: a failure reports
+  the wanted rows it took, never rows skipped or not asked for."""
+  path = str(tmp_path / "images_break.parquet")
+  pq.write_table(pa.table({
+      "id": [f"img{i}" for i in range(120)],
+      "image": [preprocessing.encode_png(x) for x in sample.test.images[:120]],
+  }), path, row_group_size=40)
+  _corrupt_row_group(path, 2, columns=[1])  # ids intact, images broken
+  item = (path, 0, 3, 0, 120)
+  read = list(row_groups.read_item(item, ["id", "image"], 16,
+                                   [0, 1, 85, 90]))
+  assert [r[1].tolist() for r in read if r[0] == "rows"] == [[0, 1]]
+  assert [r[1:3] for r in read if r[0] == "error"] == [(85, 91)]
+  # Nothing wanted in the broken row group: nothing to report.
+  assert [r[0] for r in row_groups.read_item(item, ["id", "image"], 16,
+                                             [0, 50])] == ["rows", "rows"]
 
 
 def test_row_group_items_spread_one_shard(grouped_shard, tiny_model, sample):
@@ -466,8 +487,11 @@ def test_input_list_with_skip_existing_and_repeated_uris(tmp_path, lists,
   folder, bag, _, _, _ = lists
   output = tmp_path / "out"
   first = tmp_path / "first.txt"
-  first.write_text("\n".join(bag[:20]) + "\n")
-  _run(output, input=None, input_list=str(first), model=tiny_model)
+  # Saved by Windows' Notepad: a byte order mark before the first URI.
+  first.write_bytes(b"\xef\xbb\xbf" + ("\n".join(bag[:20]) + "\n").encode())
+  manifest, _, errors = _run(output, input=None, input_list=str(first),
+                             model=tiny_model)
+  assert manifest["counts"]["predictions"] == 20 and errors == []
   again = tmp_path / "again.txt"
   # Overlapping, and one URI listed twice.
   again.write_text("\n".join(bag[10:30] + bag[25:26]) + "\n")
