@@ -27,6 +27,8 @@ import numpy as np
 from PIL import Image
 
 BATCH = 256
+FLOWERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))), "..", "shared", "data", "flowers")
 
 
 def _one_core() -> int:
@@ -48,7 +50,8 @@ def _photos(folder: str, count: int) -> list:
   return payloads
 
 
-def _enlarged(payloads: list, size=(500, 375), quality=90) -> list:
+def enlarged(payloads: list, size=(500, 375), quality=90) -> list:
+  """Photos re-encoded as larger JPEGs (bicubic), like a camera's photos."""
   out = []
   for data in payloads:
     image = Image.open(io.BytesIO(data)).convert("RGB").resize(
@@ -57,6 +60,14 @@ def _enlarged(payloads: list, size=(500, 375), quality=90) -> list:
     image.save(buffer, format="JPEG", quality=quality)
     out.append(buffer.getvalue())
   return out
+
+
+def one_thread_tensorflow():
+  """TensorFlow on one thread, so its figures are per-core costs."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  tf.config.threading.set_intra_op_parallelism_threads(1)
+  tf.config.threading.set_inter_op_parallelism_threads(1)
 
 
 def time_decoder(decoder, payloads: list, repeats: int) -> float:
@@ -77,21 +88,16 @@ def time_decoder(decoder, payloads: list, repeats: int) -> float:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m benchmarks.decoders",
                                    description=__doc__.split("\n\n")[0])
-  parser.add_argument("--flowers", default=os.path.join(
-      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
-      "shared", "data", "flowers"))
+  parser.add_argument("--flowers", default=FLOWERS)
   parser.add_argument("--images", type=int, default=512)
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args(argv)
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   core = _one_core()
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  tf.config.threading.set_intra_op_parallelism_threads(1)
-  tf.config.threading.set_inter_op_parallelism_threads(1)
+  one_thread_tensorflow()
   from model import preprocessing  # pylint: disable=import-outside-toplevel
 
   photos = _photos(args.flowers, args.images)
-  large = _enlarged(photos)
+  large = enlarged(photos)
   load = os.getloadavg()
   print(f"{len(photos)} images per workload, {args.repeats} passes, core "
         f"{core}, TensorFlow on 1 thread; load average at start "

@@ -16,7 +16,6 @@ cProfile: the share of its time spent in the progress code itself.
 
 import argparse
 import os
-import resource
 import shutil
 import statistics
 import sys
@@ -60,17 +59,14 @@ def main(argv=None):
     # from running second (or first) after the other.
     order = list(VARIANTS.items())
     for name, flags in (order if repeat % 2 == 0 else order[::-1]):
-      before = resource.getrusage(resource.RUSAGE_CHILDREN)
       result = throughput.run_system("P", folder, model, out, 0,
                                      throughput.P_FLAGS + flags)
-      after = resource.getrusage(resource.RUSAGE_CHILDREN)
       # CPU seconds of P's whole process tree: what the progress lines add,
       # and far less swayed than wall time by other work on the machine.
-      cpu[name].append(after.ru_utime - before.ru_utime +
-                       after.ru_stime - before.ru_stime)
-      seconds[name].append(result["seconds"])
+      cpu[name].append(result["cpu_s"])
+      seconds[name].append(result["wall_s"])
       images[name] = result["images"]
-      print(f"repeat {repeat + 1}, {name}: {result['seconds']:.2f}s wall, "
+      print(f"repeat {repeat + 1}, {name}: {result['wall_s']:.2f}s wall, "
             f"{cpu[name][-1]:.2f}s CPU", file=sys.stderr)
   wall = {name: statistics.median(values) for name, values in seconds.items()}
   used = {name: statistics.median(values) for name, values in cpu.items()}

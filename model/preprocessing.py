@@ -43,6 +43,18 @@ TORCH_STD = (0.229, 0.224, 0.225)
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
+# Batches of images larger than this many values in all are decoded and run
+# through the model in slices: the working memory of both grows with the
+# rows they handle at once, and neither is faster for rows beyond a few.
+MAX_SLICE_VALUES = 1 << 22
+
+
+def rows_per_slice(values_per_row: int) -> int:
+  """The largest power of two of rows within MAX_SLICE_VALUES (at least 1)."""
+  rows = max(1, MAX_SLICE_VALUES // max(1, values_per_row))
+  return 1 << (rows.bit_length() - 1)
+
+
 # Images above this many pixels are first reduced, in their own mode, by a
 # whole factor that leaves them at least twice the model's size (JPEGs by
 # the decoder's own DCT scaling, before decoding). Every conversion after it
@@ -330,7 +342,13 @@ class BatchDecoder:
     if not good:
       return np.empty((0,) + self._shape, np.float32), good, errors
     try:
-      pixels = self._tensorflow.decode_batch([payloads[i] for i in good])
+      # In slices into one array: TensorFlow holds every full-size image of
+      # a call and its resized copy until the call returns.
+      pixels = np.empty((len(good),) + self._shape, np.float32)
+      rows = rows_per_slice(int(np.prod(self._shape)))
+      for start in range(0, len(good), rows):
+        pixels[start:start + rows] = self._tensorflow.decode_batch(
+            [payloads[i] for i in good[start:start + rows]])
       return pixels, good, errors
     except Exception:  # pylint: disable=broad-except
       pass

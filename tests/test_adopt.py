@@ -405,7 +405,8 @@ def test_keras_applications_model_on_photos_decoded_the_keras_way(tmp_path):
   assert np.abs(pillow - images).max() > 4
 
 
-def test_tensorflow_decoder_is_image_dataset_from_directory(tmp_path):
+def test_tensorflow_decoder_is_image_dataset_from_directory(tmp_path,
+                                                            monkeypatch):
   import keras  # pylint: disable=import-outside-toplevel
   _photo_classes(tmp_path / "photos", per_class=4)
   for color_mode, size in (("rgb", (24, 20)), ("grayscale", (64, 64))):
@@ -421,6 +422,13 @@ def test_tensorflow_decoder_is_image_dataset_from_directory(tmp_path):
     np.testing.assert_array_equal(pixels, expected)
     # Unrounded: the model saw fractions in training, and gets them here.
     assert (pixels != np.round(pixels)).mean() > 0.1
+    # Large batches decode in slices (here of 8 rows) to the same pixels.
+    with monkeypatch.context() as patch:
+      patch.setattr(preprocessing, "MAX_SLICE_VALUES",
+                    8 * int(np.prod(pixels.shape[1:])) + 1)
+      sliced, _, _ = decoder.decode(payloads)
+    assert len(payloads) % 8
+    np.testing.assert_array_equal(sliced, expected)
 
 
 def test_tensorflow_decoder_isolates_bad_and_oversized_images(tmp_path):

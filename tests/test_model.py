@@ -149,6 +149,21 @@ def test_engines_agree(tiny_model, sample):
   np.testing.assert_allclose(keras_p, tflite_p, atol=1e-4)
 
 
+def test_tflite_runs_large_batches_in_slices_with_the_same_outputs(
+    tiny_model, sample, monkeypatch):
+  whole = engines.load_engine(tiny_model, "tflite", 1).probabilities(
+      sample.test.images)
+  # 28x28 values per image: slices of 16 rows, the last one shorter.
+  assert preprocessing.rows_per_slice(28 * 28) == 1 << 12
+  monkeypatch.setattr(preprocessing, "MAX_SLICE_VALUES", 16 * 28 * 28 + 5)
+  assert preprocessing.rows_per_slice(28 * 28) == 16
+  engine = engines.load_engine(tiny_model, "tflite", 1)
+  sliced = engine.probabilities(sample.test.images)
+  assert len(sample.test.images) % 16 == engine._batch_size == 8  # pylint: disable=protected-access
+  np.testing.assert_array_equal(sliced, whole)
+  assert preprocessing.rows_per_slice(10**9) == 1
+
+
 def test_random_affine_is_exact_at_identity_and_mirrors_exactly():
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from model import architectures  # pylint: disable=import-outside-toplevel
