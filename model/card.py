@@ -266,10 +266,10 @@ def check_model_files(model_dir: str, card: ModelCard,
     raise ValueError(
         f"model card format {card.format_version}, expected "
         f"{CARD_FORMAT_VERSION}; export the model again with this version")
-  for engine in card.engines:
-    if not model_files(model_dir, card, [engine]):
-      raise ValueError(f"the card lists the {engine} engine but "
-                       f"{join(model_dir, ENGINE_FILES[engine])} is missing")
+  for listed in card.engines:
+    if not model_files(model_dir, card, [listed]):
+      raise ValueError(f"the card lists the {listed} engine but "
+                       f"{join(model_dir, ENGINE_FILES[listed])} is missing")
   payloads = model_payloads(model_dir, card)
   actual = compute_model_id(card, *payloads)
   if actual != card.model_id:

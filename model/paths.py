@@ -160,19 +160,18 @@ def scan_local(folder: str):
   is a file. Raises OSError when the folder cannot be listed."""
   with os.scandir(folder) as entries:
     for entry in entries:
-      try:
-        is_dir = entry.is_dir()
-      except OSError:
-        is_dir = False
-      if not is_dir:
+      if not _true_or_false(entry.is_dir):
         yield entry.path, False
-        continue
-      try:
-        is_link = entry.is_symlink()
-      except OSError:
-        is_link = False
-      if not is_link:
+      elif not _true_or_false(entry.is_symlink):
         yield entry.path, True
+
+
+def _true_or_false(test) -> bool:
+  """A DirEntry test; an entry that cannot be examined is False."""
+  try:
+    return test()
+  except OSError:
+    return False
 
 
 def walk_local(root: str, descend=None):

@@ -233,10 +233,14 @@ def test_portable_runner_runs_on_external_worker_processes(
   loads = [int(pid) for pid in MODEL_LOAD_LINE.findall(pool_log)]
   assert len(loads) == 1, details
   assert loads[0] not in (pool.pid, launcher.pid), details
+  _assert_served_the_sample(output, png_dir, tiny_model, sample)
+
+
+def _assert_served_the_sample(output, png_dir, tiny_model, sample):
+  """One model load, and every sample image with the label TFLite gives."""
   manifest = outputs.read_manifest(str(output))
   assert manifest["counts"] == {"inputs": 200, "predictions": 200,
                                 "errors": 0, "skipped": 0, "model_loads": 1}
-
   rows = read_parquet_rows(str(output / "predictions-*.parquet"))
   expected = dict(zip(png_ids(png_dir, sample),
                       expected_labels(tiny_model, sample, "tflite")))
@@ -334,10 +338,4 @@ def test_tflite_model_served_from_the_slim_install(tmp_path, png_dir,
   result = _predict_cli(SLIM_PYTHON, [
       "--input", png_dir, "--model", tiny_model, "--output", str(output)])
   assert result.returncode == 0, result.stderr[-3000:]
-  manifest = outputs.read_manifest(str(output))
-  assert manifest["counts"] == {"inputs": 200, "predictions": 200,
-                                "errors": 0, "skipped": 0, "model_loads": 1}
-  rows = read_parquet_rows(str(output / "predictions-*.parquet"))
-  expected = dict(zip(png_ids(png_dir, sample),
-                      expected_labels(tiny_model, sample, "tflite")))
-  assert {row["id"]: row["label"] for row in rows} == expected
+  _assert_served_the_sample(output, png_dir, tiny_model, sample)
