@@ -47,7 +47,6 @@ import glob
 import io
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -56,6 +55,7 @@ import time
 import numpy as np
 
 from benchmarks import process_tree
+from benchmarks import stages
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ../shared/data beside the checkout; --shared_data points elsewhere (a
@@ -259,14 +259,6 @@ def prepare(args):
   return workloads
 
 
-def list_inputs(folder):
-  """(kind, items) where items are shard paths or image paths, sorted."""
-  shards = sorted(glob.glob(os.path.join(folder, "*.parquet")))
-  if shards:
-    return "parquet", shards
-  return "files", sorted(glob.glob(os.path.join(folder, "*", "*")))
-
-
 # Systems (run in a child process) ----------------------------------------
 
 
@@ -303,7 +295,7 @@ def run_b0(folder, model_dir, output, limit=None):
   card = card_lib.load_card(model_dir)
   model = keras.saving.load_model(os.path.join(model_dir, "model.keras"))
   call = tf.function(lambda x: model(x, training=False))
-  kind, items = list_inputs(folder)
+  kind, items = stages.list_inputs(folder)
 
   def batches():
     if kind == "parquet":
@@ -341,7 +333,7 @@ def _beam_read(pipeline, folder, card, limit):
   import apache_beam as beam  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   from apache_beam.io import fileio  # pylint: disable=import-outside-toplevel
-  kind, items = list_inputs(folder)
+  kind, items = stages.list_inputs(folder)
   if kind == "parquet":
     rows = pipeline | beam.io.ReadFromParquet(os.path.join(folder, "*.parquet"))
     if limit:
@@ -439,7 +431,7 @@ def measure(command):
 
 
 def _input_flag(folder):
-  kind, _ = list_inputs(folder)
+  kind, _ = stages.list_inputs(folder)
   return "--parquet" if kind == "parquet" else "--images"
 
 
@@ -498,10 +490,9 @@ def top1_agreement(reference, other):
 
 def physical_limit(folder, model_dir, images):
   """Core seconds per image of the decoder and of the model on one thread
-  (from benchmarks.profile's stage timing), and the rate 2 cores allow."""
-  from benchmarks import profile  # pylint: disable=import-outside-toplevel
-  stages, count = profile.stage_seconds(folder, model_dir, BATCH, images)
-  decode, model = stages["decode"] / count, stages["inference"] / count
+  (benchmarks.stages' timing, as the profile's), and the rate 2 cores allow."""
+  seconds, count = stages.stage_seconds(folder, model_dir, BATCH, images)
+  decode, model = seconds["decode"] / count, seconds["inference"] / count
   return {"images": count, "decode_us": decode * 1e6, "model_us": model * 1e6,
           "rate": (os.cpu_count() or 1) / (decode + model)}
 
