@@ -752,9 +752,7 @@ def main(argv=None) -> int:
     return 2
   cli.print_next(
       f"{args.output} (model_card.json and the model files)",
-      [cli.command("python", "-m", "beam_jobs.predict", "--input",
-                   "IMAGES_OR_SHARDS", "--model", args.output, "--output",
-                   "OUTPUT_DIR")])
+      [cli.predict_command(model=args.output)])
   return 0
 
 

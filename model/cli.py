@@ -229,6 +229,14 @@ def command(*parts) -> str:
   return " ".join(shlex.quote(str(part)) for part in parts)
 
 
+def predict_command(input_: str = "IMAGES_OR_SHARDS", model: str = "MODEL_DIR",
+                    *flags: str) -> str:
+  """The beam_jobs.predict line a closing "Next:" suggests; `flags` go
+  after --input."""
+  return command("python", "-m", "beam_jobs.predict", "--input", input_,
+                 *flags, "--model", model, "--output", "OUTPUT_DIR")
+
+
 def print_next(results: Optional[str], commands: Iterable[str]) -> None:
   """The closing lines of a command: where its results are, what is next."""
   commands = list(commands)

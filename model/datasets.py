@@ -232,9 +232,7 @@ def main(argv=None) -> int:
   print(f"wrote {count} PNG images to {args.to_png}")
   cli.print_next(
       f"{args.to_png} (one folder per class)",
-      [cli.command("python", "-m", "beam_jobs.predict", "--input",
-                   args.to_png, "--model", "MODEL_DIR", "--output",
-                   "OUTPUT_DIR"),
+      [cli.predict_command(args.to_png),
        cli.command("python", "-m", "tools.make_shards", args.to_png,
                    "SHARDS_DIR")])
   return 0

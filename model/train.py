@@ -392,9 +392,7 @@ def main(argv=None) -> int:
   cli.print_next(
       f"{args.output} (model.keras, model.tflite, model_card.json, "
       "training_curves.png)",
-      [cli.command("python", "-m", "beam_jobs.predict", "--input",
-                   "IMAGES_OR_SHARDS", "--model", args.output, "--output",
-                   "OUTPUT_DIR")])
+      [cli.predict_command(model=args.output)])
   return 0
 
 

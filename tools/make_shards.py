@@ -124,10 +124,9 @@ def main(argv=None) -> int:
   print(f"wrote {len(written)} shard(s) to {args.output}")
   cli.print_next(
       f"{args.output} ({SHARD_PREFIX}-*.parquet: id, image, label)",
-      [cli.command("python", "-m", "beam_jobs.predict", "--input",
-                   paths.join(args.output, f"{SHARD_PREFIX}-*.parquet"),
-                   "--label_column", "label", "--model",
-                   args.model or "MODEL_DIR", "--output", "OUTPUT_DIR")])
+      [cli.predict_command(
+          paths.join(args.output, f"{SHARD_PREFIX}-*.parquet"),
+          args.model or "MODEL_DIR", "--label_column", "label")])
   return 0
 
 
