@@ -251,9 +251,11 @@ def test_the_views_hold_exactly_the_listed_shards(boundary):
   names = sorted(row[0] for row in views.connection.execute(
       f"SELECT file FROM glob('{SCHEME}://*')").fetchall())
   assert [name.rsplit("/", 1)[-1] for name in names] == sorted(
-      os.path.basename(path) for path, _ in
-      views._shards.values())  # pylint: disable=protected-access
-  assert len(names) == 3
+      views._shards)  # pylint: disable=protected-access
+  assert sorted(os.path.basename(path) for path, _ in
+                views._shards.values()) == sorted(  # pylint: disable=protected-access
+                    [_shard_name("predictions", i, 2) for i in range(2)] +
+                    [_shard_name("errors", 0, 1)])
 
 
 def test_a_long_query_is_stopped_at_the_time_limit(boundary):
@@ -297,3 +299,48 @@ def test_remote_shards_are_read_through_their_file_system(tmp_path):
     shards.open(f"{SCHEME}://shard.parquet", "wb")
   with pytest.raises(FileNotFoundError):
     shards.open(f"{SCHEME}://other.parquet", "rb")
+
+
+# A result file's name is data from a shared folder; these names try to end
+# the quoted path in the views' SQL and run a statement of their own.
+INJECTED_NAMES = [
+    "predictions-X.parquet'], union_by_name=true); COPY (SELECT 'echo pwned' "
+    "AS x) TO 'pwned.txt' (HEADER false, QUOTE ''); --.parquet",
+    "predictions-X.parquet']); COPY (SELECT 1) TO 'pwned.txt'; --.parquet",
+    "predictions-\"); COPY (SELECT 1) TO 'pwned.txt'; --.parquet",
+    "predictions-x'') ; ATTACH 'pwned.txt' AS p; --.parquet",
+    "predictions-x\\'; COPY (SELECT 1) TO 'pwned.txt'; --.parquet",
+    "predictions-x'\n; COPY (SELECT 1) TO 'pwned.txt';\n--.parquet",
+    "predictions-x$$; COPY (SELECT 1) TO 'pwned.txt'; --$$.parquet",
+]
+
+
+@pytest.mark.parametrize("listed", [True, False], ids=["manifest", "no_manifest"])
+@pytest.mark.parametrize("name", INJECTED_NAMES)
+def test_a_shard_name_never_becomes_sql(tmp_path, monkeypatch, capsys, name,
+                                        listed):
+  """Fails on the code before the fix: the name was pasted into
+  read_parquet([...]) before the connection was locked."""
+  out = tmp_path / "out"
+  out.mkdir()
+  # The shard the injected SQL names first, so that its statement parses.
+  decoy = "predictions-X.parquet"
+  pq.write_table(_predictions(["d"]), out / decoy)
+  pq.write_table(_predictions(["a", "b", "c"]), out / name)
+  if listed:
+    outputs.write_manifest(str(out), {
+        "run_id": RUN, "model_id": "m",
+        "files": {"predictions": [{"name": decoy, "rows": 1},
+                                  {"name": name, "rows": 3}],
+                  "errors": []}})
+  work = tmp_path / "work"
+  work.mkdir()
+  monkeypatch.chdir(work)
+  before = _snapshot(str(tmp_path))
+  assert query.main([str(out), "--json"]) == 0
+  # A backslash is in no shard name of ours: the manifest's filter and
+  # Beam's glob leave such a file out, so only the decoy is read.
+  expected = 1 if "\\" in name else 4
+  assert f'"predictions": {expected}' in capsys.readouterr().out
+  assert _snapshot(str(tmp_path)) == before
+  assert not os.listdir(work)

@@ -290,8 +290,9 @@ class ResultViews:
         if problem:
           warn(f"skipped {path}: {problem}; the answers leave it out")
           continue
-        # Names stay distinct when two folders are open (compare).
-        name = alias + base
+        # A generated name, never the file's own: names come from shared
+        # folders, and this one is spelt into the views' SQL.
+        name = f"{alias}{kind}-{len(self._shards):06d}.parquet"
         self._shards[name] = (path, filesystem)
         names.append(name)
       empty = pa.schema([field for field in expected
@@ -311,8 +312,8 @@ class ResultViews:
           f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM {source}")
 
   def lock(self) -> "ResultViews":
+    """Locks the connection first, then creates the views on it."""
     self.connection.register_filesystem(ListedShards(self._shards))
-    self._create_views()
     for statement in (
         "SET temp_directory = ''",
         # Both spellings: DuckDB writes a globbed scheme path with three
@@ -322,6 +323,7 @@ class ResultViews:
         "SET enable_external_access = false",
         "SET lock_configuration = true"):
       self.connection.execute(statement)
+    self._create_views()
     return self
 
   def fetch(self, sql: str, parameters=None, max_rows: Optional[int] = None):
