@@ -20,9 +20,9 @@ from beam_jobs import output_folder
 from beam_jobs import sources
 from beam_jobs.contracts import DEFAULT_BATCH_SIZE
 from model import card as card_lib
-from model import cli
+from imagebatch import cli
 from model import engines
-from model import paths
+from imagebatch import paths
 from model import preprocessing
 
 DEFAULT_TOP_K = 3

@@ -18,7 +18,7 @@ from beam_jobs.contracts import ImageBatch
 from beam_jobs.contracts import error_row
 from model import card as card_lib
 from model import engines
-from model import paths
+from imagebatch import paths
 
 # Beam's RunInference reports its own metrics under this namespace.
 METRICS_NAMESPACE = "RunInference"

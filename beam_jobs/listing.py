@@ -40,7 +40,7 @@ from beam_jobs.contracts import INPUTS
 from beam_jobs.contracts import counter
 from beam_jobs.contracts import error_row
 from beam_jobs.contracts import id_bucket
-from model import paths
+from imagebatch import paths
 
 # Levels listed one folder at a time, each level's folders spread over the
 # workers, before the folders left are listed whole. Two levels split a
@@ -131,7 +131,7 @@ FILE, FOLDER, UNLISTABLE = "file", "folder", "unlistable"
 
 
 class LocalLister:
-  """Lists local folders (model/paths.py's scandir rules)."""
+  """Lists local folders (imagebatch/paths.py's scandir rules)."""
 
   def scan(self, folder: str):
     """One level: yields (path, FILE | FOLDER | UNLISTABLE)."""

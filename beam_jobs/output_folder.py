@@ -43,7 +43,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from beam_jobs import outputs
-from model import paths
+from imagebatch import paths
 
 LOCK_FILE = "_run.lock"
 RUN_ID = r"\d{8}T\d{6}-[0-9a-f]{6}"

@@ -30,8 +30,8 @@ from beam_jobs.pipeline import build_pipeline
 from beam_jobs.progress import ProgressReporter
 from beam_jobs.progress import runs_locally
 from model import card as card_lib
-from model import cli
-from model import paths
+from imagebatch import cli
+from imagebatch import paths
 
 
 # 2: the manifest lists the result set's files (beam_jobs/output_folder.py).
@@ -251,9 +251,9 @@ def duplicate_warning(manifest: dict, output: str) -> Optional[str]:
 
 
 def next_commands(output: str) -> list:
-  return [cli.command("python", "-m", "tools.query", output),
-          cli.command("python", "-m", "tools.query", output, "accuracy"),
-          cli.command("python", "-m", "tools.report", output, "--out",
+  return [cli.program("query", output),
+          cli.program("query", output, "accuracy"),
+          cli.program("report", output, "--out",
                       outputs.report_dir_for(output))]
 
 

@@ -24,7 +24,7 @@ from beam_jobs.contracts import ERRORS
 from beam_jobs.contracts import INPUTS
 from beam_jobs.contracts import counter
 from beam_jobs.contracts import error_row
-from model import paths
+from imagebatch import paths
 
 # Rows per work item: row groups are put together until an item has this
 # many (a row group of more is an item by itself).

@@ -39,7 +39,7 @@ from beam_jobs.listing import merge_short_groups
 from beam_jobs.skip_existing import SkipExisting
 from beam_jobs.skip_existing import SkipRefs
 from beam_jobs.skip_existing import SkipRows
-from model import paths
+from imagebatch import paths
 
 # An object store answers each small read after tens of milliseconds, so a
 # group of remote files is read by this many threads at once; local files

@@ -31,10 +31,10 @@ from typing import Optional
 import numpy as np
 
 from model import card as card_lib
-from model import cli
+from imagebatch import cli
 from model import engines
 from model import export
-from model import paths
+from imagebatch import paths
 from model import preprocessing
 
 SOURCE_KINDS = ("keras", "h5", "savedmodel", "tflite")

@@ -15,9 +15,9 @@ import re
 from typing import Any, Optional
 
 from model import preprocessing
-from model.paths import join
-from model.paths import match_paths
-from model.paths import read_bytes
+from imagebatch.paths import join
+from imagebatch.paths import match_paths
+from imagebatch.paths import read_bytes
 
 MODEL_FILE = "model.keras"
 TFLITE_FILE = "model.tflite"

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from model import cli
+from imagebatch import cli
 from model import datasets
 
 DEFAULT_SEED = 0

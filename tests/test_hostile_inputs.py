@@ -28,7 +28,9 @@ from beam_jobs import predict
 from model import card as card_lib
 from model import datasets
 from model import preprocessing
+from tools import answers
 from tools import query
+from tools import sandbox
 
 RUNNER = ["--runner", "DirectRunner"]
 # A regression that opened a FIFO would hang the suite; this fails it.
@@ -139,7 +141,7 @@ def test_unreadable_subfolder_is_an_error_row(tmp_path, tiny_model, sample):
 def test_a_folder_that_cannot_be_listed_is_matched_not_dropped(tmp_path,
                                                                monkeypatch):
   """As root every folder can be listed, so the refusal is simulated."""
-  from model import paths  # pylint: disable=import-outside-toplevel
+  from imagebatch import paths  # pylint: disable=import-outside-toplevel
   (tmp_path / "open").mkdir()
   (tmp_path / "open" / "a.png").write_bytes(b"x")
   (tmp_path / "locked").mkdir()
@@ -249,8 +251,8 @@ def test_hostile_parquet_rows_fail_alone(tmp_path, tiny_model, sample):
   first_inputs = counts["inputs"]
   # e2 and raw0 twice each.
   assert manifest["duplicate_ids"] == 2
-  connection = query.connect(str(tmp_path / "out"))
-  assert {row["id"]: row["rows"] for row in query.duplicates(connection)} == {
+  connection = sandbox.connect(str(tmp_path / "out"))
+  assert {row["id"]: row["rows"] for row in answers.duplicates(connection)} == {
       "e2": 2, "raw0": 2}
 
   # Again with --skip_existing: the predicted ids are skipped, every failed
@@ -674,7 +676,7 @@ def _assert_one_complete_result_set(output, expected_ids: set) -> dict:
   assert len(ids) == len(set(ids)) and set(ids) == expected_ids
   assert manifest["totals"] == {"predictions": len(predictions),
                                 "errors": len(errors)}
-  summary = query.summary(query.connect(str(output)), str(output))
+  summary = answers.summary(sandbox.connect(str(output)), str(output))
   assert summary["predictions"] == len(predictions)
   assert summary["manifest"]["run_id"] == manifest["run_id"]
   return manifest

@@ -19,7 +19,7 @@ from beam_jobs import sources
 from beam_jobs.contracts import ImageBatch
 from model import card as card_lib
 from model import datasets
-from model import paths
+from imagebatch import paths
 from model import preprocessing
 from tools import make_shards
 from tests.conftest import REPO
