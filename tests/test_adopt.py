@@ -21,6 +21,7 @@ from benchmarks import tutorials
 from beam_jobs import predict
 from model import adopt
 from model import card as card_lib
+from model import model_checks
 from model import datasets
 from model import engines
 from model import preprocessing
@@ -262,7 +263,7 @@ def test_lambda_and_file_writing_savedmodels_are_refused_before_loading(
 def test_savedmodel_ops_of_clean_exports_pass(author):
   for kind in ("export", "tf_saved_model"):
     with open(os.path.join(author.files[kind], "saved_model.pb"), "rb") as f:
-      assert card_lib.saved_model_unsafe_ops(f.read()) == []
+      assert model_checks.saved_model_unsafe_ops(f.read()) == []
 
 
 def test_near_chance_eval_data_warns(tmp_path, author, png_dir):
@@ -508,7 +509,7 @@ def test_a_savedmodel_folder_served_by_tflite_needs_no_tensorflow_to_check(
   def no_tensorflow(_):
     raise ModuleNotFoundError("No module named 'tensorflow'")
 
-  monkeypatch.setattr(card_lib, "saved_model_unsafe_ops", no_tensorflow)
+  monkeypatch.setattr(model_checks, "saved_model_unsafe_ops", no_tensorflow)
   model, out = str(tmp_path / "model"), str(tmp_path / "out")
   config = config_lib.PredictConfig(png_dir, model, out)
   assert config.validate().engines == ["savedmodel", "tflite"]
