@@ -17,7 +17,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options import pipeline_options as beam_options
 
 from beam_jobs import output_folder
-from beam_jobs import sources
+from beam_jobs.sources import lists
+from beam_jobs.sources import parquet
 from beam_jobs.contracts import DEFAULT_BATCH_SIZE
 from model import card as card_lib
 from imagebatch import cli
@@ -179,7 +180,7 @@ class PredictConfig:
       if column and column not in schema.names:
         raise ConfigError(f"--{flag} {column!r} is not a column of "
                           f"{shard_path}; it has {schema.names}")
-    problem = sources.image_column_problem(
+    problem = parquet.image_column_problem(
         schema.field(self.image_column).type)
     if problem:
       raise ConfigError(f"--image_column {self.image_column!r} of "
@@ -187,7 +188,7 @@ class PredictConfig:
 
   def _check_list_columns(self, list_path: str) -> None:
     """The --uri_column (and --label_column) of the first list file."""
-    kind = sources.list_format(list_path)
+    kind = lists.list_format(list_path)
     if kind == "text":
       if self.label_column:
         raise ConfigError(

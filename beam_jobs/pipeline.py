@@ -14,10 +14,10 @@ from beam_jobs.contracts import ERROR_ROWS
 from beam_jobs.contracts import ERRORS
 from beam_jobs.contracts import PREDICTIONS
 from beam_jobs.preprocess import Preprocess
-from beam_jobs.skip_existing import SkipExisting
-from beam_jobs.sources import ReadImageFiles
-from beam_jobs.sources import ReadInputList
-from beam_jobs.sources import ReadParquetImages
+from beam_jobs.sources.images import ReadImageFiles
+from beam_jobs.sources.lists import ReadInputList
+from beam_jobs.sources.parquet import ReadParquetImages
+from beam_jobs.sources.skip_existing import SkipExisting
 from model.card import ModelCard
 
 

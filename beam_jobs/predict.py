@@ -11,7 +11,6 @@ Writes predictions-*.parquet, errors-*.parquet and _run.json to OUTPUT_DIR.
 import contextlib
 import dataclasses
 import logging
-import os
 import sys
 import time
 from typing import Optional

@@ -268,15 +268,15 @@ def test_hostile_parquet_rows_fail_alone(tmp_path, tiny_model, sample):
 
 
 def test_raw_pixel_rows_are_checked_one_by_one():
-  from beam_jobs import sources  # pylint: disable=import-outside-toplevel
+  from beam_jobs.sources import parquet  # pylint: disable=import-outside-toplevel
   column = pa.array([[1, 2, 3, 4], [1, None, 3, 4], [1, 2, 3, 999], None,
                      [1, 2], [255, 0, 0, 255]], pa.list_(pa.int32()))
-  pixels, good, bad = sources.raw_pixel_array(column, 4)
+  pixels, good, bad = parquet.raw_pixel_array(column, 4)
   assert list(good) == [0, 5]
   assert list(pixels) == [1, 2, 3, 4, 255, 0, 0, 255]
   assert sorted(bad) == [1, 2, 3, 4]
   fixed = pa.array([[1, 2], [3, 4]], pa.list_(pa.uint8(), 2))
-  pixels, good, bad = sources.raw_pixel_array(fixed, 2)
+  pixels, good, bad = parquet.raw_pixel_array(fixed, 2)
   assert list(good) == [0, 1] and not bad
 
 
