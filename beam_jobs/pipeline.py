@@ -39,8 +39,8 @@ def read_inputs(pipeline, config: PredictConfig, card: ModelCard,
 
 
 def build_pipeline(pipeline, config: PredictConfig, card: ModelCard,
-                   run_id: str, skip_files=(), progress=None,
-                   skip_rows=None) -> None:
+                   run_id: str, skip_files=(), skip_rows=None,
+                   progress=None) -> None:
   """Wires the graph; `run_id` names this run's output shards, and with
   --skip_existing `skip_files` are the earlier prediction shards kept
   (holding `skip_rows` rows, when known).

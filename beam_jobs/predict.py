@@ -23,7 +23,9 @@ from apache_beam.options.pipeline_options import SetupOptions
 from beam_jobs import config as config_lib
 from beam_jobs import contracts
 from beam_jobs import output_folder
+from beam_jobs import output_lock
 from beam_jobs import outputs
+from beam_jobs import preflight
 from beam_jobs.inference import METRICS_NAMESPACE as INFERENCE_NAMESPACE
 from beam_jobs.pipeline import build_pipeline
 from beam_jobs.progress import ProgressReporter
@@ -77,7 +79,8 @@ def read_duplicate_ids(pipeline_result) -> int:
 
 def run(config: config_lib.PredictConfig, beam_args=None,
         progress: Optional[ProgressReporter] = None) -> dict:
-  """Validates, runs the pipeline to the end, and commits its results.
+  """Checks, runs the pipeline to the end, and commits its results; returns
+  the manifest (for a Dataflow dry run, what was built).
 
   The run holds the output folder's lock from before the pipeline starts
   until its manifest is written; beam_jobs/output_folder.py says what it may
@@ -85,53 +88,63 @@ def run(config: config_lib.PredictConfig, beam_args=None,
   every `config.progress_seconds` unless `progress` brings its own reporter.
   """
   options = PipelineOptions(beam_args or [])
-  dry_run = config_lib.is_dataflow_dry_run(options)
-  card = config.validate(offline=dry_run)
-  config_lib.check_workers(config, card, options)
-  if dry_run:
-    return _dry_run(config, card, options)
+  plan = preflight.check(config, options)
+  if plan.dry_run:
+    return _dry_run(plan, options)
+  config = plan.config
   if progress is None and config.progress_seconds and runs_locally(options):
     progress = ProgressReporter(config.progress_seconds)
   run_id = output_folder.new_run_id()
-  lock = output_folder.OutputLock(config.output, run_id)
-  inherited = lock.acquire()
-  try:
+  with output_lock.OutputLock(config.output, run_id) as lock:
     # The folder again, now that no other run can change it.
     state = output_folder.inspect(config.output)
-    output_folder.check(state, card.model_id, config.overwrite,
+    output_folder.check(state, plan.card.model_id, config.overwrite,
                         config.skip_existing)
-  except BaseException:
-    lock.release()
-    raise
-  keep = state.kept_predictions() if config.skip_existing else []
-  started = time.time()
-  pipeline = beam.Pipeline(options=options)
-  skip_files, skip_rows = _skip_arguments(config, keep)
-  build_pipeline(pipeline, config, card, run_id, skip_files, progress,
-                 skip_rows)
+    keep = state.kept_predictions() if config.skip_existing else []
+    started = time.time()
+    pipeline = beam.Pipeline(options=options)
+    build_pipeline(pipeline, config, plan.card, run_id,
+                   *_skip_arguments(config, keep), progress=progress)
+    result = _run_pipeline(pipeline, config.output, run_id, progress, lock)
+    manifest = _manifest(plan, run_id, beam_args, result,
+                         time.time() - started)
+    _commit(state, manifest, keep, config.overwrite, lock)
+  return manifest
+
+
+def _run_pipeline(pipeline, output: str, run_id: str, progress,
+                  lock: output_lock.OutputLock):
+  """Runs the pipeline to the end; if it fails, its files go (they were
+  never listed) and the earlier results stay. Should that cleaning fail,
+  the lock stays too, and the next run cleans up."""
   try:
     with progress or contextlib.nullcontext():
       result = pipeline.run()
       result.wait_until_finish()
+    return result
   except Exception as error:  # pylint: disable=broad-except
     logging.exception("pipeline failed")
-    # Its shards were never listed: they go, and the earlier results stay.
-    # Should that fail, the lock stays too, and the next run cleans up.
-    output_folder.discard_run(config.output, run_id)
+    lock.keep()
+    output_folder.discard_run(output, run_id)
     lock.release()
     message = str(error).strip().splitlines()[0][:300] if str(error) else ""
     raise PipelineError(f"the pipeline failed, nothing was committed to "
-                        f"{config.output}: {type(error).__name__}: {message}"
+                        f"{output}: {type(error).__name__}: {message}"
                        ) from error
-  elapsed = time.time() - started
+
+
+def _manifest(plan: preflight.Plan, run_id: str, beam_args, result,
+              elapsed: float) -> dict:
+  """The run's manifest, but for the fields that describe the folder."""
+  card = plan.card
   counts, labels = read_counts(result)
-  manifest = {
+  return {
       "manifest_version": MANIFEST_VERSION,
       "run_id": run_id,
       "model_id": card.model_id,
       "model": card_lib.card_summary(card),
       "class_names": list(card.class_names),
-      "arguments": dataclasses.asdict(config),
+      "arguments": dataclasses.asdict(plan.config),
       "beam_args": list(beam_args or []),
       "counts": counts,
       # Of the predictions: labels that named a class (by name or index)
@@ -144,29 +157,34 @@ def run(config: config_lib.PredictConfig, beam_args=None,
                            else None,
       "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
   }
+
+
+def _commit(state: output_folder.FolderState, manifest: dict, keep: list,
+            overwrite: bool, lock: output_lock.OutputLock) -> None:
+  """Lists this run's shards in the manifest, checks that every input is
+  a prediction or an error row and that the shards hold exactly the rows
+  counted, and commits."""
   try:
-    manifest.update(output_folder.plan_commit(state, run_id, keep,
-                                              config.overwrite, inherited))
+    manifest.update(output_folder.plan_commit(
+        state, manifest["run_id"], keep, overwrite, lock.inherited))
   except output_folder.FolderError as error:
     raise PipelineError(str(error)) from None
-  # Every input is a prediction or an error row, and this run's shards hold
-  # exactly the rows its counters counted.
+  counts = manifest["counts"]
   manifest["accounted"] = (
       counts["inputs"] == counts["predictions"] + counts["errors"] and
       manifest["written"] == {outputs.PREDICTIONS_PREFIX: counts["predictions"],
                               outputs.ERRORS_PREFIX: counts["errors"]})
   try:
-    output_folder.commit(config.output, manifest)
+    output_folder.commit(state.output, manifest)
   except OSError as error:
     # A full disk, say. The lock stays, so the next run cleans up this
     # run's files; until then the folder reads as before, or as this run
     # if only the deleting failed.
+    lock.keep()
     raise PipelineError(
-        f"could not commit to {config.output}: {type(error).__name__}: "
+        f"could not commit to {state.output}: {type(error).__name__}: "
         f"{error}; its earlier results stand unless {outputs.MANIFEST_FILE} "
-        f"now names run {run_id}") from error
-  lock.release()
-  return manifest
+        f"now names run {manifest['run_id']}") from error
 
 
 def _skip_arguments(config: config_lib.PredictConfig, keep: list) -> tuple:
@@ -176,24 +194,23 @@ def _skip_arguments(config: config_lib.PredictConfig, keep: list) -> tuple:
           None if None in rows else sum(rows))
 
 
-def _dry_run(config: config_lib.PredictConfig, card, options) -> dict:
+def _dry_run(plan: preflight.Plan, options) -> dict:
   """Builds the Dataflow job and submits nothing (Dataflow's --dry_run).
 
   Nothing is written: no lock, no manifest. A remote input or output is
   not listed (that needs the network), so with a gs:// output the job is
   built without the --skip_existing join.
   """
+  config = plan.config
   setup = options.view_as(SetupOptions)
   if setup.requirements_file and not setup.requirements_cache:
     # Beam would pip-download the requirements to stage them: network.
     setup.requirements_cache = "skip"
-  keep = []
-  if config.skip_existing and not paths.is_remote(config.output):
-    keep = output_folder.inspect(config.output).kept_predictions()
+  keep = (plan.folder.kept_predictions()
+          if config.skip_existing and plan.folder else [])
   pipeline = beam.Pipeline(options=options)
-  skip_files, skip_rows = _skip_arguments(config, keep)
-  build_pipeline(pipeline, config, card, output_folder.new_run_id(),
-                 skip_files, skip_rows=skip_rows)
+  build_pipeline(pipeline, config, plan.card, output_folder.new_run_id(),
+                 *_skip_arguments(config, keep))
   result = pipeline.run()
   job = getattr(result, "job", None)
   return {
@@ -264,7 +281,7 @@ def main(argv=None) -> int:
     print(f"beam_jobs.predict: error: {error}", file=sys.stderr)
     return 2
   cli.quiet_libraries(config.verbose)
-  output = config.output  # As the user wrote it; validation makes it absolute.
+  output = config.output  # As the user wrote it; the plan's is absolute.
   try:
     manifest = run(config, beam_args)
   except (config_lib.ConfigError, output_folder.FolderError) as error:

@@ -22,7 +22,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from beam_jobs import config as config_lib
+from beam_jobs import preflight
 from beam_jobs import output_folder
+from beam_jobs import output_lock
 from beam_jobs import outputs
 from beam_jobs import predict
 from model import card as card_lib
@@ -326,7 +328,7 @@ def test_code_carrying_layers_are_refused_however_spelled(
                          edit_config=lambda c: _first_layer(c).update(spelling))
   config = config_lib.PredictConfig(png_dir, folder, str(tmp_path / "out"))
   with pytest.raises(config_lib.ConfigError, match="refused"):
-    config.validate()
+    preflight.check(config)
   assert not (tmp_path / "out").exists()
 
 
@@ -340,7 +342,7 @@ def test_card_and_model_that_disagree_are_refused(tmp_path, tiny_model,
   folder = _edited_model(tmp_path, tiny_model, edit_card=edit)
   config = config_lib.PredictConfig(png_dir, folder, str(tmp_path / "out"))
   with pytest.raises(config_lib.ConfigError, match=message):
-    config.validate()
+    preflight.check(config)
   assert not (tmp_path / "out").exists()
 
 
@@ -489,21 +491,21 @@ def test_a_second_run_is_refused_and_a_dead_runs_lock_taken_over(
   output = tmp_path / "out"
   config = config_lib.PredictConfig(images, tiny_model, str(output))
   # A run in progress (this very process holds the lock).
-  lock = output_folder.OutputLock(str(output), "20240101T000000-aaaaaa")
+  lock = output_lock.OutputLock(str(output), "20240101T000000-aaaaaa")
   lock.acquire()
   with pytest.raises(output_folder.FolderError, match="in use by run "
                      "20240101T000000-aaaaaa"):
     predict.run(config, RUNNER)
   lock.release()
-  assert not (output / output_folder.LOCK_FILE).exists()
+  assert not (output / output_lock.LOCK_FILE).exists()
 
   # A killed run: its lock names a process that is gone, and it left a
   # staged shard and a staging folder behind.
   killed = "20240102T000000-bbbbbb"
-  record = json.loads((output_folder.OutputLock(
+  record = json.loads((output_lock.OutputLock(
       str(output), killed)._record()).decode())  # pylint: disable=protected-access
   record["pid"] = _dead_pid()
-  (output / output_folder.LOCK_FILE).write_text(json.dumps(record))
+  (output / output_lock.LOCK_FILE).write_text(json.dumps(record))
   leftovers = [f"predictions-{killed}-00000-of-00002.parquet",
                f"beam-temp-errors-{killed}-" + "0" * 32]
   (output / leftovers[0]).write_bytes(b"half")
@@ -577,10 +579,10 @@ class _FakeClient:
 def test_gcs_lock_uses_generation_preconditions():
   client = _FakeClient()
   output = "gs://bucket/out/run1"
-  first = output_folder.OutputLock(output, "20240101T000000-aaaaaa", client)
+  first = output_lock.OutputLock(output, "20240101T000000-aaaaaa", client)
   assert first.acquire() == []
   assert list(client.bucket("bucket").objects) == ["out/run1/_run.lock"]
-  second = output_folder.OutputLock(output, "20240101T000001-bbbbbb", client)
+  second = output_lock.OutputLock(output, "20240101T000001-bbbbbb", client)
   with pytest.raises(output_folder.FolderError, match="in use"):
     second.acquire()
   # A lock replaced behind the first run's back is not the first run's to
@@ -738,7 +740,7 @@ def test_a_full_disk_at_the_manifest_write_keeps_the_earlier_results(
   monkeypatch.undo()
   # The failed run kept its lock; its process ends (here: is made to look
   # ended), and the next run takes the lock over and cleans up.
-  lock = output / output_folder.LOCK_FILE
+  lock = output / output_lock.LOCK_FILE
   record = json.loads(lock.read_text())
   record["pid"] = _dead_pid()
   lock.write_text(json.dumps(record))

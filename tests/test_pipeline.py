@@ -14,6 +14,7 @@ from apache_beam.testing.util import assert_that
 from apache_beam.testing.util import equal_to
 
 from beam_jobs import config as config_lib
+from beam_jobs import preflight
 from beam_jobs import predict
 from beam_jobs.sources import images
 from beam_jobs.sources import parquet
@@ -227,15 +228,15 @@ def test_inference_failure_is_isolated_to_the_bad_row(tiny_model):
 def test_config_errors_fail_before_any_work(tmp_path, tiny_model, png_dir,
                                             shards):
   with pytest.raises(config_lib.ConfigError, match="not a model folder"):
-    config_lib.PredictConfig(png_dir, str(tmp_path), str(tmp_path / "o")
-                            ).validate()
+    preflight.check(config_lib.PredictConfig(png_dir, str(tmp_path), str(tmp_path / "o")
+                            ))
   with pytest.raises(config_lib.ConfigError, match="matches no files"):
-    config_lib.PredictConfig(str(tmp_path / "none"), tiny_model,
-                             str(tmp_path / "o")).validate()
+    preflight.check(config_lib.PredictConfig(str(tmp_path / "none"), tiny_model,
+                             str(tmp_path / "o")))
   with pytest.raises(config_lib.ConfigError, match="--label_column 'nope'"):
-    config_lib.PredictConfig(os.path.join(shards, "encoded", "*.parquet"),
+    preflight.check(config_lib.PredictConfig(os.path.join(shards, "encoded", "*.parquet"),
                              tiny_model, str(tmp_path / "o"),
-                             label_column="nope").validate()
+                             label_column="nope"))
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_jobs import config as config_lib
+from beam_jobs import preflight
 from tools import make_shards
 from beam_jobs import outputs
 from beam_jobs.pipeline import build_pipeline
@@ -49,7 +50,7 @@ SITECUSTOMIZE = "import logging\nlogging.basicConfig(level=logging.INFO)\n"
 
 
 def _dataflow_job(config):
-  card = config.validate()
+  card = preflight.check(config).card
   pipeline = beam.Pipeline(options=PipelineOptions(DATAFLOW_ARGS))
   build_pipeline(pipeline, config, card, "dryrun")
   result = pipeline.run()

@@ -14,6 +14,7 @@ from apache_beam.testing.util import assert_that
 from apache_beam.testing.util import equal_to
 
 from beam_jobs import config as config_lib
+from beam_jobs import preflight
 from beam_jobs import outputs
 from beam_jobs import predict
 from beam_jobs.sources import listing
@@ -510,19 +511,19 @@ def test_input_list_with_skip_existing_and_repeated_uris(tmp_path, lists,
 def test_input_list_config_errors(tmp_path, lists, tiny_model, png_dir):
   folder = lists[0]
   with pytest.raises(config_lib.ConfigError, match="pass one of --input"):
-    config_lib.PredictConfig(png_dir, tiny_model, str(tmp_path / "o"),
-                             input_list=str(folder / "a.txt")).validate()
+    preflight.check(config_lib.PredictConfig(png_dir, tiny_model, str(tmp_path / "o"),
+                             input_list=str(folder / "a.txt")))
   with pytest.raises(config_lib.ConfigError, match="--uri_column 'path'"):
-    config_lib.PredictConfig(None, tiny_model, str(tmp_path / "o"),
+    preflight.check(config_lib.PredictConfig(None, tiny_model, str(tmp_path / "o"),
                              input_list=str(folder / "b.csv"),
-                             uri_column="path").validate()
+                             uri_column="path"))
   with pytest.raises(config_lib.ConfigError, match="text list"):
-    config_lib.PredictConfig(None, tiny_model, str(tmp_path / "o"),
+    preflight.check(config_lib.PredictConfig(None, tiny_model, str(tmp_path / "o"),
                              input_list=str(folder / "a.txt"),
-                             label_column="label").validate()
+                             label_column="label"))
   with pytest.raises(config_lib.ConfigError, match="matches no files"):
-    config_lib.PredictConfig(None, tiny_model, str(tmp_path / "o"),
-                             input_list=str(folder / "*.json")).validate()
+    preflight.check(config_lib.PredictConfig(None, tiny_model, str(tmp_path / "o"),
+                             input_list=str(folder / "*.json")))
 
 
 def test_relative_uris_resolve_from_the_list_folder():
