@@ -279,10 +279,11 @@ def _footer_rows(path: str) -> int:
     return pq.ParquetFile(handle).metadata.num_rows
 
 
-def run_shards(output: str, run_id: str) -> dict:
-  """This run's shards by kind, checked complete (every SSSSS of NNNNN)."""
+def run_shards(output: str, run_id: str, names: list) -> dict:
+  """This run's shards among the folder's `names`, by kind, checked
+  complete (every SSSSS of NNNNN)."""
   found = {outputs.PREDICTIONS_PREFIX: [], outputs.ERRORS_PREFIX: []}
-  for name in _names(output):
+  for name in names:
     match = _SHARD.match(name)
     if match and match["run"] == run_id:
       found[match["kind"]].append(match)
@@ -341,7 +342,8 @@ def plan_commit(state: FolderState, run_id: str, keep: list, overwrite: bool,
   deletes. `state` is the folder as it was when the run took the lock.
   """
   output = state.output
-  shards = run_shards(output, run_id)
+  names = _names(output)  # The folder now, with this run's shards.
+  shards = run_shards(output, run_id, names)
   new = {kind: [{"name": name, "rows": _footer_rows(paths.join(output, name))}
                 for name in names] for kind, names in shards.items()}
   files = {
@@ -352,7 +354,7 @@ def plan_commit(state: FolderState, run_id: str, keep: list, overwrite: bool,
   listed = {entry["name"] for kind in files.values() for entry in kind}
   runs = set(inherited_runs) | {run_id}
   retired = sorted(
-      name for name in set(state.names).union(_names(output))
+      name for name in set(state.names).union(names)
       if name not in listed and name not in (outputs.MANIFEST_FILE, LOCK_FILE)
       and (state.ours(name, runs) or (
           overwrite and name in state.names and OVERWRITE_KINDS.match(name))))

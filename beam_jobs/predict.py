@@ -26,7 +26,6 @@ from beam_jobs import output_folder
 from beam_jobs import output_lock
 from beam_jobs import outputs
 from beam_jobs import preflight
-from beam_jobs.inference import METRICS_NAMESPACE as INFERENCE_NAMESPACE
 from beam_jobs.pipeline import build_pipeline
 from beam_jobs.progress import ProgressReporter
 from beam_jobs.progress import runs_locally
@@ -52,7 +51,7 @@ def read_counts(pipeline_result) -> tuple:
   """From Beam metrics: (inputs, predictions, errors, skips and model loads;
   predictions with a label that matched a class and with one that did not).
   """
-  counts = dict.fromkeys(contracts.COUNTERS + ("model_loads",), 0)
+  counts = dict.fromkeys(contracts.COUNTERS + (contracts.MODEL_LOADS,), 0)
   labels = dict.fromkeys(contracts.LABEL_COUNTERS, 0)
   metrics = pipeline_result.metrics().query(MetricsFilter())
   for counter in metrics["counters"]:
@@ -61,11 +60,6 @@ def read_counts(pipeline_result) -> tuple:
     for totals in (counts, labels):
       if counter.key.metric.name in totals:
         totals[counter.key.metric.name] += _metric_value(counter)
-  # RunInference records one load-latency sample per model load.
-  for distribution in metrics["distributions"]:
-    if (distribution.key.metric.namespace == INFERENCE_NAMESPACE and
-        distribution.key.metric.name.endswith("load_model_latency_milli_secs")):
-      counts["model_loads"] += _metric_value(distribution)
   return counts, labels
 
 
