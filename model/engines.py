@@ -302,7 +302,11 @@ class OnnxEngine(Engine):
     if len(inputs[0].shape) != (3 if self._layout == "NHW" else 4):
       raise ValueError(f"{where} takes input of shape {inputs[0].shape}, "
                        f"which is not {self._layout}")
-    self._one_at_a_time = inputs[0].shape[0] == 1
+    batch = inputs[0].shape[0]
+    if isinstance(batch, int) and batch != 1:
+      raise ValueError(f"{where} has a fixed batch of {batch}; the onnx "
+                       "engine serves a batch axis of 1 or a symbolic one")
+    self._one_at_a_time = batch == 1
     width = outputs[0].shape[-1] if outputs[0].shape else None
     _check_width(width if isinstance(width, int) else None, card, where)
 

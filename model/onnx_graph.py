@@ -117,7 +117,7 @@ def read_classifier(path: str, layout: Optional[str] = None,
   original = model.SerializeToString() if changed else checked.data
   reference = _run_in_fixed_batches(original, image_input.name, selected,
                                     feed, dims[0], where)
-  num_classes = _check_outputs(reference, selected, where)
+  num_classes = _check_outputs(reference, len(feed), selected, where)
   batch, detail, served = "dynamic", "", original
   if dims[0] is not None:
     batch, detail, served = _batch_axis(model, image_input.name, selected,
@@ -410,12 +410,13 @@ def _unique(name: str, taken: set) -> str:
   return candidate
 
 
-def _check_outputs(outputs: np.ndarray, name: str, where: str) -> int:
-  """The class count; refuses outputs that are not (batch, classes) or not
-  finite."""
-  if outputs.ndim != 2 or outputs.shape[1] < 2:
+def _check_outputs(outputs: np.ndarray, rows: int, name: str,
+                   where: str) -> int:
+  """The class count; refuses outputs that are not (batch, classes), one
+  row per input row, or not finite."""
+  if outputs.ndim != 2 or outputs.shape[1] < 2 or len(outputs) != rows:
     raise ValueError(f"{where}'s output {name!r} has shape "
-                     f"{list(outputs.shape)} for a batch of {len(outputs)}; "
+                     f"{list(outputs.shape)} for a batch of {rows}; "
                      "a classifier's output is (batch, classes)")
   if not np.all(np.isfinite(outputs)):
     raise ValueError(f"{where}'s output {name!r} is not finite (NaN or inf) "

@@ -60,6 +60,9 @@ _HF_SWITCHES = ("do_resize", "do_center_crop", "do_rescale", "do_normalize",
 # Other Hugging Face keys that change the pixels and are not reproduced.
 _HF_UNSUPPORTED = ("rescale_offset", "include_top", "size_divisor",
                    "size_divisibility")
+# Keys that mark a Hugging Face image processor's config (as do "do_*").
+_HF_KEYS = ("image_processor_type", "feature_extractor_type", "image_mean",
+            "image_std", "resample", "crop_size", "rescale_factor")
 # ConvNeXt's processor resizes without cropping from this size up.
 _CONVNEXT_NO_CROP_FROM = 384
 
@@ -127,9 +130,7 @@ def read_preprocessing_config(path: str) -> PreprocessingFlags:
     return _timm_flags(data["pretrained_cfg"], f"{name} pretrained_cfg")
   if "input_size" in data:
     return _timm_flags(data, name)
-  if any(key in data for key in ("image_processor_type",
-                                 "feature_extractor_type", "image_mean",
-                                 "do_resize", "crop_size")):
+  if any(key in _HF_KEYS or key.startswith("do_") for key in data):
     return _hugging_face_flags(data, name)
   raise ValueError(f"{name} is neither a timm config (pretrained_cfg, "
                    "input_size) nor a Hugging Face preprocessor_config.json")

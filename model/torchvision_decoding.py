@@ -153,7 +153,8 @@ class TorchvisionDecoder:
 
   def __init__(self, resize: Optional[Size], center_crop: Optional[Size],
                interpolation: str, color_mode: str, height: int, width: int,
-               max_pixels: Optional[int] = preprocessing.DEFAULT_MAX_IMAGE_PIXELS,
+               max_pixels: Optional[int] = (
+                   preprocessing.DEFAULT_MAX_IMAGE_PIXELS),
                crop_rounding: str = "half_even"):
     if interpolation not in INTERPOLATIONS:
       raise ValueError(f"interpolation must be one of "

@@ -253,6 +253,12 @@ def test_inputs_and_outputs_that_are_not_an_image_classifier_are_refused(
       "Relu", ["x"], ["y"])], ["batch", 3, 4, 4]), tmp_path / "image.onnx")
   assert "(batch, classes)" in one_line_error(onnx_graph.read_classifier,
                                               image_out)
+  pooled = _write(_tiny_model(["batch", 3, 4, 4], [
+      helper.make_node("ReduceMean", ["x"], ["m"], axes=[0], keepdims=1),
+      helper.make_node("Flatten", ["m"], ["y"])], [1, 48]),
+                  tmp_path / "pooled.onnx")
+  assert "for a batch of 3" in one_line_error(onnx_graph.read_classifier,
+                                              pooled)
   zero = onnx.numpy_helper.from_array(np.zeros((1,), np.float32), "zero")
   nan = _write(_tiny_model(["batch", 3, 4, 4], [
       helper.make_node("Flatten", ["x"], ["f"]),
@@ -375,6 +381,10 @@ def test_check_onnx_model_shapes_compares_the_card_with_the_model(tmp_path):
   fewer = dataclass_replace(card, class_names=card.class_names[:-1])
   assert "5 classes" in one_line_error(engines.check_onnx_model_shapes, fewer,
                                        classifier.model_bytes)
+  fixed = build.classifier(str(tmp_path / "fixed4.onnx"), batch=4)
+  with open(fixed, "rb") as handle:
+    assert "fixed batch of 4" in one_line_error(
+        engines.OnnxEngine, card, model_content=handle.read())
   larger = dataclass_replace(card, input_shape=[9, 8, 3])
   assert "card says" in one_line_error(engines.check_onnx_model_shapes,
                                        larger, classifier.model_bytes)
