@@ -48,6 +48,11 @@ DEFAULT_INTERPOLATION = "bilinear"
 # Face's d // 2.
 CROP_ROUNDINGS = ("half_even", "floor")
 _CHANNELS = {"grayscale": 1, "rgb": 3}
+# The card's `preprocessing` keys for this decoder (beside `decoder:
+# torchvision`): resize is N or [height, width], center_crop [height, width]
+# (or null for either), interpolation one of INTERPOLATIONS, crop_rounding
+# one of CROP_ROUNDINGS (absent: half_even).
+CARD_FIELDS = ("resize", "center_crop", "interpolation", "crop_rounding")
 
 Size = Union[int, Sequence[int]]
 
@@ -190,6 +195,21 @@ class TorchvisionDecoder:
     self._crop_rounding = crop_rounding
     self._shape = size + (_CHANNELS[color_mode],)
     self._max_pixels = max_pixels
+
+  @classmethod
+  def from_card(cls, preprocessing_fields: dict, color_mode: str,
+                height: int, width: int,
+                max_pixels: Optional[int] = (
+                    preprocessing.DEFAULT_MAX_IMAGE_PIXELS)
+               ) -> "TorchvisionDecoder":
+    """The decoder a card's `preprocessing` (CARD_FIELDS) describes; a
+    ValueError of one line if those fields are not a recipe ending at the
+    card's input size, so a card can be validated by building one."""
+    return cls(preprocessing_fields.get("resize"),
+               preprocessing_fields.get("center_crop"),
+               preprocessing_fields.get("interpolation", DEFAULT_INTERPOLATION),
+               color_mode, height, width, max_pixels,
+               preprocessing_fields.get("crop_rounding", "half_even"))
 
   def decode_one(self, data: bytes) -> np.ndarray:
     """One image's pixels; raises for bytes that are not a readable image,

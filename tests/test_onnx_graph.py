@@ -388,3 +388,29 @@ def test_check_onnx_model_shapes_compares_the_card_with_the_model(tmp_path):
   larger = dataclass_replace(card, input_shape=[9, 8, 3])
   assert "card says" in one_line_error(engines.check_onnx_model_shapes,
                                        larger, classifier.model_bytes)
+
+
+def test_images_to_labels_as_the_author_gets_them(tmp_path):
+  # A fixed-batch NCHW model fed 24x24 crops of Resize(27, bicubic): files
+  # through the torchvision decoder and the onnx engine, against the
+  # author's loop (PIL pipeline, ToTensor, Normalize, one image at a time).
+  from model import torchvision_decoding  # pylint: disable=import-outside-toplevel
+  from tests import test_torchvision_decoding as pil  # pylint: disable=import-outside-toplevel
+  source = build.classifier(str(tmp_path / "m.onnx"), size=(24, 24),
+                            classes=7, batch=1, flatten="reshape")
+  classifier = onnx_graph.read_classifier(source)
+  engine = serve(classifier, tmp_path / "served", "torch", threads=2)
+  decoder = torchvision_decoding.TorchvisionDecoder(27, 24, "bicubic", "rgb",
+                                                    24, 24)
+  payloads = [pil.encoded(w, h, seed) for seed, (w, h) in enumerate(
+      pil.SIZES + [(640, 480), (375, 500)])]
+  pixels, good, errors = decoder.decode(payloads)
+  assert not errors and len(good) == len(payloads)
+  served = engine.probabilities(pixels.astype(np.float32))
+  authors = np.stack([pil.reference(data, "rgb", 27, 24, "bicubic")
+                      for data in payloads])
+  logits = build.author_outputs(source, author_inputs(authors, "NCHW",
+                                                      "torch"), 1)
+  expected = engines.softmax(logits.astype(np.float64))
+  np.testing.assert_array_equal(served.argmax(1), expected.argmax(1))
+  np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-6)

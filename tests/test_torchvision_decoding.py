@@ -218,3 +218,16 @@ def test_scale_pixels_is_to_tensor_and_normalize_bit_for_bit(input_scale,
   pixels = np.repeat(values[:, None], 3, axis=1)[None, None]
   got = preprocessing.scale_pixels(pixels, input_scale)[0, 0]
   np.testing.assert_array_equal(got.view(np.int32), expected.view(np.int32))
+
+
+def test_a_card_preprocessing_block_builds_the_decoder():
+  fields = {"decoder": "torchvision", "input_scale": "torch",
+            "layout": "NCHW", "resize": 27, "center_crop": [24, 24],
+            "interpolation": "bicubic"}
+  decoder = torchvision_decoding.TorchvisionDecoder.from_card(fields, "rgb",
+                                                              24, 24)
+  data = encoded(37, 23, 1)
+  np.testing.assert_array_equal(decoder.decode_one(data),
+                                reference(data, "rgb", 27, 24, "bicubic"))
+  with pytest.raises(ValueError, match="does not give"):
+    torchvision_decoding.TorchvisionDecoder.from_card(fields, "rgb", 28, 28)
