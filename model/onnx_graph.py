@@ -306,8 +306,7 @@ def _batch_axis(model: onnx.ModelProto, input_name: str, output_name: str,
                 batch: int, feed: np.ndarray, reference: np.ndarray,
                 original: bytes, where: str) -> tuple:
   """(batch mode, why, bytes to serve) for a graph with a fixed batch."""
-  rewritten = make_batch_symbolic(model, input_name, batch)
-  served = rewritten.SerializeToString()
+  served = make_batch_symbolic(model, input_name, batch).SerializeToString()
   try:
     session = engines.onnx_session(served)
     together = _run(session, input_name, output_name, feed)
