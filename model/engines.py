@@ -6,7 +6,8 @@ maps it to the model's input range (the card's `input_scale`, vectorised,
 before the model runs) and returns softmax probabilities, whatever the card
 says the model outputs. The export step uses them to check that TFLite agrees
 with Keras, and the pipeline's model handler serves with them. Only the
-Keras and SavedModel engines import TensorFlow; LiteRT needs none.
+Keras and SavedModel engines import TensorFlow; LiteRT and ONNX Runtime need
+none.
 """
 
 import os
@@ -19,19 +20,11 @@ from model import card as card_lib
 from model import model_checks
 from model import preprocessing
 
-# What the onnx engine reads: one self-contained file (model.onnx_checks
-# inlines external data when a model is adopted).
-ONNX_FILE = "model.onnx"
-# Where a graph's image input keeps its channels (the card's
-# `preprocessing.layout`): PyTorch's (batch, C, H, W), (batch, H, W, C), or
-# (batch, H, W) for a grayscale model with no channel axis.
-ONNX_LAYOUTS = ("NCHW", "NHWC", "NHW")
 # The graph input types the onnx engine feeds, and the NumPy type of each.
 ONNX_INPUT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-# Every engine and the file or folder it reads, fastest first: a folder's
-# default engine is the first it holds.
-_ENGINE_FILES = {**card_lib.ENGINE_FILES, "onnx": ONNX_FILE}
-ENGINES = tuple(_ENGINE_FILES)
+# Every engine, fastest first: a folder's default engine is the first it
+# holds.
+ENGINES = tuple(card_lib.ENGINE_FILES)
 # The engines that import TensorFlow when they load.
 TENSORFLOW_ENGINES = ("keras", "savedmodel")
 
@@ -280,11 +273,11 @@ class OnnxEngine(Engine):
   def __init__(self, card, model_path: str = "", threads: int = 1,
                model_content: bytes = None):
     super().__init__(card)
-    where = model_path or ONNX_FILE
+    where = model_path or card_lib.ONNX_FILE
     self._layout = card.preprocessing.get("layout")
-    if self._layout not in ONNX_LAYOUTS:
+    if self._layout not in card_lib.ONNX_LAYOUTS:
       raise ValueError(f"the card's preprocessing.layout must be one of "
-                       f"{ONNX_LAYOUTS} for the onnx engine, got "
+                       f"{card_lib.ONNX_LAYOUTS} for the onnx engine, got "
                        f"{self._layout!r}")
     if model_content is None:
       with open(model_path, "rb") as handle:
@@ -330,22 +323,23 @@ def check_onnx_model_shapes(card: card_lib.ModelCard, model: bytes) -> None:
   """Refuses a card whose class count or input size is not the ONNX
   model's, read by ONNX Runtime without running it (as
   `check_model_shapes` does for TFLite)."""
+  where = card_lib.ONNX_FILE
   session = onnx_session(model)
   inputs, outputs = session.get_inputs(), session.get_outputs()
   if len(inputs) != 1 or len(outputs) != 1:
-    raise ValueError(f"{ONNX_FILE} has {len(inputs)} inputs and "
+    raise ValueError(f"{where} has {len(inputs)} inputs and "
                      f"{len(outputs)} outputs; expected one of each")
   width = outputs[0].shape[-1] if outputs[0].shape else None
-  _check_width(width if isinstance(width, int) else None, card, ONNX_FILE)
+  _check_width(width if isinstance(width, int) else None, card, where)
   layout = card.preprocessing.get("layout")
-  if layout not in ONNX_LAYOUTS or len(inputs[0].shape) != (
+  if layout not in card_lib.ONNX_LAYOUTS or len(inputs[0].shape) != (
       3 if layout == "NHW" else 4):
-    raise ValueError(f"{ONNX_FILE} takes input of shape {inputs[0].shape}, "
+    raise ValueError(f"{where} takes input of shape {inputs[0].shape}, "
                      f"which is not the card's layout {layout!r}")
   size = onnx_input_size(inputs[0].shape, layout)
   if any(d is not None and d != int(e) for d, e in zip(size,
                                                         card.input_shape)):
-    raise ValueError(f"{ONNX_FILE} takes input of shape {inputs[0].shape} "
+    raise ValueError(f"{where} takes input of shape {inputs[0].shape} "
                      f"({layout}) but the card says {list(card.input_shape)}")
 
 
@@ -410,7 +404,7 @@ def load_engine(model_dir: str, engine: str = "", threads: int = 0,
   if engine not in card.engines:
     raise ValueError(f"{model_dir} holds no {engine} model; its engines are "
                      f"{card.engines}")
-  path = os.path.join(model_dir, _ENGINE_FILES[engine])
+  path = os.path.join(model_dir, card_lib.ENGINE_FILES[engine])
   if engine == "keras":
     return KerasEngine(card, path, threads)
   if engine == "savedmodel":

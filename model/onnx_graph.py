@@ -62,7 +62,7 @@ _CHANNEL_AXIS = {"NCHW": 1, "NHWC": 3}
 class OnnxClassifier:
   """An ONNX classifier as it will be served."""
   model_bytes: bytes  # model.onnx as served and hashed
-  layout: str  # engines.ONNX_LAYOUTS
+  layout: str  # card.ONNX_LAYOUTS
   height: int
   width: int
   color_mode: str  # "grayscale" or "rgb"
@@ -182,20 +182,20 @@ def _layout(dims: list, layout: Optional[str], where: str) -> tuple:
   shape = "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
   if len(dims) == 3:
     if layout not in (None, "NHW"):
-      raise ValueError(f"layout {layout} contradicts {where}'s input "
+      raise ValueError(f"--layout {layout} contradicts {where}'s input "
                        f"{shape}, which is (batch, height, width)")
     return "NHW", "graph"
   if len(dims) != 4:
     raise ValueError(f"{where}'s input {shape} is not an image: expected "
                      "(batch, C, H, W), (batch, H, W, C) or (batch, H, W)")
   if layout is not None and layout not in _CHANNEL_AXIS:
-    raise ValueError(f"layout must be NCHW or NHWC, got {layout!r}")
+    raise ValueError(f"--layout must be NCHW or NHWC, got {layout!r}")
   fits = [name for name, axis in _CHANNEL_AXIS.items()
           if dims[axis] in (1, 3, None)]
   certain = [name for name in fits if dims[_CHANNEL_AXIS[name]] is not None]
   if layout is not None:
     if layout not in fits or (len(certain) == 1 and certain != [layout]):
-      raise ValueError(f"layout {layout} contradicts {where}'s input "
+      raise ValueError(f"--layout {layout} contradicts {where}'s input "
                        f"{shape}, which is {(certain or fits or ['?'])[0]}")
     return layout, "argument"
   if len(certain) == 1 or (len(fits) == 1 and not certain):
@@ -204,7 +204,7 @@ def _layout(dims: list, layout: Optional[str], where: str) -> tuple:
     raise ValueError(f"{where}'s input {shape} has no 1- or 3-wide channel "
                      "axis (grayscale or RGB) in position 1 or 3")
   raise ValueError(f"{where}'s input {shape} does not say where its channels "
-                   "are: pass layout NCHW (PyTorch's) or NHWC")
+                   "are: pass --layout NCHW (PyTorch's) or NHWC")
 
 
 def _image_size(dims: list, layout: str, image_size: Optional[tuple],
@@ -214,31 +214,31 @@ def _image_size(dims: list, layout: str, image_size: Optional[tuple],
       [-1 if d is None else d for d in dims], layout)
   wanted = {"grayscale": 1, "rgb": 3}.get(color_mode)
   if color_mode is not None and wanted is None:
-    raise ValueError(f"color_mode must be grayscale or rgb, got "
+    raise ValueError(f"--color_mode must be grayscale or rgb, got "
                      f"{color_mode!r}")
   if channels is None and wanted is None:
     raise ValueError(f"{where}'s input has a dynamic channel axis: pass "
-                     "color_mode grayscale or rgb")
+                     "--color_mode grayscale or rgb")
   if channels is not None and wanted is not None and wanted != channels:
-    raise ValueError(f"color_mode {color_mode} contradicts {where}'s input, "
+    raise ValueError(f"--color_mode {color_mode} contradicts {where}'s input, "
                      f"which has {channels} channel(s)")
   size_from = "graph"
   if image_size is not None:
     asked = [int(v) for v in image_size]
     if len(asked) != 2 or min(asked) <= 0:
-      raise ValueError(f"image_size must be (height, width), got "
+      raise ValueError(f"--image_size must be HEIGHT,WIDTH, got "
                        f"{image_size!r}")
     for name, have, want in (("height", height, asked[0]),
                              ("width", width, asked[1])):
       if have is not None and have != want:
-        raise ValueError(f"image_size {asked[0]}x{asked[1]} contradicts "
+        raise ValueError(f"--image_size {asked[0]},{asked[1]} contradicts "
                          f"{where}'s input, whose {name} is {have}")
     if height is None or width is None:
       size_from = "argument"
     height, width = asked
   if height is None or width is None:
     raise ValueError(f"{where}'s input has a dynamic height or width: pass "
-                     "image_size (height, width)")
+                     "--image_size HEIGHT,WIDTH")
   return height, width, channels or wanted, size_from
 
 
@@ -249,7 +249,7 @@ def _select_output(model: onnx.ModelProto, output_name: Optional[str],
   names = [value.name for value in model.graph.output]
   if output_name is None and len(names) > 1:
     raise ValueError(f"{where} has {len(names)} outputs ({', '.join(names)}): "
-                     "pass output_name, the one holding the class scores")
+                     "pass --output_name, the one holding the class scores")
   selected = output_name or names[0]
   if selected not in names:
     raise ValueError(f"{where} has no output {selected!r}; its outputs are "

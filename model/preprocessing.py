@@ -1,6 +1,7 @@
 """How an encoded image becomes a model input, shared by training and serving.
 
-Two decoders, named in the card's `preprocessing.decoder`:
+Three decoders, named in the card's `preprocessing.decoder` (`card_decoder`
+builds the one a card names):
 
 * `pillow`, this project's own: `decode_image` turns bytes into uint8 pixels
   of the model's input size. Training on image folders and the Beam pipeline
@@ -8,6 +9,8 @@ Two decoders, named in the card's `preprocessing.decoder`:
 * `tensorflow`, the recipe of `keras.utils.image_dataset_from_directory`,
   for models trained elsewhere: `tf.image.decode_image` and an unrounded
   bilinear `tf.image.resize`, float32 out.
+* `torchvision`, a PyTorch author's evaluation recipe (ImageFolder's PIL
+  decode, Resize, CenterCrop), for ONNX models: model/torchvision_decoding.py.
 
 `scale_pixels` then maps [0, 255] pixels to the range the model was trained
 on (the card's `input_scale`), a whole batch at once.
@@ -31,7 +34,7 @@ PILLOW_PIXEL_LIMIT = 2 * Image.MAX_IMAGE_PIXELS
 _PIL_MODES = {"grayscale": "L", "rgb": "RGB"}
 _CHANNELS = {"grayscale": 1, "rgb": 3}
 
-DECODERS = ("pillow", "tensorflow")
+DECODERS = ("pillow", "tensorflow", "torchvision")
 # How [0, 255] pixels become the model input. The keras.applications names
 # are those of `imagenet_utils.preprocess_input`: symmetric is its "tf" mode.
 INPUT_SCALES = ("raw", "unit", "symmetric", "caffe", "torch", "custom")
@@ -290,6 +293,19 @@ class TensorFlowDecoder:
       raise ValueError(_tensorflow_message(error)) from None
 
 
+def card_decoder(card, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
+  """The decoder a model card names, for its input size and colour mode: a
+  BatchDecoder, or for `torchvision` the card's recipe
+  (`TorchvisionDecoder`, with the same `decode` contract)."""
+  if card.decoder == "torchvision":
+    from model import torchvision_decoding  # pylint: disable=import-outside-toplevel
+    return torchvision_decoding.TorchvisionDecoder.from_card(
+        card.preprocessing, card.color_mode, card.height, card.width,
+        max_pixels)
+  return BatchDecoder(card.decoder, card.height, card.width, card.color_mode,
+                      max_pixels)
+
+
 class BatchDecoder:
   """Decodes batches of encoded images with the decoder a card names.
 
@@ -303,6 +319,9 @@ class BatchDecoder:
     if decoder not in DECODERS:
       raise ValueError(f"unknown decoder {decoder!r}: expected one of "
                        f"{DECODERS}")
+    if decoder == "torchvision":
+      raise ValueError("the torchvision decoder follows the card's recipe: "
+                       "build it with card_decoder(card)")
     self._decoder = decoder
     self._shape = (height, width, _CHANNELS[color_mode])
     self._color_mode = color_mode

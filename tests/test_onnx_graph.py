@@ -38,7 +38,7 @@ def author_inputs(pixels: np.ndarray, layout: str, input_scale: str,
 def serve(classifier, folder, input_scale: str, threads: int = 1):
   """The onnx engine on a folder holding the served bytes and a card."""
   os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, engines.ONNX_FILE), "wb") as handle:
+  with open(os.path.join(folder, card_lib.ONNX_FILE), "wb") as handle:
     handle.write(classifier.model_bytes)
   fields = classifier.card_fields()
   card = card_lib.ModelCard(
@@ -203,7 +203,7 @@ def test_several_outputs_need_output_name(tmp_path):
 def test_layout_from_the_graph_or_the_argument(tmp_path):
   # (batch, 3, 3, 3): channels could be first or last.
   source = build.classifier(str(tmp_path / "m.onnx"), size=(3, 3))
-  assert "pass layout" in one_line_error(onnx_graph.read_classifier, source)
+  assert "pass --layout" in one_line_error(onnx_graph.read_classifier, source)
   classifier = onnx_graph.read_classifier(source, layout="NCHW")
   assert (classifier.layout, classifier.record["layout_from"]) == (
       "NCHW", "argument")
