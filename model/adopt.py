@@ -33,6 +33,7 @@ from typing import Optional
 import numpy as np
 
 from model import adopt_checks
+from model import adopt_feeding
 from model import card as card_lib
 from imagebatch import cli
 from model import engines
@@ -43,18 +44,6 @@ from model import torchvision_decoding
 from model.model_formats import AdoptError
 
 OUTPUT_KINDS = ("auto",) + card_lib.OUTPUT_KINDS
-# The steps of the torchvision decoder (its card fields), which no other
-# decoder has.
-TORCHVISION_STEPS = torchvision_decoding.CARD_FIELDS
-# An ONNX graph has no rescaling layer to read the input scale from.
-ONNX_NEEDS_SCALE = (
-    "an ONNX graph does not say how its author scaled pixels: pass "
-    "--input_scale torch (ToTensor, then Normalize with ImageNet's mean and "
-    "std), symmetric (Normalize(0.5, 0.5)), unit (ToTensor alone), raw, "
-    "caffe or custom (--input_mean, --input_std), or --preprocessing_config "
-    "with the author's config.json or preprocessor_config.json")
-
-
 def resolve_input(source: model_formats.Source, image_size: Optional[tuple],
                   color_mode: Optional[str]) -> tuple:
   """(height, width, color_mode) from the model's input, with the flags
@@ -149,101 +138,6 @@ def parse_image_size(value: Optional[str], flag: str = "image_size",
   return size
 
 
-def feeding_flags(explicit: dict, config_path: Optional[str]
-                 ) -> preprocessing_config.PreprocessingFlags:
-  """The feeding flags given by hand (None where not given), merged with
-  the author's preprocessing file if there is one: each value's origin is
-  recorded, and a flag that contradicts the file is refused."""
-  from_file = preprocessing_config.PreprocessingFlags()
-  if config_path is not None:
-    if not os.path.isfile(config_path):
-      raise AdoptError(f"--preprocessing_config {config_path}: no such file")
-    try:
-      from_file = preprocessing_config.read_preprocessing_config(config_path)
-    except ValueError as error:
-      raise AdoptError(f"--preprocessing_config {error}") from None
-  try:
-    return preprocessing_config.merge_flags(from_file, explicit)
-  except ValueError as error:
-    raise AdoptError(str(error)) from None
-
-
-def origin(flags: preprocessing_config.PreprocessingFlags, name: str) -> str:
-  """Where a feeding value came from: its flag, or the author's file."""
-  given = flags.provenance.get(name, "argument")
-  return f"--{name}" if given == "argument" else given
-
-
-def with_origin(message: str,
-                flags: preprocessing_config.PreprocessingFlags) -> str:
-  """A refusal that starts with a feeding value's name, spelt as its flag,
-  or followed by the file that set it."""
-  name = message.split(" ", 1)[0].lstrip("-")
-  if name not in preprocessing_config.FLAG_NAMES:
-    return message
-  if flags.provenance.get(name, "argument") == "argument":
-    return "--" + message.lstrip("-")
-  return f"{message.lstrip('-')} ({name} from {origin(flags, name)})"
-
-
-def choose_decoder(kind: str, decoder: Optional[str],
-                   flags: preprocessing_config.PreprocessingFlags) -> str:
-  """The decoder named, else torchvision for an ONNX source or a recipe
-  with torchvision steps, else tensorflow (Keras' recipe)."""
-  steps = [name for name in TORCHVISION_STEPS
-           if getattr(flags, name) is not None]
-  if decoder is None:
-    return "torchvision" if kind == "onnx" or steps else "tensorflow"
-  if decoder not in preprocessing.DECODERS:
-    raise AdoptError(f"--decoder must be one of {preprocessing.DECODERS}")
-  if decoder != "torchvision" and steps:
-    raise AdoptError(f"{origin(flags, steps[0])} sets {steps[0]}, a step of "
-                     f"the torchvision decoder, not of --decoder {decoder}")
-  return decoder
-
-
-def feeding_recipe(decoder: str, height: int, width: int, input_scale: str,
-                   mean: Optional[list], std: Optional[list],
-                   steps: Optional[
-                       preprocessing_config.PreprocessingFlags] = None
-                  ) -> dict:
-  """The card's preprocessing dict for an adopted model; `steps` holds the
-  torchvision decoder's resize, crop and interpolation."""
-  recipe = {"decoder": decoder, "input_scale": input_scale}
-  if input_scale == "custom":
-    recipe.update(input_mean=mean, input_std=std)
-  if decoder == "torchvision":
-    steps = steps or preprocessing_config.PreprocessingFlags()
-    crop = steps.center_crop
-    recipe.update(
-        recipe="torchvision: PIL.Image.open(f).convert('RGB' or 'L') as "
-        "ImageFolder loads, transforms.Resize, transforms.CenterCrop",
-        exif_transpose=False,
-        resize=list(steps.resize) if isinstance(steps.resize, (list, tuple))
-        else steps.resize,
-        center_crop=list(crop) if crop is not None else None,
-        interpolation=(steps.interpolation or
-                       torchvision_decoding.DEFAULT_INTERPOLATION),
-        crop_rounding=steps.crop_rounding or "half_even",
-        input_dtype="uint8 as float32")
-  elif decoder == "tensorflow":
-    recipe.update(
-        recipe="keras.utils.image_dataset_from_directory: "
-        "tf.image.decode_image(expand_animations=False), tf.image.resize",
-        exif_transpose=False,
-        resize={"height": height, "width": width, "interpolation": "bilinear",
-                "antialias": False, "when": "always"},
-        input_dtype="float32 (not rounded)")
-  else:
-    recipe.update(
-        exif_transpose=True,
-        resize={"height": height, "width": width,
-                "interpolation": preprocessing.RESIZE_INTERPOLATION,
-                "when": "the decoded size differs"},
-        input_dtype="uint8 as float32")
-  return recipe
-
-
 def _stage_source(source: model_formats.Source, out_dir: str) -> None:
   """Writes the source model into the folder in the format it serves as."""
   if source.kind == "keras":
@@ -303,18 +197,18 @@ def adopt(source_path: str, out_dir: str, class_names: list, *,
     raise AdoptError("--output must not be the source or inside it")
   if output_kind not in OUTPUT_KINDS:
     raise AdoptError(f"--output_kind must be one of {OUTPUT_KINDS}")
-  flags = feeding_flags(dict(
+  flags = adopt_feeding.feeding_flags(dict(
       resize=resize, center_crop=center_crop, interpolation=interpolation,
       input_scale=input_scale, input_mean=input_mean, input_std=input_std,
       image_size=image_size, color_mode=color_mode), preprocessing_config)
-  decoder = choose_decoder(model_formats.detect_kind(source_path), decoder,
-                           flags)
+  decoder = adopt_feeding.choose_decoder(
+      model_formats.detect_kind(source_path), decoder, flags)
   try:
     source = model_formats.load_source(
         source_path, layout=layout, image_size=flags.image_size,
         color_mode=flags.color_mode, output_name=output_name)
   except AdoptError as error:
-    raise AdoptError(with_origin(str(error), flags)) from None
+    raise AdoptError(adopt_feeding.with_origin(str(error), flags)) from None
   say(describe_source(source))
   card = draft_card(source, class_names, flags, decoder, warn)
   if preprocessing_config is not None:
@@ -383,25 +277,14 @@ def draft_card(source: model_formats.Source, class_names: list,
     height, width, color_mode = resolve_input(source, flags.image_size,
                                               flags.color_mode)
   except AdoptError as error:
-    raise AdoptError(with_origin(str(error), flags)) from None
+    raise AdoptError(adopt_feeding.with_origin(str(error), flags)) from None
   classes = source.output_shape[0]
   if classes is not None and classes != len(class_names):
     raise AdoptError(f"--class_names has {len(class_names)} names but the "
                      f"model outputs {classes} classes")
-  input_scale, scale_from = _input_scale(source, flags, warn)
-  try:
-    card_lib.check_input_scale(input_scale, color_mode, flags.input_mean,
-                               flags.input_std)
-  except ValueError as error:
-    raise AdoptError(with_origin(str(error), flags)) from None
-  recipe = feeding_recipe(decoder, height, width, input_scale,
-                          flags.input_mean, flags.input_std, flags)
-  if decoder == "torchvision":
-    try:
-      torchvision_decoding.TorchvisionDecoder.from_card(recipe, color_mode,
-                                                        height, width)
-    except ValueError as error:
-      raise AdoptError(with_origin(str(error), flags)) from None
+  input_scale, scale_from = adopt_feeding.input_scale(source, flags, warn)
+  recipe = adopt_feeding.feeding_recipe(decoder, height, width, color_mode,
+                                        input_scale, flags)
   adopted = {"source": os.path.basename(source.path.rstrip(os.sep)),
              "sha256": model_formats.sha256_of(source.path),
              "format": source.kind, "input_scale": scale_from,
@@ -412,8 +295,8 @@ def draft_card(source: model_formats.Source, class_names: list,
     recipe["layout"] = source.model.layout
     adopted["onnx"] = source.model.record
     adopted["input_shape"] = "the ONNX graph" + (
-        f" and {origin(flags, 'image_size')}" if source.model.record[
-            "size_from"] != "graph" else "")
+        "" if source.model.record["size_from"] == "graph" else
+        f" and {adopt_feeding.origin(flags, 'image_size')}")
   return card_lib.ModelCard(
       model_id="",
       architecture="adopted",
@@ -424,26 +307,6 @@ def draft_card(source: model_formats.Source, class_names: list,
       preprocessing=recipe,
       engines=[model_formats.SOURCE_ENGINE[source.kind]],
       adopted=adopted).validate()
-
-
-def _input_scale(source: model_formats.Source,
-                 flags: preprocessing_config.PreprocessingFlags,
-                 warn) -> tuple:
-  """(input scale, where it came from): the flag or the author's file, the
-  source's quantised input range, or the default; an ONNX source has no
-  default."""
-  if flags.input_scale is not None:
-    return flags.input_scale, origin(flags, "input_scale")
-  if source.kind == "onnx":
-    raise AdoptError(ONNX_NEEDS_SCALE)
-  if source.implied_scale:
-    return source.implied_scale, source.implied_scale_reason
-  if source.layer_classes and not source.layer_classes & {
-      "Rescaling", "Normalization"}:
-    warn("the model has no Rescaling or Normalization layer, so it may "
-         "expect pixels scaled outside it; if its author divided by 255, "
-         "pass --input_scale unit (see the table in the README)")
-  return "raw", "the default"
 
 
 def _decide_output(source: model_formats.Source, card: card_lib.ModelCard,
