@@ -346,8 +346,8 @@ def make_batch_symbolic(model: onnx.ModelProto, input_name: str,
   """A copy of `model` whose batch axis is symbolic: the input's and the
   outputs' first dimension, shape hints (value_info) dropped, and each
   Reshape whose constant target starts with the fixed batch (`x.view(1,
-  -1)`) made to copy the input's first dimension instead (0). Nothing else
-  is changed; the caller proves the result."""
+  -1)`) made to copy the input's first dimension instead (0, or -1 under
+  `allowzero`). Nothing else is changed; the caller proves the result."""
   rewritten = onnx.ModelProto()
   rewritten.CopyFrom(model)
   graph = rewritten.graph
@@ -385,9 +385,11 @@ def make_batch_symbolic(model: onnx.ModelProto, input_name: str,
 def _batch_target(node: onnx.NodeProto, constants: dict,
                   batch: int) -> Optional[np.ndarray]:
   """A Reshape's constant target with its leading fixed batch replaced by 0
-  (copy the input's first dimension), or None."""
-  if node.op_type != "Reshape" or len(node.input) < 2 or any(
-      a.name == "allowzero" and a.i for a in node.attribute):
+  (copy the input's first dimension), or None. With `allowzero` set (as
+  torch.onnx.export's dynamo exporter writes it) a 0 means a zero-sized
+  axis, so the batch becomes -1 (inferred) instead, where the target has no
+  other -1."""
+  if node.op_type != "Reshape" or len(node.input) < 2:
     return None
   tensor = constants.get(node.input[1])
   if tensor is None:
@@ -395,8 +397,11 @@ def _batch_target(node: onnx.NodeProto, constants: dict,
   target = numpy_helper.to_array(tensor)
   if target.ndim != 1 or not target.size or target[0] != batch:
     return None
+  allow_zero = any(a.name == "allowzero" and a.i for a in node.attribute)
+  if allow_zero and -1 in target[1:]:
+    return None
   target = target.copy()
-  target[0] = 0
+  target[0] = -1 if allow_zero else 0
   return target
 
 

@@ -37,7 +37,9 @@ def classifier(path: str, layout: str = "NCHW", channels: int = 3,
 
   batch: None for a symbolic "batch" axis, or the fixed batch size.
   flatten: "flatten", "reshape" (constant [batch, -1] initializer),
-    "reshape_node" (the same from a Constant node), or "shape" (x.size(0)).
+    "reshape_node" (the same from a Constant node), "dynamo" ([batch,
+    features] with allowzero, as torch 2.9+ exports `x.view(1, -1)`), or
+    "shape" (x.size(0)).
   batch_mixing: subtracts the batch mean first (a BatchNorm exported in
     training mode): a batch of N is not N single runs.
   constant_concat: concatenates a constant (1, 3) row to the features, as a
@@ -99,6 +101,13 @@ def classifier(path: str, layout: str = "NCHW", channels: int = 3,
         np.array([batch or 1, -1], np.int64), "flat_shape"))
     nodes.append(helper.make_node("Reshape", [current, "flat_shape"],
                                   ["flat"]))
+  elif flatten == "dynamo":
+    # torch.onnx.export's default exporter since torch 2.9: the target
+    # fully resolved, and allowzero set.
+    weights.append(numpy_helper.from_array(
+        np.array([batch or 1, features], np.int64), "flat_shape"))
+    nodes.append(helper.make_node("Reshape", [current, "flat_shape"],
+                                  ["flat"], allowzero=1))
   elif flatten == "reshape_node":
     nodes.append(helper.make_node(
         "Constant", [], ["flat_shape"], value=numpy_helper.from_array(

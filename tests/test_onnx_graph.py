@@ -71,6 +71,8 @@ SERVED = {
         {"batch": 1, "flatten": "reshape_node", "softmax": True}, "NCHW",
         "made_dynamic", "probabilities"),
     "nchw_fixed_flatten": ({"batch": 1}, "NCHW", "made_dynamic", "logits"),
+    "nchw_fixed_dynamo_view": ({"batch": 1, "flatten": "dynamo"}, "NCHW",
+                               "made_dynamic", "logits"),
     "nchw_fixed_batch_4": ({"batch": 4, "flatten": "reshape"}, "NCHW",
                            "made_dynamic", "logits"),
     "nchw_fixed_batch_statistics": ({"batch": 1, "batch_mixing": True},
