@@ -387,8 +387,9 @@ def _batch_target(node: onnx.NodeProto, constants: dict,
   """A Reshape's constant target with its leading fixed batch replaced by 0
   (copy the input's first dimension), or None. With `allowzero` set (as
   torch.onnx.export's dynamo exporter writes it) a 0 means a zero-sized
-  axis, so the batch becomes -1 (inferred) instead, where the target has no
-  other -1."""
+  axis, so the batch becomes -1 (inferred) where the target has no other
+  -1, and otherwise allowzero is turned off (the node is changed) where
+  the target has no 0 for it to act on."""
   if node.op_type != "Reshape" or len(node.input) < 2:
     return None
   tensor = constants.get(node.input[1])
@@ -397,11 +398,17 @@ def _batch_target(node: onnx.NodeProto, constants: dict,
   target = numpy_helper.to_array(tensor)
   if target.ndim != 1 or not target.size or target[0] != batch:
     return None
-  allow_zero = any(a.name == "allowzero" and a.i for a in node.attribute)
-  if allow_zero and -1 in target[1:]:
-    return None
   target = target.copy()
-  target[0] = -1 if allow_zero else 0
+  allow_zero = [a for a in node.attribute if a.name == "allowzero" and a.i]
+  if not allow_zero or -1 not in target[1:]:
+    target[0] = -1 if allow_zero else 0
+    return target
+  if 0 in target:
+    return None
+  # [batch, -1] under allowzero: with no other 0 in the target, allowzero
+  # changes nothing, so it is turned off and the batch copied (0).
+  allow_zero[0].i = 0
+  target[0] = 0
   return target
 
 

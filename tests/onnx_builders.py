@@ -38,7 +38,8 @@ def classifier(path: str, layout: str = "NCHW", channels: int = 3,
   batch: None for a symbolic "batch" axis, or the fixed batch size.
   flatten: "flatten", "reshape" (constant [batch, -1] initializer),
     "reshape_node" (the same from a Constant node), "dynamo" ([batch,
-    features] with allowzero, as torch 2.9+ exports `x.view(1, -1)`), or
+    features] with allowzero, as torch 2.9+ exports `x.view(1, -1)`),
+    "dynamo_flatten" ([batch, -1] with allowzero, its `x.flatten(1)`), or
     "shape" (x.size(0)).
   batch_mixing: subtracts the batch mean first (a BatchNorm exported in
     training mode): a batch of N is not N single runs.
@@ -101,11 +102,12 @@ def classifier(path: str, layout: str = "NCHW", channels: int = 3,
         np.array([batch or 1, -1], np.int64), "flat_shape"))
     nodes.append(helper.make_node("Reshape", [current, "flat_shape"],
                                   ["flat"]))
-  elif flatten == "dynamo":
-    # torch.onnx.export's default exporter since torch 2.9: the target
-    # fully resolved, and allowzero set.
+  elif flatten in ("dynamo", "dynamo_flatten"):
+    # torch.onnx.export's default exporter since torch 2.9, allowzero set:
+    # x.view(1, -1) with the target resolved, or x.flatten(1) as [1, -1].
+    width = features if flatten == "dynamo" else -1
     weights.append(numpy_helper.from_array(
-        np.array([batch or 1, features], np.int64), "flat_shape"))
+        np.array([batch or 1, width], np.int64), "flat_shape"))
     nodes.append(helper.make_node("Reshape", [current, "flat_shape"],
                                   ["flat"], allowzero=1))
   elif flatten == "reshape_node":

@@ -73,6 +73,8 @@ SERVED = {
     "nchw_fixed_flatten": ({"batch": 1}, "NCHW", "made_dynamic", "logits"),
     "nchw_fixed_dynamo_view": ({"batch": 1, "flatten": "dynamo"}, "NCHW",
                                "made_dynamic", "logits"),
+    "nchw_fixed_dynamo_flatten": ({"batch": 1, "flatten": "dynamo_flatten"},
+                                  "NCHW", "made_dynamic", "logits"),
     "nchw_fixed_batch_4": ({"batch": 4, "flatten": "reshape"}, "NCHW",
                            "made_dynamic", "logits"),
     "nchw_fixed_batch_statistics": ({"batch": 1, "batch_mixing": True},
