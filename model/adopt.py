@@ -44,6 +44,8 @@ from model import torchvision_decoding
 from model.model_formats import AdoptError
 
 OUTPUT_KINDS = ("auto",) + card_lib.OUTPUT_KINDS
+
+
 def resolve_input(source: model_formats.Source, image_size: Optional[tuple],
                   color_mode: Optional[str]) -> tuple:
   """(height, width, color_mode) from the model's input, with the flags
