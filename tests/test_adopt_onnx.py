@@ -397,6 +397,18 @@ def test_refusals_are_one_line_with_exit_2(tmp_path, capsys):
   assert code == 0 and not lines
 
 
+def test_without_the_onnx_package_adopting_names_the_extra(tmp_path, capsys,
+                                                          monkeypatch):
+  import model  # pylint: disable=import-outside-toplevel
+  source = build.classifier(str(tmp_path / "model.onnx"), classes=3)
+  # As in the slim install, where model/onnx_checks.py cannot import onnx.
+  monkeypatch.setitem(sys.modules, "model.onnx_checks", None)
+  monkeypatch.delattr(model, "onnx_checks", raising=False)
+  message = _refused(capsys, source, tmp_path / "out", "--input_scale",
+                     "torch")
+  assert "pip install '.[onnx]'" in message
+
+
 def test_preprocessing_config_contradictions_are_refused(tmp_path, capsys):
   source = build.classifier(str(tmp_path / "model.onnx"), classes=3)
   config = _write_json(tmp_path / "config.json", {"pretrained_cfg": {
