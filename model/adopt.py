@@ -372,10 +372,10 @@ def build_parser() -> cli.ArgumentParser:
                       "a file: one name per line or a JSON list")
   parser.add_argument("--input_scale", default=None,
                       choices=preprocessing.INPUT_SCALES,
-                      help="how [0, 255] pixels become the model input; "
-                      "default raw (rescaling inside the model), except for "
-                      "ONNX, which needs it (torch: ToTensor and ImageNet's "
-                      "Normalize)")
+                      help="how [0, 255] pixels become the model input "
+                      "(default: none, which is raw, rescaled inside the "
+                      "model; an ONNX source needs one: torch is ToTensor "
+                      "then ImageNet's Normalize)")
   parser.add_argument("--input_mean", default=None,
                       help="custom: per-channel mean, in pixel units")
   parser.add_argument("--input_std", default=None,
