@@ -292,8 +292,9 @@ def main(argv=None) -> int:
   for warning in (label_warning(manifest), duplicate_warning(manifest, output)):
     if warning:
       print(f"beam_jobs.predict: warning: {warning}", file=sys.stderr)
+  commands = next_commands(output)
   cli.print_next(f"{output} (predictions-*.parquet, errors-*.parquet, "
-                 f"{outputs.MANIFEST_FILE})", next_commands(output))
+                 f"{outputs.MANIFEST_FILE})", commands)
   if not manifest["accounted"]:
     print("beam_jobs.predict: error: inputs != predictions + errors, or the "
           f"shards do not hold what was counted; see {outputs.MANIFEST_FILE}",
