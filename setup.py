@@ -57,5 +57,8 @@ setuptools.setup(
     python_requires=">=3.10,<3.13",
     packages=setuptools.find_packages(include=["imagebatch", "model", "beam_jobs", "tools"]),
     install_requires=REQUIRED,
+    # One command for all of them, from any folder: imagebatch predict ...
+    entry_points={"console_scripts": [
+        "imagebatch = imagebatch.commands:main"]},
     extras_require=EXTRAS,
 )

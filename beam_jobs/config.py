@@ -54,6 +54,9 @@ class PredictConfig:
   inference_threads: int = 0
   overwrite: bool = False
   skip_existing: bool = False
+  # A run whose share of failed inputs is above this exits 1 (after
+  # committing); None: only a run where every input failed does.
+  max_error_rate: Optional[float] = None
   bigquery_table: Optional[str] = None
   progress_seconds: float = DEFAULT_PROGRESS_SECONDS
   verbose: bool = False
@@ -130,6 +133,10 @@ def build_parser() -> cli.ArgumentParser:
   parser.add_argument("--bigquery_table", default=None,
                       help="also write predictions to PROJECT:DATASET.TABLE "
                       "and errors to PROJECT:DATASET.TABLE_errors")
+  parser.add_argument("--max_error_rate", type=float, default=None,
+                      help="exit 1 (after writing the results) when more "
+                      "than this share of inputs failed, 0 to 1; by default "
+                      "only when every input failed")
   parser.add_argument("--skip_existing", action="store_true",
                       help="keep --output's predictions by this model and "
                       "classify only inputs whose ids it lacks")

@@ -76,6 +76,16 @@ class ImageClassifierHandler(base.ModelHandler[ImageBatch, BatchResult,
         counter(MODEL_LOADS).inc()
     ran, probabilities, errors = _isolate_failures(batch, model,
                                                    np.arange(len(batch)))
+    # A NaN or infinite output is no prediction: no label or confidence
+    # can be read from it.
+    finite = np.isfinite(probabilities).all(axis=1)
+    if not finite.all():
+      errors = errors + [
+          error_row(batch.ids[i], batch.sources[i], "inference",
+                    "the model's outputs for this input are not finite "
+                    "(NaN or infinite); no label can be given")
+          for i in ran[~finite]]
+      ran, probabilities = ran[finite], probabilities[finite]
     rows = batch.without_images()
     if len(ran) < len(batch):
       rows = rows.take(ran)

@@ -8,12 +8,15 @@ Usage:
 Writes predictions-*.parquet, errors-*.parquet and _run.json to OUTPUT_DIR.
 """
 
+import collections
 import contextlib
 import dataclasses
 import logging
 import sys
 import time
 from typing import Optional
+
+import pyarrow.parquet as pq
 
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
@@ -225,6 +228,39 @@ def dry_run_line(report: dict, output: str) -> str:
           f"{unchecked}")
 
 
+def error_rate_problem(manifest: dict, output: str,
+                       max_error_rate: Optional[float]) -> Optional[str]:
+  """Why the run failed its error budget (--max_error_rate; by default,
+  every input failed), naming the commonest reasons; None if it did not."""
+  counts = manifest["counts"]
+  inputs, errors = counts["inputs"], counts["errors"]
+  if not errors:
+    return None
+  rate = errors / inputs
+  if errors < inputs and (max_error_rate is None or rate <= max_error_rate):
+    return None
+  budget = ("every input failed" if errors == inputs else
+            f"{rate:.2%} of inputs failed, above --max_error_rate "
+            f"{max_error_rate:g}")
+  reasons = ", ".join(f"{reason} ({count})" for reason, count in
+                      commonest_errors(output, manifest))
+  return f"{budget} ({errors} of {inputs}); commonest: {reasons}"
+
+
+def commonest_errors(output: str, manifest: dict, top: int = 3) -> list:
+  """(stage: reason, count) of the run's commonest error kinds, read from
+  the error shards its manifest lists, a record batch at a time."""
+  reasons = collections.Counter()
+  for entry in manifest["files"][outputs.ERRORS_PREFIX]:
+    with paths.open_file(paths.join(output, entry["name"])) as handle:
+      for batch in pq.ParquetFile(handle).iter_batches(
+          columns=["stage", "error"]):
+        for stage, error in zip(batch.column(0).to_pylist(),
+                                batch.column(1).to_pylist()):
+          reasons[f"{stage}: {str(error).split(':', 1)[0][:80]}"] += 1
+  return reasons.most_common(top)
+
+
 def summary_lines(manifest: dict) -> list:
   """The run in a few lines: counts, time, and what the labels matched."""
   counts = manifest["counts"]
@@ -292,11 +328,19 @@ def main(argv=None) -> int:
   for warning in (label_warning(manifest), duplicate_warning(manifest, output)):
     if warning:
       print(f"beam_jobs.predict: warning: {warning}", file=sys.stderr)
+  commands = next_commands(output)
   cli.print_next(f"{output} (predictions-*.parquet, errors-*.parquet, "
-                 f"{outputs.MANIFEST_FILE})", next_commands(output))
+                 f"{outputs.MANIFEST_FILE})", commands)
   if not manifest["accounted"]:
     print("beam_jobs.predict: error: inputs != predictions + errors, or the "
           f"shards do not hold what was counted; see {outputs.MANIFEST_FILE}",
+          file=sys.stderr)
+    return 1
+  problem = error_rate_problem(manifest, manifest["arguments"]["output"],
+                               config.max_error_rate)
+  if problem:
+    print(f"beam_jobs.predict: error: {problem}; the results are written "
+          f"({cli.program('query', output, 'errors')} lists the failures)",
           file=sys.stderr)
     return 1
   return 0

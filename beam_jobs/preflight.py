@@ -97,6 +97,10 @@ def resolve_flags(config: PredictConfig) -> PredictConfig:
       config.bigquery_table):
     raise ConfigError(f"--bigquery_table {config.bigquery_table!r} must look "
                       "like PROJECT:DATASET.TABLE")
+  if config.max_error_rate is not None and not (
+      0 <= config.max_error_rate <= 1):
+    raise ConfigError(f"--max_error_rate must be between 0 and 1, got "
+                      f"{config.max_error_rate}")
   if config.skip_existing and config.overwrite:
     raise ConfigError("--skip_existing keeps earlier results and --overwrite "
                       "replaces them; pass one of them")

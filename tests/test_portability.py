@@ -50,9 +50,9 @@ SITECUSTOMIZE = "import logging\nlogging.basicConfig(level=logging.INFO)\n"
 
 
 def _dataflow_job(config):
-  card = preflight.check(config).card
+  plan = preflight.check(config)
   pipeline = beam.Pipeline(options=PipelineOptions(DATAFLOW_ARGS))
-  build_pipeline(pipeline, config, card, "dryrun")
+  build_pipeline(pipeline, plan.config, plan.card, "dryrun")
   result = pipeline.run()
   transforms = result.job.proto_pipeline.components.transforms.values()
   return {t.unique_name for t in transforms}
