@@ -189,7 +189,9 @@ def _check_list_columns(config: PredictConfig, list_path: str) -> None:
   """The --uri_column (and --label_column) of the first list file."""
   kind = lists.list_format(list_path)
   if kind == "text":
-    if config.label_column:
+    # A glob may mix text lists with CSV or Parquet ones that hold labels;
+    # only a --input_list naming text lists alone cannot.
+    if config.label_column and not paths.has_glob(config.input_list):
       raise ConfigError(
           f"--label_column {config.label_column!r}: {list_path} is a text "
           "list, one URI per line with no columns; give labels in a CSV or "
