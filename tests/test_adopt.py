@@ -23,6 +23,7 @@ from model import adopt
 from model import card as card_lib
 from model import datasets
 from model import engines
+from model import keras_decoding
 from model import preprocessing
 from tests.conftest import REPO
 from tests.conftest import png_ids
@@ -422,13 +423,12 @@ def test_tensorflow_decoder_is_image_dataset_from_directory(tmp_path,
     np.testing.assert_array_equal(pixels, expected)
     # Unrounded: the model saw fractions in training, and gets them here.
     assert (pixels != np.round(pixels)).mean() > 0.1
-    # Large batches decode in slices (here of 8 rows) to the same pixels.
+    # Images wait for their resize in groups of a bounded size: groups of
+    # one image give the same pixels.
     with monkeypatch.context() as patch:
-      patch.setattr(preprocessing, "MAX_SLICE_VALUES",
-                    8 * int(np.prod(pixels.shape[1:])) + 1)
-      sliced, _, _ = decoder.decode(payloads)
-    assert len(payloads) % 8
-    np.testing.assert_array_equal(sliced, expected)
+      patch.setattr(keras_decoding, "RESIZE_GROUP_BYTES", 1)
+      one_by_one, _, _ = decoder.decode(payloads)
+    np.testing.assert_array_equal(one_by_one, expected)
 
 
 def test_tensorflow_decoder_isolates_bad_and_oversized_images(tmp_path):

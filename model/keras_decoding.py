@@ -1,0 +1,645 @@
+"""Keras' image decoding, pixel for pixel, without importing TensorFlow.
+
+`keras.utils.image_dataset_from_directory` turns a file into a model input
+with `tf.io.decode_image(data, channels, expand_animations=False)` (uint8)
+and `tf.image.resize(image, size, method="bilinear")`: half-pixel centres,
+no antialiasing, float32 out, neither rounded nor clipped, and run even at
+the image's own size. Adopted models were trained on exactly those values,
+so the card's `tensorflow` decoder must give them again. This module does,
+with libjpeg-turbo (simplejpeg), libpng and libwebp (imagecodecs), Pillow's
+GIF reader and numpy, each step written to TensorFlow 2.21's own code:
+
+* JPEG: libjpeg-turbo with TensorFlow's settings, the fast integer IDCT
+  (JDCT_IFAST) and fancy upsampling; a grey model gets libjpeg's own
+  JCS_GRAYSCALE output (the Y channel of a YCbCr JPEG). CMYK and YCCK JPEGs
+  are read as CMYK and turned into RGB with TensorFlow's integer formula
+  (inverted when an Adobe marker is present, as TensorFlow does).
+* PNG: libpng's transformations as TensorFlow asks for them: alpha and tRNS
+  dropped (not composited), 16 bits cut to their high byte, grey repeated
+  into RGB, and RGB to grey by libpng's fixed-point 0.299/0.587/0.114,
+  through the file's gamma when its gAMA or sRGB chunk makes it
+  significant.
+* GIF: the first frame on a canvas of the largest frame's size, black
+  where the frame does not reach and where its pixels are transparent.
+* BMP: TensorFlow's own reader: 8, 24 and 32-bit rows, an 8-bit BMP's bytes
+  taken as grey whatever its palette, no compression, and a file size that
+  must match the rows exactly.
+* WebP: the first frame, alpha dropped.
+* Resize: `resize_bilinear`, TensorFlow's float32 arithmetic in its order.
+
+Keras itself refuses some inputs; this decoder converts them instead, so
+they become predictions rather than error rows:
+
+* A grey model (channels=1) given a GIF, BMP or WebP (TensorFlow: "channels
+  must be 0 or 3 for GIF", "`channels` must be 0, 3 or 4 for BMP", "WebP
+  only supports 3 or 4 channels") or a CMYK JPEG (libjpeg: "Unsupported
+  color conversion request"): the RGB image above, made grey by
+  `tf.image.rgb_to_grayscale` (float32 weights 0.2989, 0.5870, 0.1140 on
+  pixels / 255, times 255.5, truncated to uint8), which is what a Keras
+  user writes when decode_image refuses.
+* An RGB model given a WebP with alpha or an animated WebP (TensorFlow:
+  "Number of channels requested does not match input", "WebP Animation
+  must be 4 channel RGBA"): the first frame with its alpha dropped, as
+  TensorFlow drops a PNG's.
+
+Refused as TensorFlow refuses them: truncated JPEGs (also those missing only
+their end marker; a JPEG whose data is corrupt but complete decodes, as in
+TensorFlow, with libjpeg's repairs), GIFs without their trailer, BMPs that
+TensorFlow's reader rejects, and JPEG XL (which Keras' directory loader
+never reads). No decoder here writes to stderr; a failure is a ValueError
+of one line, and an image above `max_pixels` is refused from its header,
+before any pixel is decoded, with Pillow's DecompressionBombError.
+"""
+
+import functools
+import io
+import struct
+from typing import Optional
+
+import imagecodecs
+import numpy as np
+import simplejpeg
+from PIL import Image
+
+CHANNELS = {"grayscale": 1, "rgb": 3}
+
+# tf.image.rgb_to_grayscale: float32 weights applied to pixels / 255, then
+# times 255.5 and truncated back to uint8 by convert_image_dtype.
+TF_GREY_WEIGHTS = (0.2989, 0.5870, 0.1140)
+# libpng's png_set_rgb_to_gray(png, 1, 0.299, 0.587) as TensorFlow calls
+# it: 15-bit fixed point, truncated, blue taking the rest of 32768.
+PNG_GREY_RED, PNG_GREY_GREEN = 9797, 19234
+PNG_GREY_BLUE = 32768 - PNG_GREY_RED - PNG_GREY_GREEN
+# libpng: gammas within 5% of 1 are not applied; 16-bit gamma tables keep
+# at most 11 significant bits when the output is 8-bit.
+PNG_GAMMA_THRESHOLD = 5000
+PNG_MAX_GAMMA_8 = 11
+PNG_GAMMA_SRGB = 45455
+
+# Decoded images of one source size wait for a shared resize until they
+# hold this many bytes; an image larger than this is resized alone.
+RESIZE_GROUP_BYTES = 32 << 20
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JXL_SIGNATURES = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")
+
+
+def _fail(what: str, error) -> ValueError:
+  """A ValueError of one line for a library's error."""
+  text = str(error).strip().splitlines()
+  return ValueError(f"invalid {what}: {text[0] if text else type(error).__name__}")
+
+
+# ---------------------------------------------------------------- formats
+
+
+def image_format(data: bytes) -> str:
+  """The format TensorFlow's decode_image would pick from the magic bytes."""
+  if data[:3] == b"\xff\xd8\xff":
+    return "jpeg"
+  if data[:8] == _PNG_SIGNATURE:
+    return "png"
+  if data[:4] == b"GIF8":
+    return "gif"
+  if data[:2] == b"BM":
+    return "bmp"
+  if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+    return "webp"
+  if data.startswith(_JXL_SIGNATURES):
+    raise ValueError("JPEG XL images are not supported by the tensorflow "
+                     "decoder recipe (Keras' directory loader skips them)")
+  raise ValueError("unknown image format: expected JPEG, PNG, GIF, BMP or "
+                   "WebP")
+
+
+def _jpeg_size(data: bytes):
+  try:
+    height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+  except ValueError as error:
+    raise _fail("JPEG header", error) from None
+  return width, height
+
+
+def _png_size(data: bytes):
+  if len(data) < 33 or data[12:16] != b"IHDR":
+    raise ValueError("invalid PNG: no IHDR header")
+  return struct.unpack(">II", data[16:24])
+
+
+def _bmp_size(data: bytes):
+  if len(data) < 32:
+    raise ValueError(f"invalid BMP: {len(data)} bytes, too short for a "
+                     "header")
+  width, height = struct.unpack("<ii", data[18:26])
+  return width, abs(height)
+
+
+def _webp_size(data: bytes):
+  """The canvas size from the first chunk of a WebP's RIFF container."""
+  chunk, body = data[12:16], data[20:30]
+  if chunk == b"VP8X" and len(body) >= 10:
+    return (int.from_bytes(body[4:7], "little") + 1,
+            int.from_bytes(body[7:10], "little") + 1)
+  if chunk == b"VP8L" and len(body) >= 5 and body[0] == 0x2F:
+    bits = int.from_bytes(body[1:5], "little")
+    return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+  if chunk == b"VP8 " and len(body) >= 10 and body[3:6] == b"\x9d\x01\x2a":
+    width, height = struct.unpack("<HH", body[6:10])
+    return width & 0x3FFF, height & 0x3FFF
+  raise ValueError("invalid WebP: no VP8, VP8L or VP8X chunk first")
+
+
+# ---------------------------------------------------------------- colour
+
+
+def tf_rgb_to_grayscale(rgb: np.ndarray) -> np.ndarray:
+  """uint8 (..., 3) to uint8 (..., 1) as `tf.image.rgb_to_grayscale` does.
+
+  The sum runs in the order TensorFlow's tensordot gives (checked on all
+  16,777,216 colours against TensorFlow 2.21 on x86-64).
+  """
+  scaled = rgb.astype(np.float32) * np.float32(1.0 / 255.0)
+  red, green, blue = (np.float32(weight) for weight in TF_GREY_WEIGHTS)
+  grey = (scaled[..., 0] * red + scaled[..., 1] * green) + scaled[..., 2] * blue
+  return (grey * np.float32(255.5)).astype(np.uint8)[..., np.newaxis]
+
+
+def _cmyk_to_rgb(cmyk: np.ndarray, adobe: bool) -> np.ndarray:
+  """TensorFlow's jpeg_mem.cc CMYK conversion, integer division included."""
+  values = cmyk.astype(np.uint32)
+  if not adobe:
+    values = 255 - values
+  return (values[..., :3] * values[..., 3:] // 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- JPEG
+
+
+def _saw_adobe_marker(data: bytes) -> bool:
+  """Whether libjpeg sees an Adobe APP14 marker before the first scan."""
+  position = 2
+  while position + 4 <= len(data) and data[position] == 0xFF:
+    marker = data[position + 1]
+    if marker == 0xFF:  # Fill byte.
+      position += 1
+      continue
+    if marker in (0xDA, 0xD9):  # Start of scan, end of image.
+      return False
+    length = struct.unpack(">H", data[position + 2:position + 4])[0]
+    if (marker == 0xEE and length >= 14 and
+        data[position + 4:position + 9] == b"Adobe"):
+      return True
+    position += 2 + length
+  return False
+
+
+def _simplejpeg(data: bytes, colorspace: str) -> np.ndarray:
+  """libjpeg-turbo with TensorFlow's settings and its acceptance rules.
+
+  TensorFlow accepts a JPEG that libjpeg decodes with warnings (corrupt
+  data it repairs) but refuses one whose data ends early, even if only the
+  end marker is missing. simplejpeg's strict mode refuses both; a strict
+  failure that is not the end of the data decodes again leniently.
+  """
+  options = dict(colorspace=colorspace, fastdct=True, fastupsample=False)
+  try:
+    return simplejpeg.decode_jpeg(data, strict=True, **options)
+  except ValueError as error:
+    message = str(error)
+  scan = data.find(b"\xff\xda")
+  if "Premature end" in message or data.rfind(b"\xff\xd9") < scan:
+    raise ValueError("invalid JPEG: the data ends before the image does "
+                     "(truncated)")
+  try:
+    return simplejpeg.decode_jpeg(data, strict=False, **options)
+  except ValueError as error:
+    raise _fail("JPEG", error) from None
+
+
+def decode_jpeg(data: bytes, channels: int) -> np.ndarray:
+  _, _, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+  if colorspace in ("CMYK", "YCCK"):
+    rgb = _cmyk_to_rgb(_simplejpeg(data, "CMYK"), _saw_adobe_marker(data))
+    return rgb if channels == 3 else tf_rgb_to_grayscale(rgb)
+  pixels = _simplejpeg(data, "GRAY" if channels == 1 else "RGB")
+  return pixels.reshape(pixels.shape[0], pixels.shape[1], channels)
+
+
+# ---------------------------------------------------------------- PNG
+
+
+def _png_chunks(data: bytes):
+  """(type, body) of each chunk before the image data."""
+  position = 8
+  while position + 8 <= len(data):
+    length, kind = struct.unpack(">I4s", data[position:position + 8])
+    if kind == b"IDAT":
+      return
+    yield kind, data[position + 8:position + 8 + length]
+    position += 12 + length
+
+
+def _png_gamma_and_bits(data: bytes):
+  """The file gamma libpng 1.6.43 uses (0 if none) and the sBIT maximum."""
+  gamma, srgb, significant_bits = 0, False, 0
+  for kind, body in _png_chunks(data):
+    if kind == b"gAMA" and len(body) == 4 and not gamma:
+      gamma = struct.unpack(">I", body)[0]
+    elif kind == b"sRGB":
+      srgb = True
+    elif kind == b"sBIT" and body:
+      significant_bits = max(body[:3])
+  return (PNG_GAMMA_SRGB if srgb else gamma), significant_bits
+
+
+def _gamma_significant(gamma: int) -> bool:
+  return abs(gamma - 100000) > PNG_GAMMA_THRESHOLD
+
+
+def _reciprocal(gamma: int) -> int:
+  return int(np.floor(1e10 / gamma + 0.5))
+
+
+def _gamma_table_8(gamma: int) -> np.ndarray:
+  values = np.arange(256)
+  if not _gamma_significant(gamma):
+    return values
+  corrected = np.floor(255 * np.power(values / 255.0, gamma * 1e-5) + 0.5)
+  return np.where((values > 0) & (values < 255), corrected, values).astype(
+      np.int64)
+
+
+def _gamma_table_16(shift: int, gamma: int) -> np.ndarray:
+  """libpng's png_build_16bit_table, flattened to index (low >> shift, high)."""
+  low, high = np.meshgrid(np.arange(1 << (8 - shift)), np.arange(256),
+                          indexing="ij")
+  sample = (high << (8 - shift)) + low
+  top = (1 << (16 - shift)) - 1
+  if _gamma_significant(gamma):
+    table = np.floor(65535.0 * np.power(sample * (1.0 / top), gamma * 1e-5)
+                     + 0.5)
+  elif shift:
+    table = (sample * 65535 + (1 << (15 - shift))) // top
+  else:
+    table = sample
+  return table.astype(np.int64)
+
+
+def _gamma_16to8_table(shift: int, gamma: int) -> np.ndarray:
+  """libpng's png_build_16to8_table, flattened like _gamma_table_16."""
+  table = np.full((1 << (8 - shift), 256), 65535, np.int64)
+  top, last = (1 << (16 - shift)) - 1, 0
+  for level in range(255):
+    out = level * 257
+    bound = int(np.floor(65535 * np.power((out + 128) / 65535.0,
+                                          gamma * 1e-5) + 0.5))
+    bound = (bound * top + 32768) // 65535 + 1
+    samples = np.arange(last, max(last, bound))
+    table[samples & (0xFF >> shift), samples >> (8 - shift)] = out
+    last = max(last, bound)
+  return table
+
+
+def _png_rgb_to_grey(rgb: np.ndarray, gamma: int,
+                     significant_bits: int) -> np.ndarray:
+  """libpng 1.6.43's png_do_rgb_to_gray with TensorFlow's coefficients."""
+  values = rgb.astype(np.int64)
+  red, green, blue = values[..., 0], values[..., 1], values[..., 2]
+  flat = (red == green) & (red == blue)
+  if not gamma or not (_gamma_significant(gamma) or
+                       _gamma_significant(_reciprocal(gamma))):
+    if rgb.dtype == np.uint8:
+      grey = (PNG_GREY_RED * red + PNG_GREY_GREEN * green +
+              PNG_GREY_BLUE * blue) >> 15
+    else:
+      grey = (PNG_GREY_RED * red + PNG_GREY_GREEN * green +
+              PNG_GREY_BLUE * blue + 16384) >> 15
+    return grey.astype(rgb.dtype)[..., np.newaxis]
+  screen = _reciprocal(gamma)
+  to_linear, from_linear = _reciprocal(gamma), _reciprocal(screen)
+  if rgb.dtype == np.uint8:
+    to_1, from_1 = _gamma_table_8(to_linear), _gamma_table_8(from_linear)
+    same = _gamma_table_8(int(np.floor(1e15 / gamma / screen + 0.5)))
+    linear = (PNG_GREY_RED * to_1[red] + PNG_GREY_GREEN * to_1[green] +
+              PNG_GREY_BLUE * to_1[blue] + 16384) >> 15
+    grey = np.where(flat, same[red], from_1[linear])
+    return grey.astype(np.uint8)[..., np.newaxis]
+  shift = 16 - significant_bits if 0 < significant_bits < 16 else 0
+  shift = min(max(shift, 16 - PNG_MAX_GAMMA_8), 8)
+
+  def look_up(table, sample):
+    return table[(sample & 0xFF) >> shift, sample >> 8]
+
+  to_1 = _gamma_table_16(shift, to_linear)
+  from_1 = _gamma_table_16(shift, from_linear)
+  same = _gamma_16to8_table(shift, int(np.floor(gamma * 1e-5 * screen + 0.5)))
+  linear = (PNG_GREY_RED * look_up(to_1, red) +
+            PNG_GREY_GREEN * look_up(to_1, green) +
+            PNG_GREY_BLUE * look_up(to_1, blue) + 16384) >> 15
+  grey = np.where(flat, look_up(same, red), look_up(from_1, linear))
+  return grey.astype(np.uint16)[..., np.newaxis]
+
+
+def _check_png_end(data: bytes) -> None:
+  """TensorFlow reads a PNG to its IEND chunk and fails without one."""
+  position = 8
+  while position + 12 <= len(data):
+    length, kind = struct.unpack(">I4s", data[position:position + 8])
+    if kind == b"IEND":
+      return
+    position += 12 + length
+  raise ValueError("invalid PNG: the data ends before the IEND chunk "
+                   "(truncated)")
+
+
+def decode_png(data: bytes, channels: int) -> np.ndarray:
+  try:
+    pixels = imagecodecs.png_decode(data)
+  except Exception as error:  # pylint: disable=broad-except
+    raise _fail("PNG", error) from None
+  _check_png_end(data)
+  if pixels.ndim == 2:
+    pixels = pixels[..., np.newaxis]
+  if pixels.shape[2] in (2, 4):  # png_set_strip_alpha: tRNS and alpha go.
+    pixels = pixels[..., :-1]
+  if channels == 1 and pixels.shape[2] == 3:
+    pixels = _png_rgb_to_grey(pixels, *_png_gamma_and_bits(data))
+  if pixels.dtype == np.uint16:  # png_set_strip_16 keeps the high byte.
+    pixels = (pixels >> 8).astype(np.uint8)
+  if channels == 3 and pixels.shape[2] == 1:
+    pixels = np.repeat(pixels, 3, axis=2)
+  return pixels
+
+
+# ---------------------------------------------------------------- GIF
+
+
+def _gif_sub_blocks_end(data: bytes, position: int) -> int:
+  """The position after a chain of GIF data sub-blocks (raises IndexError
+  if the data ends first)."""
+  while True:
+    size = data[position]
+    position += 1 + size
+    if size == 0:
+      if position > len(data):
+        raise IndexError("sub-block past the end")
+      return position
+
+
+def _gif_layout(data: bytes):
+  """What TensorFlow's GIF reader (giflib) gives, without decoding pixels:
+  the canvas (the largest complete frame's width and height), the first
+  frame's box, its colour table and its transparent index (-1 for none).
+
+  As TensorFlow does (measured), the first frame must be complete, and the
+  file may stop anywhere after it: a truncated or unreadable later frame,
+  or a missing trailer, ends the list of frames instead of failing.
+  """
+  if len(data) < 13:
+    raise ValueError("invalid GIF: too short for a header")
+  flags = data[10]
+  position = 13
+  global_table = None
+  if flags & 0x80:
+    size = 3 << ((flags & 7) + 1)
+    global_table = data[position:position + size]
+    position += size
+  frames, transparent = [], None
+  try:
+    while data[position] != 0x3B:
+      kind = data[position]
+      if kind == 0x21:
+        label = data[position + 1]
+        if label == 0xF9 and not frames and transparent is None:
+          if data[position + 2] >= 4:
+            transparent = data[position + 6] if data[position + 3] & 1 else -1
+        position = _gif_sub_blocks_end(data, position + 2)
+      elif kind == 0x2C:
+        left, top, width, height, packed = struct.unpack(
+            "<HHHHB", data[position + 1:position + 10])
+        position += 10
+        table = global_table
+        if packed & 0x80:
+          size = 3 << ((packed & 7) + 1)
+          table = data[position:position + size]
+          position += size
+        position = _gif_sub_blocks_end(data, position + 1)
+        frames.append((left, top, width, height, table,
+                       -1 if transparent is None else transparent))
+      else:
+        raise IndexError(f"unknown block 0x{kind:02x}")
+  except (IndexError, struct.error):
+    if not frames:
+      raise ValueError("invalid GIF: the data breaks off before the first "
+                       "frame is complete") from None
+  if not frames:
+    raise ValueError("invalid GIF: no image in the file")
+  canvas = (max(frame[2] for frame in frames),
+            max(frame[3] for frame in frames))
+  return canvas, frames[0]
+
+
+def _gif_size(data: bytes):
+  return _gif_layout(data)[0]
+
+
+def decode_gif(data: bytes, channels: int) -> np.ndarray:
+  (width, height), first = _gif_layout(data)
+  left, top, frame_width, frame_height, table, transparent = first
+  if table is None:
+    raise ValueError("invalid GIF: missing color map")
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      x0, y0, x1, y1 = image.tile[0][1]
+      image.load()
+      if image.mode not in ("P", "L"):
+        raise ValueError(f"unexpected first-frame mode {image.mode}")
+      indices = np.asarray(image)[y0:y1, x0:x1]
+  except (OSError, ValueError, IndexError, SyntaxError) as error:
+    raise _fail("GIF", error) from None
+  if indices.shape != (frame_height, frame_width):
+    raise ValueError("invalid GIF: the first frame's size does not match "
+                     "its descriptor")
+  colours = np.frombuffer(table, np.uint8).reshape(-1, 3)
+  visible = indices[:max(0, height - top), :max(0, width - left)]
+  opaque = visible != transparent
+  outside = opaque & (visible >= len(colours))
+  if outside.any():
+    bad = int(visible.flat[np.argmax(outside)])  # The first, as TF reports.
+    raise ValueError(f"invalid GIF: found color index {bad} outside of "
+                     f"color map range {len(colours)}")
+  canvas = np.zeros((height, width, 3), np.uint8)
+  rows, columns = visible.shape
+  canvas[top:top + rows, left:left + columns] = np.where(
+      opaque[..., np.newaxis], colours[np.minimum(visible, len(colours) - 1)],
+      0)
+  return canvas if channels == 3 else tf_rgb_to_grayscale(canvas)
+
+
+# ---------------------------------------------------------------- BMP
+
+
+def decode_bmp(data: bytes, channels: int) -> np.ndarray:
+  """TensorFlow's decode_image_op.cc BMP reader, rule for rule."""
+  offset, = struct.unpack("<i", data[10:14])
+  width, height = struct.unpack("<ii", data[18:26])
+  bits, = struct.unpack("<h", data[28:30])
+  depth = int(bits / 8)  # C's division, truncating toward zero.
+  if depth not in (1, 3, 4):
+    raise ValueError(f"invalid BMP: {bits} bits a pixel; TensorFlow's "
+                     "reader takes 8, 24 or 32")
+  if width <= 0 or height == 0 or offset < 0:
+    raise ValueError(f"invalid BMP: size {width}x{height}, pixel data at "
+                     f"{offset}")
+  rows = abs(height)
+  row_bytes = (depth * width + 3) // 4 * 4
+  extra = len(data) - offset - row_bytes * rows
+  if extra != 0:
+    raise ValueError("invalid BMP: the file size should be the header plus "
+                     f"the rows, but they differ by {extra} bytes")
+  pixels = np.frombuffer(data, np.uint8, row_bytes * rows, offset)
+  pixels = pixels.reshape(rows, row_bytes)[:, :width * depth]
+  pixels = pixels.reshape(rows, width, depth)
+  if height > 0:  # Bottom-up rows.
+    pixels = pixels[::-1]
+  rgb = (np.repeat(pixels, 3, axis=2) if depth == 1 else
+         pixels[..., 2::-1])
+  return np.ascontiguousarray(rgb) if channels == 3 else tf_rgb_to_grayscale(
+      rgb)
+
+
+# ---------------------------------------------------------------- WebP
+
+
+def decode_webp(data: bytes, channels: int) -> np.ndarray:
+  try:
+    pixels = imagecodecs.webp_decode(data, index=0)
+  except Exception as error:  # pylint: disable=broad-except
+    raise _fail("WebP", error) from None
+  rgb = pixels[..., :3]
+  return rgb if channels == 3 else tf_rgb_to_grayscale(rgb)
+
+
+_SIZES = {"jpeg": _jpeg_size, "png": _png_size, "gif": _gif_size,
+          "bmp": _bmp_size, "webp": _webp_size}
+_DECODERS = {"jpeg": decode_jpeg, "png": decode_png, "gif": decode_gif,
+             "bmp": decode_bmp, "webp": decode_webp}
+
+
+def decode_pixels(data: bytes, channels: int,
+                  max_pixels: Optional[int] = None) -> np.ndarray:
+  """uint8 (H, W, channels): `tf.io.decode_image(data, channels,
+  expand_animations=False)`, or its conversion where TensorFlow refuses
+  (see the module's docstring). The header's size is checked against
+  `max_pixels` before any pixel is decoded."""
+  if data is None:
+    raise ValueError("null image cell")
+  if not data:
+    raise ValueError("empty image: zero bytes")
+  data = bytes(data)
+  kind = image_format(data)
+  width, height = _SIZES[kind](data)
+  if max_pixels is not None and width * height > max_pixels:
+    raise Image.DecompressionBombError(
+        f"image of {width}x{height} pixels exceeds the limit of {max_pixels}"
+        " pixels (--max_image_pixels)")
+  return _DECODERS[kind](data, channels)
+
+
+# ---------------------------------------------------------------- resize
+
+
+@functools.lru_cache(maxsize=256)
+def _axis(in_size: int, out_size: int):
+  """TensorFlow's CachedInterpolation for one axis: HalfPixelScaler on a
+  float32 scale, floor and ceil clamped to the image, and the fraction."""
+  scale = np.float32(in_size) / np.float32(out_size)
+  position = ((np.arange(out_size, dtype=np.float32) + np.float32(0.5)) *
+              scale - np.float32(0.5))
+  floor = np.floor(position)
+  lower = np.maximum(floor, 0).astype(np.intp)
+  upper = np.minimum(np.ceil(position), in_size - 1).astype(np.intp)
+  return lower, upper, position - floor
+
+
+def resize_bilinear(images: np.ndarray, height: int,
+                    width: int) -> np.ndarray:
+  """`tf.image.resize(images, (height, width), "bilinear")` for an (N, H, W,
+  C) batch of one size: float32, each output the lerp of two horizontal
+  lerps, `a + (b - a) * t`, as resize_bilinear_op.cc computes it."""
+  _, in_height, in_width, _ = images.shape
+  if (in_height, in_width) == (height, width):
+    # Every weight is 0 and every position exact: TensorFlow's resize is
+    # the identity here (tested), and only the type changes.
+    return images.astype(np.float32)
+  lower_y, upper_y, lerp_y = _axis(in_height, height)
+  lower_x, upper_x, lerp_x = _axis(in_width, width)
+  # Each input row that an output row reads is lerped horizontally once.
+  rows, where = np.unique(np.concatenate([lower_y, upper_y]),
+                          return_inverse=True)
+  picked = images[:, rows]
+  left = picked[:, :, lower_x].astype(np.float32)
+  right = picked[:, :, upper_x].astype(np.float32)
+  across = left + (right - left) * lerp_x[:, np.newaxis]
+  top, bottom = across[:, where[:height]], across[:, where[height:]]
+  return top + (bottom - top) * lerp_y[:, np.newaxis, np.newaxis]
+
+
+# ---------------------------------------------------------------- decoder
+
+
+class KerasImageDecoder:
+  """Encoded images to the float32 inputs `image_dataset_from_directory`
+  gives a model of this size and colour mode."""
+
+  def __init__(self, height: int, width: int, color_mode: str,
+               max_pixels: Optional[int] = None):
+    if color_mode not in CHANNELS:
+      raise ValueError(f"unknown color_mode {color_mode!r}: expected one of "
+                       f"{tuple(CHANNELS)}")
+    self.shape = (height, width, CHANNELS[color_mode])
+    self._max_pixels = max_pixels
+
+  def decode_uint8(self, data: bytes) -> np.ndarray:
+    """The decoded image at its own size, before the resize."""
+    return decode_pixels(data, self.shape[2], self._max_pixels)
+
+  def decode(self, data: bytes) -> np.ndarray:
+    """float32 (height, width, C); a bad image raises a one-line ValueError
+    (DecompressionBombError above max_pixels)."""
+    pixels = self.decode_uint8(data)
+    return resize_bilinear(pixels[np.newaxis], *self.shape[:2])[0]
+
+  def decode_batch(self, payloads: list):
+    """(pixels float32 (n, H, W, C), indices of the n that decoded, and an
+    (index, exception) pair for each that did not), in payload order.
+
+    Decoded images wait, grouped by their own size, until they hold
+    RESIZE_GROUP_BYTES; each group is then resized in one vectorised call.
+    Memory stays about one group (or one large image) whatever the batch.
+    """
+    pixels = np.empty((len(payloads),) + self.shape, np.float32)
+    good, errors, pending = [], [], {}
+
+    def resize_pending():
+      for members in pending.values():
+        rows = [row for row, _ in members]
+        pixels[rows] = resize_bilinear(
+            np.stack([image for _, image in members]), *self.shape[:2])
+      pending.clear()
+
+    pending_bytes = 0
+    for index, data in enumerate(payloads):
+      try:
+        image = self.decode_uint8(data)
+      except Exception as error:  # pylint: disable=broad-except
+        errors.append((index, error))
+        continue
+      pending.setdefault(image.shape, []).append((len(good), image))
+      good.append(index)
+      pending_bytes += image.nbytes
+      if pending_bytes >= RESIZE_GROUP_BYTES:
+        resize_pending()
+        pending_bytes = 0
+    resize_pending()
+    return pixels[:len(good)], good, errors
