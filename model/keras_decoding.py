@@ -16,9 +16,8 @@ GIF reader and numpy, each step written to TensorFlow 2.21's own code:
   (inverted when an Adobe marker is present, as TensorFlow does).
 * PNG: libpng's transformations as TensorFlow asks for them: alpha and tRNS
   dropped (not composited), 16 bits cut to their high byte, grey repeated
-  into RGB, and RGB to grey by libpng's fixed-point 0.299/0.587/0.114,
-  through the file's gamma when its gAMA or sRGB chunk makes it
-  significant.
+  into RGB, and RGB to grey by libpng's fixed-point weights and gamma
+  tables (model/png_grey.py).
 * GIF: the first frame on a canvas of the largest frame's size, black
   where the frame does not reach and where its pixels are transparent.
 * BMP: TensorFlow's own reader: 8, 24 and 32-bit rows, an 8-bit BMP's bytes
@@ -42,13 +41,18 @@ they become predictions rather than error rows:
   must be 4 channel RGBA"): the first frame with its alpha dropped, as
   TensorFlow drops a PNG's.
 
-Refused as TensorFlow refuses them: truncated JPEGs (also those missing only
-their end marker; a JPEG whose data is corrupt but complete decodes, as in
-TensorFlow, with libjpeg's repairs), GIFs without their trailer, BMPs that
-TensorFlow's reader rejects, and JPEG XL (which Keras' directory loader
-never reads). No decoder here writes to stderr; a failure is a ValueError
-of one line, and an image above `max_pixels` is refused from its header,
-before any pixel is decoded, with Pillow's DecompressionBombError.
+Accepted and refused as TensorFlow does with damaged files (measured):
+a JPEG whose data ends early, even by its end marker alone, is refused,
+and one with corrupt but complete data decodes with libjpeg's repairs; a
+PNG without its IEND chunk is refused; a GIF may break off anywhere after
+its first frame; a BMP must be exactly its header and rows. Keras'
+directory loader reads .bmp, .gif, .jpeg, .jpg and .png files only; WebP
+decodes as tf.io.decode_image decodes it, and JPEG XL, which
+decode_image also reads, is refused here.
+No decoder here writes to stderr (TensorFlow's print libjpeg's warnings and
+their own log lines); a failure is a ValueError of one line, and an image
+above `max_pixels` is refused from its header, before any pixel is
+decoded, with Pillow's DecompressionBombError.
 """
 
 import functools
@@ -61,20 +65,13 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
+from model import png_grey
+
 CHANNELS = {"grayscale": 1, "rgb": 3}
 
 # tf.image.rgb_to_grayscale: float32 weights applied to pixels / 255, then
 # times 255.5 and truncated back to uint8 by convert_image_dtype.
 TF_GREY_WEIGHTS = (0.2989, 0.5870, 0.1140)
-# libpng's png_set_rgb_to_gray(png, 1, 0.299, 0.587) as TensorFlow calls
-# it: 15-bit fixed point, truncated, blue taking the rest of 32768.
-PNG_GREY_RED, PNG_GREY_GREEN = 9797, 19234
-PNG_GREY_BLUE = 32768 - PNG_GREY_RED - PNG_GREY_GREEN
-# libpng: gammas within 5% of 1 are not applied; 16-bit gamma tables keep
-# at most 11 significant bits when the output is 8-bit.
-PNG_GAMMA_THRESHOLD = 5000
-PNG_MAX_GAMMA_8 = 11
-PNG_GAMMA_SRGB = 45455
 
 # Decoded images of one source size wait for a shared resize until they
 # hold this many bytes; an image larger than this is resized alone.
@@ -210,7 +207,7 @@ def _simplejpeg(data: bytes, colorspace: str) -> np.ndarray:
   except ValueError as error:
     message = str(error)
   scan = data.find(b"\xff\xda")
-  if "Premature end" in message or data.rfind(b"\xff\xd9") < scan:
+  if "Premature end of JPEG file" in message or data.rfind(b"\xff\xd9") < scan:
     raise ValueError("invalid JPEG: the data ends before the image does "
                      "(truncated)")
   try:
@@ -231,118 +228,6 @@ def decode_jpeg(data: bytes, channels: int) -> np.ndarray:
 # ---------------------------------------------------------------- PNG
 
 
-def _png_chunks(data: bytes):
-  """(type, body) of each chunk before the image data."""
-  position = 8
-  while position + 8 <= len(data):
-    length, kind = struct.unpack(">I4s", data[position:position + 8])
-    if kind == b"IDAT":
-      return
-    yield kind, data[position + 8:position + 8 + length]
-    position += 12 + length
-
-
-def _png_gamma_and_bits(data: bytes):
-  """The file gamma libpng 1.6.43 uses (0 if none) and the sBIT maximum."""
-  gamma, srgb, significant_bits = 0, False, 0
-  for kind, body in _png_chunks(data):
-    if kind == b"gAMA" and len(body) == 4 and not gamma:
-      gamma = struct.unpack(">I", body)[0]
-    elif kind == b"sRGB":
-      srgb = True
-    elif kind == b"sBIT" and body:
-      significant_bits = max(body[:3])
-  return (PNG_GAMMA_SRGB if srgb else gamma), significant_bits
-
-
-def _gamma_significant(gamma: int) -> bool:
-  return abs(gamma - 100000) > PNG_GAMMA_THRESHOLD
-
-
-def _reciprocal(gamma: int) -> int:
-  return int(np.floor(1e10 / gamma + 0.5))
-
-
-def _gamma_table_8(gamma: int) -> np.ndarray:
-  values = np.arange(256)
-  if not _gamma_significant(gamma):
-    return values
-  corrected = np.floor(255 * np.power(values / 255.0, gamma * 1e-5) + 0.5)
-  return np.where((values > 0) & (values < 255), corrected, values).astype(
-      np.int64)
-
-
-def _gamma_table_16(shift: int, gamma: int) -> np.ndarray:
-  """libpng's png_build_16bit_table, flattened to index (low >> shift, high)."""
-  low, high = np.meshgrid(np.arange(1 << (8 - shift)), np.arange(256),
-                          indexing="ij")
-  sample = (high << (8 - shift)) + low
-  top = (1 << (16 - shift)) - 1
-  if _gamma_significant(gamma):
-    table = np.floor(65535.0 * np.power(sample * (1.0 / top), gamma * 1e-5)
-                     + 0.5)
-  elif shift:
-    table = (sample * 65535 + (1 << (15 - shift))) // top
-  else:
-    table = sample
-  return table.astype(np.int64)
-
-
-def _gamma_16to8_table(shift: int, gamma: int) -> np.ndarray:
-  """libpng's png_build_16to8_table, flattened like _gamma_table_16."""
-  table = np.full((1 << (8 - shift), 256), 65535, np.int64)
-  top, last = (1 << (16 - shift)) - 1, 0
-  for level in range(255):
-    out = level * 257
-    bound = int(np.floor(65535 * np.power((out + 128) / 65535.0,
-                                          gamma * 1e-5) + 0.5))
-    bound = (bound * top + 32768) // 65535 + 1
-    samples = np.arange(last, max(last, bound))
-    table[samples & (0xFF >> shift), samples >> (8 - shift)] = out
-    last = max(last, bound)
-  return table
-
-
-def _png_rgb_to_grey(rgb: np.ndarray, gamma: int,
-                     significant_bits: int) -> np.ndarray:
-  """libpng 1.6.43's png_do_rgb_to_gray with TensorFlow's coefficients."""
-  values = rgb.astype(np.int64)
-  red, green, blue = values[..., 0], values[..., 1], values[..., 2]
-  flat = (red == green) & (red == blue)
-  if not gamma or not (_gamma_significant(gamma) or
-                       _gamma_significant(_reciprocal(gamma))):
-    if rgb.dtype == np.uint8:
-      grey = (PNG_GREY_RED * red + PNG_GREY_GREEN * green +
-              PNG_GREY_BLUE * blue) >> 15
-    else:
-      grey = (PNG_GREY_RED * red + PNG_GREY_GREEN * green +
-              PNG_GREY_BLUE * blue + 16384) >> 15
-    return grey.astype(rgb.dtype)[..., np.newaxis]
-  screen = _reciprocal(gamma)
-  to_linear, from_linear = _reciprocal(gamma), _reciprocal(screen)
-  if rgb.dtype == np.uint8:
-    to_1, from_1 = _gamma_table_8(to_linear), _gamma_table_8(from_linear)
-    same = _gamma_table_8(int(np.floor(1e15 / gamma / screen + 0.5)))
-    linear = (PNG_GREY_RED * to_1[red] + PNG_GREY_GREEN * to_1[green] +
-              PNG_GREY_BLUE * to_1[blue] + 16384) >> 15
-    grey = np.where(flat, same[red], from_1[linear])
-    return grey.astype(np.uint8)[..., np.newaxis]
-  shift = 16 - significant_bits if 0 < significant_bits < 16 else 0
-  shift = min(max(shift, 16 - PNG_MAX_GAMMA_8), 8)
-
-  def look_up(table, sample):
-    return table[(sample & 0xFF) >> shift, sample >> 8]
-
-  to_1 = _gamma_table_16(shift, to_linear)
-  from_1 = _gamma_table_16(shift, from_linear)
-  same = _gamma_16to8_table(shift, int(np.floor(gamma * 1e-5 * screen + 0.5)))
-  linear = (PNG_GREY_RED * look_up(to_1, red) +
-            PNG_GREY_GREEN * look_up(to_1, green) +
-            PNG_GREY_BLUE * look_up(to_1, blue) + 16384) >> 15
-  grey = np.where(flat, look_up(same, red), look_up(from_1, linear))
-  return grey.astype(np.uint16)[..., np.newaxis]
-
-
 def _check_png_end(data: bytes) -> None:
   """TensorFlow reads a PNG to its IEND chunk and fails without one."""
   position = 8
@@ -356,17 +241,17 @@ def _check_png_end(data: bytes) -> None:
 
 
 def decode_png(data: bytes, channels: int) -> np.ndarray:
+  _check_png_end(data)
   try:
     pixels = imagecodecs.png_decode(data)
   except Exception as error:  # pylint: disable=broad-except
     raise _fail("PNG", error) from None
-  _check_png_end(data)
   if pixels.ndim == 2:
     pixels = pixels[..., np.newaxis]
   if pixels.shape[2] in (2, 4):  # png_set_strip_alpha: tRNS and alpha go.
     pixels = pixels[..., :-1]
   if channels == 1 and pixels.shape[2] == 3:
-    pixels = _png_rgb_to_grey(pixels, *_png_gamma_and_bits(data))
+    pixels = png_grey.rgb_to_grey(pixels, data)
   if pixels.dtype == np.uint16:  # png_set_strip_16 keeps the high byte.
     pixels = (pixels >> 8).astype(np.uint8)
   if channels == 3 and pixels.shape[2] == 1:
