@@ -73,8 +73,8 @@ CHANNELS = {"grayscale": 1, "rgb": 3}
 # times 255.5 and truncated back to uint8 by convert_image_dtype.
 TF_GREY_WEIGHTS = (0.2989, 0.5870, 0.1140)
 
-# Decoded images of one source size wait for a shared resize until they
-# hold this many bytes; an image larger than this is resized alone.
+# Consecutive decoded images of one source size wait for a shared resize
+# until they hold this many bytes; a larger image is resized alone.
 RESIZE_GROUP_BYTES = 32 << 20
 # The resize works on as many images at once as give about this many
 # output values: its float32 temporaries then fit in a core's cache.
@@ -467,19 +467,23 @@ def _plan(in_height: int, in_width: int, channels: int, height: int,
           lerp_y[:, np.newaxis])
 
 
-def resize_bilinear(images: np.ndarray, height: int,
-                    width: int) -> np.ndarray:
+def resize_bilinear(images: np.ndarray, height: int, width: int,
+                    out: Optional[np.ndarray] = None) -> np.ndarray:
   """`tf.image.resize(images, (height, width), "bilinear")` for an (N, H, W,
   C) batch of one size: float32, each output the lerp of two horizontal
-  lerps, `a + (b - a) * t`, as resize_bilinear_op.cc computes it."""
+  lerps, `a + (b - a) * t`, as resize_bilinear_op.cc computes it. Written
+  into `out` (float32, C-contiguous, (N, height, width, C)) if given."""
   count, in_height, in_width, channels = images.shape
+  if out is None:
+    out = np.empty((count, height, width, channels), np.float32)
   if (in_height, in_width) == (height, width):
     # Every weight is 0 and every position exact: TensorFlow's resize is
     # the identity here (tested), and only the type changes.
-    return images.astype(np.float32)
+    out[...] = images
+    return out
   rows, columns, lerp_x, top_rows, bottom_rows, lerp_y = _plan(
       in_height, in_width, channels, height, width)
-  out = np.empty((count, height, width * channels), np.float32)
+  result, out = out, out.reshape(count, height, width * channels)
   # A few images at a time: the float32 temporaries then stay in cache.
   step = max(1, RESIZE_CHUNK_VALUES // (height * width * channels))
   for start in range(0, count, step):
@@ -498,7 +502,7 @@ def resize_bilinear(images: np.ndarray, height: int,
     bottom -= top
     bottom *= lerp_y
     bottom += top
-  return out.reshape(count, height, width, channels)
+  return result
 
 
 # ---------------------------------------------------------------- decoder
@@ -530,32 +534,31 @@ class KerasImageDecoder:
     """(pixels float32 (n, H, W, C), indices of the n that decoded, and an
     (index, exception) pair for each that did not), in payload order.
 
-    Decoded images wait, grouped by their own size, until they hold
-    RESIZE_GROUP_BYTES; each group is then resized in one vectorised call.
-    Memory stays about one group (or one large image) whatever the batch.
+    Consecutive images of one source size are resized together, straight
+    into the output, once they hold RESIZE_GROUP_BYTES or the next image
+    has another size: memory stays about one group (or one large image)
+    whatever the batch.
     """
     pixels = np.empty((len(payloads),) + self.shape, np.float32)
-    good, errors, pending = [], [], {}
+    good, errors, group = [], [], []
 
-    def resize_pending():
-      for members in pending.values():
-        rows = [row for row, _ in members]
-        pixels[rows] = resize_bilinear(
-            np.stack([image for _, image in members]), *self.shape[:2])
-      pending.clear()
+    def resize_group():
+      if group:
+        first = len(good) - len(group)
+        resize_bilinear(np.stack(group), *self.shape[:2],
+                        out=pixels[first:len(good)])
+        group.clear()
 
-    pending_bytes = 0
     for index, data in enumerate(payloads):
       try:
         image = self.decode_uint8(data)
       except Exception as error:  # pylint: disable=broad-except
         errors.append((index, error))
         continue
-      pending.setdefault(image.shape, []).append((len(good), image))
+      if group and (image.shape != group[0].shape or
+                    len(group) * image.nbytes >= RESIZE_GROUP_BYTES):
+        resize_group()
+      group.append(image)
       good.append(index)
-      pending_bytes += image.nbytes
-      if pending_bytes >= RESIZE_GROUP_BYTES:
-        resize_pending()
-        pending_bytes = 0
-    resize_pending()
+    resize_group()
     return pixels[:len(good)], good, errors

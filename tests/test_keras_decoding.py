@@ -321,8 +321,8 @@ def test_batches_resize_in_bounded_groups(monkeypatch):
   resize = keras_decoding.resize_bilinear
   monkeypatch.setattr(keras_decoding, "RESIZE_GROUP_BYTES", 2 * 40 * 50 * 3)
   monkeypatch.setattr(keras_decoding, "resize_bilinear",
-                      lambda images, *size: calls.append(len(images)) or
-                      resize(images, *size))
+                      lambda images, *size, **out: calls.append(len(images))
+                      or resize(images, *size, **out))
   grouped, _, _ = decoder.decode_batch(payloads)
   assert calls == [2, 2, 1]
   np.testing.assert_array_equal(grouped, together)
