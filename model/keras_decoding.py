@@ -328,7 +328,11 @@ def _gif_layout(data: bytes):
 
 
 def _gif_size(data: bytes):
-  return _gif_layout(data)[0]
+  """The larger of the canvas and the logical screen, which Pillow
+  allocates to read the first frame."""
+  width, height = _gif_layout(data)[0]
+  screen_width, screen_height = struct.unpack("<HH", data[6:10])
+  return max(width, screen_width), max(height, screen_height)
 
 
 def decode_gif(data: bytes, channels: int) -> np.ndarray:

@@ -70,7 +70,7 @@ def _gamma_table_8(gamma: int) -> np.ndarray:
     return values
   corrected = np.floor(255 * np.power(values / 255.0, gamma * 1e-5) + 0.5)
   return np.where((values > 0) & (values < 255), corrected, values).astype(
-      np.int64)
+      np.uint32)
 
 
 def _gamma_table_16(shift: int, gamma: int) -> np.ndarray:
@@ -86,12 +86,12 @@ def _gamma_table_16(shift: int, gamma: int) -> np.ndarray:
     table = (sample * 65535 + (1 << (15 - shift))) // top
   else:
     table = sample
-  return table.astype(np.int64)
+  return table.astype(np.uint32)
 
 
 def _gamma_16to8_table(shift: int, gamma: int) -> np.ndarray:
   """libpng's png_build_16to8_table, flattened like _gamma_table_16."""
-  table = np.full((1 << (8 - shift), 256), 65535, np.int64)
+  table = np.full((1 << (8 - shift), 256), 65535, np.uint32)
   top, last = (1 << (16 - shift)) - 1, 0
   for level in range(255):
     out = level * 257
@@ -107,7 +107,8 @@ def _gamma_16to8_table(shift: int, gamma: int) -> np.ndarray:
 def _rgb_to_grey(rgb: np.ndarray, gamma: int,
                  significant_bits: int) -> np.ndarray:
   """libpng 1.6.43's png_do_rgb_to_gray with TensorFlow's coefficients."""
-  values = rgb.astype(np.int64)
+  # 32768 * 65535 + 16384 fits in 32 bits: 12 bytes a pixel, not 24.
+  values = rgb.astype(np.uint32)
   red, green, blue = values[..., 0], values[..., 1], values[..., 2]
   flat = (red == green) & (red == blue)
   if not gamma or not (_gamma_significant(gamma) or

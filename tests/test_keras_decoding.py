@@ -425,8 +425,20 @@ def test_tensorflow_recipe_needs_no_tensorflow():
   np.testing.assert_array_equal(pixels, expected)
 
 
-def test_only_keras_and_savedmodel_engines_need_tensorflow():
+def test_a_tensorflow_recipe_card_goes_to_dataflow_with_setup_file():
+  """Only the keras and savedmodel engines need TensorFlow on a worker: a
+  TFLite folder with the `tensorflow` decoder recipe passes the launcher's
+  check with --setup_file (the slim install)."""
+  from apache_beam.options import pipeline_options  # pylint: disable=import-outside-toplevel
+  from beam_jobs import config  # pylint: disable=import-outside-toplevel
   card = type("Card", (), {"decoder": "tensorflow"})()
   assert not engines.needs_tensorflow(card, "tflite")
   assert engines.needs_tensorflow(card, "keras")
   assert engines.needs_tensorflow(card, "savedmodel")
+  options = pipeline_options.PipelineOptions(
+      ["--runner", "DataflowRunner", "--setup_file", "./setup.py"])
+  tflite = type("Config", (), {"engine": "tflite"})()
+  config.check_workers(tflite, card, options)
+  keras = type("Config", (), {"engine": "keras"})()
+  with pytest.raises(config.ConfigError, match="--engine keras needs"):
+    config.check_workers(keras, card, options)
