@@ -57,6 +57,7 @@ decoded, with Pillow's DecompressionBombError.
 
 import functools
 import io
+import logging
 import struct
 from typing import Optional
 
@@ -81,6 +82,19 @@ RESIZE_GROUP_BYTES = 32 << 20
 RESIZE_BLOCK_VALUES = 1 << 16
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class _NoLibpngWarnings(logging.Filter):
+  """imagecodecs passes libpng's warnings to Python's logging: "Interlace
+  handling should be turned on" for every interlaced PNG, a CRC error in an
+  ancillary chunk (which libpng skips, as in TensorFlow). The pixels stand;
+  a warning line per image would be noise in a run promised to be quiet."""
+
+  def filter(self, record):
+    return not record.getMessage().startswith("PNG ")
+
+
+logging.getLogger("imagecodecs").addFilter(_NoLibpngWarnings())
 _JXL_SIGNATURES = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")
 
 

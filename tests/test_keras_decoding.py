@@ -345,6 +345,8 @@ def _damaged():
       "png without IEND": png[:-12],
       "png cut at 70%": png[:int(len(png) * 0.7)],
       "png with trailing bytes": png + b"trailing",
+      "png with a bad ancillary CRC": _with_chunk(
+          png, _png_chunk(b"tEXt", b"a\x00b")[:-4] + b"\x00\x00\x00\x01"),
       "gif cut in its second frame": gif[:int(len(gif) * 0.8)],
       "gif cut in its first frame": gif[:int(len(gif) * 0.3)],
       "bmp with 2 bytes more": bmp + b"\x00\x00",
@@ -369,21 +371,28 @@ def test_damaged_files_are_refused_where_tensorflow_refuses_them(name):
                                   expected)
 
 
-def test_bad_files_are_one_line_errors_and_nothing_on_stderr(capfd):
-  """TensorFlow's decoders print libjpeg's and its own log lines to fd 2
-  (`jpeg_mem.cc ... Premature end of JPEG data`); these print nothing."""
+ACCEPTED_DAMAGE = ("jpeg with corrupt data", "jpeg with trailing bytes",
+                   "png with trailing bytes", "png with a bad ancillary CRC",
+                   "gif cut in its second frame")
+
+
+def test_bad_files_are_one_line_errors_and_nothing_on_stderr(capfd, caplog):
+  """TensorFlow's decoders print libjpeg's, libpng's and their own log
+  lines (`jpeg_mem.cc ... Premature end of JPEG data`); these print and
+  log nothing, for bad files and for files a library warns about."""
   decoder = keras_decoding.KerasImageDecoder(16, 16, "grayscale")
   damaged = _damaged()
-  decoder.decode(damaged["jpeg with corrupt data"])  # libjpeg warns here.
+  for name in ACCEPTED_DAMAGE + ("png interlaced",):
+    decoder.decode(damaged.get(name) or _images()[name])
   for name, data in list(damaged.items()) + [("empty", b""), ("null", None)]:
-    if name in ("jpeg with corrupt data", "jpeg with trailing bytes",
-                "png with trailing bytes", "gif cut in its second frame"):
+    if name in ACCEPTED_DAMAGE:
       continue
     with pytest.raises(ValueError) as raised:
       decoder.decode(data)
     assert "\n" not in str(raised.value) and str(raised.value), name
   captured = capfd.readouterr()
   assert captured.err == "" and captured.out == ""
+  assert not caplog.records
 
 
 def test_large_images_are_refused_from_their_header(monkeypatch):
