@@ -11,8 +11,9 @@ tests/tf_reference.py (`tf.image.decode_image` and `tf.image.resize` in one
 traced call per batch, what the recipe ran before). For each size (each
 photo's own, 224x224 and 180x180) and colour mode the table gives the share
 of output values that are equal, the largest absolute difference, and the
-median over --repeats passes of microseconds per image for each decoder.
-The process is pinned to one core and TensorFlow to one thread, so the
+median over --repeats passes of microseconds per image for each decoder
+(the two decoders' passes alternate, so both see the same load on a shared
+machine). The process is pinned to one core and TensorFlow to one thread, so the
 times are per-core costs. --enlarged adds that many photos re-encoded at
 500x375 (JPEG quality 90, made in memory), the W4 workload's shape.
 """
@@ -68,6 +69,21 @@ def _compare(ours, reference, payloads):
   return equal, total, largest
 
 
+def _time_both(decoders: dict, payloads: list, repeats: int) -> dict:
+  """Median seconds per image of each decoder, their passes interleaved so
+  that both see the same load on a shared machine."""
+  passes = {name: [] for name in decoders}
+  for name, decoder in decoders.items():
+    decoder.decode(payloads[:BATCH])  # Warm-up (tracing, caches).
+  for _ in range(repeats):
+    for name, decoder in decoders.items():
+      started = time.perf_counter()
+      for start in range(0, len(payloads), BATCH):
+        decoder.decode(payloads[start:start + BATCH])
+      passes[name].append((time.perf_counter() - started) / len(payloads))
+  return {name: statistics.median(times) for name, times in passes.items()}
+
+
 def _rows(groups, color_mode, size, repeats):
   """One table row: parity and timing over every group of payloads."""
   from model import preprocessing  # pylint: disable=import-outside-toplevel
@@ -82,8 +98,8 @@ def _rows(groups, color_mode, size, repeats):
     same, compared, worst = _compare(ours, reference, payloads)
     equal, total, largest = equal + same, total + compared, max(largest,
                                                                  worst)
-    for name, decoder in (("ours", ours), ("tensorflow", reference)):
-      per_image = decoders_benchmark.time_decoder(decoder, payloads, repeats)
+    for name, per_image in _time_both(
+        {"ours": ours, "tensorflow": reference}, payloads, repeats).items():
       seconds[name] += per_image * len(payloads)
     images += len(payloads)
   return (images, equal, total, largest, seconds["ours"] / images,
@@ -124,8 +140,8 @@ def main(argv=None) -> int:
         shown = "own" if size is None else f"{size}x{size}"
         print(f"| {name} ({images}) | {shown} | {color_mode} | "
               f"{100 * equal / total:.4f}% of {total:,} | {largest:g} | "
-              f"{ours:.0f} | {reference:.0f} | {ours / reference:.2f} |",
-              flush=True)
+              f"{ours * 1e6:.0f} | {reference * 1e6:.0f} | "
+              f"{ours / reference:.2f} |", flush=True)
   load = os.getloadavg()
   print()
   print(f"load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f};"
