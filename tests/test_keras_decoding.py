@@ -115,8 +115,8 @@ def _top_down_bmp(rgb: np.ndarray) -> bytes:
 def _images() -> dict:
   """Every case: name -> encoded bytes."""
   photo = _photo()
-  alpha = np.dstack([photo, (np.arange(61)[None, :] * 5 % 256 + 0 * photo[
-      ..., 0]).astype(np.uint8)])
+  ramp = (np.arange(photo.shape[1]) * 5 % 256).astype(np.uint8)
+  alpha = np.dstack([photo, np.broadcast_to(ramp, photo.shape[:2])])
   grey = photo[..., 1]
   rgb16 = (photo.astype(np.uint16) * 257 + np.random.default_rng(1).integers(
       0, 256, photo.shape)).astype(np.uint16)
@@ -173,7 +173,7 @@ def _images() -> dict:
   rng = np.random.default_rng(7)
   palette = bytes(rng.integers(0, 256, 48, dtype=np.uint8))
   small, big = rng.integers(0, 16, (4, 5)), rng.integers(0, 16, (8, 10))
-  cases["gif pillow"] = _save(photo, "GIF")
+  cases["gif pillow"] = _save(photo, "GIF")  # Interlaced: 16 rows or more.
   cases["gif pillow transparency"] = _save(
       Image.fromarray(alpha).convert("P"), "GIF", transparency=0)
   cases["gif grey palette"] = _save(grey, "GIF")
@@ -206,10 +206,6 @@ def _animated_webp() -> bytes:
   frames = [Image.fromarray(_photo()), Image.fromarray(255 - _photo())]
   return _save(frames[0], "WEBP", save_all=True, append_images=frames[1:],
                lossless=True)
-
-
-def _names(prefix):
-  return [name for name in _images() if name.startswith(prefix)]
 
 
 # What TensorFlow refuses and this decoder converts: (case, channels) ->
@@ -260,6 +256,13 @@ def test_animated_webp_is_its_first_frame():
   np.testing.assert_array_equal(
       keras_decoding.decode_pixels(data, 1),
       tf.image.rgb_to_grayscale(first).numpy())
+
+
+def test_the_restart_marker_cases_hold_restart_markers():
+  for name in ("jpeg restart markers", "jpeg progressive restart rows"):
+    data = _images()[name]
+    assert b"\xff\xdd" in data  # DRI, the restart interval.
+    assert any(bytes([0xFF, 0xD0 + n]) in data for n in range(8)), name
 
 
 @pytest.mark.parametrize("step", [
