@@ -499,6 +499,33 @@ def test_tflite_with_pillow_decoder_never_imports_tensorflow(tmp_path,
 
 
 @pytest.mark.slow
+def test_an_adopted_tflite_folder_serves_from_the_slim_install(
+    tmp_path, author, png_dir, sample):
+  """Its `tensorflow` decoder recipe needs no TensorFlow: served from
+  .venv-slim (no TensorFlow installed), it gives the author's predictions,
+  and a Dataflow dry run with --setup_file (the slim install) accepts it."""
+  from tests import test_portability  # pylint: disable=import-outside-toplevel
+  card, _, _ = _adopt(author.files["tflite"], tmp_path / "model",
+                      input_scale="unit")
+  assert card.decoder == "tensorflow" and card.engines == ["tflite"]
+  model, out = str(tmp_path / "model"), tmp_path / "out"
+  if not os.path.exists(test_portability.SLIM_PYTHON):
+    pytest.fail(f"{test_portability.SLIM_PYTHON} is missing: "
+                "./run_tests.sh creates it (scripts/ensure_venv.sh)")
+  served = test_portability._predict_cli(  # pylint: disable=protected-access
+      test_portability.SLIM_PYTHON,
+      ["--input", png_dir, "--model", model, "--output", str(out)])
+  assert served.returncode == 0, served.stderr[-3000:]
+  rows = {row["id"]: row for row in read_parquet_rows(
+      os.path.join(str(out), "predictions-*.parquet"))}
+  _assert_same_as_author(rows, png_ids(png_dir, sample), author.logits)
+  dry_run = test_portability._predict_cli(  # pylint: disable=protected-access
+      sys.executable, ["--input", png_dir, "--model", model, "--output",
+                       str(tmp_path / "dry")] + test_portability.DATAFLOW_ARGS)
+  assert dry_run.returncode == 0, dry_run.stderr
+
+
+@pytest.mark.slow
 def test_a_savedmodel_folder_served_by_tflite_needs_no_tensorflow_to_check(
     tmp_path, author, png_dir, monkeypatch):
   """The SavedModel's op check parses with TensorFlow, which a slim install
