@@ -49,7 +49,10 @@ setuptools.setup(
     description="Distributed batch image classification with Keras and "
     "Apache Beam",
     python_requires=">=3.10,<3.13",
-    packages=setuptools.find_packages(include=["model", "beam_jobs", "tools"]),
+    packages=setuptools.find_packages(include=["imagebatch", "model", "beam_jobs", "tools"]),
     install_requires=REQUIRED,
+    # One command for all of them, from any folder: imagebatch predict ...
+    entry_points={"console_scripts": [
+        "imagebatch = imagebatch.commands:main"]},
     extras_require=EXTRAS,
 )

@@ -1,28 +1,20 @@
-"""Validated configuration for `python -m beam_jobs.predict`.
+"""The flags of `python -m beam_jobs.predict`: our own, and Beam's.
 
-Every check that can fail before the pipeline starts does so here, once, with
-one line naming what was expected.
+`parse_args` refuses a flag that is neither ours nor a Beam pipeline option;
+beam_jobs/preflight.py then checks the values and what they name, once,
+before any work.
 """
 
 import argparse
-import csv
 import dataclasses
-import io
-import re
 import sys
 from typing import Optional
 
-import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.options import pipeline_options as beam_options
 
-from beam_jobs import output_folder
-from beam_jobs import sources
 from beam_jobs.contracts import DEFAULT_BATCH_SIZE
-from model import card as card_lib
-from model import cli
+from imagebatch import cli
 from model import engines
-from model import paths
 from model import preprocessing
 
 DEFAULT_TOP_K = 3
@@ -36,14 +28,13 @@ JOB_SERVER_RUNNERS = ("PortableRunner", "FlinkRunner", "SparkRunner",
 DATAFLOW_RUNNERS = ("DataflowRunner", "TestDataflowRunner")
 # What input_format becomes with --input_list.
 LIST_FORMAT = "list"
-_BIGQUERY_TABLE = re.compile(r"^[a-z][a-z0-9.:-]*[a-z0-9]:\w+\.[\w$-]+$")
 
 
 class ConfigError(ValueError):
   """A flag, path or model that is not as expected."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class PredictConfig:
   # One of `input` (a folder, glob or shards) and `input_list` (lists of
   # image URIs).
@@ -63,6 +54,9 @@ class PredictConfig:
   inference_threads: int = 0
   overwrite: bool = False
   skip_existing: bool = False
+  # A run whose share of failed inputs is above this exits 1 (after
+  # committing); None: only a run where every input failed does.
+  max_error_rate: Optional[float] = None
   bigquery_table: Optional[str] = None
   progress_seconds: float = DEFAULT_PROGRESS_SECONDS
   verbose: bool = False
@@ -76,217 +70,13 @@ class PredictConfig:
       return self.input_format
     return "parquet" if self.input.endswith(".parquet") else "images"
 
-  def validate(self, offline: bool = False) -> card_lib.ModelCard:
-    """Checks everything that can be checked before any work; returns the
-    card. `offline` (a dry run) skips the checks of a remote input or
-    output, which need the network."""
-    if bool(self.input) == bool(self.input_list):
-      raise ConfigError("pass one of --input (an image folder, a glob, or "
-                        "Parquet shards) and --input_list (lists of image "
-                        "URIs)")
-    if self.input_list and self.input_format not in ("auto", LIST_FORMAT):
-      raise ConfigError("--input_format is for --input; each list file's "
-                        "format comes from its name (.parquet, .csv, else "
-                        "text)")
-    for name in ("input", "input_list", "model", "output"):
-      if getattr(self, name):
-        _check_scheme(name, getattr(self, name))
-        setattr(self, name, paths.absolute(getattr(self, name)))
-    if self.input_format not in INPUT_FORMATS + (LIST_FORMAT,):
-      raise ConfigError(f"--input_format must be one of {INPUT_FORMATS}")
-    self.input_format = self.resolved_format()
-    if self.engine not in ENGINE_CHOICES:
-      raise ConfigError(f"--engine must be one of {ENGINE_CHOICES}")
-    for name in ("batch_size", "top_k"):
-      if getattr(self, name) < 1:
-        raise ConfigError(f"--{name} must be at least 1")
-    if self.progress_seconds < 0:
-      raise ConfigError("--progress_seconds must be 0 (no progress lines) or "
-                        "more")
-    if self.max_image_pixels is not None and not (
-        1 <= self.max_image_pixels <= preprocessing.PILLOW_PIXEL_LIMIT):
-      raise ConfigError(
-          "--max_image_pixels must be between 1 and "
-          f"{preprocessing.PILLOW_PIXEL_LIMIT}: Pillow refuses larger images "
-          "itself")
-    if self.bigquery_table and not _BIGQUERY_TABLE.match(self.bigquery_table):
-      raise ConfigError(f"--bigquery_table {self.bigquery_table!r} must look "
-                        "like PROJECT:DATASET.TABLE")
-    if self.skip_existing and self.overwrite:
-      raise ConfigError("--skip_existing keeps earlier results and --overwrite "
-                        "replaces them; pass one of them")
-    card = self._load_card()
-    flag, pattern = ("input_list", self.input_list) if self.input_list else (
-        "input", self.input if self.input_format == "parquet" else
-        paths.expand_pattern(self.input))
-    if offline and paths.is_remote(pattern):
-      self._check_output(card, offline)
-      return card
-    # One match is enough to know the input is there; the pipeline lists all.
-    matched = paths.match_paths(pattern, limit=1)
-    if not matched:
-      kind = {"parquet": "Parquet shards", "images": "image files",
-              LIST_FORMAT: "text, CSV or Parquet lists of image URIs"}
-      raise ConfigError(f"--{flag} {getattr(self, flag)} matches no files: "
-                        f"expected {kind[self.input_format]}")
-    if self.input_format == "parquet":
-      self._check_columns(matched[0])
-    elif self.input_format == LIST_FORMAT:
-      self._check_list_columns(matched[0])
-    self._check_output(card, offline)
-    return card
-
-  def _load_card(self) -> card_lib.ModelCard:
-    if not FileSystems.exists(paths.join(self.model, card_lib.CARD_FILE)):
-      adopt = adopt_command(self.model)
-      if adopt:
-        raise ConfigError(
-            f"--model {self.model} is a model trained elsewhere, not a model "
-            f"folder; make one first: {adopt}")
-      raise ConfigError(
-          f"--model {self.model} is not a model folder: missing "
-          f"{card_lib.CARD_FILE} (expected the output of python -m "
-          "model.train or python -m model.adopt)")
-    try:
-      card = card_lib.load_card(self.model)
-    except (ValueError, OSError) as error:
-      raise ConfigError(f"--model {self.model}: {error}") from None
-    if self.engine == "auto":
-      self.engine = card.default_engine
-    elif self.engine not in card.engines:
-      raise ConfigError(
-          f"--engine {self.engine}: {self.model} holds no {self.engine} "
-          f"model; it serves with {', '.join(card.engines)}")
-    try:
-      card_lib.check_model_files(self.model, card, self.engine)
-      if "tflite" in card.engines:
-        # Keras and SavedModel engines check their width when they load.
-        engines.check_model_shapes(card, paths.read_bytes(
-            paths.join(self.model, card_lib.TFLITE_FILE)))
-    except (ValueError, OSError) as error:
-      raise ConfigError(f"--model {self.model}: {error}") from None
-    return card
-
-  def _check_columns(self, shard_path: str) -> None:
-    try:
-      with paths.open_file(shard_path) as handle:
-        schema = pq.ParquetFile(handle).schema_arrow
-    except Exception:  # pylint: disable=broad-except
-      # An unreadable shard is reported per shard by the pipeline itself.
-      return
-    for flag in ("image_column", "id_column", "label_column"):
-      column = getattr(self, flag)
-      if column and column not in schema.names:
-        raise ConfigError(f"--{flag} {column!r} is not a column of "
-                          f"{shard_path}; it has {schema.names}")
-    problem = sources.image_column_problem(
-        schema.field(self.image_column).type)
-    if problem:
-      raise ConfigError(f"--image_column {self.image_column!r} of "
-                        f"{shard_path} {problem}")
-
-  def _check_list_columns(self, list_path: str) -> None:
-    """The --uri_column (and --label_column) of the first list file."""
-    kind = sources.list_format(list_path)
-    if kind == "text":
-      if self.label_column:
-        raise ConfigError(
-            f"--label_column {self.label_column!r}: {list_path} is a text "
-            "list, one URI per line with no columns; give labels in a CSV or "
-            "Parquet list")
-      return
-    try:
-      with paths.open_file(list_path) as handle:
-        if kind == "parquet":
-          names = pq.ParquetFile(handle).schema_arrow.names
-        else:
-          text = io.TextIOWrapper(handle, encoding="utf-8-sig",
-                                  errors="replace", newline="")
-          names = next(csv.reader(text), [])
-    except Exception:  # pylint: disable=broad-except
-      # An unreadable list is reported by the pipeline, as one error row.
-      return
-    for flag in ("uri_column", "label_column"):
-      column = getattr(self, flag)
-      if column and column not in names:
-        raise ConfigError(f"--{flag} {column!r} is not a column of "
-                          f"{list_path}; it has {names}")
-
-  def _check_output(self, card: card_lib.ModelCard,
-                    offline: bool = False) -> None:
-    """What the folder holds: beam_jobs/output_folder.py decides."""
-    if offline and paths.is_remote(self.output):
-      return
-    try:
-      output_folder.check(output_folder.inspect(self.output), card.model_id,
-                          self.overwrite, self.skip_existing)
-      if not offline:  # a dry run writes nothing, not even the folder
-        output_folder.check_writable(self.output)
-    except output_folder.FolderError as error:
-      raise ConfigError(str(error)) from None
-
 
 def is_dataflow_dry_run(options) -> bool:
   """Whether Dataflow will build the job and submit nothing (--dry_run, as
   the DataflowRunner reads it: any value but none)."""
-  return _runner_name(options.view_as(
+  return runner_name(options.view_as(
       beam_options.StandardOptions)) in DATAFLOW_RUNNERS and bool(
       options.view_as(beam_options.TestOptions).dry_run)
-
-
-def check_workers(config: PredictConfig, card: card_lib.ModelCard,
-                  options) -> None:
-  """Refuses a Dataflow job whose workers would lack TensorFlow.
-
-  --setup_file installs the slim serving package on each worker (LiteRT,
-  Pillow, Beam: no TensorFlow); the Keras and SavedModel engines need
-  TensorFlow, which a worker image or a requirements file must bring. Both
-  decoders, the `tensorflow` recipe included, run without it.
-  """
-  if _runner_name(options.view_as(
-      beam_options.StandardOptions)) not in DATAFLOW_RUNNERS or (
-      not engines.needs_tensorflow(card, config.engine)):
-    return
-  if (options.view_as(beam_options.WorkerOptions).sdk_container_image or
-      options.view_as(beam_options.SetupOptions).requirements_file):
-    return
-  raise ConfigError(
-      f"--engine {config.engine} needs TensorFlow on the Dataflow workers, "
-      "and --setup_file installs the package without it: pass "
-      "--sdk_container_image with an image built from "
-      "dataflow/worker.Dockerfile with EXTRAS=tensorflow (docs/dataflow.md), "
-      "or --requirements_file naming tensorflow")
-
-
-def _check_scheme(flag: str, path: str) -> None:
-  """Refuses a URL Beam has no file system for (http://, file://, ...), and
-  for --output one the lock cannot be taken on (only local and gs://)."""
-  if not paths.is_remote(path):
-    return
-  hint = (f" (for a local path, drop the file://: {path[len('file://'):]})"
-          if path.startswith("file://") else "")
-  try:
-    FileSystems.get_filesystem(path)
-  except Exception:  # pylint: disable=broad-except
-    raise ConfigError(f"--{flag} {path}: expected a local path or "
-                      f"gs://BUCKET/...{hint}") from None
-  if flag == "output" and not path.startswith("gs://"):
-    raise ConfigError(f"--output {path}: expected a local folder or "
-                      "gs://BUCKET/..., where a second run can be locked out")
-
-
-def adopt_command(model: str) -> Optional[str]:
-  """The model.adopt command for a model file or SavedModel folder, if
-  `model` is one."""
-  is_file = model.lower().endswith((".keras", ".h5", ".hdf5", ".tflite"))
-  if not ((is_file and FileSystems.exists(model)) or
-          FileSystems.exists(paths.join(model, "saved_model.pb"))):
-    return None
-  name = model.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
-  output = paths.join(model.rstrip("/").rsplit("/", 1)[0], name + "_model")
-  return (f"python -m model.adopt {model.rstrip('/')} --output {output} "
-          "--class_names NAME,NAME,... [--input_scale raw|unit|symmetric|"
-          "caffe|torch]")
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -343,6 +133,10 @@ def build_parser() -> cli.ArgumentParser:
   parser.add_argument("--bigquery_table", default=None,
                       help="also write predictions to PROJECT:DATASET.TABLE "
                       "and errors to PROJECT:DATASET.TABLE_errors")
+  parser.add_argument("--max_error_rate", type=float, default=None,
+                      help="exit 1 (after writing the results) when more "
+                      "than this share of inputs failed, 0 to 1; by default "
+                      "only when every input failed")
   parser.add_argument("--skip_existing", action="store_true",
                       help="keep --output's predictions by this model and "
                       "classify only inputs whose ids it lacks")
@@ -381,7 +175,7 @@ def beam_option_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _runner_name(beam_options_namespace) -> str:
+def runner_name(beam_options_namespace) -> str:
   runner = getattr(beam_options_namespace, "runner", None) or "DirectRunner"
   return runner.rsplit(".", 1)[-1] if isinstance(runner, str) else (
       type(runner).__name__)
@@ -401,13 +195,13 @@ def parse_args(argv=None):
     if unknown:
       message = cli.unknown_arguments_message(
           unknown, cli.option_names(parser) + cli.option_names(beam_parser))
-      if _runner_name(known) not in JOB_SERVER_RUNNERS:
+      if runner_name(known) not in JOB_SERVER_RUNNERS:
         raise ConfigError(f"{message}; our flags are in --help, and any "
                           "Beam pipeline option is accepted")
       # A job server adds its runner's own options only when the job is
       # submitted, so they cannot be checked here.
       print(f"beam_jobs.predict: warning: {message}: passed to the "
-            f"{_runner_name(known)} job server unchecked", file=sys.stderr)
+            f"{runner_name(known)} job server unchecked", file=sys.stderr)
   fields = vars(args)
   fields["id_column"] = fields["id_column"] or None
   return PredictConfig(**fields), rest

@@ -27,6 +27,8 @@ COUNTERS = (INPUTS, PREDICTIONS, ERROR_ROWS, SKIPPED)
 # Rows whose id an earlier row of the same run had; reported apart from the
 # counts, since such rows are still predictions or errors.
 DUPLICATE_IDS = "duplicate_ids"
+# Models loaded, one per worker process that served.
+MODEL_LOADS = "model_loads"
 # Of the predictions: those whose given label names a class, and those whose
 # given label matches none (the rest came without a label).
 LABELLED, UNMATCHED_LABELS = "labelled", "unmatched_labels"
@@ -35,7 +37,7 @@ LABEL_COUNTERS = (LABELLED, UNMATCHED_LABELS)
 
 def counter(name: str):
   """One of the pipeline's Beam counters, by its name."""
-  known = COUNTERS + (DUPLICATE_IDS,) + LABEL_COUNTERS
+  known = COUNTERS + (DUPLICATE_IDS, MODEL_LOADS) + LABEL_COUNTERS
   if name not in known:
     raise ValueError(f"unknown counter {name!r}: expected one of {known}")
   return beam.metrics.Metrics.counter(METRICS_NAMESPACE, name)
@@ -137,11 +139,16 @@ class ImageBatch:
         [self.encoded[i] for i in indices],
         pixels=None if self.pixels is None else self.pixels[indices])
 
+  def without_images(self) -> "ImageBatch":
+    """The same rows without their bytes or pixels, which no stage after
+    inference reads."""
+    return ImageBatch(self.ids, self.sources, self.true_labels)
+
 
 @dataclasses.dataclass
 class BatchResult:
-  """Inference's output: the rows that ran with their probabilities, and an
-  error row for each row that did not."""
+  """Inference's output: the rows that ran (without their images) with their
+  probabilities, and an error row for each row that did not."""
   batch: ImageBatch
   probabilities: np.ndarray
   errors: list

@@ -8,20 +8,29 @@ sources, so RunInference's own batching is skipped.
 import logging
 import os
 import tempfile
+import threading
+import weakref
 from typing import Any, Iterable, Optional
 
 import numpy as np
 from apache_beam.ml.inference import base
 
+from beam_jobs.contracts import MODEL_LOADS
 from beam_jobs.contracts import BatchResult
 from beam_jobs.contracts import ImageBatch
+from beam_jobs.contracts import counter
 from beam_jobs.contracts import error_row
 from model import card as card_lib
 from model import engines
-from model import paths
+from imagebatch import paths
 
 # Beam's RunInference reports its own metrics under this namespace.
 METRICS_NAMESPACE = "RunInference"
+# The models of this process already counted in MODEL_LOADS. A model loads
+# in a DoFn's setup, where Beam counts nothing, so it is counted on its
+# first batch; threads share it through Beam's Shared.
+_COUNTED = weakref.WeakSet()
+_COUNTED_LOCK = threading.Lock()
 
 
 def local_model_dir(model_dir: str, engine: str) -> str:
@@ -61,11 +70,26 @@ class ImageClassifierHandler(base.ModelHandler[ImageBatch, BatchResult,
   def run_inference(self, batch: ImageBatch, model: engines.Engine,
                     inference_args: Optional[dict[str, Any]] = None
                    ) -> Iterable[BatchResult]:
+    with _COUNTED_LOCK:
+      if model not in _COUNTED:
+        _COUNTED.add(model)
+        counter(MODEL_LOADS).inc()
     ran, probabilities, errors = _isolate_failures(batch, model,
                                                    np.arange(len(batch)))
+    # A NaN or infinite output is no prediction: no label or confidence
+    # can be read from it.
+    finite = np.isfinite(probabilities).all(axis=1)
+    if not finite.all():
+      errors = errors + [
+          error_row(batch.ids[i], batch.sources[i], "inference",
+                    "the model's outputs for this input are not finite "
+                    "(NaN or infinite); no label can be given")
+          for i in ran[~finite]]
+      ran, probabilities = ran[finite], probabilities[finite]
+    rows = batch.without_images()
     if len(ran) < len(batch):
-      batch = batch.take(ran)
-    return [BatchResult(batch, probabilities, errors)]
+      rows = rows.take(ran)
+    return [BatchResult(rows, probabilities, errors)]
 
   def get_num_bytes(self, batch: ImageBatch) -> int:
     return int(batch.pixels.nbytes)

@@ -26,8 +26,8 @@ from beam_jobs.contracts import LabelMatcher
 from beam_jobs.contracts import counter
 from beam_jobs.contracts import id_bucket
 from model.card import ModelCard
-from model.paths import is_remote
-from model.paths import join
+from imagebatch.paths import is_remote
+from imagebatch.paths import join
 
 PREDICTIONS_PREFIX = "predictions"
 ERRORS_PREFIX = "errors"

@@ -14,10 +14,10 @@ from beam_jobs.contracts import ERROR_ROWS
 from beam_jobs.contracts import ERRORS
 from beam_jobs.contracts import PREDICTIONS
 from beam_jobs.preprocess import Preprocess
-from beam_jobs.skip_existing import SkipExisting
-from beam_jobs.sources import ReadImageFiles
-from beam_jobs.sources import ReadInputList
-from beam_jobs.sources import ReadParquetImages
+from beam_jobs.sources.images import ReadImageFiles
+from beam_jobs.sources.lists import ReadInputList
+from beam_jobs.sources.parquet import ReadParquetImages
+from beam_jobs.sources.skip_existing import SkipExisting
 from model.card import ModelCard
 
 
@@ -39,8 +39,8 @@ def read_inputs(pipeline, config: PredictConfig, card: ModelCard,
 
 
 def build_pipeline(pipeline, config: PredictConfig, card: ModelCard,
-                   run_id: str, skip_files=(), progress=None,
-                   skip_rows=None) -> None:
+                   run_id: str, skip_files=(), skip_rows=None,
+                   progress=None) -> None:
   """Wires the graph; `run_id` names this run's output shards, and with
   --skip_existing `skip_files` are the earlier prediction shards kept
   (holding `skip_rows` rows, when known).

@@ -8,13 +8,15 @@ Usage:
 Writes predictions-*.parquet, errors-*.parquet and _run.json to OUTPUT_DIR.
 """
 
+import collections
 import contextlib
 import dataclasses
 import logging
-import os
 import sys
 import time
 from typing import Optional
+
+import pyarrow.parquet as pq
 
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
@@ -24,14 +26,15 @@ from apache_beam.options.pipeline_options import SetupOptions
 from beam_jobs import config as config_lib
 from beam_jobs import contracts
 from beam_jobs import output_folder
+from beam_jobs import output_lock
 from beam_jobs import outputs
-from beam_jobs.inference import METRICS_NAMESPACE as INFERENCE_NAMESPACE
+from beam_jobs import preflight
 from beam_jobs.pipeline import build_pipeline
 from beam_jobs.progress import ProgressReporter
 from beam_jobs.progress import runs_locally
 from model import card as card_lib
-from model import cli
-from model import paths
+from imagebatch import cli
+from imagebatch import paths
 
 
 # 2: the manifest lists the result set's files (beam_jobs/output_folder.py).
@@ -51,7 +54,7 @@ def read_counts(pipeline_result) -> tuple:
   """From Beam metrics: (inputs, predictions, errors, skips and model loads;
   predictions with a label that matched a class and with one that did not).
   """
-  counts = dict.fromkeys(contracts.COUNTERS + ("model_loads",), 0)
+  counts = dict.fromkeys(contracts.COUNTERS + (contracts.MODEL_LOADS,), 0)
   labels = dict.fromkeys(contracts.LABEL_COUNTERS, 0)
   metrics = pipeline_result.metrics().query(MetricsFilter())
   for counter in metrics["counters"]:
@@ -60,11 +63,6 @@ def read_counts(pipeline_result) -> tuple:
     for totals in (counts, labels):
       if counter.key.metric.name in totals:
         totals[counter.key.metric.name] += _metric_value(counter)
-  # RunInference records one load-latency sample per model load.
-  for distribution in metrics["distributions"]:
-    if (distribution.key.metric.namespace == INFERENCE_NAMESPACE and
-        distribution.key.metric.name.endswith("load_model_latency_milli_secs")):
-      counts["model_loads"] += _metric_value(distribution)
   return counts, labels
 
 
@@ -78,7 +76,8 @@ def read_duplicate_ids(pipeline_result) -> int:
 
 def run(config: config_lib.PredictConfig, beam_args=None,
         progress: Optional[ProgressReporter] = None) -> dict:
-  """Validates, runs the pipeline to the end, and commits its results.
+  """Checks, runs the pipeline to the end, and commits its results; returns
+  the manifest (for a Dataflow dry run, what was built).
 
   The run holds the output folder's lock from before the pipeline starts
   until its manifest is written; beam_jobs/output_folder.py says what it may
@@ -86,53 +85,63 @@ def run(config: config_lib.PredictConfig, beam_args=None,
   every `config.progress_seconds` unless `progress` brings its own reporter.
   """
   options = PipelineOptions(beam_args or [])
-  dry_run = config_lib.is_dataflow_dry_run(options)
-  card = config.validate(offline=dry_run)
-  config_lib.check_workers(config, card, options)
-  if dry_run:
-    return _dry_run(config, card, options)
+  plan = preflight.check(config, options)
+  if plan.dry_run:
+    return _dry_run(plan, options)
+  config = plan.config
   if progress is None and config.progress_seconds and runs_locally(options):
     progress = ProgressReporter(config.progress_seconds)
   run_id = output_folder.new_run_id()
-  lock = output_folder.OutputLock(config.output, run_id)
-  inherited = lock.acquire()
-  try:
+  with output_lock.OutputLock(config.output, run_id) as lock:
     # The folder again, now that no other run can change it.
     state = output_folder.inspect(config.output)
-    output_folder.check(state, card.model_id, config.overwrite,
+    output_folder.check(state, plan.card.model_id, config.overwrite,
                         config.skip_existing)
-  except BaseException:
-    lock.release()
-    raise
-  keep = state.kept_predictions() if config.skip_existing else []
-  started = time.time()
-  pipeline = beam.Pipeline(options=options)
-  skip_files, skip_rows = _skip_arguments(config, keep)
-  build_pipeline(pipeline, config, card, run_id, skip_files, progress,
-                 skip_rows)
+    keep = state.kept_predictions() if config.skip_existing else []
+    started = time.time()
+    pipeline = beam.Pipeline(options=options)
+    build_pipeline(pipeline, config, plan.card, run_id,
+                   *_skip_arguments(config, keep), progress=progress)
+    result = _run_pipeline(pipeline, config.output, run_id, progress, lock)
+    manifest = _manifest(plan, run_id, beam_args, result,
+                         time.time() - started)
+    _commit(state, manifest, keep, config.overwrite, lock)
+  return manifest
+
+
+def _run_pipeline(pipeline, output: str, run_id: str, progress,
+                  lock: output_lock.OutputLock):
+  """Runs the pipeline to the end; if it fails, its files go (they were
+  never listed) and the earlier results stay. Should that cleaning fail,
+  the lock stays too, and the next run cleans up."""
   try:
     with progress or contextlib.nullcontext():
       result = pipeline.run()
       result.wait_until_finish()
+    return result
   except Exception as error:  # pylint: disable=broad-except
     logging.exception("pipeline failed")
-    # Its shards were never listed: they go, and the earlier results stay.
-    # Should that fail, the lock stays too, and the next run cleans up.
-    output_folder.discard_run(config.output, run_id)
+    lock.keep()
+    output_folder.discard_run(output, run_id)
     lock.release()
     message = str(error).strip().splitlines()[0][:300] if str(error) else ""
     raise PipelineError(f"the pipeline failed, nothing was committed to "
-                        f"{config.output}: {type(error).__name__}: {message}"
+                        f"{output}: {type(error).__name__}: {message}"
                        ) from error
-  elapsed = time.time() - started
+
+
+def _manifest(plan: preflight.Plan, run_id: str, beam_args, result,
+              elapsed: float) -> dict:
+  """The run's manifest, but for the fields that describe the folder."""
+  card = plan.card
   counts, labels = read_counts(result)
-  manifest = {
+  return {
       "manifest_version": MANIFEST_VERSION,
       "run_id": run_id,
       "model_id": card.model_id,
       "model": card_lib.card_summary(card),
       "class_names": list(card.class_names),
-      "arguments": dataclasses.asdict(config),
+      "arguments": dataclasses.asdict(plan.config),
       "beam_args": list(beam_args or []),
       "counts": counts,
       # Of the predictions: labels that named a class (by name or index)
@@ -145,29 +154,34 @@ def run(config: config_lib.PredictConfig, beam_args=None,
                            else None,
       "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
   }
+
+
+def _commit(state: output_folder.FolderState, manifest: dict, keep: list,
+            overwrite: bool, lock: output_lock.OutputLock) -> None:
+  """Lists this run's shards in the manifest, checks that every input is
+  a prediction or an error row and that the shards hold exactly the rows
+  counted, and commits."""
   try:
-    manifest.update(output_folder.plan_commit(state, run_id, keep,
-                                              config.overwrite, inherited))
+    manifest.update(output_folder.plan_commit(
+        state, manifest["run_id"], keep, overwrite, lock.inherited))
   except output_folder.FolderError as error:
     raise PipelineError(str(error)) from None
-  # Every input is a prediction or an error row, and this run's shards hold
-  # exactly the rows its counters counted.
+  counts = manifest["counts"]
   manifest["accounted"] = (
       counts["inputs"] == counts["predictions"] + counts["errors"] and
       manifest["written"] == {outputs.PREDICTIONS_PREFIX: counts["predictions"],
                               outputs.ERRORS_PREFIX: counts["errors"]})
   try:
-    output_folder.commit(config.output, manifest)
+    output_folder.commit(state.output, manifest)
   except OSError as error:
     # A full disk, say. The lock stays, so the next run cleans up this
     # run's files; until then the folder reads as before, or as this run
     # if only the deleting failed.
+    lock.keep()
     raise PipelineError(
-        f"could not commit to {config.output}: {type(error).__name__}: "
+        f"could not commit to {state.output}: {type(error).__name__}: "
         f"{error}; its earlier results stand unless {outputs.MANIFEST_FILE} "
-        f"now names run {run_id}") from error
-  lock.release()
-  return manifest
+        f"now names run {manifest['run_id']}") from error
 
 
 def _skip_arguments(config: config_lib.PredictConfig, keep: list) -> tuple:
@@ -177,24 +191,23 @@ def _skip_arguments(config: config_lib.PredictConfig, keep: list) -> tuple:
           None if None in rows else sum(rows))
 
 
-def _dry_run(config: config_lib.PredictConfig, card, options) -> dict:
+def _dry_run(plan: preflight.Plan, options) -> dict:
   """Builds the Dataflow job and submits nothing (Dataflow's --dry_run).
 
   Nothing is written: no lock, no manifest. A remote input or output is
   not listed (that needs the network), so with a gs:// output the job is
   built without the --skip_existing join.
   """
+  config = plan.config
   setup = options.view_as(SetupOptions)
   if setup.requirements_file and not setup.requirements_cache:
     # Beam would pip-download the requirements to stage them: network.
     setup.requirements_cache = "skip"
-  keep = []
-  if config.skip_existing and not paths.is_remote(config.output):
-    keep = output_folder.inspect(config.output).kept_predictions()
+  keep = (plan.folder.kept_predictions()
+          if config.skip_existing and plan.folder else [])
   pipeline = beam.Pipeline(options=options)
-  skip_files, skip_rows = _skip_arguments(config, keep)
-  build_pipeline(pipeline, config, card, output_folder.new_run_id(),
-                 skip_files, skip_rows=skip_rows)
+  build_pipeline(pipeline, config, plan.card, output_folder.new_run_id(),
+                 *_skip_arguments(config, keep))
   result = pipeline.run()
   job = getattr(result, "job", None)
   return {
@@ -213,6 +226,39 @@ def dry_run_line(report: dict, output: str) -> str:
   return (f"dry run: the Dataflow job was built ({report['transforms']} "
           f"transforms) and not submitted; nothing was written to {output}"
           f"{unchecked}")
+
+
+def error_rate_problem(manifest: dict, output: str,
+                       max_error_rate: Optional[float]) -> Optional[str]:
+  """Why the run failed its error budget (--max_error_rate; by default,
+  every input failed), naming the commonest reasons; None if it did not."""
+  counts = manifest["counts"]
+  inputs, errors = counts["inputs"], counts["errors"]
+  if not errors:
+    return None
+  rate = errors / inputs
+  if errors < inputs and (max_error_rate is None or rate <= max_error_rate):
+    return None
+  budget = ("every input failed" if errors == inputs else
+            f"{rate:.2%} of inputs failed, above --max_error_rate "
+            f"{max_error_rate:g}")
+  reasons = ", ".join(f"{reason} ({count})" for reason, count in
+                      commonest_errors(output, manifest))
+  return f"{budget} ({errors} of {inputs}); commonest: {reasons}"
+
+
+def commonest_errors(output: str, manifest: dict, top: int = 3) -> list:
+  """(stage: reason, count) of the run's commonest error kinds, read from
+  the error shards its manifest lists, a record batch at a time."""
+  reasons = collections.Counter()
+  for entry in manifest["files"][outputs.ERRORS_PREFIX]:
+    with paths.open_file(paths.join(output, entry["name"])) as handle:
+      for batch in pq.ParquetFile(handle).iter_batches(
+          columns=["stage", "error"]):
+        for stage, error in zip(batch.column(0).to_pylist(),
+                                batch.column(1).to_pylist()):
+          reasons[f"{stage}: {str(error).split(':', 1)[0][:80]}"] += 1
+  return reasons.most_common(top)
 
 
 def summary_lines(manifest: dict) -> list:
@@ -251,9 +297,9 @@ def duplicate_warning(manifest: dict, output: str) -> Optional[str]:
 
 
 def next_commands(output: str) -> list:
-  return [cli.command("python", "-m", "tools.query", output),
-          cli.command("python", "-m", "tools.query", output, "accuracy"),
-          cli.command("python", "-m", "tools.report", output, "--out",
+  return [cli.program("query", output),
+          cli.program("query", output, "accuracy"),
+          cli.program("report", output, "--out",
                       outputs.report_dir_for(output))]
 
 
@@ -265,7 +311,7 @@ def main(argv=None) -> int:
     print(f"beam_jobs.predict: error: {error}", file=sys.stderr)
     return 2
   cli.quiet_libraries(config.verbose)
-  output = config.output  # As the user wrote it; validation makes it absolute.
+  output = config.output  # As the user wrote it; the plan's is absolute.
   try:
     manifest = run(config, beam_args)
   except (config_lib.ConfigError, output_folder.FolderError) as error:
@@ -282,11 +328,19 @@ def main(argv=None) -> int:
   for warning in (label_warning(manifest), duplicate_warning(manifest, output)):
     if warning:
       print(f"beam_jobs.predict: warning: {warning}", file=sys.stderr)
+  commands = next_commands(output)
   cli.print_next(f"{output} (predictions-*.parquet, errors-*.parquet, "
-                 f"{outputs.MANIFEST_FILE})", next_commands(output))
+                 f"{outputs.MANIFEST_FILE})", commands)
   if not manifest["accounted"]:
     print("beam_jobs.predict: error: inputs != predictions + errors, or the "
           f"shards do not hold what was counted; see {outputs.MANIFEST_FILE}",
+          file=sys.stderr)
+    return 1
+  problem = error_rate_problem(manifest, manifest["arguments"]["output"],
+                               config.max_error_rate)
+  if problem:
+    print(f"beam_jobs.predict: error: {problem}; the results are written "
+          f"({cli.program('query', output, 'errors')} lists the failures)",
           file=sys.stderr)
     return 1
   return 0

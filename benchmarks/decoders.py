@@ -23,7 +23,6 @@ import os
 import statistics
 import time
 
-import numpy as np
 from PIL import Image
 
 BATCH = 256

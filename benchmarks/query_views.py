@@ -26,7 +26,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from beam_jobs import outputs
-from tools import query
+from tools import answers
+from tools import sandbox
 
 CLASSES = [f"class_{i}" for i in range(10)]
 
@@ -76,11 +77,11 @@ def arrow_views(folder: str):
 
 
 QUESTIONS = {
-    "count by label (sql)": lambda c: query.rows(
+    "count by label (sql)": lambda c: sandbox.rows(
         c, "SELECT label, count(*) AS n FROM predictions GROUP BY 1"),
-    "summary": lambda c: query.summary(c, "unused"),
-    "accuracy": query.accuracy,
-    "low-confidence": lambda c: query.low_confidence(c, 0.6, 20),
+    "summary": lambda c: answers.summary(c, "unused"),
+    "accuracy": answers.accuracy,
+    "low-confidence": lambda c: answers.low_confidence(c, 0.6, 20),
 }
 
 
@@ -92,11 +93,11 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   folder = tempfile.mkdtemp(prefix="query-views-")
   write_output(folder, args.rows, args.shards)
-  # query.rows/scalar call .fetch; native connections get a thin adapter.
+  # sandbox.rows/scalar call .fetch; native connections get a thin adapter.
   connects = {
       "native": lambda: _Native(native_views(folder)),
       "arrow": lambda: _Native(arrow_views(folder)),
-      "listed": lambda: query.connect(folder),
+      "listed": lambda: sandbox.connect(folder),
   }
   print(f"{args.rows} predictions in {args.shards} shards, "
         f"median of {args.repeats} (set-up included), seconds")

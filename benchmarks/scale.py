@@ -124,7 +124,7 @@ def _shard_rows(path: str) -> int:
 
 def shard_items(path: str) -> int:
   """How many work items this checkout's planner makes of a shard."""
-  from beam_jobs import row_groups  # pylint: disable=import-outside-toplevel
+  from beam_jobs.sources import row_groups  # pylint: disable=import-outside-toplevel
   return len(list(row_groups.plan_items(path, row_groups.footer_rows(path))))
 
 

@@ -47,7 +47,8 @@ def stage_seconds(folder, model_dir, batch_size, max_images=0):
   """CPU seconds per stage over the workload (its first `max_images` images
   when that is set), and the image count."""
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-  from beam_jobs import outputs, sources  # pylint: disable=import-outside-toplevel
+  from beam_jobs import outputs  # pylint: disable=import-outside-toplevel
+  from beam_jobs.sources import images, parquet  # pylint: disable=import-outside-toplevel
   from beam_jobs.inference import ImageClassifierHandler  # pylint: disable=import-outside-toplevel
   from beam_jobs.preprocess import DecodeImages  # pylint: disable=import-outside-toplevel
   from model import card as card_lib  # pylint: disable=import-outside-toplevel
@@ -55,16 +56,19 @@ def stage_seconds(folder, model_dir, batch_size, max_images=0):
   card = card_lib.load_card(model_dir)
   kind, items = list_inputs(folder)
   if kind == "parquet":
-    from beam_jobs import row_groups  # pylint: disable=import-outside-toplevel
-    reader = sources._ReadParquetItem(  # pylint: disable=protected-access
+    from beam_jobs.sources import row_groups  # pylint: disable=import-outside-toplevel
+    reader = parquet._ReadParquetItem(  # pylint: disable=protected-access
         "image", "id", "label", batch_size, card.input_shape)
-    work = [item for shard in items for item in row_groups.plan_items(
-        shard, row_groups.footer_rows(shard))]
+    work = [row_groups.RowSelection(item) for shard in items
+            for item in row_groups.plan_items(
+                shard, row_groups.footer_rows(shard))]
   else:
     if max_images:
       items = items[::max(1, len(items) // max_images)][:max_images]
-    reader = sources._ReadFileGroup(folder, card.class_names)  # pylint: disable=protected-access
-    work = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    reader = images._ReadFileGroup()  # pylint: disable=protected-access
+    names = frozenset(card.class_names)
+    work = [images.folder_refs(items[i:i + batch_size], folder, names)
+            for i in range(0, len(items), batch_size)]
   reader.setup()
   decoder = DecodeImages(card)
   handler = ImageClassifierHandler(model_dir, "tflite", threads=1)

@@ -24,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = """
 import sys, time
 started = time.perf_counter()
-import beam_jobs.pipeline, beam_jobs.sources, beam_jobs.preprocess
+import beam_jobs.pipeline, beam_jobs.sources.images, beam_jobs.preprocess
 from beam_jobs.inference import ImageClassifierHandler
 engine = ImageClassifierHandler(sys.argv[1], sys.argv[2], 1).load_model()
 seconds = time.perf_counter() - started

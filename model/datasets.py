@@ -200,7 +200,7 @@ def write_png_folder(split: Split, class_names: list, out_dir: str) -> int:
 
 
 def build_parser():
-  from model import cli  # pylint: disable=import-outside-toplevel
+  from imagebatch import cli  # pylint: disable=import-outside-toplevel
   parser = cli.ArgumentParser(
       prog="python -m model.datasets",
       description="Write a Fashion-MNIST split as PNG files in class folders.")
@@ -218,7 +218,7 @@ def build_parser():
 def main(argv=None) -> int:
   """Writes a Fashion-MNIST split as a PNG folder, for the pipeline to read."""
   import sys  # pylint: disable=import-outside-toplevel
-  from model import cli  # pylint: disable=import-outside-toplevel
+  from imagebatch import cli  # pylint: disable=import-outside-toplevel
   args = build_parser().parse_args(argv)
   try:
     dataset = load_fashion_mnist(args.data)
@@ -233,7 +233,7 @@ def main(argv=None) -> int:
   cli.print_next(
       f"{args.to_png} (one folder per class)",
       [cli.predict_command(args.to_png),
-       cli.command("python", "-m", "tools.make_shards", args.to_png,
+       cli.program("make_shards", args.to_png,
                    "SHARDS_DIR")])
   return 0
 

@@ -14,6 +14,7 @@ import threading
 import numpy as np
 
 from model import card as card_lib
+from model import model_checks
 from model import preprocessing
 
 # Fastest first: a folder's default engine is the first it holds.
@@ -98,7 +99,7 @@ class SavedModelEngine(Engine):
   """A TensorFlow SavedModel's `serving_default` signature.
 
   Its ops were listed from saved_model.pb and checked before it is loaded
-  (`card.check_saved_model`): loading a SavedModel runs its initialisers.
+  (`model_checks.check_saved_model`): loading a SavedModel runs its initialisers.
   """
   name = "savedmodel"
 
@@ -108,7 +109,7 @@ class SavedModelEngine(Engine):
     if threads:
       _set_tf_threads(tf, threads)
     with open(os.path.join(model_path, "saved_model.pb"), "rb") as handle:
-      card_lib.check_saved_model(handle.read(), model_path)
+      model_checks.check_saved_model(handle.read(), model_path)
     self._tf = tf
     self._loaded = tf.saved_model.load(model_path)
     signature = saved_model_signature(self._loaded, model_path)

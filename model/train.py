@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from model import cli
+from imagebatch import cli
 from model import datasets
 
 DEFAULT_SEED = 0
@@ -169,18 +169,10 @@ def train_backbone(dataset: datasets.Dataset, backbone: str, output: str,
         f"{height}x{width}x{channels}")
   if isinstance(weights, str):
     weights = backbones.resolve_weights(backbone, weights)
-  epochs = BACKBONE_EPOCHS if epochs is None else epochs
-  if epochs < 1:
-    raise ValueError(f"--epochs must be at least 1, got {epochs}")
-  batch_size = batch_size or BACKBONE_BATCH_SIZE
-  learning_rate = learning_rate or BACKBONE_LEARNING_RATE
-  fine_tune_epochs = (BACKBONE_FINE_TUNE_EPOCHS if fine_tune_epochs is None
-                      else fine_tune_epochs)
-  if fine_tune_epochs < 0:
-    raise ValueError(
-        f"--fine_tune_epochs must be 0 or more, got {fine_tune_epochs}")
-  fine_tune_learning_rate = (fine_tune_learning_rate or
-                             BACKBONE_FINE_TUNE_LEARNING_RATE)
+  (epochs, batch_size, learning_rate, fine_tune_epochs,
+   fine_tune_learning_rate) = _backbone_schedule(
+       epochs, batch_size, learning_rate, fine_tune_epochs,
+       fine_tune_learning_rate)
   if fine_tune_blocks is None:
     fine_tune_blocks = spec.fine_tune_blocks
   keras.utils.set_random_seed(seed)
@@ -228,6 +220,22 @@ def train_backbone(dataset: datasets.Dataset, backbone: str, output: str,
        "backbone": {"name": backbone, "weights": weights.describe(),
                     "phases": phases}},
       rescaling=spec.rescaling)
+
+
+def _backbone_schedule(epochs, batch_size, learning_rate, fine_tune_epochs,
+                       fine_tune_learning_rate) -> tuple:
+  """The two phases' settings, each flag or its backbone default."""
+  epochs = BACKBONE_EPOCHS if epochs is None else epochs
+  if epochs < 1:
+    raise ValueError(f"--epochs must be at least 1, got {epochs}")
+  fine_tune_epochs = (BACKBONE_FINE_TUNE_EPOCHS if fine_tune_epochs is None
+                      else fine_tune_epochs)
+  if fine_tune_epochs < 0:
+    raise ValueError(
+        f"--fine_tune_epochs must be 0 or more, got {fine_tune_epochs}")
+  return (epochs, batch_size or BACKBONE_BATCH_SIZE,
+          learning_rate or BACKBONE_LEARNING_RATE, fine_tune_epochs,
+          fine_tune_learning_rate or BACKBONE_FINE_TUNE_LEARNING_RATE)
 
 
 def _evaluate_and_export(model, output: str, architecture: str,

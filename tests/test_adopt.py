@@ -17,10 +17,12 @@ from apache_beam.io.localfilesystem import LocalFileSystem
 from PIL import Image
 
 from beam_jobs import config as config_lib
+from beam_jobs import preflight
 from benchmarks import tutorials
 from beam_jobs import predict
 from model import adopt
 from model import card as card_lib
+from model import model_checks
 from model import datasets
 from model import engines
 from model import keras_decoding
@@ -263,7 +265,7 @@ def test_lambda_and_file_writing_savedmodels_are_refused_before_loading(
 def test_savedmodel_ops_of_clean_exports_pass(author):
   for kind in ("export", "tf_saved_model"):
     with open(os.path.join(author.files[kind], "saved_model.pb"), "rb") as f:
-      assert card_lib.saved_model_unsafe_ops(f.read()) == []
+      assert model_checks.saved_model_unsafe_ops(f.read()) == []
 
 
 def test_near_chance_eval_data_warns(tmp_path, author, png_dir):
@@ -296,14 +298,14 @@ def test_predict_refuses_a_bare_model_file_with_the_adopt_command(
   config = config_lib.PredictConfig(png_dir, author.files["keras"],
                                     str(tmp_path / "out"))
   with pytest.raises(config_lib.ConfigError) as raised:
-    config.validate()
+    preflight.check(config)
   message = str(raised.value)
   assert "\n" not in message
   assert f"python -m model.adopt {author.files['keras']} --output " in message
   config = config_lib.PredictConfig(png_dir, author.files["export"],
                                     str(tmp_path / "out"))
   with pytest.raises(config_lib.ConfigError, match="python -m model.adopt"):
-    config.validate()
+    preflight.check(config)
 
 
 def test_engine_must_be_one_the_folder_holds(tmp_path, author, png_dir):
@@ -311,11 +313,10 @@ def test_engine_must_be_one_the_folder_holds(tmp_path, author, png_dir):
   config = config_lib.PredictConfig(png_dir, str(tmp_path / "model"),
                                     str(tmp_path / "out"), engine="keras")
   with pytest.raises(config_lib.ConfigError, match="holds no keras model"):
-    config.validate()
+    preflight.check(config)
   config = config_lib.PredictConfig(png_dir, str(tmp_path / "model"),
                                     str(tmp_path / "out"))
-  config.validate()
-  assert config.engine == "tflite"
+  assert preflight.check(config).config.engine == "tflite"
 
 
 def test_adopted_folder_is_hashed_like_a_trained_one(tmp_path, author,
@@ -333,16 +334,16 @@ def test_adopted_folder_is_hashed_like_a_trained_one(tmp_path, author,
   fields["preprocessing"]["input_scale"] = "raw"
   (edited / card_lib.CARD_FILE).write_text(json.dumps(fields))
   with pytest.raises(config_lib.ConfigError, match="does not describe"):
-    config_lib.PredictConfig(png_dir, str(edited), str(tmp_path / "o")
-                            ).validate()
+    preflight.check(config_lib.PredictConfig(png_dir, str(edited), str(tmp_path / "o")
+                            ))
   shutil.copytree(folder, tmp_path / "swapped")
   variables = glob.glob(str(tmp_path / "swapped" / "saved_model" /
                             "variables" / "variables.data-*"))[0]
   with open(variables, "ab") as handle:
     handle.write(b"\0")
   with pytest.raises(config_lib.ConfigError, match="does not describe"):
-    config_lib.PredictConfig(png_dir, str(tmp_path / "swapped"),
-                             str(tmp_path / "o")).validate()
+    preflight.check(config_lib.PredictConfig(png_dir, str(tmp_path / "swapped"),
+                             str(tmp_path / "o")))
 
 
 def _photo_classes(root, per_class=8):
@@ -535,14 +536,15 @@ def test_a_savedmodel_folder_served_by_tflite_needs_no_tensorflow_to_check(
   def no_tensorflow(_):
     raise ModuleNotFoundError("No module named 'tensorflow'")
 
-  monkeypatch.setattr(card_lib, "saved_model_unsafe_ops", no_tensorflow)
+  monkeypatch.setattr(model_checks, "saved_model_unsafe_ops", no_tensorflow)
   model, out = str(tmp_path / "model"), str(tmp_path / "out")
   config = config_lib.PredictConfig(png_dir, model, out)
-  assert config.validate().engines == ["savedmodel", "tflite"]
-  assert config.engine == "tflite"
+  plan = preflight.check(config)
+  assert plan.card.engines == ["savedmodel", "tflite"]
+  assert plan.config.engine == "tflite"
   with pytest.raises(ModuleNotFoundError):
-    config_lib.PredictConfig(png_dir, model, out,
-                             engine="savedmodel").validate()
+    preflight.check(config_lib.PredictConfig(png_dir, model, out,
+                             engine="savedmodel"))
 
 
 @pytest.mark.slow
@@ -594,7 +596,7 @@ def test_remote_savedmodel_folder_is_checked_and_copied_whole(
   remote = _RemoteFileSystem.PREFIX + str(tmp_path / "model")
   config = config_lib.PredictConfig(png_dir, remote, str(tmp_path / "out"),
                                     engine="savedmodel")
-  card = config.validate()
+  card = preflight.check(config).card
   local = inference.local_model_dir(remote, "savedmodel")
   assert sorted(os.listdir(local)) == [card_lib.CARD_FILE, "saved_model"]
   copied = card_lib.model_files(local, card, ["savedmodel"])

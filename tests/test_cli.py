@@ -13,7 +13,7 @@ import pytest
 
 from beam_jobs import config as config_lib
 from model import adopt
-from model import cli
+from imagebatch import cli
 from model import datasets
 from model import train
 from tests.conftest import REPO
@@ -244,7 +244,7 @@ def test_noise_pattern_matches_the_noise_and_nothing_else():
 
 _FILTERED_PROCESS = textwrap.dedent("""
     import os, signal, sys
-    from model import cli
+    from imagebatch import cli
     cli.quiet_libraries(verbose=sys.argv[1] == "verbose")
     # Written below Python, as C++ libraries write, and through Python.
     os.write(2, ({noise!r} + "\\n" + {real!r} + "\\n").encode())

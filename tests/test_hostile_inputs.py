@@ -22,13 +22,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from beam_jobs import config as config_lib
+from beam_jobs import preflight
 from beam_jobs import output_folder
+from beam_jobs import output_lock
 from beam_jobs import outputs
 from beam_jobs import predict
 from model import card as card_lib
 from model import datasets
 from model import preprocessing
+from tools import answers
 from tools import query
+from tools import sandbox
 
 RUNNER = ["--runner", "DirectRunner"]
 # A regression that opened a FIFO would hang the suite; this fails it.
@@ -139,7 +143,7 @@ def test_unreadable_subfolder_is_an_error_row(tmp_path, tiny_model, sample):
 def test_a_folder_that_cannot_be_listed_is_matched_not_dropped(tmp_path,
                                                                monkeypatch):
   """As root every folder can be listed, so the refusal is simulated."""
-  from model import paths  # pylint: disable=import-outside-toplevel
+  from imagebatch import paths  # pylint: disable=import-outside-toplevel
   (tmp_path / "open").mkdir()
   (tmp_path / "open" / "a.png").write_bytes(b"x")
   (tmp_path / "locked").mkdir()
@@ -249,8 +253,8 @@ def test_hostile_parquet_rows_fail_alone(tmp_path, tiny_model, sample):
   first_inputs = counts["inputs"]
   # e2 and raw0 twice each.
   assert manifest["duplicate_ids"] == 2
-  connection = query.connect(str(tmp_path / "out"))
-  assert {row["id"]: row["rows"] for row in query.duplicates(connection)} == {
+  connection = sandbox.connect(str(tmp_path / "out"))
+  assert {row["id"]: row["rows"] for row in answers.duplicates(connection)} == {
       "e2": 2, "raw0": 2}
 
   # Again with --skip_existing: the predicted ids are skipped, every failed
@@ -266,15 +270,15 @@ def test_hostile_parquet_rows_fail_alone(tmp_path, tiny_model, sample):
 
 
 def test_raw_pixel_rows_are_checked_one_by_one():
-  from beam_jobs import sources  # pylint: disable=import-outside-toplevel
+  from beam_jobs.sources import parquet  # pylint: disable=import-outside-toplevel
   column = pa.array([[1, 2, 3, 4], [1, None, 3, 4], [1, 2, 3, 999], None,
                      [1, 2], [255, 0, 0, 255]], pa.list_(pa.int32()))
-  pixels, good, bad = sources.raw_pixel_array(column, 4)
+  pixels, good, bad = parquet.raw_pixel_array(column, 4)
   assert list(good) == [0, 5]
   assert list(pixels) == [1, 2, 3, 4, 255, 0, 0, 255]
   assert sorted(bad) == [1, 2, 3, 4]
   fixed = pa.array([[1, 2], [3, 4]], pa.list_(pa.uint8(), 2))
-  pixels, good, bad = sources.raw_pixel_array(fixed, 2)
+  pixels, good, bad = parquet.raw_pixel_array(fixed, 2)
   assert list(good) == [0, 1] and not bad
 
 
@@ -324,7 +328,7 @@ def test_code_carrying_layers_are_refused_however_spelled(
                          edit_config=lambda c: _first_layer(c).update(spelling))
   config = config_lib.PredictConfig(png_dir, folder, str(tmp_path / "out"))
   with pytest.raises(config_lib.ConfigError, match="refused"):
-    config.validate()
+    preflight.check(config)
   assert not (tmp_path / "out").exists()
 
 
@@ -338,7 +342,7 @@ def test_card_and_model_that_disagree_are_refused(tmp_path, tiny_model,
   folder = _edited_model(tmp_path, tiny_model, edit_card=edit)
   config = config_lib.PredictConfig(png_dir, folder, str(tmp_path / "out"))
   with pytest.raises(config_lib.ConfigError, match=message):
-    config.validate()
+    preflight.check(config)
   assert not (tmp_path / "out").exists()
 
 
@@ -487,21 +491,21 @@ def test_a_second_run_is_refused_and_a_dead_runs_lock_taken_over(
   output = tmp_path / "out"
   config = config_lib.PredictConfig(images, tiny_model, str(output))
   # A run in progress (this very process holds the lock).
-  lock = output_folder.OutputLock(str(output), "20240101T000000-aaaaaa")
+  lock = output_lock.OutputLock(str(output), "20240101T000000-aaaaaa")
   lock.acquire()
   with pytest.raises(output_folder.FolderError, match="in use by run "
                      "20240101T000000-aaaaaa"):
     predict.run(config, RUNNER)
   lock.release()
-  assert not (output / output_folder.LOCK_FILE).exists()
+  assert not (output / output_lock.LOCK_FILE).exists()
 
   # A killed run: its lock names a process that is gone, and it left a
   # staged shard and a staging folder behind.
   killed = "20240102T000000-bbbbbb"
-  record = json.loads((output_folder.OutputLock(
+  record = json.loads((output_lock.OutputLock(
       str(output), killed)._record()).decode())  # pylint: disable=protected-access
   record["pid"] = _dead_pid()
-  (output / output_folder.LOCK_FILE).write_text(json.dumps(record))
+  (output / output_lock.LOCK_FILE).write_text(json.dumps(record))
   leftovers = [f"predictions-{killed}-00000-of-00002.parquet",
                f"beam-temp-errors-{killed}-" + "0" * 32]
   (output / leftovers[0]).write_bytes(b"half")
@@ -575,10 +579,10 @@ class _FakeClient:
 def test_gcs_lock_uses_generation_preconditions():
   client = _FakeClient()
   output = "gs://bucket/out/run1"
-  first = output_folder.OutputLock(output, "20240101T000000-aaaaaa", client)
+  first = output_lock.OutputLock(output, "20240101T000000-aaaaaa", client)
   assert first.acquire() == []
   assert list(client.bucket("bucket").objects) == ["out/run1/_run.lock"]
-  second = output_folder.OutputLock(output, "20240101T000001-bbbbbb", client)
+  second = output_lock.OutputLock(output, "20240101T000001-bbbbbb", client)
   with pytest.raises(output_folder.FolderError, match="in use"):
     second.acquire()
   # A lock replaced behind the first run's back is not the first run's to
@@ -674,7 +678,7 @@ def _assert_one_complete_result_set(output, expected_ids: set) -> dict:
   assert len(ids) == len(set(ids)) and set(ids) == expected_ids
   assert manifest["totals"] == {"predictions": len(predictions),
                                 "errors": len(errors)}
-  summary = query.summary(query.connect(str(output)), str(output))
+  summary = answers.summary(sandbox.connect(str(output)), str(output))
   assert summary["predictions"] == len(predictions)
   assert summary["manifest"]["run_id"] == manifest["run_id"]
   return manifest
@@ -736,7 +740,7 @@ def test_a_full_disk_at_the_manifest_write_keeps_the_earlier_results(
   monkeypatch.undo()
   # The failed run kept its lock; its process ends (here: is made to look
   # ended), and the next run takes the lock over and cleans up.
-  lock = output / output_folder.LOCK_FILE
+  lock = output / output_lock.LOCK_FILE
   record = json.loads(lock.read_text())
   record["pid"] = _dead_pid()
   lock.write_text(json.dumps(record))

@@ -442,7 +442,7 @@ def test_a_tensorflow_recipe_card_goes_to_dataflow_with_setup_file():
   TFLite folder with the `tensorflow` decoder recipe passes the launcher's
   check with --setup_file (the slim install)."""
   from apache_beam.options import pipeline_options  # pylint: disable=import-outside-toplevel
-  from beam_jobs import config  # pylint: disable=import-outside-toplevel
+  from beam_jobs import preflight  # pylint: disable=import-outside-toplevel
   card = type("Card", (), {"decoder": "tensorflow"})()
   assert not engines.needs_tensorflow(card, "tflite")
   assert engines.needs_tensorflow(card, "keras")
@@ -450,7 +450,7 @@ def test_a_tensorflow_recipe_card_goes_to_dataflow_with_setup_file():
   options = pipeline_options.PipelineOptions(
       ["--runner", "DataflowRunner", "--setup_file", "./setup.py"])
   tflite = type("Config", (), {"engine": "tflite"})()
-  config.check_workers(tflite, card, options)
+  preflight.check_workers(tflite, card, options)
   keras = type("Config", (), {"engine": "keras"})()
-  with pytest.raises(config.ConfigError, match="--engine keras needs"):
-    config.check_workers(keras, card, options)
+  with pytest.raises(preflight.ConfigError, match="--engine keras needs"):
+    preflight.check_workers(keras, card, options)

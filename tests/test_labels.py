@@ -17,7 +17,9 @@ from model import card as card_lib
 from tests.conftest import REPO
 from tests.conftest import read_parquet_rows
 from tools import make_shards
+from tools import answers
 from tools import query
+from tools import sandbox
 
 NAMES = ["cat", "dog", "owl"]
 
@@ -80,8 +82,8 @@ def test_class_indices_score_like_class_names(labelled_shards, tiny_model,
   for form in ("names", "indices", "digits"):
     output, manifest = _predict(labelled_shards, form, tiny_model, tmp_path)
     assert manifest["true_labels"] == {"matched": 200, "unmatched": 0}, form
-    scores[form] = query.accuracy(query.connect(output),
-                                  query.class_names_of(output))
+    scores[form] = answers.accuracy(sandbox.connect(output),
+                                  answers.class_names_of(output))
     rows = read_parquet_rows(os.path.join(output, "predictions-*.parquet"))
     assert {r["true_label"] for r in rows} <= set(manifest["class_names"])
     if form == "indices":
@@ -107,10 +109,10 @@ def test_labels_matching_no_class_are_counted_and_not_scored(
   rows = read_parquet_rows(os.path.join(output, "predictions-*.parquet"))
   assert all(r["true_label"] is None and r["source_label"].startswith("class")
              for r in rows)
-  connection = query.connect(output)
-  with pytest.raises(query.QueryError, match="none of the 200 true labels"):
-    query.accuracy(connection, query.class_names_of(output))
-  summary = query.summary(connection, output)
+  connection = sandbox.connect(output)
+  with pytest.raises(sandbox.QueryError, match="none of the 200 true labels"):
+    answers.accuracy(connection, answers.class_names_of(output))
+  summary = answers.summary(connection, output)
   assert summary["accuracy"] is None
   assert summary["true_labels"]["unmatched"] == 200
   assert "match no class" in query.render_summary(summary)
@@ -118,7 +120,7 @@ def test_labels_matching_no_class_are_counted_and_not_scored(
   # Half the labels match: those are scored, the rest counted beside them.
   output, manifest = _predict(labelled_shards, "half", tiny_model, tmp_path)
   assert manifest["true_labels"] == {"matched": 100, "unmatched": 100}
-  scores = query.accuracy(query.connect(output), query.class_names_of(output))
+  scores = answers.accuracy(sandbox.connect(output), answers.class_names_of(output))
   assert scores["labelled"] == 100 and scores["unmatched_labels"] == 100
   assert scores["unmatched_examples"] == [{"label": "?", "images": 100}]
   assert "100 true labels match no class" in query.render_accuracy(scores)
@@ -139,15 +141,15 @@ def test_outputs_of_an_earlier_version_with_index_labels_are_refused(
                            "stage": pa.array([], pa.string()),
                            "error": pa.array([], pa.string())}),
                  tmp_path / "errors-00000-of-00001.parquet")
-  with pytest.raises(query.QueryError, match="none of the 4 true labels"):
-    query.accuracy(query.connect(str(tmp_path)))
+  with pytest.raises(sandbox.QueryError, match="none of the 4 true labels"):
+    answers.accuracy(sandbox.connect(str(tmp_path)))
 
 
 def test_confusion_matrix_text_names_the_classes(labelled_shards, tiny_model,
                                                  tmp_path):
   output, _ = _predict(labelled_shards, "indices", tiny_model, tmp_path)
-  text = query.render_accuracy(query.accuracy(
-      query.connect(output), query.class_names_of(output)))
+  text = query.render_accuracy(answers.accuracy(
+      sandbox.connect(output), answers.class_names_of(output)))
   matrix = text.split("confusion matrix")[1].splitlines()
   header = matrix[1]
   for name in card_lib.load_card(tiny_model).class_names:

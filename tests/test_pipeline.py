@@ -14,12 +14,14 @@ from apache_beam.testing.util import assert_that
 from apache_beam.testing.util import equal_to
 
 from beam_jobs import config as config_lib
+from beam_jobs import preflight
 from beam_jobs import predict
-from beam_jobs import sources
+from beam_jobs.sources import images
+from beam_jobs.sources import parquet
 from beam_jobs.contracts import ImageBatch
 from model import card as card_lib
 from model import datasets
-from model import paths
+from imagebatch import paths
 from model import preprocessing
 from tools import make_shards
 from tests.conftest import REPO
@@ -37,7 +39,7 @@ def test_read_image_files_in_batches_with_folder_labels(png_dir, sample):
   expected = [(path, sample.class_names[label]) for path, label in zip(
       png_ids(png_dir, sample), sample.test.labels)]
   with TestPipeline() as pipeline:
-    read = pipeline | sources.ReadImageFiles(png_dir, sample.class_names,
+    read = pipeline | images.ReadImageFiles(png_dir, sample.class_names,
                                              batch_size=64)
     assert_that(read.images | beam.FlatMap(_flatten_ids), equal_to(expected))
     assert_that(read.images | "Sizes" >> beam.Map(len),
@@ -51,9 +53,10 @@ def test_file_group_reads_in_order_with_or_without_threads(png_dir, sample,
   """Remote groups are read by a thread pool; order and errors must hold."""
   paths = png_ids(png_dir, sample)[:10]
   paths.insert(3, os.path.join(png_dir, "missing.png"))
-  reader = sources._ReadFileGroup(png_dir, sample.class_names, threads)  # pylint: disable=protected-access
+  reader = images._ReadFileGroup(threads)  # pylint: disable=protected-access
   reader.setup()
-  outputs = list(reader.process(paths))
+  refs = images.folder_refs(paths, png_dir, frozenset(sample.class_names))
+  outputs = list(reader.process(refs))
   reader.teardown()
   errors = [o.value for o in outputs if isinstance(o, beam.pvalue.TaggedOutput)]
   (batch,) = [o for o in outputs if not isinstance(o, beam.pvalue.TaggedOutput)]
@@ -93,7 +96,7 @@ def test_read_parquet_both_image_forms(shards, form, png_dir, sample, tiny_model
                       [sample.class_names[i] for i in sample.test.labels]))
   assert len(os.listdir(os.path.join(shards, form))) == 3  # 70 + 70 + 60 rows.
   with TestPipeline() as pipeline:
-    read = pipeline | sources.ReadParquetImages(
+    read = pipeline | parquet.ReadParquetImages(
         os.path.join(shards, form, "*.parquet"), card.input_shape, "image",
         "id", "label", batch_size=50)
     assert_that(read.images | beam.FlatMap(_flatten_ids), equal_to(expected))
@@ -111,7 +114,7 @@ def test_raw_pixel_shards_hold_the_decoded_pixels(shards, png_dir, sample):
 def test_raw_pixels_of_wrong_length_or_null_are_per_row_errors():
   column = pa.array([[1, 2, 3, 4], [1, 2], None, [5, 6, 7, 8]],
                     pa.list_(pa.uint8()))
-  pixels, good, bad = sources.raw_pixel_array(column, 4)
+  pixels, good, bad = parquet.raw_pixel_array(column, 4)
   np.testing.assert_array_equal(good, [0, 3])
   np.testing.assert_array_equal(pixels, [1, 2, 3, 4, 5, 6, 7, 8])
   assert "length 2, expected 4" in bad[1] and "null" in bad[2]
@@ -225,15 +228,15 @@ def test_inference_failure_is_isolated_to_the_bad_row(tiny_model):
 def test_config_errors_fail_before_any_work(tmp_path, tiny_model, png_dir,
                                             shards):
   with pytest.raises(config_lib.ConfigError, match="not a model folder"):
-    config_lib.PredictConfig(png_dir, str(tmp_path), str(tmp_path / "o")
-                            ).validate()
+    preflight.check(config_lib.PredictConfig(png_dir, str(tmp_path), str(tmp_path / "o")
+                            ))
   with pytest.raises(config_lib.ConfigError, match="matches no files"):
-    config_lib.PredictConfig(str(tmp_path / "none"), tiny_model,
-                             str(tmp_path / "o")).validate()
+    preflight.check(config_lib.PredictConfig(str(tmp_path / "none"), tiny_model,
+                             str(tmp_path / "o")))
   with pytest.raises(config_lib.ConfigError, match="--label_column 'nope'"):
-    config_lib.PredictConfig(os.path.join(shards, "encoded", "*.parquet"),
+    preflight.check(config_lib.PredictConfig(os.path.join(shards, "encoded", "*.parquet"),
                              tiny_model, str(tmp_path / "o"),
-                             label_column="nope").validate()
+                             label_column="nope"))
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_jobs import config as config_lib
+from beam_jobs import preflight
 from tools import make_shards
 from beam_jobs import outputs
 from beam_jobs.pipeline import build_pipeline
@@ -49,9 +50,9 @@ SITECUSTOMIZE = "import logging\nlogging.basicConfig(level=logging.INFO)\n"
 
 
 def _dataflow_job(config):
-  card = config.validate()
+  plan = preflight.check(config)
   pipeline = beam.Pipeline(options=PipelineOptions(DATAFLOW_ARGS))
-  build_pipeline(pipeline, config, card, "dryrun")
+  build_pipeline(pipeline, plan.config, plan.card, "dryrun")
   result = pipeline.run()
   transforms = result.job.proto_pipeline.components.transforms.values()
   return {t.unique_name for t in transforms}

@@ -12,7 +12,9 @@ import pytest
 from beam_jobs import config as config_lib
 from beam_jobs import outputs
 from beam_jobs import predict
+from tools import answers
 from tools import query
+from tools import sandbox
 from tests.conftest import REPO
 from tests.conftest import read_parquet_rows
 
@@ -96,7 +98,7 @@ def assert_scores_match(result: dict, expected: dict) -> None:
 def test_accuracy_confusion_and_ece_match_an_independent_computation(crafted):
   folder, _, _ = crafted
   rows = read_parquet_rows(os.path.join(folder, "predictions-*.parquet"))
-  result = query.accuracy(query.connect(folder))
+  result = answers.accuracy(sandbox.connect(folder))
   assert result["classes"] == CLASSES
   assert result["labelled"] == 280
   assert_scores_match(result, independent_scores(rows, CLASSES))
@@ -121,7 +123,7 @@ def test_accuracy_json_on_a_pipeline_run_matches_pyarrow(tmp_path, png_dir,
 
 def test_summary_counts(crafted):
   folder, probabilities, _ = crafted
-  result = query.summary(query.connect(folder), folder)
+  result = answers.summary(sandbox.connect(folder), folder)
   counts = np.bincount(probabilities.argmax(1), minlength=3)
   assert {r["label"]: r["images"] for r in result["classes"]} == dict(
       zip(CLASSES, counts.tolist()))
@@ -138,10 +140,10 @@ def test_summary_counts(crafted):
 
 def test_low_confidence_and_misclassified_lists(crafted):
   folder, probabilities, truth_names = crafted
-  connection = query.connect(folder)
-  below = query.low_confidence(connection, below=0.5, limit=1000)
+  connection = sandbox.connect(folder)
+  below = answers.low_confidence(connection, below=0.5, limit=1000)
   assert len(below) == int((probabilities.max(1) < 0.5).sum())
-  wrong = query.misclassified(connection, limit=1000)
+  wrong = answers.misclassified(connection, limit=1000)
   expected = sum(1 for p, t in zip(probabilities.argmax(1), truth_names)
                  if t is not None and CLASSES[p] != t)
   assert len(wrong) == expected
@@ -150,17 +152,17 @@ def test_low_confidence_and_misclassified_lists(crafted):
 
 def test_sql_is_read_only(crafted):
   folder, _, _ = crafted
-  connection = query.connect(folder)
-  assert query.run_sql(connection, "SELECT count(*) AS n FROM predictions") == [
+  connection = sandbox.connect(folder)
+  assert sandbox.run_sql(connection, "SELECT count(*) AS n FROM predictions") == [
       {"n": 300}]
-  assert query.run_sql(connection, "WITH t AS (SELECT 1 AS x) SELECT x FROM t")
-  assert query.run_sql(connection, "DESCRIBE predictions")
-  assert query.run_sql(connection, "SUMMARIZE errors")
+  assert sandbox.run_sql(connection, "WITH t AS (SELECT 1 AS x) SELECT x FROM t")
+  assert sandbox.run_sql(connection, "DESCRIBE predictions")
+  assert sandbox.run_sql(connection, "SUMMARIZE errors")
   for statement in (f"COPY predictions TO '{folder}/x.csv'",
                     "CREATE TABLE t AS SELECT 1", "SELECT 1; SELECT 2",
                     "INSTALL httpfs", "ATTACH 'x.db'"):
-    with pytest.raises(query.QueryError):
-      query.run_sql(connection, statement)
+    with pytest.raises(sandbox.QueryError):
+      sandbox.run_sql(connection, statement)
   assert not os.path.exists(os.path.join(folder, "x.csv"))
 
 
@@ -172,7 +174,7 @@ def test_compare_two_runs(crafted, tmp_path):
       CLASSES, 2, "m2", "tflite", False)
   pq.write_table(table, tmp_path / "predictions-00000-of-00001.parquet")
   pq.write_table(_errors_table(), tmp_path / "errors-00000-of-00001.parquet")
-  result = query.compare(query.connect(folder, str(tmp_path)))
+  result = answers.compare(sandbox.connect(folder, str(tmp_path)))
   changed = int(np.isin(probabilities.argmax(1), [0, 1]).sum())
   assert result["common_ids"] == 300 and result["disagreements"] == changed
   assert {(r["label"], r["other_label"]) for r in result["label_pairs"]} == {
@@ -241,10 +243,10 @@ def test_corrupt_shards_are_named_and_the_rest_answered(tmp_path, capsys):
   start = pq.read_metadata(damaged).row_group(0).column(0).data_page_offset
   data[start + 40:start + 400] = b"\xff" * 360
   damaged.write_bytes(bytes(data))
-  connection = query.connect(str(folder))
-  assert query.scalar(connection, "SELECT count(DISTINCT id) FROM predictions"
+  connection = sandbox.connect(str(folder))
+  assert sandbox.scalar(connection, "SELECT count(DISTINCT id) FROM predictions"
                       ) == 100
-  assert query.scalar(connection, "SELECT min(id) FROM predictions") == "d0"
+  assert sandbox.scalar(connection, "SELECT min(id) FROM predictions") == "d0"
   warnings = capsys.readouterr().err
   for path in (truncated, empty, damaged):
     assert f"skipped {path}" in warnings
@@ -254,10 +256,10 @@ def test_corrupt_shards_are_named_and_the_rest_answered(tmp_path, capsys):
 def test_a_folder_of_errors_alone_can_be_queried(tmp_path, capsys):
   folder = tmp_path / "out"
   _committed_output(folder, [], [_errors_table()])
-  connection = query.connect(str(folder))
-  result = query.summary(connection, str(folder))
+  connection = sandbox.connect(str(folder))
+  result = answers.summary(connection, str(folder))
   assert result["predictions"] == 0 and result["errors"] == 3
-  assert len(query.error_rows(connection)) == 3
+  assert len(answers.error_rows(connection)) == 3
   assert query.main([str(folder), "errors"]) == 0
   assert "bad1" in capsys.readouterr().out
 
@@ -267,10 +269,10 @@ def test_duplicate_ids_are_reported(tmp_path):
   _committed_output(folder, [_prediction_table(["x", "y", "x"]),
                              _prediction_table(["x", "bad1"])],
                     [_errors_table()])
-  connection = query.connect(str(folder))
+  connection = sandbox.connect(str(folder))
   # x three times, bad1 as a prediction and an error: 2 + 1 repeats.
-  assert query.summary(connection, str(folder))["duplicate_ids"] == 3
-  assert query.duplicates(connection) == [{"id": "x", "rows": 3},
+  assert answers.summary(connection, str(folder))["duplicate_ids"] == 3
+  assert answers.duplicates(connection) == [{"id": "x", "rows": 3},
                                           {"id": "bad1", "rows": 2}]
 
 

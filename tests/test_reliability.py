@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from beam_jobs import config as config_lib
+from beam_jobs import preflight
 from beam_jobs import predict
 from model import card as card_lib
 from model import engines
@@ -39,7 +40,7 @@ def test_lambda_model_is_refused_before_any_work(tmp_path, tiny_model,
   folder = _lambda_model_folder(tmp_path, tiny_model)
   config = config_lib.PredictConfig(png_dir, folder, str(tmp_path / "out"))
   with pytest.raises(config_lib.ConfigError, match="Lambda layer"):
-    config.validate()
+    preflight.check(config)
   # Keras itself refuses it too, should anything load it directly.
   with pytest.raises(ValueError, match="safe_mode|Lambda"):
     engines.load_engine(folder, "keras")
@@ -55,7 +56,7 @@ def test_card_that_does_not_match_the_model_is_refused(tmp_path, tiny_model,
   (folder / card_lib.CARD_FILE).write_text(json.dumps(card))
   config = config_lib.PredictConfig(png_dir, str(folder), str(tmp_path / "o"))
   with pytest.raises(config_lib.ConfigError, match="does not describe"):
-    config.validate()
+    preflight.check(config)
 
 
 @pytest.mark.parametrize("edit", ["reverse class names", "rename a class",
@@ -76,7 +77,7 @@ def test_model_id_covers_the_cards_serving_fields(tmp_path, tiny_model,
   (folder / card_lib.CARD_FILE).write_text(json.dumps(card))
   config = config_lib.PredictConfig(png_dir, str(folder), str(tmp_path / "o"))
   with pytest.raises(config_lib.ConfigError, match="does not describe"):
-    config.validate()
+    preflight.check(config)
 
 
 def test_output_of_another_model_needs_overwrite(tmp_path, tiny_model,
@@ -86,10 +87,10 @@ def test_output_of_another_model_needs_overwrite(tmp_path, tiny_model,
   (output / "_run.json").write_text(json.dumps({"model_id": "someoneelse"}))
   config = config_lib.PredictConfig(png_dir, tiny_model, str(output))
   with pytest.raises(config_lib.ConfigError, match="--overwrite"):
-    config.validate()
+    preflight.check(config)
   config = config_lib.PredictConfig(png_dir, tiny_model, str(output),
                                     overwrite=True)
-  assert config.validate().model_id == card_lib.load_card(tiny_model).model_id
+  assert preflight.check(config).card.model_id == card_lib.load_card(tiny_model).model_id
 
 
 def _save(image, fmt, **kwargs) -> bytes:

@@ -14,12 +14,14 @@ from apache_beam.testing.util import assert_that
 from apache_beam.testing.util import equal_to
 
 from beam_jobs import config as config_lib
-from beam_jobs import listing
+from beam_jobs import preflight
 from beam_jobs import outputs
 from beam_jobs import predict
-from beam_jobs import row_groups
-from beam_jobs import skip_existing
-from beam_jobs import sources
+from beam_jobs.sources import listing
+from beam_jobs.sources import lists as list_source
+from beam_jobs.sources import parquet
+from beam_jobs.sources import row_groups
+from beam_jobs.sources import skip_existing
 from beam_jobs.contracts import id_bucket
 from model import preprocessing
 
@@ -208,13 +210,13 @@ def test_groups_fill_and_key_by_bucket():
   out = [groups.add(str(i)) for i in range(7)]
   assert [g for g in out if g] == [["0", "1", "2"], ["3", "4", "5"]]
   assert list(groups.rest()) == [["6"]]
-  keyed = listing.Groups(2, buckets=4)
-  full = [keyed.add(ref) for ref in [("a", "u", None), "b", "c", "d", "e"]]
+  keyed = listing.Groups(2, buckets=4, id_of=list_source.row_id)
+  full = [keyed.add((name, "u", None)) for name in "abcde"]
   rest = list(keyed.rest())
   refs = [r for g in full if g for r in g[1]] + [r for _, g in rest for r in g]
-  assert sorted(listing.ref_id(r) for r in refs) == list("abcde")
+  assert sorted(list_source.row_id(r) for r in refs) == list("abcde")
   for bucket, group in [g for g in full if g] + rest:
-    assert all(id_bucket(listing.ref_id(r), 4) == bucket
+    assert all(id_bucket(list_source.row_id(r), 4) == bucket
                for r in group)
 
 
@@ -345,24 +347,27 @@ def test_a_failing_row_group_reports_only_the_wanted_rows_it_took(
       "image": [preprocessing.encode_png(x) for x in sample.test.images[:120]],
   }), path, row_group_size=40)
   _corrupt_row_group(path, 2, columns=[1])  # ids intact, images broken
-  item = (path, 0, 3, 0, 120)
+  item = row_groups.RowGroupItem(path, 0, 3, 0, 120)
   read = list(row_groups.read_item(item, ["id", "image"], 16,
                                    [0, 1, 85, 90]))
-  assert [r[1].tolist() for r in read if r[0] == "rows"] == [[0, 1]]
-  assert [r[1:3] for r in read if r[0] == "error"] == [(85, 91)]
+  assert [r.indices.tolist() for r in read
+          if isinstance(r, row_groups.RowBatch)] == [[0, 1]]
+  assert [(r.start, r.stop) for r in read
+          if isinstance(r, row_groups.RowRangeError)] == [(85, 91)]
   # Nothing wanted in the broken row group: nothing to report.
-  assert [r[0] for r in row_groups.read_item(item, ["id", "image"], 16,
-                                             [0, 50])] == ["rows", "rows"]
+  assert [type(r) for r in row_groups.read_item(item, ["id", "image"], 16,
+                                                [0, 50])] == [
+                                                    row_groups.RowBatch] * 2
 
 
 def test_row_group_items_spread_one_shard(grouped_shard, tiny_model, sample):
   from model import card as card_lib  # pylint: disable=import-outside-toplevel
   card = card_lib.load_card(tiny_model)
   with TestPipeline() as pipeline:
-    items, _ = pipeline | sources.PlanShards(grouped_shard, item_rows=40)
+    items, _ = pipeline | parquet.PlanShards(grouped_shard, item_rows=40)
     assert_that(items, equal_to([(grouped_shard, i, i + 1, 40 * i, 40 * i + 40)
                                  for i in range(5)]))
-    read = pipeline | "Read" >> sources.ReadParquetImages(
+    read = pipeline | "Read" >> parquet.ReadParquetImages(
         grouped_shard, card.input_shape, "image", None, "label",
         batch_size=16, item_rows=40)
     # SHARD#ROW is the row's index in the whole shard, whichever item.
@@ -506,25 +511,25 @@ def test_input_list_with_skip_existing_and_repeated_uris(tmp_path, lists,
 def test_input_list_config_errors(tmp_path, lists, tiny_model, png_dir):
   folder = lists[0]
   with pytest.raises(config_lib.ConfigError, match="pass one of --input"):
-    config_lib.PredictConfig(png_dir, tiny_model, str(tmp_path / "o"),
-                             input_list=str(folder / "a.txt")).validate()
+    preflight.check(config_lib.PredictConfig(png_dir, tiny_model, str(tmp_path / "o"),
+                             input_list=str(folder / "a.txt")))
   with pytest.raises(config_lib.ConfigError, match="--uri_column 'path'"):
-    config_lib.PredictConfig(None, tiny_model, str(tmp_path / "o"),
+    preflight.check(config_lib.PredictConfig(None, tiny_model, str(tmp_path / "o"),
                              input_list=str(folder / "b.csv"),
-                             uri_column="path").validate()
+                             uri_column="path"))
   with pytest.raises(config_lib.ConfigError, match="text list"):
-    config_lib.PredictConfig(None, tiny_model, str(tmp_path / "o"),
+    preflight.check(config_lib.PredictConfig(None, tiny_model, str(tmp_path / "o"),
                              input_list=str(folder / "a.txt"),
-                             label_column="label").validate()
+                             label_column="label"))
   with pytest.raises(config_lib.ConfigError, match="matches no files"):
-    config_lib.PredictConfig(None, tiny_model, str(tmp_path / "o"),
-                             input_list=str(folder / "*.json")).validate()
+    preflight.check(config_lib.PredictConfig(None, tiny_model, str(tmp_path / "o"),
+                             input_list=str(folder / "*.json")))
 
 
 def test_relative_uris_resolve_from_the_list_folder():
-  assert sources.resolve_uri("x/../y.png", "/data/lists/a.txt") == (
+  assert list_source.resolve_uri("x/../y.png", "/data/lists/a.txt") == (
       "/data/lists/y.png")
-  assert sources.resolve_uri("../img/y.png", "gs://b/lists/a.csv") == (
+  assert list_source.resolve_uri("../img/y.png", "gs://b/lists/a.csv") == (
       "gs://b/img/y.png")
-  assert sources.resolve_uri("gs://b/y.png", "/l.txt") == "gs://b/y.png"
-  assert sources.resolve_uri("/abs//y.png", "gs://b/l.txt") == "/abs/y.png"
+  assert list_source.resolve_uri("gs://b/y.png", "/l.txt") == "gs://b/y.png"
+  assert list_source.resolve_uri("/abs//y.png", "gs://b/l.txt") == "/abs/y.png"

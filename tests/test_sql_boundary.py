@@ -21,11 +21,12 @@ import pytest
 
 from beam_jobs import outputs
 from tools import query
+from tools import sandbox
 
 SECRET = "TOP-SECRET-0d9a1c"
 RUN = "20240101T000000-abc123"
 CLASSES = ["cat", "dog", "owl"]
-SCHEME = query.SHARDS_PROTOCOL
+SCHEME = sandbox.SHARDS_PROTOCOL
 # A path outside every folder of the test, which no statement may create.
 PROBE = f"/tmp/sql-boundary-probe-{uuid.uuid4().hex}"
 
@@ -220,9 +221,9 @@ READ_ONLY = [
 def test_hostile_statement_is_refused_and_the_lock_holds(boundary, template):
   statement = template.format(root=boundary.root, out=boundary.out,
                               shard=boundary.shard)
-  views = query.connect(boundary.out)
-  with pytest.raises(query.QueryError):
-    query.run_sql(views, statement)
+  views = sandbox.connect(boundary.out)
+  with pytest.raises(sandbox.QueryError):
+    sandbox.run_sql(views, statement)
   # Past the statement checks, straight on the locked connection.
   before = _snapshot(boundary.root)
   try:
@@ -237,15 +238,15 @@ def test_hostile_statement_is_refused_and_the_lock_holds(boundary, template):
 
 @pytest.mark.parametrize("statement", READ_ONLY)
 def test_read_only_statements_run(boundary, statement):
-  views = query.connect(boundary.out)
-  assert query.run_sql(views, statement)
+  views = sandbox.connect(boundary.out)
+  assert sandbox.run_sql(views, statement)
 
 
 def test_the_views_hold_exactly_the_listed_shards(boundary):
-  views = query.connect(boundary.out)
+  views = sandbox.connect(boundary.out)
   # The planted, unlisted shard holds SECRET; the listed ones 100 rows.
-  assert query.scalar(views, "SELECT count(*) FROM predictions") == 100
-  assert not query.rows(views, "SELECT id FROM predictions WHERE id = ?",
+  assert sandbox.scalar(views, "SELECT count(*) FROM predictions") == 100
+  assert not sandbox.rows(views, "SELECT id FROM predictions WHERE id = ?",
                         [SECRET])
   # Even past the statement checks, the scheme lists the listed shards.
   names = sorted(row[0] for row in views.connection.execute(
@@ -259,15 +260,15 @@ def test_the_views_hold_exactly_the_listed_shards(boundary):
 
 
 def test_a_long_query_is_stopped_at_the_time_limit(boundary):
-  views = query.connect(boundary.out, timeout_seconds=0.5)
-  with pytest.raises(query.QueryError, match="--timeout"):
-    query.run_sql(views, "SELECT sum(a.range * b.range) FROM range(200000) a, "
+  views = sandbox.connect(boundary.out, timeout_seconds=0.5)
+  with pytest.raises(sandbox.QueryError, match="--timeout"):
+    sandbox.run_sql(views, "SELECT sum(a.range * b.range) FROM range(200000) a, "
                   "range(200000) b")
 
 
 def test_results_are_capped_at_max_rows(boundary, capsys):
-  views = query.connect(boundary.out)
-  result = query.run_sql(views, "SELECT * FROM range(50)", max_rows=10)
+  views = sandbox.connect(boundary.out)
+  result = sandbox.run_sql(views, "SELECT * FROM range(50)", max_rows=10)
   assert len(result) == 10
   assert "first 10 rows" in capsys.readouterr().err
 
@@ -287,7 +288,7 @@ def test_remote_shards_are_read_through_their_file_system(tmp_path):
   memory = fsspec.filesystem("memory")
   with memory.open("memory://bucket/out/shard.parquet", "wb") as handle:
     pq.write_table(_predictions([f"r{i}" for i in range(5000)]), handle)
-  shards = query.ListedShards(
+  shards = sandbox.ListedShards(
       {"shard.parquet": ("memory://bucket/out/shard.parquet", memory)})
   connection = duckdb.connect()
   connection.register_filesystem(shards)

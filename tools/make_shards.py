@@ -15,14 +15,13 @@ import io
 import sys
 from typing import Optional
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from model import card as card_lib
-from model import cli
-from model import paths
+from imagebatch import cli
+from imagebatch import paths
 from model import preprocessing
 
 DEFAULT_ROWS_PER_SHARD = 10_000

@@ -23,9 +23,9 @@ from matplotlib import pyplot as plt  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 from PIL import Image  # pylint: disable=wrong-import-position
 
-from beam_jobs import outputs  # pylint: disable=wrong-import-position
-from model import cli  # pylint: disable=wrong-import-position
-from tools import query  # pylint: disable=wrong-import-position
+from imagebatch import cli  # pylint: disable=wrong-import-position
+from tools import answers  # pylint: disable=wrong-import-position
+from tools import sandbox  # pylint: disable=wrong-import-position
 
 DEFAULT_SAMPLES = 15
 GRID_COLUMNS = 3
@@ -59,7 +59,7 @@ def _open(data: bytes) -> np.ndarray:
 
 def _read_image(row: dict, manifest: dict):
   """The input image for a prediction row, or None when it can't be had."""
-  from model import paths  # pylint: disable=import-outside-toplevel
+  from imagebatch import paths  # pylint: disable=import-outside-toplevel
   arguments = (manifest or {}).get("arguments", {})
   try:
     # Ids are data: paths.open_file never opens a FIFO or device they name.
@@ -176,10 +176,10 @@ def grid_title(rows: list) -> str:
 
 
 def plot_confidence(connection, path: str) -> None:
-  rows = query.rows(connection, """
+  rows = sandbox.rows(connection, """
       SELECT confidence, true_label IS NULL AS unknown,
              label = true_label AS correct FROM predictions""")
-  bins = np.linspace(0, 1, query.ECE_BINS + 1)
+  bins = np.linspace(0, 1, answers.ECE_BINS + 1)
   figure, axis = plt.subplots(figsize=(7, 4))
   groups = [("correct", CORRECT, lambda r: r["correct"]),
             ("wrong", WRONG, lambda r: r["correct"] is False),
@@ -207,7 +207,7 @@ def plot_confidence(connection, path: str) -> None:
 
 def plot_reliability(scores: dict, path: str) -> None:
   bins = scores["calibration_bins"]
-  width = 1.0 / query.ECE_BINS
+  width = 1.0 / answers.ECE_BINS
   figure, axis = plt.subplots(figsize=(5, 5))
   axis.bar([b["bin"] * width for b in bins], [b["accuracy"] for b in bins],
            width=width, align="edge", edgecolor="black", color=CORRECT,
@@ -231,13 +231,13 @@ def _class_names(connection, manifest) -> list:
   """The card's class names from the manifest, else the predicted ones."""
   if (manifest or {}).get("class_names"):
     return list(manifest["class_names"])
-  return [r["label"] for r in query.rows(
+  return [r["label"] for r in sandbox.rows(
       connection, "SELECT label FROM predictions GROUP BY label "
       "ORDER BY min(label_index)")]
 
 
 def _sample_rows(connection, samples: int, where: str, order: str) -> list:
-  return query.rows(
+  return sandbox.rows(
       connection, f"SELECT * FROM predictions WHERE {where} ORDER BY {order} "
       "LIMIT ?", [samples])
 
@@ -263,10 +263,10 @@ def write_report(output_dir: str, out: str,
                  samples: int = DEFAULT_SAMPLES) -> ReportFiles:
   """Draws every plot it can, and index.html, which also lists the plots it
   could not draw and why."""
-  connection = query.connect(output_dir)
+  connection = sandbox.connect(output_dir)
   os.makedirs(out, exist_ok=True)
   clear_report(out)
-  summary = query.summary(connection, output_dir)
+  summary = answers.summary(connection, output_dir)
   manifest = summary["manifest"]
   names = _class_names(connection, manifest)
   written = ReportFiles()
@@ -276,8 +276,8 @@ def write_report(output_dir: str, out: str,
   plot_grid(sample_rows, names, manifest, path, grid_title(sample_rows))
   written["samples"] = path
   try:
-    scores = query.accuracy(connection, (manifest or {}).get("class_names"))
-  except query.QueryError as error:
+    scores = answers.accuracy(connection, (manifest or {}).get("class_names"))
+  except sandbox.QueryError as error:
     scores = None
     for name in ("mistakes", "confusion", "reliability"):
       skipped[name] = str(error)
@@ -372,7 +372,7 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   try:
     written = write_report(args.output_dir, args.out, args.samples)
-  except query.QueryError as error:
+  except sandbox.QueryError as error:
     print(f"tools.report: error: {error}", file=sys.stderr)
     return 2
   index = written.pop("index")
@@ -381,7 +381,7 @@ def main(argv=None) -> int:
     print(f"  not drawn: {', '.join(names)}: {reason}")
   cli.print_next(
       f"{os.path.abspath(index)} (open it in a browser)",
-      [cli.command("python", "-m", "tools.query", args.output_dir,
+      [cli.program("query", args.output_dir,
                    "misclassified")] if "mistakes" in written else [])
   return 0
 

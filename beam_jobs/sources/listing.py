@@ -40,7 +40,7 @@ from beam_jobs.contracts import INPUTS
 from beam_jobs.contracts import counter
 from beam_jobs.contracts import error_row
 from beam_jobs.contracts import id_bucket
-from model import paths
+from imagebatch import paths
 
 # Levels listed one folder at a time, each level's folders spread over the
 # workers, before the folders left are listed whole. Two levels split a
@@ -51,31 +51,33 @@ FOLDERS = "folders"
 PARTIAL = "partial"
 
 
-def ref_id(ref) -> str:
-  """The id of an input reference: a path is its own id; a list row is an
-  (id, uri, label) tuple."""
-  return ref if isinstance(ref, str) else ref[0]
+def same(item):
+  """The default `id_of`: a path or an id is its own id."""
+  return item
 
 
 class Groups:
-  """Gathers input references into groups of `size`.
+  """Gathers items (paths, ids, input rows) into groups of `batch_size`.
 
-  With `buckets`, one group is gathered per bucket of the ids' hash
-  (`contracts.id_bucket`) and a full group leaves as (bucket, refs), for a
-  join by bucket; `rest` gives what is left of each.
+  With `buckets`, one group is gathered per bucket of the items' ids
+  (`id_of(item)`, hashed by `contracts.id_bucket`) and a full group leaves
+  as (bucket, items), for a join by bucket; `rest` gives what is left of
+  each.
   """
 
-  def __init__(self, size: int, buckets: int = 0):
-    self._size = size
+  def __init__(self, batch_size: int, buckets: int = 0, id_of=same):
+    self._batch_size = batch_size
     self._buckets = buckets
+    self._id_of = id_of
     self._open = {}
 
-  def add(self, ref):
+  def add(self, item):
     """Returns a full group (keyed by bucket with `buckets`), or None."""
-    key = id_bucket(ref_id(ref), self._buckets) if self._buckets else None
+    key = (id_bucket(self._id_of(item), self._buckets) if self._buckets
+           else None)
     group = self._open.setdefault(key, [])
-    group.append(ref)
-    if len(group) < self._size:
+    group.append(item)
+    if len(group) < self._batch_size:
       return None
     del self._open[key]
     return (key, group) if self._buckets else group
@@ -131,7 +133,7 @@ FILE, FOLDER, UNLISTABLE = "file", "folder", "unlistable"
 
 
 class LocalLister:
-  """Lists local folders (model/paths.py's scandir rules)."""
+  """Lists local folders (imagebatch/paths.py's scandir rules)."""
 
   def scan(self, folder: str):
     """One level: yields (path, FILE | FOLDER | UNLISTABLE)."""
@@ -236,10 +238,10 @@ class ListFolder(beam.DoFn):
   an error row here, and such a folder is listed here, whole.
   """
 
-  def __init__(self, spec: PatternSpec, group_size: int, buckets: int = 0,
+  def __init__(self, spec: PatternSpec, batch_size: int, buckets: int = 0,
                whole: bool = False, storage_client=None):
     self._spec = spec
-    self._group_size = group_size
+    self._batch_size = batch_size
     self._buckets = buckets
     self._whole = whole
     self._storage_client = storage_client
@@ -248,7 +250,7 @@ class ListFolder(beam.DoFn):
     self._lister = make_lister(self._spec.pattern, self._storage_client)
 
   def process(self, folder: str):
-    groups = Groups(self._group_size, self._buckets)
+    groups = Groups(self._batch_size, self._buckets)
     spec = self._spec
     if spec.literal:
       # A pattern with no glob names one file (a single shard, say).
@@ -299,12 +301,12 @@ class ListFolder(beam.DoFn):
 class MergeGroups(beam.DoFn):
   """Merges the short last groups of many work items into full groups."""
 
-  def __init__(self, group_size: int):
-    self._group_size = group_size
+  def __init__(self, batch_size: int):
+    self._batch_size = batch_size
 
   def process(self, keyed_groups):
     _, short = keyed_groups
-    groups = Groups(self._group_size)
+    groups = Groups(self._batch_size)
     for group in short:
       for ref in group:
         full = groups.add(ref)
@@ -313,13 +315,13 @@ class MergeGroups(beam.DoFn):
     yield from groups.rest()
 
 
-def merge_short_groups(short, group_size: int, label: str = ""):
+def merge_short_groups(short, batch_size: int, label: str = ""):
   """The short groups of many work items, merged into full ones (one key:
   each holds less than a group)."""
   return (short
           | f"KeyShort{label}" >> beam.Map(lambda group: (None, group))
           | f"GatherShort{label}" >> beam.GroupByKey()
-          | f"MergeShort{label}" >> beam.ParDo(MergeGroups(group_size)))
+          | f"MergeShort{label}" >> beam.ParDo(MergeGroups(batch_size)))
 
 
 class ListFiles(beam.PTransform):
@@ -327,19 +329,19 @@ class ListFiles(beam.PTransform):
 
   With `buckets`, the groups come out keyed by the bucket of their paths,
   (bucket, [path, ...]), for the --skip_existing join; otherwise as lists
-  of up to `group_size` paths.
+  of up to `batch_size` paths.
   """
 
-  def __init__(self, pattern: str, group_size: int, buckets: int = 0,
+  def __init__(self, pattern: str, batch_size: int, buckets: int = 0,
                storage_client=None):
     super().__init__()
     self._spec = PatternSpec(pattern)
-    self._group_size = group_size
+    self._batch_size = batch_size
     self._buckets = buckets
     self._storage_client = storage_client
 
   def _lister(self, whole: bool):
-    return ListFolder(self._spec, self._group_size, self._buckets, whole,
+    return ListFolder(self._spec, self._batch_size, self._buckets, whole,
                       self._storage_client)
 
   def expand(self, pipeline):
@@ -361,6 +363,6 @@ class ListFiles(beam.PTransform):
       items = listed[FOLDERS]
     if not self._buckets:
       groups.append(merge_short_groups(
-          tuple(short) | "AllShort" >> beam.Flatten(), self._group_size))
+          tuple(short) | "AllShort" >> beam.Flatten(), self._batch_size))
     return (tuple(groups) | "AllGroups" >> beam.Flatten(),
             tuple(errors) | "ListErrors" >> beam.Flatten())

@@ -169,7 +169,7 @@ def configure_logging(verbose: bool) -> None:
                        if verbose else _Formatter("%(message)s"))
   logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                       handlers=[handler])
-  for package in ("model", "beam_jobs", "tools"):
+  for package in ("imagebatch", "model", "beam_jobs", "tools"):
     logging.getLogger(package).setLevel(logging.INFO)
 
 
@@ -229,12 +229,28 @@ def command(*parts) -> str:
   return " ".join(shlex.quote(str(part)) for part in parts)
 
 
+# The install's commands, by the name each "Next:" line suggests them with.
+PROGRAMS = {
+    "train": "model.train",
+    "adopt": "model.adopt",
+    "datasets": "model.datasets",
+    "predict": "beam_jobs.predict",
+    "query": "tools.query",
+    "report": "tools.report",
+    "make_shards": "tools.make_shards",
+}
+
+
+def program(name: str, *arguments) -> str:
+  """The command line that runs one of PROGRAMS with `arguments`."""
+  return command("python", "-m", PROGRAMS[name], *arguments)
+
+
 def predict_command(input_: str = "IMAGES_OR_SHARDS", model: str = "MODEL_DIR",
                     *flags: str) -> str:
-  """The beam_jobs.predict line a closing "Next:" suggests; `flags` go
-  after --input."""
-  return command("python", "-m", "beam_jobs.predict", "--input", input_,
-                 *flags, "--model", model, "--output", "OUTPUT_DIR")
+  """The predict line a closing "Next:" suggests; `flags` go after --input."""
+  return program("predict", "--input", input_, *flags, "--model", model,
+                 "--output", "OUTPUT_DIR")
 
 
 def print_next(results: Optional[str], commands: Iterable[str]) -> None:

@@ -16,16 +16,18 @@ skipped input is counted (SKIPPED) instead of being read.
 """
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import apache_beam as beam
 import pyarrow.compute as pc
 
 from beam_jobs.contracts import SKIPPED
 from beam_jobs.contracts import counter
-from beam_jobs.listing import Groups
-from beam_jobs.listing import ref_id
-from beam_jobs import row_groups
+from beam_jobs.sources import row_groups
+from beam_jobs.sources.listing import Groups
+from beam_jobs.sources.listing import same
+from beam_jobs.sources.row_groups import RowGroupItem
+from beam_jobs.sources.row_groups import RowRangeError
 
 IDS_PER_BUCKET = 50_000
 MIN_BUCKETS, MAX_BUCKETS = 16, 8192
@@ -33,6 +35,13 @@ MIN_BUCKETS, MAX_BUCKETS = 16, 8192
 EARLIER_GROUP = 4096
 # The two sides of a bucket.
 EARLIER, INPUT = "earlier", "input"
+
+
+class RowIds(NamedTuple):
+  """Rows of a Parquet work item on their way to the join, with their ids."""
+  item: RowGroupItem
+  rows: list
+  ids: list
 
 
 def bucket_count(earlier_rows: Optional[int]) -> int:
@@ -69,17 +78,17 @@ class _EarlierIds(beam.DoFn):
 
   def process(self, item):
     groups = Groups(EARLIER_GROUP, self._buckets)
-    for kind, *rest in row_groups.read_item(item, ["id", "model_id"],
-                                            EARLIER_GROUP):
-      if kind == "error":
+    for part in row_groups.read_item(item, ["id", "model_id"],
+                                     EARLIER_GROUP):
+      if isinstance(part, RowRangeError):
         # The manifest lists this shard as part of the results: without its
         # ids the run cannot know what to skip.
-        start, stop, error = rest
         raise RuntimeError(
-            f"--skip_existing: rows {start} to {stop - 1} of {item[0]}, a "
-            f"prediction shard the output's manifest lists, cannot be read: "
-            f"{type(error).__name__}: {error}") from error
-      _, record_batch = rest
+            f"--skip_existing: rows {part.start} to {part.stop - 1} of "
+            f"{item.path}, a prediction shard the output's manifest lists, "
+            f"cannot be read: {type(part.error).__name__}: {part.error}"
+        ) from part.error
+      record_batch = part.record_batch
       mine = pc.and_kleene(
           pc.equal(record_batch.column("model_id"), self._model_id),
           pc.is_valid(record_batch.column("id")))
@@ -103,7 +112,7 @@ class ReadEarlierIds(beam.PTransform):
 
   def expand(self, pipeline):
     return (pipeline
-            | "Shards" >> beam.Create(self._files)
+            | "Shards" >> beam.Create([[path] for path in self._files])
             | "SpreadShards" >> beam.Reshuffle()
             | "Plan" >> beam.ParDo(row_groups.PlanRowGroups(strict=True))
             | "SpreadItems" >> beam.Reshuffle()
@@ -120,25 +129,27 @@ def _earlier_set(values) -> set:
 
 
 class _JoinRefs(beam.DoFn):
-  """A bucket's inputs, less the ids it held before, in full groups.
+  """A bucket's inputs (paths or list rows), less those whose id
+  (`id_of(input)`) it held before, in full groups.
 
   The bucket's values are read twice (Beam's grouped values can be): once
   for the earlier ids, once for the inputs, so only the set is held.
   """
 
-  def __init__(self, group_size: int):
-    self._group_size = group_size
+  def __init__(self, batch_size: int, id_of=same):
+    self._batch_size = batch_size
+    self._id_of = id_of
 
   def process(self, bucket_values):
     _, values = bucket_values
     earlier = _earlier_set(values)
-    groups = Groups(self._group_size)
+    groups = Groups(self._batch_size)
     skipped = 0
     for side, refs in values:
       if side != INPUT:
         continue
       for ref in refs:
-        if ref_id(ref) in earlier:
+        if self._id_of(ref) in earlier:
           skipped += 1
           continue
         full = groups.add(ref)
@@ -150,13 +161,15 @@ class _JoinRefs(beam.DoFn):
 
 
 class SkipRefs(beam.PTransform):
-  """Keyed groups of input references, (bucket, [ref, ...]), in; groups of
-  those not predicted before out (up to `group_size` each)."""
+  """Keyed groups of inputs read by URI, (bucket, [input, ...]), in; groups
+  of those not predicted before out (up to `batch_size` each). An input is
+  a path, its own id, or anything whose id `id_of` gives."""
 
-  def __init__(self, skip: SkipExisting, group_size: int):
+  def __init__(self, skip: SkipExisting, batch_size: int, id_of=same):
     super().__init__()
     self._skip = skip
-    self._group_size = group_size
+    self._batch_size = batch_size
+    self._id_of = id_of
 
   def expand(self, keyed_refs):
     inputs = keyed_refs | "TagInputs" >> beam.MapTuple(
@@ -164,12 +177,12 @@ class SkipRefs(beam.PTransform):
     return ((self._skip.earlier_ids(keyed_refs.pipeline), inputs)
             | "BothSides" >> beam.Flatten()
             | "ByBucket" >> beam.GroupByKey()
-            | "Join" >> beam.ParDo(_JoinRefs(self._group_size)))
+            | "Join" >> beam.ParDo(_JoinRefs(self._batch_size, self._id_of)))
 
 
 class _JoinRows(beam.DoFn):
-  """A bucket's Parquet rows, (item, [row, ...], [id, ...]), less those
-  whose id it held before: (item, [row, ...]) for each item."""
+  """A bucket's Parquet rows (RowIds), less those whose id it held before:
+  (item, [row, ...]) for each item."""
 
   def process(self, bucket_values):
     _, values = bucket_values
@@ -188,8 +201,8 @@ class _JoinRows(beam.DoFn):
 
 
 class SkipRows(beam.PTransform):
-  """Parquet rows by bucket, (bucket, (item, rows, ids)), in; (item, rows)
-  out for the rows not predicted before."""
+  """Parquet rows by bucket, (bucket, RowIds), in; (item, rows) out for the
+  rows not predicted before."""
 
   def __init__(self, skip: SkipExisting):
     super().__init__()

@@ -2,18 +2,17 @@
 
 A shard's footer says how many row groups it has and how many rows each
 holds; `PlanRowGroups` turns each shard into work items of consecutive row
-groups, (shard, first row group, stop row group, first row, stop row), of about
-ITEM_ROWS rows, so one large shard spreads over every worker and a retry
+groups (`RowGroupItem`) of about ITEM_ROWS rows, so one large shard spreads over every worker and a retry
 redoes one item, not the shard. A row group is the smallest item: Parquet
 cannot start reading in the middle of one.
 
-`read_item` reads an item's row groups one at a time, so a corrupt row group
-costs its own rows only: it is reported as (first row, stop row, error) and
-the other row groups go on. Rows keep their global index in the shard,
+`read_item` reads an item's row groups one at a time (`RowBatch`es), so a
+corrupt row group costs its own rows only: it is reported as a
+`RowRangeError` and the other row groups go on. Rows keep their global index in the shard,
 which names them (SHARD#ROW) however the shard was split.
 """
 
-from typing import Iterable, Optional
+from typing import Iterable, NamedTuple, Optional
 
 import apache_beam as beam
 import numpy as np
@@ -24,21 +23,58 @@ from beam_jobs.contracts import ERRORS
 from beam_jobs.contracts import INPUTS
 from beam_jobs.contracts import counter
 from beam_jobs.contracts import error_row
-from model import paths
+from imagebatch import paths
 
 # Rows per work item: row groups are put together until an item has this
 # many (a row group of more is an item by itself).
 ITEM_ROWS = 10_000
 
 
+class RowGroupItem(NamedTuple):
+  """A work item: row groups first_group..stop_group-1 of a shard, holding
+  its rows first_row..stop_row-1."""
+  path: str
+  first_group: int
+  stop_group: int
+  first_row: int
+  stop_row: int
+
+
+class RowSelection(NamedTuple):
+  """The rows of a work item to read: all of them (rows None), or those
+  --skip_existing left (sorted global row indices)."""
+  item: RowGroupItem
+  rows: Optional[list] = None
+
+
+class RowBatch(NamedTuple):
+  """Rows read from a shard, with their global row indices."""
+  indices: np.ndarray
+  record_batch: pa.RecordBatch
+
+
+class RowRangeError(NamedTuple):
+  """Rows start..stop-1 of a shard that could not be read."""
+  start: int
+  stop: int
+  error: Exception
+
+  def error_row(self, path: str) -> dict:
+    """The one error row standing for these rows."""
+    return error_row(
+        range_id(path, self.start, self.stop), path, "read",
+        f"{type(self.error).__name__}: {self.error} (rows {self.start} to "
+        f"{self.stop - 1} of the shard; its other row groups were read)")
+
+
 def plan_items(path: str, row_group_rows: list, item_rows: int = ITEM_ROWS):
-  """The work items of a shard whose row groups hold `row_group_rows` rows:
-  (path, first row group, stop row group, first row, stop row) tuples."""
+  """The work items (RowGroupItem) of a shard whose row groups hold
+  `row_group_rows` rows."""
   first, first_row, row = 0, 0, 0
   for index, count in enumerate(row_group_rows):
     row += count
     if row - first_row >= item_rows or index + 1 == len(row_group_rows):
-      yield (path, first, index + 1, first_row, row)
+      yield RowGroupItem(path, first, index + 1, first_row, row)
       first, first_row = index + 1, row
 
 
@@ -51,7 +87,7 @@ def footer_rows(path: str) -> list:
 
 
 class PlanRowGroups(beam.DoFn):
-  """Shard paths (one, or a list of them) in; work items out.
+  """Groups (lists) of shard paths in; work items out.
 
   A shard whose footer cannot be read is one input with one error row (its
   id is the shard's path), unless `strict`: then it fails the run, for
@@ -62,8 +98,8 @@ class PlanRowGroups(beam.DoFn):
     self._item_rows = item_rows
     self._strict = strict
 
-  def process(self, shards):
-    for path in [shards] if isinstance(shards, str) else shards:
+  def process(self, shards: list):
+    for path in shards:
       try:
         rows = footer_rows(path)
       except Exception as error:  # pylint: disable=broad-except
@@ -82,13 +118,12 @@ def range_id(path: str, start: int, stop: int) -> str:
   return f"{path}#{start}-{stop - 1}"
 
 
-def read_item(item: tuple, columns: Optional[list], batch_size: int,
+def read_item(item: RowGroupItem, columns: Optional[list], batch_size: int,
               rows: Optional[Iterable[int]] = None):
   """Reads a work item's row groups as Arrow record batches.
 
-  Yields ("rows", global row indices, record batch) and, for each row group
-  that fails, ("error", first row, stop row, exception), after which the
-  next row group is read. `columns`: None for every column; the present
+  Yields a RowBatch per record batch and, for each row group that fails, a
+  RowRangeError, after which the next row group is read. `columns`: None for every column; the present
   ones are read (with none present, none: the batches count the rows).
   With `rows` (sorted global indices), only those rows are returned and row
   groups holding none of them are not read. A shard that can no longer be
@@ -124,7 +159,7 @@ def _failed(start: int, stop: int, wanted: Optional[np.ndarray], error):
     if not len(lost):
       return
     start, stop = int(lost[0]), int(lost[-1]) + 1
-  yield ("error", start, stop, error)
+  yield RowRangeError(start, stop, error)
 
 
 def _read_row_group(shard, index: int, start: int, count: int, columns: list,
@@ -147,17 +182,8 @@ def _read_row_group(shard, index: int, start: int, count: int, columns: list,
           record_batch = record_batch.take(pa.array(keep, pa.int64()))
           indices = indices[keep]
       if len(indices):
-        yield ("rows", indices, record_batch)
+        yield RowBatch(indices, record_batch)
       if wanted is not None and offset > selected[-1]:
         return  # nothing wanted is left; the rest may fail, and is not ours
   except Exception as error:  # pylint: disable=broad-except
     yield from _failed(offset, start + count, wanted, error)
-
-
-def item_error(item: tuple, start: int, stop: int, error) -> dict:
-  """The one error row of rows start..stop-1 of an item's shard."""
-  path = item[0]
-  return error_row(
-      range_id(path, start, stop), path, "read",
-      f"{type(error).__name__}: {error} (rows {start} to {stop - 1} of the "
-      "shard; its other row groups were read)")

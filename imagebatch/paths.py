@@ -139,7 +139,11 @@ def match_paths(pattern: str, limit: Optional[int] = None) -> list:
   returned as a path too, so that reading it fails visibly.
   """
   if not is_remote(pattern):
-    return sorted(itertools.islice(_match_local(pattern), limit))
+    # With a limit, folders are walked in name order, so that the same
+    # files come first every time (a check of "the first shard" reads the
+    # same shard however the disk orders its entries).
+    return sorted(itertools.islice(_match_local(pattern, ordered=bool(limit)),
+                                   limit))
   from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
   result = FileSystems.match([pattern], limits=[limit] if limit else None)[0]
   return sorted(metadata.path for metadata in result.metadata_list)
@@ -174,26 +178,32 @@ def _true_or_false(test) -> bool:
     return False
 
 
-def walk_local(root: str, descend=None):
+def walk_local(root: str, descend=None, ordered: bool = False):
   """Every file below a local folder, streamed, depth first: yields (path,
   listed). `listed` is False for a folder that could not be listed (the
   root included), which is yielded in place of its files. `descend(folder)`
   may decline to enter a sub-folder. Only the folders still to visit are
-  held, never the files."""
+  held, never the files, unless `ordered`: then each folder's entries are
+  read whole and visited in name order."""
   pending = [root]
   while pending:
     folder = pending.pop()
     try:
-      for path, is_folder in scan_local(folder):
+      entries = scan_local(folder)
+      if ordered:
+        entries = sorted(entries)
+      folders = []
+      for path, is_folder in entries:
         if not is_folder:
           yield path, True
         elif descend is None or descend(path):
-          pending.append(path)
+          folders.append(path)
+      pending.extend(reversed(folders) if ordered else folders)
     except OSError:
       yield folder, False
 
 
-def _match_local(pattern: str):
+def _match_local(pattern: str, ordered: bool = False):
   pattern = folder_pattern(pattern)
   prefix = _GLOB_CHARS.split(pattern, 1)[0]
   if prefix == pattern:
@@ -203,7 +213,7 @@ def _match_local(pattern: str):
   root = posixpath.dirname(prefix)
   regex = pattern_regex(pattern)
   recursive = "**" in pattern
-  for path, listed in walk_local(root):
+  for path, listed in walk_local(root, ordered=ordered):
     if listed:
       if regex.match(path):
         yield path

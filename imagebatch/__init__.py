@@ -1,0 +1,1 @@
+"""What the model, the Beam job and the tools share: paths and the command line."""

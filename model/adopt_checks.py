@@ -1,0 +1,174 @@
+"""What adoption measures before it writes a card: the output kind, the
+TFLite conversion's agreement with the source, and accuracy on --eval_data,
+all through the serving decoder and engines.
+"""
+
+import os
+
+import numpy as np
+
+from imagebatch import paths
+from model import card as card_lib
+from model import engines
+from model import export
+from model import model_formats
+from model import preprocessing
+from model.model_formats import AdoptError
+
+
+# Images beyond these serve neither the output-kind probe nor the TFLite
+# check any better; accuracy on --eval_data uses every image.
+CHECK_IMAGES = 512
+
+
+PROBE_IMAGES = 64
+
+
+EVAL_BATCH = 256
+
+
+def eval_files(folder: str, class_names: list) -> tuple:
+  """(path, class index) of every file in a sub-folder named for a class,
+  and the other sub-folders' names with their file counts."""
+  pattern = paths.expand_pattern(paths.absolute(folder))
+  base = paths.pattern_base(pattern)
+  names = frozenset(class_names)
+  labelled, others = [], {}
+  for path in paths.match_paths(pattern):
+    label = paths.folder_label(path, base, names)
+    if label is not None:
+      labelled.append((path, class_names.index(label)))
+    else:
+      other = paths.folder_label(path, base) or "."
+      others[other] = others.get(other, 0) + 1
+  if not labelled:
+    raise AdoptError(f"--eval_data {folder} has no images in sub-folders "
+                     f"named for a class ({', '.join(class_names[:5])}...)")
+  return labelled, others
+
+
+def decode_files(card: card_lib.ModelCard, files: list):
+  """Decodes (path, label) pairs through the card's serving decoder, a batch
+  at a time; yields (pixels, labels, failed count)."""
+  decoder = preprocessing.BatchDecoder(card.decoder, card.height, card.width,
+                                       card.color_mode)
+  for start in range(0, len(files), EVAL_BATCH):
+    chunk = files[start:start + EVAL_BATCH]
+    pixels, good, errors = decoder.decode(
+        [paths.read_bytes(path) for path, _ in chunk])
+    yield pixels, np.array([chunk[i][1] for i in good], np.int64), len(errors)
+
+
+def probe_images(card: card_lib.ModelCard, count: int) -> np.ndarray:
+  """Seeded pixels for the output probe and TFLite check when there is no
+  --eval_data: noise, smooth gradients and flat images."""
+  rng = np.random.default_rng(0)
+  shape = (card.height, card.width, card.channels)
+  third = count // 3
+  noise = rng.integers(0, 256, (third,) + shape).astype(np.float32)
+  ys = np.linspace(0, 1, card.height)[:, None, None]
+  xs = np.linspace(0, 1, card.width)[None, :, None]
+  gradients = np.stack([
+      np.broadcast_to(255 * (a * ys + (1 - a) * xs) * np.ones(card.channels),
+                      shape) for a in rng.uniform(0, 1, third)])
+  flat = rng.uniform(0, 255, (count - 2 * third, 1, 1, card.channels)) * (
+      np.ones(shape))
+  return np.concatenate([noise, gradients, flat]).astype(np.float32)
+
+
+def decide_output(source: model_formats.Source, declared: str,
+                  outputs: np.ndarray, num_classes: int) -> tuple:
+  """(output kind, why): declared, a final softmax in the Keras config, or
+  what the probe batch's rows look like."""
+  if declared != "auto":
+    return declared, "declared with --output_kind"
+  if source.softmax:
+    return "probabilities", "the Keras config ends in a softmax"
+  # A quantised output is only near 1: allow a step of its scale per class.
+  tolerance = max(1e-3, source.output_step * num_classes)
+  sums = outputs.sum(axis=1)
+  if (np.isfinite(outputs).all() and outputs.min() >= -tolerance and
+      np.abs(sums - 1).max() <= tolerance):
+    return "probabilities", (f"the probe batch's {len(outputs)} rows are "
+                             "non-negative and sum to 1")
+  return "logits", (f"the probe batch's {len(outputs)} rows are not "
+                    "probabilities (negative, or not summing to 1)")
+
+
+def check_images(card: card_lib.ModelCard, eval_set: list) -> np.ndarray:
+  """Pixels for the output probe and the TFLite check: up to CHECK_IMAGES
+  of --eval_data, spread over its classes, or generated ones without it."""
+  if not eval_set:
+    return probe_images(card, CHECK_IMAGES)
+  step = max(1, len(eval_set) // CHECK_IMAGES)
+  sample = eval_set[::step][:CHECK_IMAGES]
+  pixels = np.concatenate([p.astype(np.float32)
+                           for p, _, _ in decode_files(card, sample)])
+  if not len(pixels):
+    raise AdoptError("--eval_data: none of its images could be decoded")
+  return pixels
+
+
+def tflite_conversion(source: model_formats.Source, out_dir: str,
+                      card: card_lib.ModelCard, engine: engines.Engine,
+                      images: np.ndarray, checked_on: str) -> dict:
+  """Converts to TFLite and keeps it only if it agrees with the source."""
+  try:
+    if source.kind == "savedmodel":
+      tflite_bytes = model_formats.convert_saved_model(
+          os.path.join(out_dir, card_lib.SAVED_MODEL_DIR))
+    else:
+      tflite_bytes = export.convert_to_tflite(source.model)
+  except Exception as error:  # pylint: disable=broad-except
+    return {"converted": False,
+            "reason": f"conversion failed: {model_formats.first_line(error)}"}
+  reference = np.concatenate([
+      engine.probabilities(images[start:start + EVAL_BATCH])
+      for start in range(0, len(images), EVAL_BATCH)])
+  try:
+    agreement = export.tflite_agreement(reference, tflite_bytes, card, images)
+  except Exception as error:  # pylint: disable=broad-except
+    return {"converted": False,
+            "reason": f"the converted model does not run: "
+                      f"{model_formats.first_line(error)}"}
+  agreement.update(checked_on=checked_on, converted_from=source.kind)
+  if agreement["top1_agreement"] < export.MIN_TFLITE_AGREEMENT:
+    agreement.update(converted=False, reason=(
+        f"its top-1 agrees with {source.kind} on only "
+        f"{agreement['top1_agreement']:.2%} of {agreement['images']} "
+        f"{checked_on} (need {export.MIN_TFLITE_AGREEMENT:.1%})"))
+    return agreement
+  with open(os.path.join(out_dir, card_lib.TFLITE_FILE), "wb") as handle:
+    handle.write(tflite_bytes)
+  agreement["converted"] = True
+  return agreement
+
+
+def evaluate(card, out_dir, eval_set, eval_data, say, warn) -> dict:
+  """Accuracy on --eval_data through the serving decoder and engine."""
+  engine = engines.load_engine(out_dir, card.default_engine, card=card)
+  correct = total = failed = 0
+  for pixels, labels, errors in decode_files(card, eval_set):
+    failed += errors
+    if len(labels):
+      predicted = engine.probabilities(pixels).argmax(1)
+      correct += int((predicted == labels).sum())
+      total += len(labels)
+  if not total:
+    raise AdoptError(f"--eval_data {eval_data}: none of its images could be "
+                     "decoded")
+  accuracy = correct / total
+  chance = 1.0 / card.num_classes
+  say(f"eval: accuracy {accuracy:.4f} on {total} images of {eval_data} "
+      f"({card.default_engine} engine, {card.decoder} decoder"
+      + (f"; {failed} could not be decoded" if failed else "") + ")")
+  if accuracy < chance + 0.15 * (1 - chance):
+    warn(f"accuracy {accuracy:.3f} on --eval_data is near chance "
+         f"({chance:.3f} for {card.num_classes} classes): check --input_scale "
+         "(how the author scaled pixels), the order of --class_names (the "
+         "model's output order, often the sorted folder names), and "
+         "--color_mode")
+  return {"eval_accuracy": accuracy, "eval_images": total,
+          "eval_decode_failures": failed,
+          "eval_data": paths.absolute(eval_data),
+          "eval_engine": card.default_engine}

@@ -1,0 +1,401 @@
+"""The SQL sandbox: DuckDB views over a run's listed shards, and nothing else.
+
+This is the security boundary of tools.query and tools.report. Output
+folders are shared (a gs:// bucket, a colleague's run), so every name and
+byte in them is untrusted:
+
+* The shards a folder's manifest lists reach DuckDB under generated names,
+  through a read-only file system of their own (`ListedShards`); no name
+  from the folder is ever spelt into SQL.
+* The connection is locked before any view exists: external access off but
+  for that file system, no temporary directory, limits on memory and
+  threads, and the configuration locked so no statement can undo it.
+* `run_sql` checks a user's statement as a second layer: one read-only
+  statement, no keyword or function that reads or writes anything else.
+"""
+
+import datetime
+import io
+import os
+import re
+import stat
+import sys
+import threading
+from typing import Callable, Optional
+
+import duckdb
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from beam_jobs import output_folder
+from beam_jobs import outputs
+from imagebatch import paths
+from tools.sql_checks import QueryError
+from tools.sql_checks import check_read_only
+
+DEFAULT_TIMEOUT_SECONDS = 300
+DEFAULT_MAX_ROWS = 10000
+# Settings fixed before the lock: no extension is installed or loaded on
+# demand, and no Python variable is scanned by name.
+_LOCKED_CONFIG = {
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "allow_community_extensions": False,
+    "python_enable_replacements": False,
+}
+# The scheme under which the views' shards, and nothing else, are reachable.
+SHARDS_PROTOCOL = "result-shards"
+# Errors in the statement itself, never in the data it reads.
+_STATEMENT_ERRORS = (
+    duckdb.ParserException, duckdb.SyntaxException, duckdb.BinderException,
+    duckdb.CatalogException, duckdb.PermissionException,
+    duckdb.ConversionException, duckdb.OutOfRangeException,
+    duckdb.OutOfMemoryException, duckdb.TransactionException,
+    duckdb.NotImplementedException)
+_SCHEMAS = {
+    outputs.PREDICTIONS_PREFIX: outputs.predictions_schema(True),
+    outputs.ERRORS_PREFIX: outputs.ERRORS_SCHEMA,
+}
+
+
+def warn(message: str) -> None:
+  print(f"tools.query: warning: {message}", file=sys.stderr)
+
+
+def _filesystem(folder: str):
+  """gs:// and other remote folders go through fsspec (gcsfs for gs://)."""
+  if not paths.is_remote(folder):
+    return None
+  try:
+    return fsspec.filesystem(folder.split("://")[0])
+  except Exception as error:  # pylint: disable=broad-except
+    raise QueryError(f"cannot read {folder}: install gcsfs (pip install "
+                     f"gcsfs) for gs:// paths ({error})") from None
+
+
+def _shard_problem(path: str, filesystem, expected: pa.Schema,
+                   rows: Optional[int]):
+  """(schema, None) for a readable shard, or (None, why it is not).
+
+  Only the footer is read. A local shard must be a regular file: this tool
+  never writes a link or a FIFO there.
+  """
+  if filesystem is None:
+    try:
+      mode = os.lstat(path).st_mode
+    except OSError as error:
+      return None, f"{type(error).__name__}: {error.strerror}"
+    if not stat.S_ISREG(mode):
+      return None, "not a regular file (this tool writes no links or FIFOs)"
+  try:
+    metadata = pq.read_metadata(path, filesystem=filesystem)
+    schema = metadata.schema.to_arrow_schema()
+  except Exception as error:  # pylint: disable=broad-except
+    return None, f"{type(error).__name__}: {error}"
+  wrong = [f"{field.name} is {field.type}" for field in schema
+           if field.name in expected.names and
+           field.type != expected.field(field.name).type]
+  if wrong or "id" not in schema.names:
+    return None, ("not a shard of this kind: " +
+                  (", ".join(wrong) if wrong else "it has no id column"))
+  if rows is not None and metadata.num_rows != rows:
+    warn(f"{path} holds {metadata.num_rows} rows; the manifest says {rows}")
+  return schema, None
+
+
+
+class _ShardReader(io.RawIOBase):
+  """A read-only handle on one shard that DuckDB's threads can share.
+
+  DuckDB may read one handle from several threads, each seeking first; the
+  position is kept per thread and each read is positioned, so they never
+  mix.
+  """
+
+  def __init__(self, read_at: Callable, size: int, close: Callable):
+    super().__init__()
+    self._read_at = read_at
+    self._size = size
+    self._close = close
+    self._position = threading.local()
+
+  def readable(self) -> bool:
+    return True
+
+  def seekable(self) -> bool:
+    return True
+
+  def tell(self) -> int:
+    return getattr(self._position, "offset", 0)
+
+  def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+    base = {io.SEEK_SET: 0, io.SEEK_CUR: self.tell(),
+            io.SEEK_END: self._size}[whence]
+    self._position.offset = base + offset
+    return self._position.offset
+
+  def read(self, size: int = -1) -> bytes:
+    offset = self.tell()
+    if size is None or size < 0:
+      size = self._size - offset
+    data = self._read_at(offset, size)
+    self._position.offset = offset + len(data)
+    return data
+
+  def readinto(self, buffer) -> int:
+    data = self.read(len(buffer))
+    buffer[:len(data)] = data
+    return len(data)
+
+  def close(self) -> None:
+    if not self.closed:
+      self._close()
+    super().close()
+
+
+def _refuse(*args, **kwargs):
+  raise PermissionError("the result views are read-only")
+
+
+class ListedShards(fsspec.AbstractFileSystem):
+  """The only files the locked DuckDB connection can reach: the shards the
+  views read, by name, read-only.
+
+  Any other name does not exist here; every way to write, create, move or
+  delete raises. A local shard is opened without following links and must
+  be a regular file.
+  """
+
+  protocol = SHARDS_PROTOCOL
+
+  def __init__(self, shards: dict, **kwargs):
+    super().__init__(skip_instance_cache=True, **kwargs)
+    self._shards = dict(shards)  # name -> (real path, remote file system)
+
+  def _real(self, path: str) -> tuple:
+    name = self._strip_protocol(path).strip("/")
+    if name not in self._shards:
+      raise FileNotFoundError(path)
+    return self._shards[name]
+
+  def _open(self, path, mode="rb", **kwargs):
+    if mode != "rb":
+      _refuse()
+    real, remote = self._real(path)
+    if remote is not None:
+      handle = remote.open(real, "rb")
+      lock = threading.Lock()
+
+      def read_at(offset, size):
+        with lock:
+          handle.seek(offset)
+          return handle.read(size)
+
+      return _ShardReader(read_at, remote.size(real), handle.close)
+    descriptor = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    mode = os.fstat(descriptor)
+    if not stat.S_ISREG(mode.st_mode):
+      os.close(descriptor)
+      raise PermissionError(f"{real} is not a regular file")
+    return _ShardReader(
+        lambda offset, size: os.pread(descriptor, size, offset),
+        mode.st_size, lambda: os.close(descriptor))
+
+  def info(self, path, **kwargs):
+    name = self._strip_protocol(path).strip("/")
+    if not name:
+      return {"name": "", "size": 0, "type": "directory"}
+    real, remote = self._real(path)
+    size = remote.size(real) if remote is not None else os.lstat(real).st_size
+    return {"name": name, "size": size, "type": "file"}
+
+  def modified(self, path):
+    real, remote = self._real(path)
+    if remote is not None:
+      return remote.modified(real)
+    return datetime.datetime.fromtimestamp(os.lstat(real).st_mtime)
+
+  def ls(self, path, detail=True, **kwargs):
+    entries = [self.info(name) for name in self._shards]
+    return entries if detail else [entry["name"] for entry in entries]
+
+  mkdir = makedirs = rmdir = rm = rm_file = _rm = touch = _refuse
+  mv = move = copy = cp_file = pipe_file = put_file = _refuse
+
+
+
+class ResultViews:
+  """A DuckDB connection that can read the views over a run's shards and
+  nothing else.
+
+  The views `predictions` and `errors` (and `other_*` for `compare`) read
+  the shards the manifest lists with DuckDB's own Parquet reader, through
+  ListedShards. Then the connection is locked down: external access off
+  but for ListedShards' scheme (no other file, URL, extension or secret can
+  be reached), no temporary directory, and the configuration locked so that
+  no statement can undo it. That is the boundary; the statement checks of
+  `run_sql` are a second layer.
+  """
+
+  def __init__(self, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS):
+    self.connection = duckdb.connect(config=dict(_LOCKED_CONFIG))
+    self.timeout_seconds = timeout_seconds
+    self._views = {}  # view -> ([shard names], empty schema)
+    self._shards = {}  # shard name -> (real path, remote file system)
+    self._verified = set()  # shard names read whole without an error
+
+  def add_folder(self, folder: str, alias: str = "") -> None:
+    try:
+      files = output_folder.result_files(folder)
+      manifest = outputs.read_manifest(folder)
+    except outputs.ManifestError as error:
+      raise QueryError(f"{error}; its results cannot be told apart: run "
+                       "python -m beam_jobs.predict into it again with "
+                       "--overwrite") from None
+    if manifest is None and not any(files.values()):
+      raise QueryError(f"{folder} holds no predictions or errors: expected "
+                       "the --output folder of python -m beam_jobs.predict")
+    listed = output_folder.listed_rows(manifest)
+    filesystem = _filesystem(folder)
+    for kind, expected in _SCHEMAS.items():
+      names = []
+      for path in files[kind]:
+        base = path.rsplit("/", 1)[-1]
+        schema, problem = _shard_problem(path, filesystem, expected,
+                                         listed.get(base))
+        if problem:
+          warn(f"skipped {path}: {problem}; the answers leave it out")
+          continue
+        # A generated name, never the file's own: names come from shared
+        # folders, and this one is spelt into the views' SQL.
+        name = f"{alias}{kind}-{len(self._shards):06d}.parquet"
+        self._shards[name] = (path, filesystem)
+        names.append(name)
+      empty = pa.schema([field for field in expected
+                         if field.name != "probabilities"])
+      self._views[alias + kind] = (names, empty)
+
+  def _create_views(self) -> None:
+    for view, (names, empty) in self._views.items():
+      if names:
+        listed = ", ".join(f"'{SHARDS_PROTOCOL}://{name}'" for name in names)
+        source = f"read_parquet([{listed}], union_by_name = true)"
+      else:
+        # No shard of this kind: an empty view with the kind's columns.
+        self.connection.register(f"_{view}_empty", empty.empty_table())
+        source = f"_{view}_empty"
+      self.connection.execute(
+          f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM {source}")
+
+  def lock(self) -> "ResultViews":
+    """Locks the connection first, then creates the views on it."""
+    self.connection.register_filesystem(ListedShards(self._shards))
+    for statement in (
+        "SET temp_directory = ''",
+        # Both spellings: DuckDB writes a globbed scheme path with three
+        # slashes.
+        f"SET allowed_directories = ['{SHARDS_PROTOCOL}://', "
+        f"'{SHARDS_PROTOCOL}:///']",
+        "SET enable_external_access = false",
+        "SET lock_configuration = true"):
+      self.connection.execute(statement)
+    self._create_views()
+    return self
+
+  def fetch(self, sql: str, parameters=None, max_rows: Optional[int] = None):
+    """(column names, rows) of one statement, within the time limit.
+
+    A shard whose footer was fine but whose pages are damaged fails the
+    query. The shards are then read through once to find it; it is named,
+    left out with a warning, and the query runs again.
+    """
+    while True:
+      try:
+        return self._fetch(sql, parameters, max_rows)
+      except duckdb.InterruptException:
+        raise QueryError(f"the query ran over {self.timeout_seconds:g}s "
+                         "(--timeout) and was stopped") from None
+      except _STATEMENT_ERRORS:
+        raise
+      except duckdb.Error as error:
+        named = [name for name in re.findall(
+            rf"{SHARDS_PROTOCOL}://([^\s'\"]+)", str(error))
+                 if name in self._shards]
+        damaged = self._damaged_shards(named or list(self._shards))
+        if not damaged:
+          raise
+        self._leave_out(damaged)
+
+  def _damaged_shards(self, names: list) -> dict:
+    """{name: why} of those shards that pyarrow cannot read whole; each is
+    read once at most."""
+    damaged = {}
+    for name in names:
+      path, filesystem = self._shards[name]
+      if name in self._verified:
+        continue
+      try:
+        pq.ParquetFile(path, filesystem=filesystem).read()
+        self._verified.add(name)
+      except Exception as error:  # pylint: disable=broad-except
+        damaged[name] = f"{type(error).__name__}: {error}"
+    return damaged
+
+  def _leave_out(self, damaged: dict) -> None:
+    for name, reason in damaged.items():
+      reason = " ".join(reason.split())[:300]
+      warn(f"skipped {self._shards.pop(name)[0]}: damaged ({reason}); the "
+           "answers leave it out")
+    self._views = {view: ([n for n in names if n in self._shards], empty)
+                   for view, (names, empty) in self._views.items()}
+    self._create_views()
+
+  def _fetch(self, sql, parameters, max_rows):
+    timer = threading.Timer(self.timeout_seconds, self.connection.interrupt)
+    timer.start()
+    try:
+      cursor = self.connection.execute(sql, parameters or [])
+      names = [column[0] for column in cursor.description or []]
+      data = (cursor.fetchall() if max_rows is None else
+              cursor.fetchmany(max_rows + 1))
+    finally:
+      timer.cancel()
+    return names, data
+
+
+def connect(output_dir: str, other_dir: Optional[str] = None,
+            timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> ResultViews:
+  """Read-only views over one (or two) output folders, locked down."""
+  views = ResultViews(timeout_seconds)
+  views.add_folder(output_dir)
+  if other_dir is not None:
+    views.add_folder(other_dir, alias="other_")
+  return views.lock()
+
+
+def rows(connection: ResultViews, sql: str, parameters=None) -> list:
+  """The result of a query as a list of {column: value} dicts."""
+  names, data = connection.fetch(sql, parameters)
+  return [dict(zip(names, row)) for row in data]
+
+
+def scalar(connection: ResultViews, sql: str, parameters=None):
+  """The first value of a query's first row."""
+  return connection.fetch(sql, parameters)[1][0][0]
+
+
+def run_sql(connection: ResultViews, statement: str,
+            max_rows: int = DEFAULT_MAX_ROWS) -> list:
+  """Runs one read-only statement: a query, EXPLAIN, DESCRIBE or SUMMARIZE,
+  and returns at most `max_rows` rows (with a warning when there are more)."""
+  check_read_only(statement)
+  try:
+    names, data = connection.fetch(statement, max_rows=max_rows)
+  except duckdb.Error as error:
+    message = " ".join(str(error).split())
+    raise QueryError(f"SQL error: {message}") from None
+  if len(data) > max_rows:
+    warn(f"showing the first {max_rows} rows (--max_rows)")
+    data = data[:max_rows]
+  return [dict(zip(names, row)) for row in data]
