@@ -1,11 +1,16 @@
 """Package definition; Dataflow stages it to workers with --setup_file.
 
 The base install is what a worker needs to serve a TFLite model folder with
-the Pillow decoder: Beam, LiteRT, Pillow, imagecodecs, pyarrow, numpy, and
-no TensorFlow. The extras add the rest:
+either decoder: Beam, LiteRT, Pillow, imagecodecs, simplejpeg, pyarrow,
+numpy, and no TensorFlow. simplejpeg is libjpeg-turbo with the choice of
+IDCT and upsampling TensorFlow makes (fast integer IDCT, fancy upsampling),
+which neither Pillow nor imagecodecs exposes: with it the card's
+`tensorflow` decoder recipe (model/keras_decoding.py) gives Keras' pixels
+exactly, without TensorFlow, and it releases the GIL while it decodes. The
+extras add the rest:
 
   tensorflow  training (model.train), model.adopt, the keras and savedmodel
-              engines and the tensorflow decoder
+              engines
   tools       tools.query (DuckDB) and tools.report (matplotlib)
   gcp         Beam's Google Cloud I/O, gcsfs, and `build` (for --setup_file)
   test        pytest
@@ -22,6 +27,7 @@ REQUIRED = [
     "numpy>=1.26,<3",
     "pillow>=10.0",
     "imagecodecs>=2024.1",
+    "simplejpeg>=1.8,<2",
     "pyarrow>=14",
 ]
 

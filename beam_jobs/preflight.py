@@ -238,9 +238,9 @@ def check_workers(config: PredictConfig, card: card_lib.ModelCard,
   """Refuses a Dataflow job whose workers would lack TensorFlow.
 
   --setup_file installs the slim serving package on each worker (LiteRT,
-  Pillow, Beam: no TensorFlow); the Keras and SavedModel engines and the
-  tensorflow decoder need TensorFlow, which a worker image or a
-  requirements file must bring.
+  Pillow, Beam: no TensorFlow); the Keras and SavedModel engines need
+  TensorFlow, which a worker image or a requirements file must bring. Both
+  decoders, the `tensorflow` recipe included, run without it.
   """
   if runner_name(options.view_as(
       beam_options.StandardOptions)) not in DATAFLOW_RUNNERS or (
@@ -249,13 +249,12 @@ def check_workers(config: PredictConfig, card: card_lib.ModelCard,
   if (options.view_as(beam_options.WorkerOptions).sdk_container_image or
       options.view_as(beam_options.SetupOptions).requirements_file):
     return
-  what = (f"--engine {config.engine}" if config.engine in
-          engines.TENSORFLOW_ENGINES else "the model's tensorflow decoder")
   raise ConfigError(
-      f"{what} needs TensorFlow on the Dataflow workers, and --setup_file "
-      "installs the package without it: pass --sdk_container_image with an "
-      "image built from dataflow/worker.Dockerfile with EXTRAS=tensorflow "
-      "(docs/dataflow.md), or --requirements_file naming tensorflow")
+      f"--engine {config.engine} needs TensorFlow on the Dataflow workers, "
+      "and --setup_file installs the package without it: pass "
+      "--sdk_container_image with an image built from "
+      "dataflow/worker.Dockerfile with EXTRAS=tensorflow (docs/dataflow.md), "
+      "or --requirements_file naming tensorflow")
 
 
 def _check_scheme(flag: str, path: str) -> None:

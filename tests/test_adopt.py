@@ -25,6 +25,7 @@ from model import card as card_lib
 from model import model_checks
 from model import datasets
 from model import engines
+from model import keras_decoding
 from model import preprocessing
 from tests.conftest import REPO
 from tests.conftest import png_ids
@@ -423,13 +424,12 @@ def test_tensorflow_decoder_is_image_dataset_from_directory(tmp_path,
     np.testing.assert_array_equal(pixels, expected)
     # Unrounded: the model saw fractions in training, and gets them here.
     assert (pixels != np.round(pixels)).mean() > 0.1
-    # Large batches decode in slices (here of 8 rows) to the same pixels.
+    # Images wait for their resize in groups of a bounded size: groups of
+    # one image give the same pixels.
     with monkeypatch.context() as patch:
-      patch.setattr(preprocessing, "MAX_SLICE_VALUES",
-                    8 * int(np.prod(pixels.shape[1:])) + 1)
-      sliced, _, _ = decoder.decode(payloads)
-    assert len(payloads) % 8
-    np.testing.assert_array_equal(sliced, expected)
+      patch.setattr(keras_decoding, "RESIZE_GROUP_BYTES", 1)
+      one_by_one, _, _ = decoder.decode(payloads)
+    np.testing.assert_array_equal(one_by_one, expected)
 
 
 def test_tensorflow_decoder_isolates_bad_and_oversized_images(tmp_path):
@@ -497,6 +497,33 @@ def test_tflite_with_pillow_decoder_never_imports_tensorflow(tmp_path,
                           text=True, cwd=REPO, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip().splitlines()[-1] == "False False"
+
+
+@pytest.mark.slow
+def test_an_adopted_tflite_folder_serves_from_the_slim_install(
+    tmp_path, author, png_dir, sample):
+  """Its `tensorflow` decoder recipe needs no TensorFlow: served from
+  .venv-slim (no TensorFlow installed), it gives the author's predictions,
+  and a Dataflow dry run with --setup_file (the slim install) accepts it."""
+  from tests import test_portability  # pylint: disable=import-outside-toplevel
+  card, _, _ = _adopt(author.files["tflite"], tmp_path / "model",
+                      input_scale="unit")
+  assert card.decoder == "tensorflow" and card.engines == ["tflite"]
+  model, out = str(tmp_path / "model"), tmp_path / "out"
+  if not os.path.exists(test_portability.SLIM_PYTHON):
+    pytest.fail(f"{test_portability.SLIM_PYTHON} is missing: "
+                "./run_tests.sh creates it (scripts/ensure_venv.sh)")
+  served = test_portability._predict_cli(  # pylint: disable=protected-access
+      test_portability.SLIM_PYTHON,
+      ["--input", png_dir, "--model", model, "--output", str(out)])
+  assert served.returncode == 0, served.stderr[-3000:]
+  rows = {row["id"]: row for row in read_parquet_rows(
+      os.path.join(str(out), "predictions-*.parquet"))}
+  _assert_same_as_author(rows, png_ids(png_dir, sample), author.logits)
+  dry_run = test_portability._predict_cli(  # pylint: disable=protected-access
+      sys.executable, ["--input", png_dir, "--model", model, "--output",
+                       str(tmp_path / "dry")] + test_portability.DATAFLOW_ARGS)
+  assert dry_run.returncode == 0, dry_run.stderr
 
 
 @pytest.mark.slow
