@@ -19,7 +19,6 @@ from PIL import Image
 from beam_jobs import config as config_lib
 from beam_jobs import preflight
 from benchmarks import tutorials
-from beam_jobs import predict
 from model import adopt
 from model import card as card_lib
 from model import model_checks
@@ -27,9 +26,9 @@ from model import datasets
 from model import engines
 from model import keras_decoding
 from model import preprocessing
-from tests.conftest import REPO
-from tests.conftest import png_ids
-from tests.conftest import read_parquet_rows
+from tests.helpers import REPO
+from tests.helpers import png_ids
+from tests.helpers import run_predict
 
 FASHION = datasets.FASHION_MNIST_CLASSES
 
@@ -83,14 +82,6 @@ def _adopt(source, out, names=FASHION, **flags):
   return card, said, warned
 
 
-def _predict(model_dir, images, out, **flags):
-  config = config_lib.PredictConfig(images, model_dir, str(out), **flags)
-  manifest = predict.run(config, ["--runner", "DirectRunner"])
-  rows = read_parquet_rows(os.path.join(str(out), "predictions-*.parquet"))
-  assert manifest["accounted"]
-  return {row["id"]: row for row in rows}, manifest
-
-
 def _assert_same_as_author(rows, ids, logits, exact=True):
   probabilities = _softmax(logits)
   labels = [rows[i]["label"] for i in ids]
@@ -125,8 +116,10 @@ def test_float_models_serve_exactly_as_their_author_predicts(
   # from_saved_model would turn into a NaN model serves a TFLite that agrees.
   assert card.engines == expected_engines, said
   assert card.default_engine == "tflite"
-  rows, manifest = _predict(str(tmp_path / "model"), png_dir, tmp_path / "out")
-  assert manifest["counts"]["predictions"] == 200
+  run = run_predict(tmp_path / "out", input=png_dir,
+                    model=str(tmp_path / "model"))
+  rows = run.predictions_by_id
+  assert run.manifest["counts"]["predictions"] == 200
   assert {row["engine"] for row in rows.values()} == {"tflite"}
   _assert_same_as_author(rows, png_ids(png_dir, sample), author.logits)
   # The source's own engine serves the same labels.
@@ -144,7 +137,8 @@ def test_int8_model_quantises_its_input_and_dequantises_its_output(
   card, said, _ = _adopt(author.files["int8"], tmp_path / "model")
   assert card.input_scale == "unit" and card.engines == ["tflite"]
   assert "quantisation" in card.adopted["input_scale"]
-  rows, _ = _predict(str(tmp_path / "model"), png_dir, tmp_path / "out")
+  rows = run_predict(tmp_path / "out", input=png_dir,
+                     model=str(tmp_path / "model")).predictions_by_id
   ids = png_ids(png_dir, sample)
   # Exactly what the author's interpreter loop gives...
   _assert_same_as_author(rows, ids, author.tflite_logits("int8"))
@@ -392,7 +386,8 @@ def test_keras_applications_model_on_photos_decoded_the_keras_way(tmp_path):
                          eval_data=str(photos))
   assert card.output == "probabilities", said
   assert card.engines == ["keras", "tflite"], said
-  rows, _ = _predict(str(tmp_path / "model"), str(photos), tmp_path / "out")
+  rows = run_predict(tmp_path / "out", input=str(photos),
+                     model=str(tmp_path / "model")).predictions_by_id
   ids = [os.path.abspath(p) for p in dataset.file_paths]
   assert [rows[i]["label"] for i in ids] == [
       dataset.class_names[k] for k in expected.argmax(1)]
@@ -636,7 +631,8 @@ def test_a_tflite_conversion_that_fails_or_disagrees_is_not_served(
   assert "FancyOp" in card.tflite["reason"]
   assert any("not served" in line and "FancyOp" in line for line in said)
   assert not (tmp_path / "failed" / card_lib.TFLITE_FILE).exists()
-  rows, _ = _predict(str(tmp_path / "failed"), png_dir, tmp_path / "out")
+  rows = run_predict(tmp_path / "out", input=png_dir,
+                     model=str(tmp_path / "failed")).predictions_by_id
   assert {row["engine"] for row in rows.values()} == {"keras"}
   _assert_same_as_author(rows, png_ids(png_dir, sample), author.logits)
 

@@ -15,8 +15,6 @@ import keras
 import numpy as np
 import pytest
 
-from beam_jobs import config as config_lib
-from beam_jobs import predict
 from model import backbones
 from model import card as card_lib
 from model import datasets
@@ -24,8 +22,8 @@ from model import engines
 from model import export
 from model import preprocessing
 from model import train
-from tests.conftest import photo_folder
-from tests.conftest import read_parquet_rows
+from tests.helpers import photo_folder
+from tests.helpers import run_predict
 
 FAMILIES = list(backbones.BACKBONES)
 SIZE = 32  # the smallest input keras.applications accepts
@@ -249,13 +247,10 @@ def test_a_fine_tuning_step_moves_only_the_unfrozen_weights(tmp_path):
 
 
 def _labels_served(tmp_path, model_dir, images_dir, engine):
-  config = config_lib.PredictConfig(input=str(images_dir), model=model_dir,
-                                    output=str(tmp_path / f"out_{engine}"),
-                                    engine=engine)
-  manifest = predict.run(config, ["--runner", "DirectRunner"])
-  assert manifest["counts"]["errors"] == 0
-  rows = read_parquet_rows(os.path.join(config.output, "predictions-*.parquet"))
-  return {row["id"]: row["label"] for row in rows}
+  run = run_predict(tmp_path / f"out_{engine}", input=str(images_dir),
+                    model=model_dir, engine=engine)
+  assert run.manifest["counts"]["errors"] == 0
+  return {row["id"]: row["label"] for row in run.predictions}
 
 
 def _assert_tflite_agrees_on_noise(model_dir: str) -> None:

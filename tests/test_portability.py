@@ -21,10 +21,10 @@ from beam_jobs import preflight
 from tools import make_shards
 from beam_jobs import outputs
 from beam_jobs.pipeline import build_pipeline
-from tests.conftest import REPO
-from tests.conftest import expected_labels
-from tests.conftest import png_ids
-from tests.conftest import read_parquet_rows
+from tests.helpers import REPO
+from tests.helpers import expected_labels
+from tests.helpers import png_ids
+from tests.helpers import read_parquet_rows
 
 DATAFLOW_ARGS = [
     "--runner", "DataflowRunner", "--dry_run=True", "--project",

@@ -1,271 +1,313 @@
-"""Scale-out: listing in parallel, Parquet by row group, --skip_existing as a
-join, and lists of image URIs; small versions of benchmarks/scale.py's
-workloads, each with exact accounting and no duplicate ids."""
+"""beam_jobs/sources/: image folders, Parquet shards (by row group) and
+lists of image URIs read into batches, and every hostile entry, row, shard
+or list line an error row of its own, with exact accounting."""
 
 import os
+import socket
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that
 from apache_beam.testing.util import equal_to
 
-from beam_jobs import config as config_lib
-from beam_jobs import preflight
-from beam_jobs import outputs
-from beam_jobs import predict
-from beam_jobs.sources import listing
+from beam_jobs.sources import images
 from beam_jobs.sources import lists as list_source
 from beam_jobs.sources import parquet
 from beam_jobs.sources import row_groups
-from beam_jobs.sources import skip_existing
-from beam_jobs.contracts import id_bucket
+from imagebatch import paths
+from model import card as card_lib
+from model import datasets
 from model import preprocessing
-
-RUNNER = ["--runner", "DirectRunner"]
-
-
-# Fixtures ---------------------------------------------------------------------
-
-# Folders below the base and the files each holds: a class-folder layout, a
-# flat folder, files in the base itself, folders deeper than the levels
-# listed one at a time, and an empty folder.
-LAYOUT = {
-    "": 3,
-    "Bag": 30,
-    "Coat": 25,
-    "Coat/deep/x": 5,
-    "flat": 150,
-    "a/b/c/d": 12,
-    "a/b2": 4,
-    "Sandal/2024/01": 6,
-    "Sandal/2024/02": 7,
-    "empty": 0,
-}
+from tests.helpers import ids
+from tests.helpers import png_ids
+from tests.helpers import run_predict
 
 
-@pytest.fixture(scope="module")
-def nested(tmp_path_factory, sample):
-  """A few hundred PNG files in nested folders; returns the base folder."""
-  root = tmp_path_factory.mktemp("nested")
-  pngs = [preprocessing.encode_png(image) for image in sample.test.images]
-  index = 0
-  for folder, count in LAYOUT.items():
-    (root / folder).mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-      (root / folder / f"{i:03d}.png").write_bytes(pngs[index % len(pngs)])
-      index += 1
-  return str(root)
+# Image folders ----------------------------------------------------------------
 
 
-def _beam_match(pattern: str) -> list:
-  """Beam's own FileSystems.match: the reference for what a pattern means."""
-  return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+def _flatten_ids(batch):
+  return list(zip(batch.ids, batch.true_labels))
 
 
-def _flatten(group):
-  return list(group)
-
-
-# Listing ----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("relative", [
-    "**", "*/*.png", "**/00*.png", "[BC]*/*", "a/?/c/**", "Bag/01?.png",
-    "Sandal/*/0[12]/*.png", "*.png", "a/b*/**", "a/b2/", "Sandal/2024/*/"])
-def test_listing_matches_what_beam_matches(nested, relative):
-  pattern = os.path.join(nested, relative)
-  expected = _beam_match(pattern)
-  assert expected, pattern
-  group_size = 16
+@pytest.mark.slow
+def test_read_image_files_in_batches_with_folder_labels(png_dir, sample):
+  expected = [(path, sample.class_names[label]) for path, label in zip(
+      png_ids(png_dir, sample), sample.test.labels)]
   with TestPipeline() as pipeline:
-    groups, errors = pipeline | listing.ListFiles(pattern, group_size)
-    assert_that(groups | beam.FlatMap(_flatten), equal_to(expected))
-    # Every group is full but one at most: the short last groups of the
-    # work items are merged.
-    assert_that(
-        groups | beam.Map(len) | beam.combiners.ToList(),
-        lambda sizes: _check_sizes(sizes[0], len(expected), group_size),
-        label="Sizes")
-    assert_that(errors, equal_to([]), label="NoErrors")
+    read = pipeline | images.ReadImageFiles(png_dir, sample.class_names,
+                                             batch_size=64)
+    assert_that(read.images | beam.FlatMap(_flatten_ids), equal_to(expected))
+    assert_that(read.images | "Sizes" >> beam.Map(len),
+                equal_to([64, 64, 64, 8]), label="BatchSizes")
+    assert_that(read.errors, equal_to([]), label="NoErrors")
 
 
-def _check_sizes(sizes, total, group_size):
-  assert sum(sizes) == total
-  assert all(0 < size <= group_size for size in sizes), sizes
-  assert sum(size < group_size for size in sizes) <= 1, sizes
+@pytest.mark.parametrize("threads", [1, 4])
+def test_file_group_reads_in_order_with_or_without_threads(png_dir, sample,
+                                                          threads):
+  """Remote groups are read by a thread pool; order and errors must hold."""
+  paths = png_ids(png_dir, sample)[:10]
+  paths.insert(3, os.path.join(png_dir, "missing.png"))
+  reader = images._ReadFileGroup(threads)  # pylint: disable=protected-access
+  reader.setup()
+  refs = images.folder_refs(paths, png_dir, frozenset(sample.class_names))
+  outputs = list(reader.process(refs))
+  reader.teardown()
+  errors = [o.value for o in outputs if isinstance(o, beam.pvalue.TaggedOutput)]
+  (batch,) = [o for o in outputs if not isinstance(o, beam.pvalue.TaggedOutput)]
+  assert batch.ids == paths[:3] + paths[4:]
+  for path, data in zip(batch.ids, batch.encoded):
+    with open(path, "rb") as handle:
+      assert data == handle.read()
+  assert [(e["id"], e["stage"]) for e in errors] == [(paths[3], "read")]
 
 
-def test_listing_keyed_by_bucket_for_the_join(nested):
-  pattern = os.path.join(nested, "**")
-  expected = _beam_match(pattern)
+def test_folder_label_only_for_known_classes():
+  names = frozenset(["cat", "dog"])
+  assert paths.folder_label("/d/cat/1.png", "/d/", names) == "cat"
+  assert paths.folder_label("/d/x/dog/1.png", "/d/", names) == "dog"
+  assert paths.folder_label("/d/incoming/1.png", "/d/", names) is None
+  assert paths.folder_label("/d/1.png", "/d/", names) is None
+  assert paths.folder_label("gs://b/d/cat/1.png", "gs://b/d/", names) == "cat"
+  assert paths.pattern_base("gs://b/d/*/*.png") == "gs://b/d/"
+  assert paths.expand_pattern("/d/") == "/d/**"
+
+
+def test_hostile_directory_entries(tmp_path, tiny_model, sample):
+  folder = tmp_path / "pile"
+  good = datasets.Split(sample.test.images[:12], sample.test.labels[:12])
+  datasets.write_png_folder(good, sample.class_names, str(folder))
+  bag = folder / "Bag"
+  a_good_png = sorted(bag.glob("*.png"))[0]
+  hostile = {}
+  os.mkfifo(bag / "fifo.png")
+  hostile[str(bag / "fifo.png")] = "is a FIFO"
+  server = socket.socket(socket.AF_UNIX)
+  server.bind(str(bag / "socket.png"))
+  hostile[str(bag / "socket.png")] = "is a socket"
+  os.symlink("/dev/zero", bag / "device.png")
+  hostile[str(bag / "device.png")] = "is a character device"
+  os.symlink(bag / "missing.png", bag / "dangling.png")
+  hostile[str(bag / "dangling.png")] = "FileNotFoundError"
+  os.symlink(bag / "loop.png", bag / "loop.png")
+  hostile[str(bag / "loop.png")] = "Too many levels of symbolic links"
+  undecodable = os.path.join(os.fsencode(bag), b"name\xff\xfe.png")
+  with open(undecodable, "wb") as handle:
+    handle.write(a_good_png.read_bytes())
+  hostile[str(bag) + "/name\\xff\\xfe.png"] = "not valid UTF-8"
+  (bag / "zero.png").write_bytes(b"")
+  hostile[str(bag / "zero.png")] = "zero bytes"
+  (bag / "text.jpg").write_bytes(b"not a jpeg at all")
+  hostile[str(bag / "text.jpg")] = "UnidentifiedImageError"
+  # A link to a good image is a good image.
+  os.symlink(a_good_png, bag / "link_to_good.png")
+  try:
+    run = run_predict(tmp_path / "out", input=str(folder), model=tiny_model,
+                      batch_size=4)
+  finally:
+    server.close()
+  manifest, predictions, errors = run.manifest, run.predictions, \
+      run.errors_by_id
+  assert set(errors) == set(hostile)
+  for id_, fragment in hostile.items():
+    assert fragment in errors[id_]["error"], errors[id_]
+  assert len(predictions) == 12 + 1
+  assert manifest["counts"]["inputs"] == 12 + 1 + len(hostile)
+  # The FIFO was never opened for reading: no writer was ever needed.
+  assert (bag / "fifo.png").is_fifo()
+
+
+# Parquet ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["encoded", "raw"])
+def test_read_parquet_both_image_forms(sample_shards, form, png_dir, sample,
+                                       tiny_model):
+  card = card_lib.load_card(tiny_model)
+  expected_ids = png_ids(png_dir, sample)
+  expected = list(zip(expected_ids,
+                      [sample.class_names[i] for i in sample.test.labels]))
+  # 70 + 70 + 60 rows.
+  assert len(os.listdir(os.path.join(sample_shards, form))) == 3
   with TestPipeline() as pipeline:
-    keyed, _ = pipeline | listing.ListFiles(pattern, 8, buckets=5)
-    assert_that(keyed | beam.FlatMapTuple(lambda _, refs: refs),
-                equal_to(expected))
-    assert_that(keyed | beam.MapTuple(
-        lambda bucket, refs: len(refs) <= 8 and all(
-            id_bucket(ref, 5) == bucket for ref in refs)),
-                _all_true, label="Buckets")
+    read = pipeline | parquet.ReadParquetImages(
+        os.path.join(sample_shards, form, "*.parquet"), card.input_shape,
+        "image",
+        "id", "label", batch_size=50)
+    assert_that(read.images | beam.FlatMap(_flatten_ids), equal_to(expected))
+    assert_that(read.errors, equal_to([]), label="NoErrors")
 
 
-def _all_true(flags):
-  assert flags and all(flags), flags
+def test_raw_pixel_shards_hold_the_decoded_pixels(sample_shards, png_dir,
+                                                  sample):
+  rows = {r["id"]: r["image"] for r in pq.read_table(
+      os.path.join(sample_shards, "raw")).to_pylist()}
+  for index, path in enumerate(png_ids(png_dir, sample)):
+    pixels = np.array(rows[path], dtype=np.uint8).reshape(28, 28, 1)
+    np.testing.assert_array_equal(pixels, sample.test.images[index])
 
 
-def test_pattern_pruning_never_skips_a_folder_that_may_match(nested):
-  spec = listing.PatternSpec(os.path.join(nested, "Sandal/*/0[12]/*.png"))
-  assert spec.max_depth is None  # [..] may match a slash: no depth limit.
-  spec = listing.PatternSpec(os.path.join(nested, "B*/0*.png"))
-  assert spec.max_depth == 1
-  assert spec.may_hold_matches(os.path.join(nested, "Bag"))
-  assert not spec.may_hold_matches(os.path.join(nested, "Coat"))
-  assert not spec.may_hold_matches(os.path.join(nested, "Bag", "sub"))
-  spec = listing.PatternSpec(os.path.join(nested, "**"))
-  assert spec.may_hold_matches(os.path.join(nested, "a", "b", "c", "d"))
+def test_raw_pixels_of_wrong_length_or_null_are_per_row_errors():
+  column = pa.array([[1, 2, 3, 4], [1, 2], None, [5, 6, 7, 8]],
+                    pa.list_(pa.uint8()))
+  pixels, good, bad = parquet.raw_pixel_array(column, 4)
+  np.testing.assert_array_equal(good, [0, 3])
+  np.testing.assert_array_equal(pixels, [1, 2, 3, 4, 5, 6, 7, 8])
+  assert "length 2, expected 4" in bad[1] and "null" in bad[2]
 
 
-class _Blob:
-
-  def __init__(self, name):
-    self.name = name
+def _raw(images) -> list:
+  return [image.ravel().tolist() for image in images]
 
 
-class _Page(list):
-  prefixes = ()
+@pytest.mark.slow
+def test_hostile_parquet_rows_fail_alone(tmp_path, tiny_model, sample):
+  shards = tmp_path / "shards"
+  shards.mkdir()
+  images = sample.test.images
+  pngs = [preprocessing.encode_png(x) for x in images[:40]]
+  raw = _raw(images[:10])
+  raw[2][5] = None  # one null element
+  raw[4][100] = 999  # one value out of range
+  raw[6][0] = -3
+  raw[8] = raw[8][:50]  # short
+  raw[9] = None  # null cell
+  pq.write_table(pa.table({
+      "id": [f"raw{i}" for i in range(10)],
+      "image": pa.array(raw, pa.list_(pa.int16())),
+      "label": ["Bag"] * 10,
+  }), shards / "a_raw.parquet")
+  # Null and integer ids; duplicates within and across shards.
+  pq.write_table(pa.table({
+      "id": pa.array(["e0", None, "e2", "e2", "raw0", None]),
+      "image": pngs[:6],
+      "label": ["Coat"] * 6,
+  }), shards / "b_ids.parquet")
+  pq.write_table(pa.table({"id": pa.array([7, 8, 9], pa.int64()),
+                           "image": pngs[6:9], "label": ["Bag"] * 3}),
+                 shards / "c_int_ids.parquet")
+  # No label column (optional): the rows are classified, labels unknown.
+  pq.write_table(pa.table({"id": ["n0", "n1"], "image": pngs[9:11]}),
+                 shards / "d_no_label.parquet")
+  # An image column of the wrong type: every row fails, each counted once.
+  pq.write_table(pa.table({"id": [f"s{i}" for i in range(10)],
+                           "image": [f"{i}" for i in range(10)],
+                           "label": ["Bag"] * 10}),
+                 shards / "e_string_images.parquet")
+  pq.write_table(pa.table({"id": ["f0", "f1"], "label": ["Bag"] * 2}),
+                 shards / "f_no_image.parquet")
+  pq.write_table(pa.table({"image": pngs[11:14]}), shards / "g_no_id.parquet")
+  pq.write_table(pa.table({"id": ["h0", "h1"],
+                           "image": pa.array(_raw(images[14:16]),
+                                             pa.list_(pa.float32())),
+                           "label": ["Bag"] * 2}),
+                 shards / "h_float_pixels.parquet")
+  (shards / "i_not_parquet.parquet").write_bytes(b"PAR1 but no more")
+  os.mkfifo(shards / "j_fifo.parquet")
+  os.symlink(shards / "gone.parquet", shards / "k_dangling.parquet")
+  with open(os.path.join(os.fsencode(shards), b"l_\xff.parquet"), "wb") as f:
+    pq.write_table(pa.table({"id": ["u0"], "image": pngs[20:21]}), f)
 
-
-class _Blobs:
-
-  def __init__(self, pages):
-    self.pages = pages
-
-
-class FakeStorageClient:
-  """google.cloud.storage's list_blobs over a fixed set of object names, a
-  few per page, as GCS answers: with a delimiter, the names below a
-  sub-folder come back once, as its prefix."""
-
-  PAGE = 7
-
-  def __init__(self, names):
-    self.names = sorted(names)
-    self.calls = []
-
-  def list_blobs(self, bucket, prefix="", delimiter=None, fields=None):
-    del fields
-    self.calls.append((bucket, prefix, delimiter))
-    entries, seen = [], set()
-    for name in self.names:
-      if not name.startswith(prefix):
-        continue
-      rest = name[len(prefix):]
-      if delimiter and delimiter in rest:
-        sub = prefix + rest.split(delimiter, 1)[0] + delimiter
-        if sub not in seen:
-          seen.add(sub)
-          entries.append(("prefix", sub))
-      else:
-        entries.append(("blob", name))
-    pages = []
-    for start in range(0, max(len(entries), 1), self.PAGE):
-      chunk = entries[start:start + self.PAGE]
-      page = _Page(_Blob(name) for kind, name in chunk if kind == "blob")
-      page.prefixes = tuple(name for kind, name in chunk if kind == "prefix")
-      pages.append(page)
-    return _Blobs(pages)
-
-
-def test_gcs_listing_by_pages_and_prefixes():
-  names = [f"images/{c}/{i}.png" for c in ("Bag", "Coat") for i in range(9)]
-  names += ["images/top.png", "images/Coat/", "images/a/b/c/deep.png",
-            "other/x.png"]
-  client = FakeStorageClient(names)
-  pattern = "gs://bucket/images/**"
-  expected = sorted(f"gs://bucket/{n}" for n in names
-                    if n.startswith("images/") and not n.endswith("/"))
-  with TestPipeline() as pipeline:
-    groups, errors = pipeline | listing.ListFiles(pattern, 4,
-                                                  storage_client=client)
-    assert_that(groups | beam.FlatMap(_flatten), equal_to(expected))
-    assert_that(errors, equal_to([]), label="NoErrors")
-
-  lister = listing.GcsLister(client)
-  level = sorted(lister.scan("gs://bucket/images/"))
-  assert level == [("gs://bucket/images/Bag/", listing.FOLDER),
-                   ("gs://bucket/images/Coat/", listing.FOLDER),
-                   ("gs://bucket/images/a/", listing.FOLDER),
-                   ("gs://bucket/images/top.png", listing.FILE)]
-  # The console's folder marker "images/Coat/" is no image.
-  assert sorted(path for path, _ in lister.walk("gs://bucket/images/Coat/",
-                                                None)) == [
-      f"gs://bucket/images/Coat/{i}.png" for i in range(9)]
-
-
-def test_groups_fill_and_key_by_bucket():
-  groups = listing.Groups(3)
-  out = [groups.add(str(i)) for i in range(7)]
-  assert [g for g in out if g] == [["0", "1", "2"], ["3", "4", "5"]]
-  assert list(groups.rest()) == [["6"]]
-  keyed = listing.Groups(2, buckets=4, id_of=list_source.row_id)
-  full = [keyed.add((name, "u", None)) for name in "abcde"]
-  rest = list(keyed.rest())
-  refs = [r for g in full if g for r in g[1]] + [r for _, g in rest for r in g]
-  assert sorted(list_source.row_id(r) for r in refs) == list("abcde")
-  for bucket, group in [g for g in full if g] + rest:
-    assert all(id_bucket(list_source.row_id(r), 4) == bucket
-               for r in group)
-
-
-def _run(output, **fields):
-  """Runs predict; returns the manifest and this run's predictions and
-  errors (the manifest lists kept shards of earlier runs too)."""
-  config = config_lib.PredictConfig(output=str(output), **fields)
-  manifest = predict.run(config, RUNNER)
-  rows = {}
-  for kind in (outputs.PREDICTIONS_PREFIX, outputs.ERRORS_PREFIX):
-    rows[kind] = []
-    for entry in manifest["files"][kind]:
-      if manifest["run_id"] in entry["name"]:
-        rows[kind].extend(pq.read_table(
-            os.path.join(str(output), entry["name"])).to_pylist())
+  run = run_predict(tmp_path / "out", input=str(shards / "*.parquet"),
+                    model=tiny_model, label_column="label", batch_size=4)
+  manifest, predictions, errors = run.manifest, run.predictions, \
+      run.errors_by_id
+  raw_errors = {"raw2": "null value", "raw4": "value 999",
+                "raw6": "value -3", "raw8": "length 50", "raw9": "null image"}
+  ids_shard = str(shards / "b_ids.parquet")
+  expected_errors = dict(raw_errors)
+  expected_errors[f"{ids_shard}#1"] = "null id"
+  expected_errors[f"{ids_shard}#5"] = "null id"
+  expected_errors.update({f"s{i}": "has type string" for i in range(10)})
+  expected_errors.update({"f0": "no image column", "f1": "no image column"})
+  no_id = str(shards / "g_no_id.parquet")
+  expected_errors.update({f"{no_id}#{i}": "no id column" for i in range(3)})
+  expected_errors.update({"h0": "has type list<element: float>",
+                          "h1": "has type list<element: float>"})
+  expected_errors[str(shards / "i_not_parquet.parquet")] = "Parquet"
+  expected_errors[str(shards / "j_fifo.parquet")] = "is a FIFO"
+  expected_errors[str(shards / "k_dangling.parquet")] = "FileNotFoundError"
+  expected_errors[str(shards) + "/l_\\xff.parquet"] = "not valid UTF-8"
+  assert set(errors) == set(expected_errors)
+  for id_, fragment in expected_errors.items():
+    assert fragment in errors[id_]["error"], errors[id_]
+  predicted = sorted(row["id"] for row in predictions)
+  assert predicted == sorted(["raw0", "raw1", "raw3", "raw5", "raw7",
+                              "e0", "e2", "e2", "raw0", "7", "8", "9",
+                              "n0", "n1"])
+  labels = {row["id"]: row["true_label"] for row in predictions}
+  assert labels["n0"] is None and labels["7"] == "Bag"
   counts = manifest["counts"]
-  assert counts["inputs"] == counts["predictions"] + counts["errors"]
-  assert manifest["accounted"]
-  return manifest, rows[outputs.PREDICTIONS_PREFIX], rows[
-      outputs.ERRORS_PREFIX]
+  assert counts["inputs"] == len(predicted) + len(expected_errors)
+  first_inputs = counts["inputs"]
+  # e2 and raw0 twice each.
+  assert manifest["duplicate_ids"] == 2
+  pytest.importorskip("duckdb")  # The query tool needs the tools extra.
+  from tools import answers  # pylint: disable=import-outside-toplevel
+  from tools import sandbox  # pylint: disable=import-outside-toplevel
+  connection = sandbox.connect(str(tmp_path / "out"))
+  assert {row["id"]: row["rows"] for row in answers.duplicates(connection)} == {
+      "e2": 2, "raw0": 2}
+
+  # Again with --skip_existing: the predicted ids are skipped, every failed
+  # row is tried again, and the null ids never count as seen.
+  run = run_predict(tmp_path / "out", input=str(shards / "*.parquet"),
+                    model=tiny_model, label_column="label", batch_size=4,
+                    skip_existing=True)
+  again, errors = run.predictions, run.errors_by_id
+  counts = run.manifest["counts"]
+  assert counts["skipped"] == len(predicted)
+  assert counts["inputs"] + counts["skipped"] == first_inputs
+  assert set(errors) == set(expected_errors)
+  assert sorted(row["id"] for row in again) == predicted
 
 
-def _ids(rows) -> list:
-  return [row["id"] for row in rows]
+def test_raw_pixel_rows_are_checked_one_by_one():
+  column = pa.array([[1, 2, 3, 4], [1, None, 3, 4], [1, 2, 3, 999], None,
+                     [1, 2], [255, 0, 0, 255]], pa.list_(pa.int32()))
+  pixels, good, bad = parquet.raw_pixel_array(column, 4)
+  assert list(good) == [0, 5]
+  assert list(pixels) == [1, 2, 3, 4, 255, 0, 0, 255]
+  assert sorted(bad) == [1, 2, 3, 4]
+  fixed = pa.array([[1, 2], [3, 4]], pa.list_(pa.uint8(), 2))
+  pixels, good, bad = parquet.raw_pixel_array(fixed, 2)
+  assert list(good) == [0, 1] and not bad
 
 
-def test_nested_folder_then_skip_existing_with_overlap(tmp_path, nested,
-                                                       tiny_model):
-  everything = _beam_match(os.path.join(nested, "**"))
-  first_part = _beam_match(os.path.join(nested, "[BCa]*", "**"))
-  output = tmp_path / "out"
-  manifest, rows, errors = _run(output,
-                                input=os.path.join(nested, "[BCa]*", "**"),
-                                model=tiny_model, batch_size=16)
-  assert sorted(_ids(rows)) == first_part and errors == []
-  labels = {row["id"]: row["true_label"] for row in rows}
-  assert labels[os.path.join(nested, "Bag", "000.png")] == "Bag"
-  assert labels[os.path.join(nested, "Coat", "deep", "x", "000.png")] is None
+@pytest.mark.slow
+def test_bad_parquet_rows_and_shards(tmp_path, tiny_model, sample):
+  shards = tmp_path / "shards"
+  shards.mkdir()
+  pngs = [preprocessing.encode_png(x) for x in sample.test.images[:6]]
+  pq.write_table(pa.table({
+      "id": ["e0", "e1", "null", "empty", "e4", "e5"],
+      "image": [pngs[0], pngs[1], None, b"", pngs[4], pngs[5]],
+  }), shards / "encoded.parquet")
+  (shards / "broken.parquet").write_bytes(b"PAR1 not really parquet")
+  raw = [list(x.ravel()) for x in sample.test.images[:3]]
+  raw[1] = raw[1][:100]
+  pq.write_table(pa.table({
+      "id": ["r0", "short", "r2"],
+      "image": pa.array(raw, pa.list_(pa.uint8())),
+  }), tmp_path / "raw.parquet")
 
-  manifest, rows, errors = _run(output, input=nested, model=tiny_model,
-                                batch_size=16, skip_existing=True)
-  counts = manifest["counts"]
-  assert counts["skipped"] == len(first_part)
-  assert counts["inputs"] == len(everything) - len(first_part)
-  assert sorted(_ids(rows)) == sorted(set(everything) - set(first_part))
-  listed = [row["id"] for entry in manifest["files"]["predictions"]
-            for row in pq.read_table(os.path.join(
-                str(output), entry["name"])).to_pylist()]
-  assert sorted(listed) == everything  # No id twice, none missing.
+  for pattern, expected_errors, expected_predictions in (
+      (str(shards / "*.parquet"),
+       {"null": "null image cell", "empty": "zero bytes",
+        str(shards / "broken.parquet"): "Parquet"}, 4),
+      (str(tmp_path / "raw.parquet"), {"short": "length 100"}, 2)):
+    output = tmp_path / f"out_{len(expected_errors)}"
+    run = run_predict(output, input=pattern, model=tiny_model)
+    errors = run.errors_by_id
+    assert len(run.predictions) == expected_predictions
+    assert set(errors) == set(expected_errors)
+    for error_id, fragment in expected_errors.items():
+      assert fragment in errors[error_id]["error"], errors[error_id]
 
 
 # Parquet by row group ---------------------------------------------------------
@@ -314,13 +356,13 @@ def grouped_shard(tmp_path, sample):
 @pytest.mark.parametrize("id_column", ["id", None])
 def test_corrupt_row_group_is_one_error_and_the_others_go_on(
     tmp_path, grouped_shard, tiny_model, id_column):
-  manifest, rows, errors = _run(tmp_path / "out", input=grouped_shard,
-                                model=tiny_model, id_column=id_column,
-                                label_column="label", batch_size=16)
+  run = run_predict(tmp_path / "out", input=grouped_shard, model=tiny_model,
+                    id_column=id_column, label_column="label", batch_size=16)
+  manifest, rows, errors = run.manifest, run.predictions, run.errors
   wanted = [i for i in range(200) if not 80 <= i < 120]
   names = ([f"img{i}" for i in wanted] if id_column else
            [f"{grouped_shard}#{i}" for i in wanted])
-  assert sorted(_ids(rows)) == sorted(names)
+  assert sorted(ids(rows)) == sorted(names)
   assert [(e["id"], e["source"]) for e in errors] == [
       (f"{grouped_shard}#80-119", grouped_shard)]
   assert "rows 80 to 119 of the shard" in errors[0]["error"]
@@ -328,10 +370,10 @@ def test_corrupt_row_group_is_one_error_and_the_others_go_on(
 
   # Again with --skip_existing: the 160 are skipped, the corrupt row group
   # is tried again and is one error row again.
-  manifest, rows, errors = _run(tmp_path / "out", input=grouped_shard,
-                                model=tiny_model, id_column=id_column,
-                                label_column="label", batch_size=16,
-                                skip_existing=True)
+  run = run_predict(tmp_path / "out", input=grouped_shard, model=tiny_model,
+                    id_column=id_column, label_column="label", batch_size=16,
+                    skip_existing=True)
+  manifest, rows, errors = run.manifest, run.predictions, run.errors
   assert manifest["counts"]["skipped"] == 160
   assert manifest["counts"]["inputs"] == 1 and len(errors) == 1
   assert rows == [] and manifest["totals"]["predictions"] == 160
@@ -378,104 +420,25 @@ def test_row_group_items_spread_one_shard(grouped_shard, tiny_model, sample):
                 equal_to([f"{grouped_shard}#80-119"]), label="Errors")
 
 
-def test_earlier_ids_count_only_this_models_rows(tmp_path):
-  path = str(tmp_path / "predictions-x.parquet")
-  pq.write_table(pa.table({
-      "id": ["a", "b", None, "c", "d"],
-      "model_id": ["mine", "theirs", "mine", "mine", None],
-  }), path, row_group_size=2)
-  with TestPipeline() as pipeline:
-    earlier = pipeline | skip_existing.ReadEarlierIds([path], "mine", 3)
-    assert_that(earlier | beam.FlatMapTuple(
-        lambda bucket, side: [(bucket, i) for i in side[1]]),
-                equal_to([(id_bucket(i, 3), i) for i in "ac"]))
-
-
-def test_bucket_count_grows_with_earlier_rows():
-  assert skip_existing.bucket_count(0) == skip_existing.MIN_BUCKETS
-  assert skip_existing.bucket_count(10_000_000) == 200
-  assert skip_existing.bucket_count(10**12) == skip_existing.MAX_BUCKETS
-
-
-def test_skip_existing_on_shards_with_overlapping_ids(tmp_path, sample,
-                                                      tiny_model):
-  pngs = [preprocessing.encode_png(x) for x in sample.test.images[:90]]
-  shards = tmp_path / "shards"
-  shards.mkdir()
-  pq.write_table(pa.table({"id": [f"i{i}" for i in range(60)],
-                           "image": pngs[:60]}), shards / "a.parquet",
-                 row_group_size=25)
-  output = tmp_path / "out"
-  _run(output, input=str(shards / "a.parquet"), model=tiny_model)
-  # The second shard repeats ids i30..i59 and adds i60..i89 and a null id.
-  pq.write_table(pa.table({
-      "id": [f"i{i}" for i in range(30, 90)] + [None],
-      "image": pngs[30:90] + pngs[:1]}), shards / "b.parquet",
-                 row_group_size=20)
-  manifest, rows, errors = _run(output, input=str(shards / "*.parquet"),
-                                model=tiny_model, skip_existing=True,
-                                batch_size=8)
-  counts = manifest["counts"]
-  assert counts["skipped"] == 60 + 30
-  assert sorted(_ids(rows)) == sorted(f"i{i}" for i in range(60, 90))
-  assert [e["id"] for e in errors] == [f"{shards / 'b.parquet'}#60"]
-  assert counts["inputs"] == 31
-  listed = [row["id"] for entry in manifest["files"]["predictions"]
-            for row in pq.read_table(os.path.join(
-                str(output), entry["name"])).to_pylist()]
-  assert sorted(listed) == sorted(f"i{i}" for i in range(90))
-
-
 # Lists of image URIs ----------------------------------------------------------
-
-
-@pytest.fixture()
-def lists(tmp_path, nested):
-  """The same kinds of rows in a text, a CSV and a Parquet list."""
-  folder = tmp_path / "lists"
-  folder.mkdir()
-  bag = [os.path.join(nested, "Bag", f"{i:03d}.png") for i in range(30)]
-  coat = [os.path.join(nested, "Coat", f"{i:03d}.png") for i in range(25)]
-  missing = os.path.join(nested, "Bag", "missing.png")
-  # Text: absolute paths, blank lines, a path relative to the list's
-  # folder, a missing file and a line that is not UTF-8.
-  relative = os.path.relpath(coat[0], folder)
-  text = ("\n".join(bag[:10]) + "\n\n   \n" + relative + "\n" + missing +
-          "\n").encode() + b"/tmp/\xff.png\n"
-  (folder / "a.txt").write_bytes(text)
-  # CSV: a header, quoted URIs holding a comma, ids and labels, an empty
-  # URI and an empty id.
-  comma = os.path.join(nested, "flat", "with,comma.png")
-  with open(comma, "wb") as handle:
-    handle.write(open(bag[0], "rb").read())
-  rows = ["uri,id,label"] + [f"{path},c{i},Bag" for i, path in
-                             enumerate(bag[10:20])]
-  rows += [f'"{comma}",comma,Bag', ",no_uri,Bag", f"{bag[20]},,Bag", ""]
-  (folder / "b.csv").write_text("\n".join(rows) + "\n")
-  # Parquet: ids, labels, a null URI.
-  pq.write_table(pa.table({
-      "uri": coat[1:25] + [None],
-      "id": [f"p{i}" for i in range(25)],
-      "label": ["Coat"] * 25,
-  }), folder / "c.parquet", row_group_size=10)
-  return folder, bag, coat, missing, comma
 
 
 @pytest.mark.parametrize("batch_size", [4, 256])
 def test_input_lists_in_each_format(tmp_path, lists, tiny_model, batch_size):
   folder, bag, coat, missing, comma = lists
-  manifest, rows, errors = _run(
-      tmp_path / "out", input=None, input_list=str(folder / "*"),
-      model=tiny_model, label_column="label", batch_size=batch_size)
+  run = run_predict(tmp_path / "out", input=None,
+                    input_list=str(folder / "*"), model=tiny_model,
+                    label_column="label", batch_size=batch_size)
+  manifest, rows = run.manifest, run.predictions
   expected = (bag[:10] + [coat[0]] + [f"c{i}" for i in range(10)] +
               ["comma"] + [f"p{i}" for i in range(24)])
-  assert sorted(_ids(rows)) == sorted(expected)
+  assert sorted(ids(rows)) == sorted(expected)
   by_id = {row["id"]: row for row in rows}
   assert by_id["c3"]["source"] == bag[13] and by_id["c3"]["true_label"] == "Bag"
   assert by_id["comma"]["source"] == comma
   assert by_id["p0"]["true_label"] == "Coat" and by_id[coat[0]]["true_label"] \
       is None
-  errors = {e["id"]: e for e in errors}
+  errors = run.errors_by_id
   assert set(errors) == {missing, "/tmp/\\xff.png", "no_uri",
                          f"{folder / 'b.csv'}#12", "p24"}
   assert "FileNotFoundError" in errors[missing]["error"]
@@ -494,36 +457,17 @@ def test_input_list_with_skip_existing_and_repeated_uris(tmp_path, lists,
   first = tmp_path / "first.txt"
   # Saved by Windows' Notepad: a byte order mark before the first URI.
   first.write_bytes(b"\xef\xbb\xbf" + ("\n".join(bag[:20]) + "\n").encode())
-  manifest, _, errors = _run(output, input=None, input_list=str(first),
-                             model=tiny_model)
-  assert manifest["counts"]["predictions"] == 20 and errors == []
+  run = run_predict(output, input=None, input_list=str(first),
+                    model=tiny_model)
+  assert run.manifest["counts"]["predictions"] == 20 and run.errors == []
   again = tmp_path / "again.txt"
   # Overlapping, and one URI listed twice.
   again.write_text("\n".join(bag[10:30] + bag[25:26]) + "\n")
-  manifest, rows, errors = _run(output, input=None, input_list=str(again),
-                                model=tiny_model, skip_existing=True,
-                                batch_size=4)
-  assert manifest["counts"]["skipped"] == 10 and errors == []
-  assert sorted(_ids(rows)) == sorted(bag[20:30] + bag[25:26])
-  assert manifest["duplicate_ids"] == 1
-
-
-def test_input_list_config_errors(tmp_path, lists, tiny_model, png_dir):
-  folder = lists[0]
-  with pytest.raises(config_lib.ConfigError, match="pass one of --input"):
-    preflight.check(config_lib.PredictConfig(png_dir, tiny_model, str(tmp_path / "o"),
-                             input_list=str(folder / "a.txt")))
-  with pytest.raises(config_lib.ConfigError, match="--uri_column 'path'"):
-    preflight.check(config_lib.PredictConfig(None, tiny_model, str(tmp_path / "o"),
-                             input_list=str(folder / "b.csv"),
-                             uri_column="path"))
-  with pytest.raises(config_lib.ConfigError, match="text list"):
-    preflight.check(config_lib.PredictConfig(None, tiny_model, str(tmp_path / "o"),
-                             input_list=str(folder / "a.txt"),
-                             label_column="label"))
-  with pytest.raises(config_lib.ConfigError, match="matches no files"):
-    preflight.check(config_lib.PredictConfig(None, tiny_model, str(tmp_path / "o"),
-                             input_list=str(folder / "*.json")))
+  run = run_predict(output, input=None, input_list=str(again),
+                    model=tiny_model, skip_existing=True, batch_size=4)
+  assert run.manifest["counts"]["skipped"] == 10 and run.errors == []
+  assert sorted(ids(run.predictions)) == sorted(bag[20:30] + bag[25:26])
+  assert run.manifest["duplicate_ids"] == 1
 
 
 def test_relative_uris_resolve_from_the_list_folder():
