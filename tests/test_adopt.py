@@ -16,6 +16,10 @@ from apache_beam.io.filesystem import MatchResult
 from apache_beam.io.localfilesystem import LocalFileSystem
 from PIL import Image
 
+# Without the tensorflow extra these tests skip.
+pytest.importorskip("tensorflow")
+# pylint: disable=wrong-import-position
+
 from beam_jobs import config as config_lib
 from beam_jobs import preflight
 from benchmarks import tutorials
@@ -131,6 +135,7 @@ def test_float_models_serve_exactly_as_their_author_predicts(
                                 _softmax(author.logits).argmax(1))
 
 
+@pytest.mark.slow
 def test_int8_model_quantises_its_input_and_dequantises_its_output(
     tmp_path, author, png_dir, sample):
   # No --input_scale: the int8 input's quantisation range (0..1) implies unit.

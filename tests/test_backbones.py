@@ -10,10 +10,13 @@ import dataclasses
 import hashlib
 import os
 
-import h5py
-import keras
 import numpy as np
 import pytest
+
+# Without the tensorflow extra these tests skip.
+keras = pytest.importorskip("keras")
+h5py = pytest.importorskip("h5py")
+# pylint: disable=wrong-import-position
 
 from model import backbones
 from model import card as card_lib
@@ -185,7 +188,7 @@ def _trainable_paths(model) -> set:
 
 @pytest.mark.parametrize("name,blocks", [
     ("MobileNetV3Small", 11), ("MobileNetV3Large", 15),
-    ("EfficientNetV2B0", 21)])
+    pytest.param("EfficientNetV2B0", 21, marks=pytest.mark.slow)])
 def test_fine_tuning_unfreezes_exactly_the_top_blocks(name, blocks):
   model = backbones.build_classifier(name, (SIZE, SIZE, 3), 3,
                                      backbones.Weights("none"))

@@ -11,6 +11,11 @@ import textwrap
 
 import pytest
 
+# Without the tools extra (tools.query and tools.report build their parsers on import) these tests skip.
+pytest.importorskip("duckdb")
+pytest.importorskip("matplotlib")
+# pylint: disable=wrong-import-position
+
 from beam_jobs import config as config_lib
 from model import adopt
 from imagebatch import cli

@@ -9,6 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+# Without the tools extra (the query tool scores the labels) these tests skip.
+pytest.importorskip("duckdb")
+# pylint: disable=wrong-import-position
+
 from beam_jobs import outputs
 from beam_jobs import predict
 from beam_jobs.contracts import LabelMatcher

@@ -10,7 +10,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from beam_jobs import config as config_lib
-from beam_jobs.contracts import ImageBatch
 from imagebatch import paths
 from model import card as card_lib
 from model import datasets
@@ -91,31 +90,6 @@ def test_bad_files_become_error_rows_and_batch_mates_survive(
   assert {e["stage"] for e in errors} == {"decode"}
   assert all(e["error"] for e in errors)
   assert run.manifest["counts"]["inputs"] == 14
-
-
-def test_inference_failure_is_isolated_to_the_bad_row(tiny_model):
-  from beam_jobs import inference  # pylint: disable=import-outside-toplevel
-  from model import engines  # pylint: disable=import-outside-toplevel
-
-  class FailsOnNegative(engines.Engine):
-    def _raw_outputs(self, images):
-      if (images < 0).any():
-        raise ValueError("negative pixel")
-      return np.zeros((len(images), 10), dtype=np.float32)
-
-  pixels = np.zeros((5, 28, 28, 1), dtype=np.float32)
-  pixels[3] = -1
-  batch = ImageBatch(ids=list("abcde"), sources=["s"] * 5,
-                     true_labels=[None] * 5, pixels=pixels)
-  card = card_lib.load_card(tiny_model)
-  handler = inference.ImageClassifierHandler(tiny_model)
-  [result] = handler.run_inference(batch, FailsOnNegative(card))
-  assert [e["id"] for e in result.errors] == ["d"]
-  assert result.errors[0]["stage"] == "inference"
-  # The rows that ran, and only they, come back with their probabilities.
-  assert result.batch.ids == ["a", "b", "c", "e"]
-  assert result.probabilities.shape == (4, 10)
-  assert not np.isnan(result.probabilities).any()
 
 
 @pytest.mark.slow

@@ -9,6 +9,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+# Without the tools extra these tests skip.
+pytest.importorskip("duckdb")
+# pylint: disable=wrong-import-position
+
 from beam_jobs import outputs
 from tools import answers
 from tools import query

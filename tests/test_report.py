@@ -7,6 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# Without the tools extra these tests skip.
+pytest.importorskip("duckdb")
+pytest.importorskip("matplotlib")
+# pylint: disable=wrong-import-position
+
 from tools import make_shards
 from tools import report
 from model import card as card_lib

@@ -42,6 +42,7 @@ def test_bucket_count_grows_with_earlier_rows():
   assert skip_existing.bucket_count(10**12) == skip_existing.MAX_BUCKETS
 
 
+@pytest.mark.slow
 def test_nested_folder_then_skip_existing_with_overlap(tmp_path, nested,
                                                        tiny_model):
   everything = beam_match(os.path.join(nested, "**"))
@@ -65,6 +66,7 @@ def test_nested_folder_then_skip_existing_with_overlap(tmp_path, nested,
   assert sorted(listed) == everything  # No id twice, none missing.
 
 
+@pytest.mark.slow
 def test_skip_existing_on_shards_with_overlapping_ids(tmp_path, sample,
                                                       tiny_model):
   pngs = [preprocessing.encode_png(x) for x in sample.test.images[:90]]

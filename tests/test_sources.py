@@ -18,7 +18,6 @@ from beam_jobs.sources import images
 from beam_jobs.sources import lists as list_source
 from beam_jobs.sources import parquet
 from beam_jobs.sources import row_groups
-from imagebatch import paths
 from model import card as card_lib
 from model import datasets
 from model import preprocessing
@@ -65,17 +64,6 @@ def test_file_group_reads_in_order_with_or_without_threads(png_dir, sample,
     with open(path, "rb") as handle:
       assert data == handle.read()
   assert [(e["id"], e["stage"]) for e in errors] == [(paths[3], "read")]
-
-
-def test_folder_label_only_for_known_classes():
-  names = frozenset(["cat", "dog"])
-  assert paths.folder_label("/d/cat/1.png", "/d/", names) == "cat"
-  assert paths.folder_label("/d/x/dog/1.png", "/d/", names) == "dog"
-  assert paths.folder_label("/d/incoming/1.png", "/d/", names) is None
-  assert paths.folder_label("/d/1.png", "/d/", names) is None
-  assert paths.folder_label("gs://b/d/cat/1.png", "gs://b/d/", names) == "cat"
-  assert paths.pattern_base("gs://b/d/*/*.png") == "gs://b/d/"
-  assert paths.expand_pattern("/d/") == "/d/**"
 
 
 def test_hostile_directory_entries(tmp_path, tiny_model, sample):
@@ -353,6 +341,7 @@ def grouped_shard(tmp_path, sample):
   return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("id_column", ["id", None])
 def test_corrupt_row_group_is_one_error_and_the_others_go_on(
     tmp_path, grouped_shard, tiny_model, id_column):
@@ -402,6 +391,7 @@ def test_a_failing_row_group_reports_only_the_wanted_rows_it_took(
                                                     row_groups.RowBatch] * 2
 
 
+@pytest.mark.slow
 def test_row_group_items_spread_one_shard(grouped_shard, tiny_model, sample):
   from model import card as card_lib  # pylint: disable=import-outside-toplevel
   card = card_lib.load_card(tiny_model)
@@ -423,6 +413,7 @@ def test_row_group_items_spread_one_shard(grouped_shard, tiny_model, sample):
 # Lists of image URIs ----------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [4, 256])
 def test_input_lists_in_each_format(tmp_path, lists, tiny_model, batch_size):
   folder, bag, coat, missing, comma = lists
@@ -450,6 +441,7 @@ def test_input_lists_in_each_format(tmp_path, lists, tiny_model, batch_size):
   assert manifest["duplicate_ids"] == 0
 
 
+@pytest.mark.slow
 def test_input_list_with_skip_existing_and_repeated_uris(tmp_path, lists,
                                                          tiny_model):
   folder, bag, _, _, _ = lists
