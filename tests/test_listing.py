@@ -129,6 +129,7 @@ class FakeStorageClient:
     return _Blobs(pages)
 
 
+@pytest.mark.slow
 def test_gcs_listing_by_pages_and_prefixes():
   names = [f"images/{c}/{i}.png" for c in ("Bag", "Coat") for i in range(9)]
   names += ["images/top.png", "images/Coat/", "images/a/b/c/deep.png",

@@ -113,6 +113,7 @@ def test_hostile_directory_entries(tmp_path, tiny_model, sample):
 # Parquet ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["encoded", "raw"])
 def test_read_parquet_both_image_forms(sample_shards, form, png_dir, sample,
                                        tiny_model):
