@@ -22,6 +22,7 @@ from model import card as card_lib
 from model import datasets
 from model import preprocessing
 from tests.helpers import ids
+from tests.helpers import listed_rows
 from tests.helpers import png_ids
 from tests.helpers import run_predict
 
@@ -248,12 +249,12 @@ def test_hostile_parquet_rows_fail_alone(tmp_path, tiny_model, sample):
   run = run_predict(tmp_path / "out", input=str(shards / "*.parquet"),
                     model=tiny_model, label_column="label", batch_size=4,
                     skip_existing=True)
-  again, errors = run.predictions, run.errors_by_id
   counts = run.manifest["counts"]
-  assert counts["skipped"] == len(predicted)
+  assert counts["skipped"] == len(predicted) and run.predictions == []
   assert counts["inputs"] + counts["skipped"] == first_inputs
-  assert set(errors) == set(expected_errors)
-  assert sorted(row["id"] for row in again) == predicted
+  assert set(run.errors_by_id) == set(expected_errors)
+  # The folder still lists every prediction once: the kept shards.
+  assert sorted(ids(listed_rows(tmp_path / "out", "predictions"))) == predicted
 
 
 def test_raw_pixel_rows_are_checked_one_by_one():
