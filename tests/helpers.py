@@ -24,6 +24,16 @@ from beam_jobs import predict
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_DIR = os.path.join(REPO, "sample_data", "fashion-mnist")
 RUNNER = ("--runner", "DirectRunner")
+# A Dataflow job built offline, never submitted.
+DATAFLOW_ARGS = [
+    "--runner", "DataflowRunner", "--dry_run=True", "--project",
+    "fake-project", "--region", "us-central1", "--temp_location",
+    "gs://fake-bucket/tmp", "--setup_file", os.path.join(REPO, "setup.py")
+]
+# .venv-slim holds the base install alone (scripts/ensure_venv.sh makes it).
+SLIM_PYTHON = os.path.join(
+    os.environ.get("SLIM_VENV", os.path.join(REPO, ".venv-slim")), "bin",
+    "python")
 # A regression that opened a FIFO or waited on a worker would hang the
 # suite; a run that takes longer than this fails instead.
 HANG_SECONDS = 240
@@ -114,6 +124,14 @@ def predict_cli(args, *, kill_at=None, python=sys.executable, env=None,
   return subprocess.run([python, *entry, *args], capture_output=True,
                         text=True, cwd=REPO, timeout=timeout, check=False,
                         env=env)
+
+
+def needs_the_gcp_extra():
+  """Skips the calling test without apache-beam[gcp]: the Dataflow runner's
+  client and the BigQuery sink need google-apitools and google-cloud-*."""
+  import pytest  # pylint: disable=import-outside-toplevel
+  for module in ("apitools", "google.cloud.storage"):
+    pytest.importorskip(module)
 
 
 def read_parquet_rows(pattern: str) -> list:

@@ -30,8 +30,13 @@ from model import datasets
 from model import engines
 from model import keras_decoding
 from model import preprocessing
+from tests.helpers import DATAFLOW_ARGS
 from tests.helpers import REPO
+from tests.helpers import SLIM_PYTHON
+from tests.helpers import needs_the_gcp_extra
+from tests.helpers import predict_cli
 from tests.helpers import png_ids
+from tests.helpers import read_parquet_rows
 from tests.helpers import run_predict
 
 FASHION = datasets.FASHION_MNIST_CLASSES
@@ -505,24 +510,23 @@ def test_an_adopted_tflite_folder_serves_from_the_slim_install(
   """Its `tensorflow` decoder recipe needs no TensorFlow: served from
   .venv-slim (no TensorFlow installed), it gives the author's predictions,
   and a Dataflow dry run with --setup_file (the slim install) accepts it."""
-  from tests import test_portability  # pylint: disable=import-outside-toplevel
   card, _, _ = _adopt(author.files["tflite"], tmp_path / "model",
                       input_scale="unit")
   assert card.decoder == "tensorflow" and card.engines == ["tflite"]
   model, out = str(tmp_path / "model"), tmp_path / "out"
-  if not os.path.exists(test_portability.SLIM_PYTHON):
-    pytest.fail(f"{test_portability.SLIM_PYTHON} is missing: "
+  if not os.path.exists(SLIM_PYTHON):
+    pytest.fail(f"{SLIM_PYTHON} is missing: "
                 "./run_tests.sh creates it (scripts/ensure_venv.sh)")
-  served = test_portability._predict_cli(  # pylint: disable=protected-access
-      test_portability.SLIM_PYTHON,
-      ["--input", png_dir, "--model", model, "--output", str(out)])
+  served = predict_cli(
+      ["--input", png_dir, "--model", model, "--output", str(out)],
+      python=SLIM_PYTHON)
   assert served.returncode == 0, served.stderr[-3000:]
   rows = {row["id"]: row for row in read_parquet_rows(
       os.path.join(str(out), "predictions-*.parquet"))}
   _assert_same_as_author(rows, png_ids(png_dir, sample), author.logits)
-  dry_run = test_portability._predict_cli(  # pylint: disable=protected-access
-      sys.executable, ["--input", png_dir, "--model", model, "--output",
-                       str(tmp_path / "dry")] + test_portability.DATAFLOW_ARGS)
+  needs_the_gcp_extra()
+  dry_run = predict_cli(["--input", png_dir, "--model", model, "--output",
+                         str(tmp_path / "dry")] + DATAFLOW_ARGS)
   assert dry_run.returncode == 0, dry_run.stderr
 
 

@@ -23,7 +23,7 @@ from model import engines
 from model import keras_decoding
 from model import preprocessing
 from tests import tf_reference
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 tf = tf_reference.tf
 

@@ -21,17 +21,15 @@ from beam_jobs import preflight
 from tools import make_shards
 from beam_jobs import outputs
 from beam_jobs.pipeline import build_pipeline
+from tests.helpers import DATAFLOW_ARGS
 from tests.helpers import REPO
+from tests.helpers import SLIM_PYTHON
+from tests.helpers import needs_the_gcp_extra
 from tests.helpers import expected_labels
 from tests.helpers import png_ids
 from tests.helpers import predict_cli
 from tests.helpers import read_parquet_rows
 
-DATAFLOW_ARGS = [
-    "--runner", "DataflowRunner", "--dry_run=True", "--project",
-    "fake-project", "--region", "us-central1", "--temp_location",
-    "gs://fake-bucket/tmp", "--setup_file", os.path.join(REPO, "setup.py")
-]
 
 TEMPLATE_DIR = os.path.join(REPO, "dataflow")
 # The Dockerfile's ENV lines naming what the launcher runs; its WORKDIR holds
@@ -50,14 +48,6 @@ MODEL_LOAD_LINE = re.compile(r"loading tflite model from \S+ \(pid (\d+)\)")
 SITECUSTOMIZE = "import logging\nlogging.basicConfig(level=logging.INFO)\n"
 
 
-def _needs_the_gcp_extra():
-  """The Dataflow runner's client and the BigQuery sink come with
-  apache-beam[gcp] (google-apitools, google-cloud-*): without the gcp extra
-  the tests that build a Dataflow job skip."""
-  for module in ("apitools", "google.cloud.storage"):
-    pytest.importorskip(module)
-
-
 def _dataflow_job(config):
   plan = preflight.check(config)
   pipeline = beam.Pipeline(options=PipelineOptions(DATAFLOW_ARGS))
@@ -71,7 +61,7 @@ def _dataflow_job(config):
 @pytest.mark.parametrize("form", ["images", "parquet"])
 def test_dataflow_dry_run_builds_the_whole_job(tmp_path, png_dir, tiny_model,
                                                form):
-  _needs_the_gcp_extra()
+  needs_the_gcp_extra()
   source = png_dir
   if form == "parquet":
     make_shards.make_shards(png_dir, str(tmp_path / "shards"), 100)
@@ -265,7 +255,7 @@ def test_dataflow_dry_run_through_the_cli(tmp_path, png_dir, tiny_model,
                                           output):
   """Offline (this machine has no network): exit 0, one line, nothing
   written; the output is locked and checked only by a real run."""
-  _needs_the_gcp_extra()
+  needs_the_gcp_extra()
   target = str(tmp_path / "out") if output == "local" else output
   args = ["--input", png_dir, "--model", tiny_model, "--output", target,
           "--skip_existing"] + DATAFLOW_ARGS
@@ -324,9 +314,6 @@ def test_tflite_serving_imports_no_tensorflow(tmp_path, png_dir, tiny_model):
   assert manifest["counts"]["predictions"] == 200 and manifest["accounted"]
 
 
-SLIM_PYTHON = os.path.join(
-    os.environ.get("SLIM_VENV", os.path.join(REPO, ".venv-slim")), "bin",
-    "python")
 
 
 @pytest.mark.slow
