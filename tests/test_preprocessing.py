@@ -183,6 +183,7 @@ def test_limits_hold_per_call_in_threads_with_no_global_setting():
 # Memory -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_large_images_are_reduced_before_any_conversion():
   side = 4200  # 17.6 MP: above REDUCE_ABOVE_PIXELS
   assert side * side > preprocessing.REDUCE_ABOVE_PIXELS
