@@ -1,16 +1,19 @@
 """Package definition; Dataflow stages it to workers with --setup_file.
 
 The base install is what a worker needs to serve a TFLite or an ONNX model
-folder with the Pillow or torchvision decoder: Beam, LiteRT, ONNX Runtime,
-Pillow, imagecodecs, pyarrow, numpy, and no TensorFlow. ONNX Runtime is in
-the base because a worker serves an adopted PyTorch model with it and
-Dataflow's --setup_file installs only the base; it adds 78 MiB to the slim
-install (its other dependencies, protobuf and flatbuffers, are there
-already). The extras add the rest:
+folder with any decoder: Beam, LiteRT, ONNX Runtime, Pillow, imagecodecs,
+simplejpeg, pyarrow, numpy, and no TensorFlow. simplejpeg is libjpeg-turbo
+with the choice of IDCT and upsampling TensorFlow makes (fast integer IDCT,
+fancy upsampling), which neither Pillow nor imagecodecs exposes: with it the
+card's `tensorflow` decoder recipe (model/keras_decoding.py) gives Keras'
+pixels exactly, without TensorFlow, and it releases the GIL while it
+decodes. ONNX Runtime is in the base because a worker serves an adopted
+PyTorch model with it and Dataflow's --setup_file installs only the base;
+it adds 78 MiB to the slim install (its other dependencies, protobuf and
+flatbuffers, are there already). The extras add the rest:
 
   tensorflow  training (model.train), model.adopt of Keras and SavedModel
-              sources, the keras and savedmodel engines and the tensorflow
-              decoder
+              sources, the keras and savedmodel engines
   onnx        model.adopt of ONNX sources: the `onnx` package reads and
               checks the graph and rewrites its batch axis (31 MiB). Its
               own extra, so a PyTorch author adopts without TensorFlow
@@ -32,6 +35,7 @@ REQUIRED = [
     "numpy>=1.26,<3",
     "pillow>=10.0",
     "imagecodecs>=2024.1",
+    "simplejpeg>=1.8,<2",
     "pyarrow>=14",
     "onnxruntime>=1.20,<2",
 ]

@@ -192,7 +192,9 @@ def _check_list_columns(config: PredictConfig, list_path: str) -> None:
   """The --uri_column (and --label_column) of the first list file."""
   kind = lists.list_format(list_path)
   if kind == "text":
-    if config.label_column:
+    # A glob may mix text lists with CSV or Parquet ones that hold labels;
+    # only a --input_list naming text lists alone cannot.
+    if config.label_column and not paths.has_glob(config.input_list):
       raise ConfigError(
           f"--label_column {config.label_column!r}: {list_path} is a text "
           "list, one URI per line with no columns; give labels in a CSV or "
@@ -240,8 +242,8 @@ def check_workers(config: PredictConfig, card: card_lib.ModelCard,
 
   --setup_file installs the slim serving package on each worker (LiteRT,
   ONNX Runtime, Pillow, Beam: no TensorFlow); the Keras and SavedModel
-  engines and the tensorflow decoder need TensorFlow, which a worker image
-  or a requirements file must bring.
+  engines need TensorFlow, which a worker image or a requirements file must
+  bring. Every decoder, the `tensorflow` recipe included, runs without it.
   """
   if runner_name(options.view_as(
       beam_options.StandardOptions)) not in DATAFLOW_RUNNERS or (
@@ -250,13 +252,12 @@ def check_workers(config: PredictConfig, card: card_lib.ModelCard,
   if (options.view_as(beam_options.WorkerOptions).sdk_container_image or
       options.view_as(beam_options.SetupOptions).requirements_file):
     return
-  what = (f"--engine {config.engine}" if config.engine in
-          engines.TENSORFLOW_ENGINES else "the model's tensorflow decoder")
   raise ConfigError(
-      f"{what} needs TensorFlow on the Dataflow workers, and --setup_file "
-      "installs the package without it: pass --sdk_container_image with an "
-      "image built from dataflow/worker.Dockerfile with EXTRAS=tensorflow "
-      "(docs/dataflow.md), or --requirements_file naming tensorflow")
+      f"--engine {config.engine} needs TensorFlow on the Dataflow workers, "
+      "and --setup_file installs the package without it: pass "
+      "--sdk_container_image with an image built from "
+      "dataflow/worker.Dockerfile with EXTRAS=tensorflow (docs/dataflow.md), "
+      "or --requirements_file naming tensorflow")
 
 
 def _check_scheme(flag: str, path: str) -> None:

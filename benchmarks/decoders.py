@@ -7,9 +7,9 @@ Usage:
 Both run as the pipeline runs them, through `preprocessing.BatchDecoder` on
 batches of 256: `pillow` (this project's decoder: Pillow, EXIF, antialiased
 bilinear resize, uint8) and `tensorflow` (Keras' image_dataset_from_directory
-recipe in one traced TensorFlow call per batch, after Pillow reads each
-header for the size check; float32). The process is pinned to one core and
-TensorFlow to one thread, so the figures are per-core costs. Workloads: the
+recipe as model/keras_decoding.py gives it without TensorFlow; float32;
+benchmarks/decoder_parity.py times it against TensorFlow's own). The
+process is pinned to one core, so the figures are per-core costs. Workloads: the
 flower photos (128x128 JPEGs) to 64x64, and the same photos enlarged to
 500x375 and saved as JPEG quality 90 (made here, in memory) to 64x64 and to
 224x224. Each figure is the median over --repeats passes of microseconds

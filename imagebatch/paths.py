@@ -21,6 +21,11 @@ _SPECIAL_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
                   (stat.S_ISBLK, "a block device"))
 
 
+def has_glob(pattern: str) -> bool:
+  """Whether a pattern may match more than the one path it spells."""
+  return bool(_GLOB_CHARS.search(pattern))
+
+
 def is_remote(path: str) -> bool:
   return "://" in path
 

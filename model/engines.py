@@ -31,8 +31,10 @@ TENSORFLOW_ENGINES = ("keras", "savedmodel")
 
 def needs_tensorflow(card: card_lib.ModelCard, engine: str) -> bool:
   """Whether serving a model with `engine` imports TensorFlow: the Keras and
-  SavedModel engines do, and so does the card's `tensorflow` decoder."""
-  return engine in TENSORFLOW_ENGINES or card.decoder == "tensorflow"
+  SavedModel engines do. Neither decoder does (the card's `tensorflow`
+  recipe is model/keras_decoding.py), so `card` does not decide it."""
+  del card  # Both decoders run without TensorFlow.
+  return engine in TENSORFLOW_ENGINES
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -8,7 +8,8 @@ builds the one a card names):
   both call it, so the same file always becomes the same array.
 * `tensorflow`, the recipe of `keras.utils.image_dataset_from_directory`,
   for models trained elsewhere: `tf.image.decode_image` and an unrounded
-  bilinear `tf.image.resize`, float32 out.
+  bilinear `tf.image.resize`, float32 out, given pixel for pixel without
+  TensorFlow by model/keras_decoding.py.
 * `torchvision`, a PyTorch author's evaluation recipe (ImageFolder's PIL
   decode, Resize, CenterCrop), for ONNX models: model/torchvision_decoding.py.
 
@@ -24,6 +25,8 @@ import imagecodecs
 import numpy as np
 from PIL import Image
 from PIL import ImageOps
+
+from model import keras_decoding
 
 RESIZE_INTERPOLATION = "bilinear"
 DEFAULT_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own default.
@@ -240,59 +243,6 @@ def scale_pixels(pixels: np.ndarray, input_scale: str,
                    f"{INPUT_SCALES}")
 
 
-def _tensorflow_message(error) -> str:
-  """The one useful line of a TensorFlow op error."""
-  lines = [line.strip() for line in str(getattr(error, "message", error))
-           .splitlines() if line.strip()]
-  useful = [line for line in lines if not line.startswith(
-      ("Graph execution error", "Detected at node", "[[", "File "))]
-  line = (useful or lines or [type(error).__name__])[0]
-  if line.startswith("{{"):
-    line = line.split("}}", 1)[-1].strip()
-  return line.split(" [Op:")[0]
-
-
-class TensorFlowDecoder:
-  """Keras' `image_dataset_from_directory` decoding, one TF call per batch.
-
-  `tf.image.decode_image(channels, expand_animations=False)` then
-  `tf.image.resize` (bilinear, no antialiasing, even at the same size), as
-  keras/src/utils/image_dataset_utils.py does; float32, neither rounded nor
-  clipped, since that is what the model saw in training. No EXIF rotation,
-  as Keras applies none. TensorFlow is imported here, on first use only.
-  """
-
-  def __init__(self, height: int, width: int, color_mode: str):
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    self._tf = tf
-    channels = _CHANNELS[color_mode]
-
-    def decode(data):
-      image = tf.image.decode_image(data, channels=channels,
-                                    expand_animations=False)
-      return tf.image.resize(image, (height, width), method="bilinear")
-
-    spec = tf.TensorSpec([height, width, channels], tf.float32)
-    # One traced graph mapping over the batch: the decodes run in
-    # TensorFlow's C++ thread pool, outside the GIL.
-    self._batch = tf.function(
-        lambda batch: tf.map_fn(decode, batch, fn_output_signature=spec),
-        input_signature=[tf.TensorSpec([None], tf.string)])
-    self._one = tf.function(decode,
-                            input_signature=[tf.TensorSpec([], tf.string)])
-
-  def decode_batch(self, payloads: list) -> np.ndarray:
-    """Decodes every payload; raises if any one of them fails."""
-    return self._batch(self._tf.constant(payloads, self._tf.string)).numpy()
-
-  def decode(self, data: bytes) -> np.ndarray:
-    """Decodes one payload; a failure is a ValueError with one line."""
-    try:
-      return self._one(self._tf.constant(data, self._tf.string)).numpy()
-    except self._tf.errors.OpError as error:
-      raise ValueError(_tensorflow_message(error)) from None
-
-
 def card_decoder(card, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
   """The decoder a model card names, for its input size and colour mode: a
   BatchDecoder, or for `torchvision` the card's recipe
@@ -326,12 +276,13 @@ class BatchDecoder:
     self._shape = (height, width, _CHANNELS[color_mode])
     self._color_mode = color_mode
     self._max_pixels = max_pixels
-    self._tensorflow = None
+    self._keras = keras_decoding.KerasImageDecoder(height, width, color_mode,
+                                                   max_pixels)
 
   def decode(self, payloads: list):
     if self._decoder == "pillow":
       return self._decode_with_pillow(payloads)
-    return self._decode_with_tensorflow(payloads)
+    return self._keras.decode_batch(payloads)
 
   def _decode_with_pillow(self, payloads):
     pixels = np.empty((len(payloads),) + self._shape, dtype=np.uint8)
@@ -344,42 +295,3 @@ class BatchDecoder:
       except Exception as error:  # pylint: disable=broad-except
         errors.append((index, error))
     return pixels[:len(good)], good, errors
-
-  def _decode_with_tensorflow(self, payloads):
-    if self._tensorflow is None:
-      self._tensorflow = TensorFlowDecoder(*self._shape[:2], self._color_mode)
-    good, errors = [], []
-    for index, data in enumerate(payloads):
-      # Pillow reads the header only, so an image above the limit is refused
-      # before TensorFlow allocates its pixels.
-      try:
-        _check_bytes(data)
-        open_checked(data, self._max_pixels).close()
-        good.append(index)
-      except Exception as error:  # pylint: disable=broad-except
-        errors.append((index, error))
-    if not good:
-      return np.empty((0,) + self._shape, np.float32), good, errors
-    try:
-      # In slices into one array: TensorFlow holds every full-size image of
-      # a call and its resized copy until the call returns.
-      pixels = np.empty((len(good),) + self._shape, np.float32)
-      rows = rows_per_slice(int(np.prod(self._shape)))
-      for start in range(0, len(good), rows):
-        pixels[start:start + rows] = self._tensorflow.decode_batch(
-            [payloads[i] for i in good[start:start + rows]])
-      return pixels, good, errors
-    except Exception:  # pylint: disable=broad-except
-      pass
-    # Some image failed: decode one at a time to find which.
-    decoded, kept = [], []
-    for index in good:
-      try:
-        decoded.append(self._tensorflow.decode(payloads[index]))
-        kept.append(index)
-      except Exception as error:  # pylint: disable=broad-except
-        errors.append((index, error))
-    errors.sort(key=lambda pair: pair[0])
-    pixels = (np.stack(decoded) if decoded else
-              np.empty((0,) + self._shape, np.float32))
-    return pixels, kept, errors

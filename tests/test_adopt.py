@@ -16,19 +16,28 @@ from apache_beam.io.filesystem import MatchResult
 from apache_beam.io.localfilesystem import LocalFileSystem
 from PIL import Image
 
+# Without the tensorflow extra these tests skip.
+pytest.importorskip("tensorflow")
+# pylint: disable=wrong-import-position
+
 from beam_jobs import config as config_lib
 from beam_jobs import preflight
 from benchmarks import tutorials
-from beam_jobs import predict
 from model import adopt
 from model import card as card_lib
 from model import model_checks
 from model import datasets
 from model import engines
+from model import keras_decoding
 from model import preprocessing
-from tests.conftest import REPO
-from tests.conftest import png_ids
-from tests.conftest import read_parquet_rows
+from tests.helpers import DATAFLOW_ARGS
+from tests.helpers import REPO
+from tests.helpers import SLIM_PYTHON
+from tests.helpers import needs_the_gcp_extra
+from tests.helpers import predict_cli
+from tests.helpers import png_ids
+from tests.helpers import read_parquet_rows
+from tests.helpers import run_predict
 
 FASHION = datasets.FASHION_MNIST_CLASSES
 
@@ -82,14 +91,6 @@ def _adopt(source, out, names=FASHION, **flags):
   return card, said, warned
 
 
-def _predict(model_dir, images, out, **flags):
-  config = config_lib.PredictConfig(images, model_dir, str(out), **flags)
-  manifest = predict.run(config, ["--runner", "DirectRunner"])
-  rows = read_parquet_rows(os.path.join(str(out), "predictions-*.parquet"))
-  assert manifest["accounted"]
-  return {row["id"]: row for row in rows}, manifest
-
-
 def _assert_same_as_author(rows, ids, logits, exact=True):
   probabilities = _softmax(logits)
   labels = [rows[i]["label"] for i in ids]
@@ -124,8 +125,10 @@ def test_float_models_serve_exactly_as_their_author_predicts(
   # from_saved_model would turn into a NaN model serves a TFLite that agrees.
   assert card.engines == expected_engines, said
   assert card.default_engine == "tflite"
-  rows, manifest = _predict(str(tmp_path / "model"), png_dir, tmp_path / "out")
-  assert manifest["counts"]["predictions"] == 200
+  run = run_predict(tmp_path / "out", input=png_dir,
+                    model=str(tmp_path / "model"))
+  rows = run.predictions_by_id
+  assert run.manifest["counts"]["predictions"] == 200
   assert {row["engine"] for row in rows.values()} == {"tflite"}
   _assert_same_as_author(rows, png_ids(png_dir, sample), author.logits)
   # The source's own engine serves the same labels.
@@ -137,13 +140,15 @@ def test_float_models_serve_exactly_as_their_author_predicts(
                                 _softmax(author.logits).argmax(1))
 
 
+@pytest.mark.slow
 def test_int8_model_quantises_its_input_and_dequantises_its_output(
     tmp_path, author, png_dir, sample):
   # No --input_scale: the int8 input's quantisation range (0..1) implies unit.
   card, said, _ = _adopt(author.files["int8"], tmp_path / "model")
   assert card.input_scale == "unit" and card.engines == ["tflite"]
   assert "quantisation" in card.adopted["input_scale"]
-  rows, _ = _predict(str(tmp_path / "model"), png_dir, tmp_path / "out")
+  rows = run_predict(tmp_path / "out", input=png_dir,
+                     model=str(tmp_path / "model")).predictions_by_id
   ids = png_ids(png_dir, sample)
   # Exactly what the author's interpreter loop gives...
   _assert_same_as_author(rows, ids, author.tflite_logits("int8"))
@@ -391,7 +396,8 @@ def test_keras_applications_model_on_photos_decoded_the_keras_way(tmp_path):
                          eval_data=str(photos))
   assert card.output == "probabilities", said
   assert card.engines == ["keras", "tflite"], said
-  rows, _ = _predict(str(tmp_path / "model"), str(photos), tmp_path / "out")
+  rows = run_predict(tmp_path / "out", input=str(photos),
+                     model=str(tmp_path / "model")).predictions_by_id
   ids = [os.path.abspath(p) for p in dataset.file_paths]
   assert [rows[i]["label"] for i in ids] == [
       dataset.class_names[k] for k in expected.argmax(1)]
@@ -423,13 +429,12 @@ def test_tensorflow_decoder_is_image_dataset_from_directory(tmp_path,
     np.testing.assert_array_equal(pixels, expected)
     # Unrounded: the model saw fractions in training, and gets them here.
     assert (pixels != np.round(pixels)).mean() > 0.1
-    # Large batches decode in slices (here of 8 rows) to the same pixels.
+    # Images wait for their resize in groups of a bounded size: groups of
+    # one image give the same pixels.
     with monkeypatch.context() as patch:
-      patch.setattr(preprocessing, "MAX_SLICE_VALUES",
-                    8 * int(np.prod(pixels.shape[1:])) + 1)
-      sliced, _, _ = decoder.decode(payloads)
-    assert len(payloads) % 8
-    np.testing.assert_array_equal(sliced, expected)
+      patch.setattr(keras_decoding, "RESIZE_GROUP_BYTES", 1)
+      one_by_one, _, _ = decoder.decode(payloads)
+    np.testing.assert_array_equal(one_by_one, expected)
 
 
 def test_tensorflow_decoder_isolates_bad_and_oversized_images(tmp_path):
@@ -497,6 +502,32 @@ def test_tflite_with_pillow_decoder_never_imports_tensorflow(tmp_path,
                           text=True, cwd=REPO, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip().splitlines()[-1] == "False False"
+
+
+@pytest.mark.slow
+def test_an_adopted_tflite_folder_serves_from_the_slim_install(
+    tmp_path, author, png_dir, sample):
+  """Its `tensorflow` decoder recipe needs no TensorFlow: served from
+  .venv-slim (no TensorFlow installed), it gives the author's predictions,
+  and a Dataflow dry run with --setup_file (the slim install) accepts it."""
+  card, _, _ = _adopt(author.files["tflite"], tmp_path / "model",
+                      input_scale="unit")
+  assert card.decoder == "tensorflow" and card.engines == ["tflite"]
+  model, out = str(tmp_path / "model"), tmp_path / "out"
+  if not os.path.exists(SLIM_PYTHON):
+    pytest.fail(f"{SLIM_PYTHON} is missing: "
+                "./run_tests.sh creates it (scripts/ensure_venv.sh)")
+  served = predict_cli(
+      ["--input", png_dir, "--model", model, "--output", str(out)],
+      python=SLIM_PYTHON)
+  assert served.returncode == 0, served.stderr[-3000:]
+  rows = {row["id"]: row for row in read_parquet_rows(
+      os.path.join(str(out), "predictions-*.parquet"))}
+  _assert_same_as_author(rows, png_ids(png_dir, sample), author.logits)
+  needs_the_gcp_extra()
+  dry_run = predict_cli(["--input", png_dir, "--model", model, "--output",
+                         str(tmp_path / "dry")] + DATAFLOW_ARGS)
+  assert dry_run.returncode == 0, dry_run.stderr
 
 
 @pytest.mark.slow
@@ -609,7 +640,8 @@ def test_a_tflite_conversion_that_fails_or_disagrees_is_not_served(
   assert "FancyOp" in card.tflite["reason"]
   assert any("not served" in line and "FancyOp" in line for line in said)
   assert not (tmp_path / "failed" / card_lib.TFLITE_FILE).exists()
-  rows, _ = _predict(str(tmp_path / "failed"), png_dir, tmp_path / "out")
+  rows = run_predict(tmp_path / "out", input=png_dir,
+                     model=str(tmp_path / "failed")).predictions_by_id
   assert {row["engine"] for row in rows.values()} == {"keras"}
   _assert_same_as_author(rows, png_ids(png_dir, sample), author.logits)
 
