@@ -10,9 +10,10 @@ import subprocess
 import sys
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+
+pytest.importorskip("onnx")  # model.adopt reads ONNX with the onnx extra.
 
 from beam_jobs import config as config_lib
 from beam_jobs import predict
@@ -22,8 +23,12 @@ from model import card as card_lib
 from model import engines
 from model import preprocessing
 from tests import onnx_builders as build
-from tests.conftest import REPO
-from tests.conftest import read_parquet_rows
+from tests.helpers import DATAFLOW_ARGS
+from tests.helpers import REPO
+from tests.helpers import SLIM_PYTHON
+from tests.helpers import TENSORFLOW_BLOCKER
+from tests.helpers import needs_the_gcp_extra
+from tests.helpers import read_parquet_rows
 
 CLASSES = ["cat", "dog", "fox"]
 MEAN = np.asarray(preprocessing.TORCH_MEAN, np.float32)
@@ -31,23 +36,6 @@ STD = np.asarray(preprocessing.TORCH_STD, np.float32)
 FILTERS = {"bilinear": Image.Resampling.BILINEAR,
            "bicubic": Image.Resampling.BICUBIC,
            "nearest": Image.Resampling.NEAREST}
-SLIM_PYTHON = os.path.join(
-    os.environ.get("SLIM_VENV", os.path.join(REPO, ".venv-slim")), "bin",
-    "python")
-DATAFLOW_ARGS = [
-    "--runner", "DataflowRunner", "--dry_run=True", "--project",
-    "fake-project", "--region", "us-central1", "--temp_location",
-    "gs://fake-bucket/tmp", "--setup_file", os.path.join(REPO, "setup.py")]
-# Refuses TensorFlow and Keras in every process it is loaded into (as a
-# sitecustomize, so in the DirectRunner's workers too).
-TENSORFLOW_BLOCKER = """
-import importlib.abc, sys
-class Blocker(importlib.abc.MetaPathFinder):
-  def find_spec(self, name, path=None, target=None):
-    if name.split(".")[0] in ("tensorflow", "keras", "tf_keras"):
-      raise ImportError(f"{name} is blocked: ONNX must not import it")
-sys.meta_path.insert(0, Blocker())
-"""
 
 
 def write_photos(root, sizes=((20, 14), (14, 21), (17, 17), (31, 12))):
@@ -523,6 +511,8 @@ def test_adopted_and_served_where_tensorflow_cannot_be_imported(tmp_path,
   """model.adopt with TensorFlow blocked, then beam_jobs.predict from the
   slim install (Beam, LiteRT, ONNX Runtime; no TensorFlow, no onnx), then
   query and report on the results."""
+  pytest.importorskip("duckdb")  # The query tool needs the tools extra.
+  pytest.importorskip("matplotlib")
   from tools import query  # pylint: disable=import-outside-toplevel
   from tools import report  # pylint: disable=import-outside-toplevel
   if not os.path.exists(SLIM_PYTHON):
@@ -578,6 +568,7 @@ def test_adopted_and_served_where_tensorflow_cannot_be_imported(tmp_path,
 @pytest.mark.slow
 def test_dataflow_dry_run_of_an_onnx_folder_needs_no_tensorflow(tmp_path,
                                                                 photos):
+  needs_the_gcp_extra()
   source = build.classifier(str(tmp_path / "model.onnx"), classes=3)
   adopt_quietly(source, tmp_path / "folder", input_scale="torch", resize=10,
                 center_crop=(8, 8))

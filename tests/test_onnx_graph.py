@@ -5,10 +5,11 @@ in the test (tests/onnx_builders.py). No torch, no TensorFlow."""
 import os
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto
-from onnx import helper
+
+onnx = pytest.importorskip("onnx")  # model.adopt's onnx extra.
+from onnx import TensorProto  # pylint: disable=wrong-import-position
+from onnx import helper  # pylint: disable=wrong-import-position
 
 from model import card as card_lib
 from model import engines
