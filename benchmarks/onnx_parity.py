@@ -1,7 +1,7 @@
 """ONNX models from PyTorch against their authors' own predictions.
 
 Usage:
-  python -m benchmarks.onnx_parity [--models /work/bench/onnx_models]
+  python -m benchmarks.onnx_parity [--models DIR (make_models.py's --out)]
       [--data ../shared/data] [--work DIR] [--serve_python PYTHON]
       [--only fashion|efficientnet]
 
@@ -97,9 +97,10 @@ def _row(export, flags, card, rows, images, author):
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--models", default="/work/bench/onnx_models",
+  parser.add_argument("--models", default=os.environ.get(
+      "ONNX_MODELS_DIR", "/work/bench/onnx_models"),
                       help="the folder benchmarks/pytorch/make_models.py "
-                      "wrote")
+                      "wrote (its --out)")
   parser.add_argument("--data", default=os.path.join(REPO, "..", "shared",
                                                      "data"))
   parser.add_argument("--work", default=None,
