@@ -7,7 +7,7 @@
       [--decoder tensorflow|pillow|torchvision] [--eval_data FOLDER]
       [--resize N | H,W] [--center_crop N | H,W] [--interpolation NAME]
       [--preprocessing_config FILE] [--layout NCHW|NHWC]
-      [--output_name NAME]
+      [--output_name NAME] [--embedding_layer NAME]
 
 SOURCE is a `.keras` file, a legacy Keras `.h5` file, a TensorFlow SavedModel
 folder (its `serving_default` signature), a `.tflite` file, float or
@@ -36,6 +36,7 @@ from model import adopt_checks
 from model import adopt_feeding
 from model import card as card_lib
 from imagebatch import cli
+from model import embeddings
 from model import engines
 from model import model_formats
 from model import preprocessing
@@ -186,6 +187,7 @@ def adopt(source_path: str, out_dir: str, class_names: list, *,
           interpolation: Optional[str] = None, layout: Optional[str] = None,
           output_name: Optional[str] = None,
           preprocessing_config: Optional[str] = None,
+          embedding_layer: Optional[str] = None,
           say=print, warn=None) -> card_lib.ModelCard:
   """Writes the model folder; returns its card. Raises AdoptError.
 
@@ -226,14 +228,18 @@ def adopt(source_path: str, out_dir: str, class_names: list, *,
            f"for a class were left out ({', '.join(sorted(others)[:10])}); "
            "name the folders as --class_names names the classes")
   check_pixels = adopt_checks.check_images(card, eval_set)
+  checked_on = "--eval_data images" if eval_set else "generated check images"
+  try:
+    say(embeddings.adopt_embedding(source, card, embedding_layer,
+                                   check_pixels, checked_on))
+  except embeddings.EmbeddingError as error:
+    raise AdoptError(str(error)) from None
   os.makedirs(out_dir, exist_ok=True)
   _clear(out_dir)
   _stage_source(source, out_dir)
   engine = _decide_output(source, card, out_dir, output_kind, check_pixels,
                           say)
-  _add_tflite(source, card, out_dir, engine, check_pixels,
-              "--eval_data images" if eval_set else "generated check images",
-              say)
+  _add_tflite(source, card, out_dir, engine, check_pixels, checked_on, say)
   if eval_set:
     card.metrics = adopt_checks.evaluate(card, out_dir, eval_set, eval_data,
                                          say, warn)
@@ -416,6 +422,11 @@ def build_parser() -> cli.ArgumentParser:
                       help="the author's timm config.json (pretrained_cfg) "
                       "or Hugging Face preprocessor_config.json: sets the "
                       "flags above; a flag that contradicts it is refused")
+  parser.add_argument("--embedding_layer", default=None,
+                      help="the Keras layer or ONNX tensor whose output is "
+                      "the embedding predict --write_embeddings writes "
+                      "(default: the input of the final Dense, Gemm or "
+                      "MatMul)")
   parser.add_argument("--eval_data", default=None,
                       help="a folder of class sub-folders to score the model "
                       "on through the serving decoder")
@@ -439,7 +450,8 @@ def main(argv=None) -> int:
           center_crop=parse_image_size(args.center_crop, "center_crop"),
           interpolation=args.interpolation, layout=args.layout,
           output_name=args.output_name,
-          preprocessing_config=args.preprocessing_config)
+          preprocessing_config=args.preprocessing_config,
+          embedding_layer=args.embedding_layer)
   except (AdoptError, OSError) as error:
     print(f"model.adopt: error: {error}", file=sys.stderr)
     return 2

@@ -9,6 +9,7 @@ import numpy as np
 
 from imagebatch import paths
 from model import card as card_lib
+from model import embeddings
 from model import engines
 from model import export
 from model import model_formats
@@ -112,26 +113,39 @@ def tflite_conversion(source: model_formats.Source, out_dir: str,
                       card: card_lib.ModelCard, engine: engines.Engine,
                       images: np.ndarray, checked_on: str) -> dict:
   """Converts to TFLite and keeps it only if it agrees with the source."""
+  served = source.model
+  if "keras" in card.embedding_engines:
+    served = embeddings.keras_two_outputs(source.model,
+                                          card.embedding["layer"])
   try:
     if source.kind == "savedmodel":
       tflite_bytes = model_formats.convert_saved_model(
           os.path.join(out_dir, card_lib.SAVED_MODEL_DIR))
     else:
-      tflite_bytes = export.convert_to_tflite(source.model)
+      tflite_bytes = export.convert_to_tflite(served)
   except Exception as error:  # pylint: disable=broad-except
     return {"converted": False,
             "reason": f"conversion failed: {model_formats.first_line(error)}"}
+  if served is not source.model:
+    try:
+      outputs = embeddings.match_tflite_outputs(
+          tflite_bytes, served, engine.model_inputs(images), checked_on)
+    except embeddings.EmbeddingError as error:
+      return {"converted": False, "reason": str(error)}
+    card.embedding["engines"]["tflite"] = outputs
   reference = np.concatenate([
       engine.probabilities(images[start:start + EVAL_BATCH])
       for start in range(0, len(images), EVAL_BATCH)])
   try:
     agreement = export.tflite_agreement(reference, tflite_bytes, card, images)
   except Exception as error:  # pylint: disable=broad-except
+    card.embedding.get("engines", {}).pop("tflite", None)
     return {"converted": False,
             "reason": f"the converted model does not run: "
                       f"{model_formats.first_line(error)}"}
   agreement.update(checked_on=checked_on, converted_from=source.kind)
   if agreement["top1_agreement"] < export.MIN_TFLITE_AGREEMENT:
+    card.embedding.get("engines", {}).pop("tflite", None)
     agreement.update(converted=False, reason=(
         f"its top-1 agrees with {source.kind} on only "
         f"{agreement['top1_agreement']:.2%} of {agreement['images']} "

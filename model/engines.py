@@ -51,7 +51,8 @@ def fit_rank(images: np.ndarray, rank: int) -> np.ndarray:
 
 
 class Engine:
-  """Runs a model on batches. Subclasses implement `_raw_outputs`."""
+  """Runs a model on batches. Subclasses implement `_raw_outputs`, and
+  `_raw_outputs_and_embeddings` when the card gives them an embedding."""
   name = ""
 
   def __init__(self, card: card_lib.ModelCard):
@@ -59,6 +60,10 @@ class Engine:
 
   def _raw_outputs(self, images: np.ndarray) -> np.ndarray:
     raise NotImplementedError
+
+  def _raw_outputs_and_embeddings(self, images: np.ndarray) -> tuple:
+    raise ValueError(f"the {self.name} engine serves no embedding for this "
+                     "model")
 
   def model_inputs(self, images: np.ndarray) -> np.ndarray:
     """The card's scaling applied to a batch of [0, 255] pixels."""
@@ -70,11 +75,45 @@ class Engine:
     """What the model itself returns (logits or probabilities)."""
     return self._raw_outputs(self.model_inputs(images))
 
+  def outputs_and_embeddings(self, images: np.ndarray) -> tuple:
+    """(outputs, embeddings): the model's scores and the card's embedding
+    layer, from one run."""
+    return self._raw_outputs_and_embeddings(self.model_inputs(images))
+
   def probabilities(self, images: np.ndarray) -> np.ndarray:
-    outputs = self.outputs(images)
+    return self._probabilities(self.outputs(images))
+
+  def probabilities_and_embeddings(self, images: np.ndarray) -> tuple:
+    """(probabilities, float32 embeddings (N, D)) from one run."""
+    outputs, embeddings = self.outputs_and_embeddings(images)
+    return (self._probabilities(outputs),
+            np.asarray(embeddings, np.float32).reshape(len(embeddings), -1))
+
+  def _probabilities(self, outputs: np.ndarray) -> np.ndarray:
     if self.card.output == "logits":
       return softmax(outputs.astype(np.float64)).astype(np.float32)
     return outputs.astype(np.float32)
+
+
+def _embedding_outputs(card: card_lib.ModelCard, engine: str) -> dict:
+  """The card's output names of `engine` ({"scores", "embedding"}), or {}."""
+  return dict((card.embedding or {}).get("engines", {}).get(engine) or {})
+
+
+def _pick_outputs(names: list, card: card_lib.ModelCard, engine: str,
+                  where: str) -> tuple:
+  """(index of the scores output, index of the embedding output or None)
+  among a model file's outputs: its only one, or as the card names them."""
+  named = _embedding_outputs(card, engine)
+  if len(names) == 1 and not named:
+    return 0, None
+  missing = [named.get(role) for role in ("scores", "embedding")
+             if named.get(role) not in names]
+  if missing:
+    raise ValueError(f"{where} has outputs {names}; the card's embedding "
+                     f"names {[named.get('scores'), named.get('embedding')]} "
+                     f"for the {engine} engine")
+  return names.index(named["scores"]), names.index(named["embedding"])
 
 
 class KerasEngine(Engine):
@@ -96,9 +135,25 @@ class KerasEngine(Engine):
     spec = tf.TensorSpec(shape, tf.float32)
     self._call = tf.function(lambda x: self.model(x, training=False),
                              input_signature=[spec], reduce_retracing=True)
+    self._call_with_embedding = None
+    if "keras" in card.embedding_engines:
+      from model import embeddings  # pylint: disable=import-outside-toplevel
+      both = embeddings.keras_two_outputs(self.model,
+                                          card.embedding["layer"])
+      _check_embedding_width(both.outputs[1].shape, card, model_path)
+      self._call_with_embedding = tf.function(
+          lambda x: both(x, training=False), input_signature=[spec],
+          reduce_retracing=True)
 
   def _raw_outputs(self, images):
     return self._call(fit_rank(images, self._rank)).numpy()
+
+  def _raw_outputs_and_embeddings(self, images):
+    if self._call_with_embedding is None:
+      return super()._raw_outputs_and_embeddings(images)
+    scores, embeddings = self._call_with_embedding(fit_rank(images,
+                                                            self._rank))
+    return scores.numpy(), embeddings.numpy()
 
 
 class SavedModelEngine(Engine):
@@ -170,11 +225,20 @@ class TFLiteEngine(Engine):
     self._input_dtype = details["dtype"]
     self._input_quantization = details["quantization"]
     self._rank = len(details["shape"])
-    output = self._interpreter.get_output_details()[0]
-    _check_width(output["shape"][-1], card, model_path or "TFLite model")
+    where = model_path or "TFLite model"
+    outputs = self._interpreter.get_output_details()
+    scores, embedding = _pick_outputs([o["name"] for o in outputs], card,
+                                      "tflite", where)
+    output = outputs[scores]
+    _check_width(output["shape"][-1], card, where)
     self._output = output["index"]
     self._output_quantization = (output["quantization"] if np.issubdtype(
         output["dtype"], np.integer) else None)
+    self._embedding = None
+    if embedding is not None:
+      _check_embedding_width(outputs[embedding]["shape_signature"], card,
+                             where)
+      self._embedding = outputs[embedding]["index"]
     self._batch_size = 0
     self._lock = threading.Lock()
 
@@ -193,8 +257,20 @@ class TFLiteEngine(Engine):
     # XNNPACK runs no faster for rows beyond a few.
     return _in_slices(super().outputs, images)
 
+  def outputs_and_embeddings(self, images):
+    return _in_slices(super().outputs_and_embeddings, images)
+
   def _raw_outputs(self, images):
+    return self._invoke(images, with_embedding=False)[0]
+
+  def _raw_outputs_and_embeddings(self, images):
+    if self._embedding is None:
+      return super()._raw_outputs_and_embeddings(images)
+    return self._invoke(images, with_embedding=True)
+
+  def _invoke(self, images, with_embedding: bool) -> tuple:
     images = self._quantised(fit_rank(images, self._rank))
+    embeddings = None
     with self._lock:
       if len(images) != self._batch_size:
         self._interpreter.resize_tensor_input(self._input, list(images.shape))
@@ -203,11 +279,13 @@ class TFLiteEngine(Engine):
       self._interpreter.set_tensor(self._input, images)
       self._interpreter.invoke()
       outputs = self._interpreter.get_tensor(self._output).copy()
+      if with_embedding:
+        embeddings = self._interpreter.get_tensor(self._embedding).copy()
     if self._output_quantization is not None:
       scale, zero_point = self._output_quantization
       outputs = (outputs.astype(np.float32) - zero_point) * np.float32(
           scale or 1.0)
-    return outputs
+    return outputs, embeddings
 
 
 def onnx_session(model_content: bytes, threads: int = 1):
@@ -286,10 +364,15 @@ class OnnxEngine(Engine):
         model_content = handle.read()
     self._session = onnx_session(model_content, threads)
     inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
-    if len(inputs) != 1 or len(outputs) != 1:
-      raise ValueError(f"{where} has {len(inputs)} inputs and "
-                       f"{len(outputs)} outputs; expected one of each")
-    self._input, self._output = inputs[0].name, outputs[0].name
+    if len(inputs) != 1:
+      raise ValueError(f"{where} has {len(inputs)} inputs; expected one")
+    scores, embedding = _pick_outputs([o.name for o in outputs], card,
+                                      "onnx", where)
+    self._input, self._output = inputs[0].name, outputs[scores].name
+    self._embedding = None
+    if embedding is not None:
+      self._embedding = outputs[embedding].name
+      _check_embedding_width(outputs[embedding].shape, card, where)
     if inputs[0].type not in ONNX_INPUT_TYPES:
       raise ValueError(f"{where} takes {inputs[0].type}; the onnx engine "
                        f"feeds {sorted(ONNX_INPUT_TYPES)}")
@@ -302,7 +385,7 @@ class OnnxEngine(Engine):
       raise ValueError(f"{where} has a fixed batch of {batch}; the onnx "
                        "engine serves a batch axis of 1 or a symbolic one")
     self._one_at_a_time = batch == 1
-    width = outputs[0].shape[-1] if outputs[0].shape else None
+    width = outputs[scores].shape[-1] if outputs[scores].shape else None
     _check_width(width if isinstance(width, int) else None, card, where)
 
   def outputs(self, images):
@@ -310,15 +393,28 @@ class OnnxEngine(Engine):
     # runs no faster for rows beyond a few.
     return _in_slices(super().outputs, images)
 
+  def outputs_and_embeddings(self, images):
+    return _in_slices(super().outputs_and_embeddings, images)
+
   def _raw_outputs(self, images):
+    return self._run([self._output], images)[0]
+
+  def _raw_outputs_and_embeddings(self, images):
+    if self._embedding is None:
+      return super()._raw_outputs_and_embeddings(images)
+    return tuple(self._run([self._output, self._embedding], images))
+
+  def _run(self, names: list, images) -> list:
     images = onnx_layout(images, self._layout, self._dtype)
     if not self._one_at_a_time:
-      outputs = self._session.run([self._output], {self._input: images})[0]
+      results = self._session.run(names, {self._input: images})
     else:
-      outputs = np.concatenate([
-          self._session.run([self._output], {self._input: images[i:i + 1]})[0]
-          for i in range(len(images))])
-    return outputs.astype(np.float32, copy=False)
+      runs = [self._session.run(names, {self._input: images[i:i + 1]})
+              for i in range(len(images))]
+      results = [np.concatenate([run[k] for run in runs])
+                 for k in range(len(names))]
+    return [np.asarray(result).astype(np.float32, copy=False)
+            for result in results]
 
 
 def check_onnx_model_shapes(card: card_lib.ModelCard, model: bytes) -> None:
@@ -328,11 +424,14 @@ def check_onnx_model_shapes(card: card_lib.ModelCard, model: bytes) -> None:
   where = card_lib.ONNX_FILE
   session = onnx_session(model)
   inputs, outputs = session.get_inputs(), session.get_outputs()
-  if len(inputs) != 1 or len(outputs) != 1:
-    raise ValueError(f"{where} has {len(inputs)} inputs and "
-                     f"{len(outputs)} outputs; expected one of each")
-  width = outputs[0].shape[-1] if outputs[0].shape else None
+  if len(inputs) != 1:
+    raise ValueError(f"{where} has {len(inputs)} inputs; expected one")
+  scores, embedding = _pick_outputs([o.name for o in outputs], card, "onnx",
+                                    where)
+  width = outputs[scores].shape[-1] if outputs[scores].shape else None
   _check_width(width if isinstance(width, int) else None, card, where)
+  if embedding is not None:
+    _check_embedding_width(outputs[embedding].shape, card, where)
   layout = card.preprocessing.get("layout")
   if layout not in card_lib.ONNX_LAYOUTS or len(inputs[0].shape) != (
       3 if layout == "NHW" else 4):
@@ -345,20 +444,38 @@ def check_onnx_model_shapes(card: card_lib.ModelCard, model: bytes) -> None:
                      f"({layout}) but the card says {list(card.input_shape)}")
 
 
-def _in_slices(run, images: np.ndarray) -> np.ndarray:
+def _in_slices(run, images: np.ndarray):
   """`run` over a large batch in slices of `rows_per_slice` rows, each
-  scaled on its own, so no scaled copy of the whole batch exists."""
+  scaled on its own, so no scaled copy of the whole batch exists. `run`
+  returns an array, or a tuple of arrays (outputs and embeddings)."""
   rows = preprocessing.rows_per_slice(int(np.prod(images.shape[1:])))
   if len(images) <= rows:
     return run(images)
-  return np.concatenate([run(images[start:start + rows])
-                         for start in range(0, len(images), rows)])
+  parts = [run(images[start:start + rows])
+           for start in range(0, len(images), rows)]
+  if isinstance(parts[0], tuple):
+    return tuple(np.concatenate(column) for column in zip(*parts))
+  return np.concatenate(parts)
 
 
 def _check_width(width, card: card_lib.ModelCard, where: str) -> None:
   if width is not None and int(width) != card.num_classes:
     raise ValueError(f"{where} outputs {int(width)} classes but the card "
                      f"names {card.num_classes}")
+
+
+def _check_embedding_width(shape, card: card_lib.ModelCard,
+                           where: str) -> None:
+  """Refuses an embedding output whose values per row (the product of its
+  dimensions after the batch's, where all are known) are not the card's."""
+  dims = list(shape)[1:] if shape is not None else []
+  if (not dims or card.embedding_dimension is None or
+      not all(isinstance(d, (int, np.integer)) and d > 0 for d in dims)):
+    return
+  width = int(np.prod(dims))
+  if width != card.embedding_dimension:
+    raise ValueError(f"{where}'s embedding output has {width} values per "
+                     f"image but the card says {card.embedding_dimension}")
 
 
 def check_model_shapes(card: card_lib.ModelCard, tflite: bytes) -> None:
@@ -373,10 +490,15 @@ def check_model_shapes(card: card_lib.ModelCard, tflite: bytes) -> None:
   except Exception as error:  # pylint: disable=broad-except
     raise ValueError(f"{card_lib.TFLITE_FILE} cannot be loaded: "
                      f"{error}") from None
-  if len(inputs) != 1 or len(outputs) != 1:
-    raise ValueError(f"{card_lib.TFLITE_FILE} has {len(inputs)} inputs and "
-                     f"{len(outputs)} outputs; expected one of each")
-  _check_width(outputs[0]["shape"][-1], card, card_lib.TFLITE_FILE)
+  if len(inputs) != 1:
+    raise ValueError(f"{card_lib.TFLITE_FILE} has {len(inputs)} inputs; "
+                     "expected one")
+  scores, embedding = _pick_outputs([o["name"] for o in outputs], card,
+                                    "tflite", card_lib.TFLITE_FILE)
+  _check_width(outputs[scores]["shape"][-1], card, card_lib.TFLITE_FILE)
+  if embedding is not None:
+    _check_embedding_width(outputs[embedding]["shape_signature"], card,
+                           card_lib.TFLITE_FILE)
   # (batch, height, width[, channels]); -1 in the signature is any size.
   dims = inputs[0].get("shape_signature", inputs[0]["shape"])[1:]
   expected = [int(d) for d in card.input_shape][:len(dims)]

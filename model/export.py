@@ -13,6 +13,7 @@ from typing import Optional
 import numpy as np
 
 from model import card as card_lib
+from model import embeddings
 from model import engines
 from model import preprocessing
 
@@ -79,12 +80,19 @@ def export_model(model,
                  metrics: dict,
                  training: dict,
                  history: Optional[dict] = None,
-                 rescaling: str = "inside the model: x / 255"
+                 rescaling: str = "inside the model: x / 255",
+                 embedding_layer: Optional[str] = None,
+                 preprocessing_recipe: Optional[dict] = None,
+                 output: str = "logits"
                  ) -> card_lib.ModelCard:
   """Writes the model folder and returns its card.
 
   `rescaling` says what the model's own first layers do to the [0, 255]
-  pixels; whatever it is, the model takes them raw.
+  pixels; whatever it is, the model takes them raw, unless
+  `preprocessing_recipe` (a card's `preprocessing`, as a composed model
+  keeps its backbone's) says otherwise. The embedding is `embedding_layer`'s
+  output, by default the input of the final Dense layer
+  (model/embeddings.py); model.tflite carries it as a second output.
   """
   os.makedirs(out_dir, exist_ok=True)
   # Until the new card is written, the folder must not pass for a model.
@@ -92,9 +100,11 @@ def export_model(model,
   if os.path.exists(card_path):
     os.remove(card_path)
   height, width, channels = (int(d) for d in model.input_shape[1:])
+  layer, chosen = embeddings.keras_layer(model, embedding_layer)
+  served = embeddings.keras_two_outputs(model, layer) if layer else model
   keras_path = os.path.join(out_dir, card_lib.MODEL_FILE)
   model.save(keras_path)
-  tflite_bytes = convert_to_tflite(model)
+  tflite_bytes = convert_to_tflite(served)
   with open(keras_path, "rb") as handle:
     keras_bytes = handle.read()
 
@@ -104,8 +114,8 @@ def export_model(model,
       class_names=list(class_names),
       input_shape=[height, width, channels],
       color_mode=color_mode,
-      output="logits",
-      preprocessing={
+      output=output,
+      preprocessing=preprocessing_recipe or {
           # This project's own decoder (model.preprocessing.decode_image):
           # uint8 pixels; the model rescales them itself.
           "decoder": "pillow",
@@ -121,10 +131,22 @@ def export_model(model,
       dataset=dataset,
       metrics=metrics,
       training=training,
-  ).validate()
+  )
+  model_inputs = engines.Engine(card).model_inputs(test_images)
+  if layer:
+    card.embedding = embeddings.keras_record(model, layer, chosen)
+    try:
+      card.embedding["engines"]["tflite"] = embeddings.match_tflite_outputs(
+          tflite_bytes, served, model_inputs, "test images")
+    except embeddings.EmbeddingError as error:
+      raise RuntimeError(f"{error}; not exporting a model whose engines "
+                         "would serve different embeddings") from None
+  card.validate()
   card.model_id = card_lib.compute_model_id(card, keras_bytes, tflite_bytes)
-  keras_probabilities = engines.softmax(
-      model.predict(test_images, batch_size=256, verbose=0).astype(np.float64))
+  keras_outputs = model.predict(model_inputs, batch_size=256,
+                                verbose=0).astype(np.float64)
+  keras_probabilities = (engines.softmax(keras_outputs) if output == "logits"
+                         else keras_outputs)
   card.tflite = tflite_agreement(keras_probabilities, tflite_bytes, card,
                                  test_images.astype(np.float32))
   if card.tflite["top1_agreement"] < MIN_TFLITE_AGREEMENT:

@@ -94,8 +94,10 @@ def make_tf_dataset(split: datasets.Split, batch_size: int, seed: int,
 def train(dataset: datasets.Dataset, architecture: str, output: str,
           epochs: int = None, batch_size: int = None,
           learning_rate: float = None, seed: int = DEFAULT_SEED,
-          verbose: int = 2):
-  """Trains, evaluates and exports; returns the model card."""
+          verbose: int = 2, embedding_layer: str = None):
+  """Trains, evaluates and exports; returns the model card. The card's
+  embedding is `embedding_layer`, by default the input of the final Dense
+  layer."""
   import keras  # pylint: disable=import-outside-toplevel
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   # TensorFlow loads only now, after every path and flag has been checked.
@@ -137,7 +139,8 @@ def train(dataset: datasets.Dataset, architecture: str, output: str,
   return _evaluate_and_export(
       model, output, architecture, dataset, test_data, history.history,
       seconds, {"epochs": epochs, "batch_size": batch_size,
-                "learning_rate": learning_rate, "seed": seed})
+                "learning_rate": learning_rate, "seed": seed},
+      embedding_layer=embedding_layer)
 
 
 def train_backbone(dataset: datasets.Dataset, backbone: str, output: str,
@@ -146,7 +149,7 @@ def train_backbone(dataset: datasets.Dataset, backbone: str, output: str,
                    fine_tune_epochs: int = None,
                    fine_tune_learning_rate: float = None,
                    fine_tune_blocks: int = None, seed: int = DEFAULT_SEED,
-                   verbose: int = 2):
+                   verbose: int = 2, embedding_layer: str = None):
   """Transfer learning in two phases; returns the model card.
 
   Phase 1 trains a new head on the frozen backbone; phase 2 unfreezes the
@@ -219,7 +222,7 @@ def train_backbone(dataset: datasets.Dataset, backbone: str, output: str,
        "learning_rate": learning_rate, "seed": seed,
        "backbone": {"name": backbone, "weights": weights.describe(),
                     "phases": phases}},
-      rescaling=spec.rescaling)
+      rescaling=spec.rescaling, embedding_layer=embedding_layer)
 
 
 def _backbone_schedule(epochs, batch_size, learning_rate, fine_tune_epochs,
@@ -325,6 +328,10 @@ def build_parser() -> cli.ArgumentParser:
   backbone.add_argument("--fine_tune_blocks", type=int, default=None,
                         help="top blocks to unfreeze (default: the last "
                         "stage's: 3 for MobileNetV3, 8 for EfficientNetV2B0)")
+  parser.add_argument("--embedding_layer", default=None,
+                      help="the layer whose output is the embedding that "
+                      "predict --write_embeddings writes (default: the one "
+                      "feeding the final Dense layer)")
   parser.add_argument("--color_mode", default="rgb",
                       choices=["rgb", "grayscale"],
                       help="colour mode for image folders")
@@ -360,6 +367,14 @@ def check_backbone_flags(args) -> None:
       raise ValueError(f"--{', --'.join(given)} need --backbone")
 
 
+def embedding_line(card) -> str:
+  """What the folder serves as its embedding, in a few words."""
+  if not card.embedding:
+    return "no embedding (pass --embedding_layer NAME)"
+  return (f"embedding: {card.embedding['layer']!r}, "
+          f"{card.embedding['dimension']} values ({card.embedding['chosen']})")
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   cli.quiet_libraries(args.verbose)
@@ -383,20 +398,20 @@ def main(argv=None) -> int:
           dataset, args.backbone, args.output, weights, args.epochs,
           args.batch_size, args.learning_rate, args.fine_tune_epochs,
           args.fine_tune_learning_rate, args.fine_tune_blocks, args.seed,
-          verbose=verbose)
+          verbose=verbose, embedding_layer=args.embedding_layer)
     else:
       architecture = args.architecture or (
           "fashion_cnn" if dataset.name == "fashion_mnist"
           else "photo_xception")
       card = train(dataset, architecture, args.output, args.epochs,
                    args.batch_size, args.learning_rate, args.seed,
-                   verbose=verbose)
+                   verbose=verbose, embedding_layer=args.embedding_layer)
   except (FileNotFoundError, ValueError, RuntimeError) as error:
     print(f"model.train: error: {error}", file=sys.stderr)
     return 2
   print(f"exported {card.architecture} model {card.model_id} to "
         f"{args.output}: {card.metrics}, TFLite agreement "
-        f"{card.tflite['top1_agreement']:.4f}")
+        f"{card.tflite['top1_agreement']:.4f}; {embedding_line(card)}")
   cli.print_next(
       f"{args.output} (model.keras, model.tflite, model_card.json, "
       "training_curves.png)",
