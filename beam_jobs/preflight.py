@@ -32,6 +32,7 @@ from beam_jobs.sources import parquet
 from imagebatch import cli
 from imagebatch import paths
 from model import card as card_lib
+from model import embeddings
 from model import engines
 from model import preprocessing
 
@@ -58,8 +59,8 @@ def check(config: PredictConfig, options=None) -> Plan:
   dry_run = is_dataflow_dry_run(options)
   config = resolve_flags(config)
   card = load_card(config.model, config.engine)
-  config = dataclasses.replace(config, engine=(
-      card.default_engine if config.engine == "auto" else config.engine))
+  config = dataclasses.replace(config, engine=auto_engine(config, card))
+  check_embeddings(config, card)
   check_input(config, offline=dry_run)
   folder = check_output(config, card.model_id, offline=dry_run)
   check_workers(config, card, options)
@@ -148,6 +149,30 @@ def load_card(model: str, engine: str) -> card_lib.ModelCard:
   except (ValueError, OSError) as error:
     raise ConfigError(f"--model {model}: {error}") from None
   return card
+
+
+def auto_engine(config: PredictConfig, card: card_lib.ModelCard) -> str:
+  """The engine --engine names, or for auto the fastest the folder holds
+  (with --write_embeddings, the fastest that serves the embedding)."""
+  if config.engine != "auto":
+    return config.engine
+  if config.write_embeddings and card.embedding_engines:
+    return card.embedding_engines[0]
+  return card.default_engine
+
+
+def check_embeddings(config: PredictConfig, card: card_lib.ModelCard) -> None:
+  """With --write_embeddings, the engine must serve the card's embedding."""
+  if not config.write_embeddings:
+    return
+  if not card.embedding:
+    raise ConfigError("--write_embeddings: " +
+                      embeddings.refusal(config.model, card))
+  if config.engine not in card.embedding_engines:
+    raise ConfigError(
+        f"--write_embeddings: the {config.engine} engine of {config.model} "
+        f"serves no embedding; pass --engine "
+        f"{' or '.join(card.embedding_engines)}, which do")
 
 
 def check_input(config: PredictConfig, offline: bool = False) -> None:

@@ -82,8 +82,10 @@ def export_model(model,
                  history: Optional[dict] = None,
                  rescaling: str = "inside the model: x / 255",
                  embedding_layer: Optional[str] = None,
+                 embedding_chosen: Optional[str] = None,
                  preprocessing_recipe: Optional[dict] = None,
-                 output: str = "logits"
+                 output: str = "logits",
+                 write_card: bool = True
                  ) -> card_lib.ModelCard:
   """Writes the model folder and returns its card.
 
@@ -93,6 +95,8 @@ def export_model(model,
   keeps its backbone's) says otherwise. The embedding is `embedding_layer`'s
   output, by default the input of the final Dense layer
   (model/embeddings.py); model.tflite carries it as a second output.
+  With `write_card` False the card is returned unwritten, for a caller
+  that checks more before the folder counts as a model.
   """
   os.makedirs(out_dir, exist_ok=True)
   # Until the new card is written, the folder must not pass for a model.
@@ -134,7 +138,8 @@ def export_model(model,
   )
   model_inputs = engines.Engine(card).model_inputs(test_images)
   if layer:
-    card.embedding = embeddings.keras_record(model, layer, chosen)
+    card.embedding = embeddings.keras_record(model, layer,
+                                             embedding_chosen or chosen)
     try:
       card.embedding["engines"]["tflite"] = embeddings.match_tflite_outputs(
           tflite_bytes, served, model_inputs, "test images")
@@ -161,6 +166,7 @@ def export_model(model,
   if history:
     plot_curves(history, os.path.join(out_dir, card_lib.CURVES_FILE))
   # The card goes last: a folder with a card is a complete model.
-  with open(card_path, "w") as handle:
-    handle.write(card.to_json())
+  if write_card:
+    with open(card_path, "w") as handle:
+      handle.write(card.to_json())
   return card

@@ -6,6 +6,8 @@ Usage:
   python -m model.train --data ../shared/data/flowers --output models/flowers
   python -m model.train --data ../shared/data/flowers --output models/flowers \
       --backbone MobileNetV3Small --weights imagenet        # transfer learning
+  python -m model.train --data ../shared/data/flowers --output models/flowers \
+      --features_from models/efficientnet_lite0   # a head on its embeddings
 """
 
 import logging
@@ -332,6 +334,21 @@ def build_parser() -> cli.ArgumentParser:
                       help="the layer whose output is the embedding that "
                       "predict --write_embeddings writes (default: the one "
                       "feeding the final Dense layer)")
+  features = parser.add_argument_group(
+      "a head on another model's embeddings", "the class folders are "
+      "embedded through MODEL_DIR's decoder and engine, a small head is "
+      "trained on them, and backbone + head are exported as one model "
+      "folder")
+  features.add_argument("--features_from", default=None,
+                        metavar="MODEL_DIR",
+                        help="a model folder that serves an embedding "
+                        "(instead of --architecture or --backbone)")
+  features.add_argument("--head", default=None, choices=("linear", "mlp"),
+                        help="logistic regression, or one hidden ReLU layer "
+                        "(default: linear)")
+  features.add_argument("--hidden_units", type=int, default=None,
+                        help="units of the mlp head's hidden layer "
+                        "(default: 256)")
   parser.add_argument("--color_mode", default="rgb",
                       choices=["rgb", "grayscale"],
                       help="colour mode for image folders")
@@ -356,15 +373,57 @@ def parse_args(argv):
 
 
 def check_backbone_flags(args) -> None:
-  """Refuses transfer-learning flags without --backbone, and the reverse."""
+  """Refuses transfer-learning flags without --backbone, head flags without
+  --features_from, and flags that do not go with the one given."""
   if args.backbone and args.architecture:
     raise ValueError("give --architecture or --backbone, not both")
+  if args.features_from:
+    given = [flag for flag in ("architecture", "backbone", "image_size",
+                               "embedding_layer")
+             if getattr(args, flag) is not None]
+    if args.color_mode != "rgb":
+      given.append("color_mode")
+    if given:
+      raise ValueError(f"--features_from takes its input size, colour mode "
+                       f"and embedding from MODEL_DIR's card: drop "
+                       f"--{', --'.join(given)}")
+    if args.data is None or datasets.is_fashion_mnist_dir(args.data):
+      raise ValueError("--features_from needs --data, a folder with one "
+                       "sub-folder of images per class")
+  elif args.head is not None or args.hidden_units is not None:
+    raise ValueError("--head and --hidden_units need --features_from")
+  if args.hidden_units is not None and args.head != "mlp":
+    raise ValueError("--hidden_units is for --head mlp")
   if not args.backbone:
     given = [flag for flag in ("weights", "fine_tune_epochs",
                                "fine_tune_learning_rate", "fine_tune_blocks")
              if getattr(args, flag) is not None]
     if given:
       raise ValueError(f"--{', --'.join(given)} need --backbone")
+
+
+def train_on_features(args, verbose: int):
+  """--features_from: the head, then backbone + head as one folder."""
+  from model import compose  # pylint: disable=import-outside-toplevel
+  from model import head  # pylint: disable=import-outside-toplevel
+  backbone = head.load_backbone(args.features_from)
+  if not os.path.isdir(args.data):
+    raise FileNotFoundError(f"no data folder at {args.data}: expected one "
+                            "sub-folder of images per class")
+  split_seed = args.seed if args.split_seed is None else args.split_seed
+  trained = head.train_head(
+      args.data, backbone, args.head or head.DEFAULT_HEAD, args.epochs,
+      args.batch_size, args.learning_rate, args.hidden_units,
+      args.validation_split, args.seed, split_seed, verbose)
+  dataset = {
+      "name": os.path.basename(os.path.normpath(args.data)),
+      "source": os.path.abspath(args.data),
+      "train_images": len(trained.train.labels),
+      "validation_images": len(trained.validation.labels),
+      "evaluated_on": "validation", "split_seed": split_seed,
+      "decode_failures": trained.train.failed + trained.validation.failed,
+  }
+  return compose.export_composed(trained, backbone, args.output, dataset)
 
 
 def embedding_line(card) -> str:
@@ -381,6 +440,17 @@ def main(argv=None) -> int:
   verbose = 0 if args.quiet else 2
   try:
     check_backbone_flags(args)
+    if args.features_from:
+      card = train_on_features(args, verbose)
+      print(f"exported {card.architecture} model {card.model_id} to "
+            f"{args.output}: {card.metrics}; backbone + head checked against "
+            f"the two run apart on {card.training['composed']['images']} "
+            f"images ({card.default_engine}: top-1 agreement "
+            f"{card.training['composed']['top1_agreement']:.4f}); "
+            f"{embedding_line(card)}")
+      cli.print_next(f"{args.output} (model_card.json and the model files)",
+                     [cli.predict_command(model=args.output)])
+      return 0
     weights = None
     if args.backbone:
       from model import backbones  # pylint: disable=import-outside-toplevel
