@@ -19,6 +19,7 @@ import numpy as np
 
 from imagebatch import cli
 from model import datasets
+from model import embeddings
 
 DEFAULT_SEED = 0
 DEFAULT_VALIDATION_SPLIT = 0.2
@@ -115,6 +116,8 @@ def train(dataset: datasets.Dataset, architecture: str, output: str,
 
   input_shape = dataset.train.images.shape[1:]
   model = recipe.build(input_shape, len(dataset.class_names))
+  # A wrong --embedding_layer fails now, not after training.
+  embeddings.keras_layer(model, embedding_layer)
   steps = epochs * -(-len(dataset.train) // batch_size)
   schedule = keras.optimizers.schedules.CosineDecay(learning_rate, steps)
   optimizer = (keras.optimizers.AdamW(schedule, weight_decay=recipe.weight_decay)
@@ -185,6 +188,7 @@ def train_backbone(dataset: datasets.Dataset, backbone: str, output: str,
 
   model = backbones.build_classifier(backbone, (height, width, channels),
                                      len(dataset.class_names), weights)
+  embeddings.keras_layer(model, embedding_layer)
   if fine_tune_epochs:
     # A bad block count fails now, not after the first phase.
     backbones.check_block_count(backbone, model, fine_tune_blocks)
