@@ -6,6 +6,7 @@ locked `sandbox.ResultViews` returning plain rows and numbers.
 from typing import Optional
 
 from beam_jobs import outputs
+from tools import embedding_queries
 from tools.sandbox import QueryError
 from tools.sandbox import rows
 from tools.sandbox import scalar
@@ -244,4 +245,6 @@ def compare(connection, limit: int = DEFAULT_LIMIT) -> dict:
                  b.label AS other_label,
                  round(b.confidence, 4) AS other_confidence
           {joined} WHERE a.label <> b.label ORDER BY id LIMIT ?""", [limit]),
+      # Where both runs wrote embeddings: how alike they are, id by id.
+      "embeddings": embedding_queries.mean_cosine(connection),
   }

@@ -292,6 +292,8 @@ class ResultViews:
     """Locks the connection first, then creates the views on it."""
     self.connection.register_filesystem(ListedShards(self._shards))
     for statement in (
+        # No progress bar on stderr during a long scan.
+        "SET enable_progress_bar = false",
         "SET temp_directory = ''",
         # Both spellings: DuckDB writes a globbed scheme path with three
         # slashes.
@@ -350,6 +352,24 @@ class ResultViews:
     self._views = {view: ([n for n in names if n in self._shards], empty)
                    for view, (names, empty) in self._views.items()}
     self._create_views()
+
+  def record_batches(self, sql: str, parameters=None,
+                     rows_per_batch: int = 4096):
+    """Yields pyarrow RecordBatches of one statement over the views, so a
+    caller holds one batch at a time; the whole scan runs within the time
+    limit. For the canned answers only: `sql` is never a user's."""
+    timer = threading.Timer(self.timeout_seconds, self.connection.interrupt)
+    timer.start()
+    try:
+      # A relation streams; a DB-API result would be copied whole first.
+      reader = self.connection.sql(sql, params=parameters or None
+                                   ).to_arrow_reader(rows_per_batch)
+      yield from reader
+    except duckdb.InterruptException:
+      raise QueryError(f"the query ran over {self.timeout_seconds:g}s "
+                       "(--timeout) and was stopped") from None
+    finally:
+      timer.cancel()
 
   def _fetch(self, sql, parameters, max_rows):
     timer = threading.Timer(self.timeout_seconds, self.connection.interrupt)
