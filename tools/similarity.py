@@ -11,16 +11,10 @@ BLOCK_BYTES of embeddings at a time (a block); each block is compared with
 itself and with every later row as a scan streams them by, so a run of N
 rows of D values takes ceil(N / block rows) passes and holds one block,
 one record batch and one tile of TILE_ROWS x TILE_ROWS similarities at a
-time, whatever N is. Time grows as N^2: at worst every tile's
-similarities are computed in full (N^2 D / 2 multiply-adds). Many tiles are
-ruled out first, cheaply and losslessly: for unit vectors u, v,
-cos(u, v) >= s means |u - v|^2 <= 2 - 2s, and an orthonormal projection P
-can only shrink a distance, so a pair whose projected distance
-|Pu - Pv|^2 is above 2 - 2s cannot be a near-duplicate. P is the top
-PROJECTION_DIMENSIONS principal axes of the first block (any orthonormal P
-is exact; good axes rule out more). It rules out most pairs of spread-out
-embeddings, and few where rows form tight clusters, whose tiles are then
-compared in full.
+time, whatever N is. Time grows as N^2 D: every pair's cosine is one
+float32 multiply-add per value (N^2 D / 2 in all, in BLAS matrix
+products); pairs within FLOAT32_SLACK of the threshold or above are
+confirmed in float64.
 """
 
 import dataclasses
@@ -35,18 +29,11 @@ import numpy as np
 BLOCK_BYTES = 128 * 1024 * 1024
 # Rows per side of one tile of similarities (16 MB of float32).
 TILE_ROWS = 2048
-# The projection that rules pairs out before the full comparison.
-PROJECTION_DIMENSIONS = 64
-# Rows of the first block the principal axes are computed from.
-PROJECTION_SAMPLE = 4096
-# Room for float32 rounding in the projected test and in a tile's float32
-# similarities, so no pair at the threshold is ruled out by either; the
-# pairs kept are confirmed in float64.
-PROJECTION_SLACK = 1e-4
+# Room for float32 rounding in a tile's similarities, so no pair at the
+# threshold is missed; the pairs kept are confirmed in float64, at most
+# CONFIRM_PAIRS at a time.
 FLOAT32_SLACK = 1e-5
-# Pairs confirmed on all D values at a time; a tile with more left after
-# the projection test gets its similarities in one product instead.
-GATHER_PAIRS = 4096
+CONFIRM_PAIRS = 4096
 
 
 class SimilarityError(ValueError):
@@ -144,55 +131,29 @@ class _Pairs:
             for similarity, first, second in sorted(self._kept, reverse=True)]
 
 
-def _projection(unit: np.ndarray) -> np.ndarray:
-  """(D, k) orthonormal columns: the principal axes of up to
-  PROJECTION_SAMPLE rows."""
-  sample = unit[:PROJECTION_SAMPLE].astype(np.float64)
-  sample = sample - sample.mean(axis=0)
-  _, _, axes = np.linalg.svd(sample, full_matrices=False)
-  return np.ascontiguousarray(axes[:PROJECTION_DIMENSIONS].T, np.float32)
-
-
-def _compare(left: np.ndarray, left_projected: np.ndarray, left_ids: list,
-             right: np.ndarray, right_projected: np.ndarray, right_ids: list,
-             min_similarity: float, pairs: _Pairs, same: bool) -> int:
+def _compare(left: np.ndarray, left_ids: list, right: np.ndarray,
+             right_ids: list, min_similarity: float, pairs: _Pairs,
+             same: bool) -> None:
   """Adds the pairs of `left` x `right` (with `same`, the pairs within one
-  set, each once) at `min_similarity` or above; returns how many tiles
-  needed their similarities in full.
-
-  Per tile: the projection test rules pairs out; when more than
-  GATHER_PAIRS are left, the tile's float32 similarities are computed in
-  one product instead. Every pair left is confirmed in float64, at most
-  GATHER_PAIRS at a time.
-  """
-  bound = 2.0 - 2.0 * min_similarity + PROJECTION_SLACK
-  left_norms = (left_projected.astype(np.float64) ** 2).sum(axis=1)
-  right_norms = (right_projected.astype(np.float64) ** 2).sum(axis=1)
-  full_tiles = 0
+  set, each once) at `min_similarity` or above, a tile at a time."""
   for start in range(0, len(left), TILE_ROWS):
     stop = min(start + TILE_ROWS, len(left))
     for other in range(start if same else 0, len(right), TILE_ROWS):
       end = min(other + TILE_ROWS, len(right))
-      close = (left_norms[start:stop, None] + right_norms[None, other:end]
-               - 2.0 * (left_projected[start:stop] @
-                        right_projected[other:end].T)) <= bound
+      close = (left[start:stop] @ right[other:end].T >=
+               np.float32(min_similarity - FLOAT32_SLACK))
       if same and other == start:
         close &= np.triu(np.ones(close.shape, bool), k=1)
-      if np.count_nonzero(close) > GATHER_PAIRS:
-        full_tiles += 1
-        close &= (left[start:stop] @ right[other:end].T >=
-                  min_similarity - FLOAT32_SLACK)
       rows, columns = np.nonzero(close)
-      for first in range(0, len(rows), GATHER_PAIRS):
-        chunk_rows = rows[first:first + GATHER_PAIRS] + start
-        chunk_columns = columns[first:first + GATHER_PAIRS] + other
+      for first in range(0, len(rows), CONFIRM_PAIRS):
+        chunk_rows = rows[first:first + CONFIRM_PAIRS] + start
+        chunk_columns = columns[first:first + CONFIRM_PAIRS] + other
         similarity = np.einsum(
             "ij,ij->i", left[chunk_rows].astype(np.float64),
             right[chunk_columns].astype(np.float64))
         for row, column, value in zip(chunk_rows, chunk_columns, similarity):
           if value >= min_similarity and left_ids[row] != right_ids[column]:
             pairs.add(float(value), left_ids[row], right_ids[column])
-  return full_tiles
 
 
 def near_duplicates(scan: Callable[[], Iterator], min_similarity: float,
@@ -207,14 +168,14 @@ def near_duplicates(scan: Callable[[], Iterator], min_similarity: float,
   started = time.monotonic()
   per_block = block_rows(dimension, block_bytes)
   pairs = _Pairs(limit)
-  projection, order, passes, full_tiles = None, None, 0, 0
+  order, passes = None, 0
   rows = zero_rows = 0
   block_start = 0
   while True:
     passes += 1
     digest = hashlib.sha256()
     position = 0
-    block, block_ids, block_projected = [], [], None
+    block, block_ids, closed = [], [], False
     for ids, values in scan():
       digest.update("\0".join(ids).encode("utf-8", "surrogatepass") + b"\1")
       unit, usable = unit_rows(values)
@@ -232,46 +193,35 @@ def near_duplicates(scan: Callable[[], Iterator], min_similarity: float,
         block.append(unit[in_block])
         block_ids.extend(i for i, keep in zip(batch_ids, in_block) if keep)
       if after.any():
-        if block_projected is None:
-          block, projection, block_projected = _close_block(
-              block, projection)
-          full_tiles += _compare(block, block_projected, block_ids, block,
-                                 block_projected, block_ids, min_similarity,
-                                 pairs, same=True)
-        later = unit[after]
-        full_tiles += _compare(
-            block, block_projected, block_ids, later, later @ projection,
-            [i for i, keep in zip(batch_ids, after) if keep],
-            min_similarity, pairs, same=False)
+        if not closed:
+          block, closed = _joined(block, dimension), True
+          _compare(block, block_ids, block, block_ids, min_similarity, pairs,
+                   same=True)
+        _compare(block, block_ids, unit[after],
+                 [i for i, keep in zip(batch_ids, after) if keep],
+                 min_similarity, pairs, same=False)
     if order is None:
       order = digest.hexdigest()
     elif order != digest.hexdigest():
       raise SimilarityError("the rows came back in another order on a later "
                             "pass; near-duplicates cannot be counted exactly")
-    if block_projected is None and block:
+    if not closed and block:
       # The block ran to the end of the rows: only its own pairs are left.
-      block, projection, block_projected = _close_block(block, projection)
-      full_tiles += _compare(block, block_projected, block_ids, block,
-                             block_projected, block_ids, min_similarity,
-                             pairs, same=True)
+      block = _joined(block, dimension)
+      _compare(block, block_ids, block, block_ids, min_similarity, pairs,
+               same=True)
     block_start += per_block
     if block_start >= position:
       break
   return {
       "min_similarity": min_similarity, "rows": rows, "zero_rows": zero_rows,
       "pairs": pairs.count, "shown": pairs.rows(),
-      "method": (f"exact, in blocks: {passes} pass(es) over the rows, blocks "
-                 f"of up to {per_block}; tiles of {TILE_ROWS} rows ruled out "
-                 f"by a lossless {PROJECTION_DIMENSIONS}-dimension "
-                 f"projection test but for {full_tiles} compared in full"),
+      "method": (f"exact, every pair compared: {passes} pass(es) over the "
+                 f"rows in blocks of up to {per_block}"),
       "seconds": round(time.monotonic() - started, 3),
   }
 
 
-def _close_block(block: list, projection: Optional[np.ndarray]) -> tuple:
-  """(the block as one array, the projection, the block projected); the
-  projection is made from the first block."""
-  block = np.concatenate(block) if block else np.zeros((0, 0), np.float32)
-  if projection is None:
-    projection = _projection(block)
-  return block, projection, block @ projection
+def _joined(block: list, dimension: int) -> np.ndarray:
+  return (np.concatenate(block) if block else
+          np.zeros((0, dimension), np.float32))
