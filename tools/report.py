@@ -7,8 +7,9 @@ Writes PNG plots and an index.html that shows them with the summary table:
 a grid of sample images with their predictions and probability bars (the
 Keras basic-classification tutorial's two plots), the most confident
 mistakes, a confusion-matrix heat map, a confidence histogram split by
-correct and wrong, and a reliability diagram. All numbers come from
-`tools.query`.
+correct and wrong, a reliability diagram, and for a --write_embeddings run
+a 2-D map of the embeddings (PCA of a bounded sample, coloured by label).
+All numbers come from `tools.query`.
 """
 
 import html
@@ -25,6 +26,7 @@ from PIL import Image  # pylint: disable=wrong-import-position
 
 from imagebatch import cli  # pylint: disable=wrong-import-position
 from tools import answers  # pylint: disable=wrong-import-position
+from tools import embedding_queries  # pylint: disable=wrong-import-position
 from tools import sandbox  # pylint: disable=wrong-import-position
 
 DEFAULT_SAMPLES = 15
@@ -40,6 +42,7 @@ FILES = {
     "confusion": "confusion_matrix.png",
     "confidence": "confidence_histogram.png",
     "reliability": "reliability_diagram.png",
+    "embedding_map": "embedding_map.png",
 }
 INDEX = "index.html"
 TITLES = {
@@ -48,7 +51,10 @@ TITLES = {
     "confusion": "confusion matrix",
     "confidence": "confidence histogram",
     "reliability": "reliability diagram",
+    "embedding_map": "embedding map",
 }
+# Labels drawn in colours of their own on the map; the rest are grey.
+MAP_LABELS = 20
 
 
 def _open(data: bytes) -> np.ndarray:
@@ -227,6 +233,48 @@ def plot_reliability(scores: dict, path: str) -> None:
   plt.close(figure)
 
 
+def pca_2d(values: np.ndarray) -> tuple:
+  """(N, 2) coordinates on the first two principal axes (numpy's SVD of
+  the centred rows), and the share of variance each explains."""
+  centred = np.asarray(values, np.float64) - np.mean(values, axis=0)
+  _, singular, axes = np.linalg.svd(centred, full_matrices=False)
+  share = singular ** 2 / max(float((singular ** 2).sum()), 1e-300)
+  return centred @ axes[:2].T, share[:2]
+
+
+def plot_embedding_map(sample: dict, path: str) -> None:
+  """The sample's embeddings on their first two principal axes, coloured
+  by true label where the rows have one, else by predicted label."""
+  coordinates, share = pca_2d(sample["embeddings"])
+  by_truth = sum(t is not None for t in sample["true_labels"]) > len(
+      sample["true_labels"]) / 2
+  labels = [str(t if by_truth else p) for t, p in zip(sample["true_labels"],
+                                                       sample["labels"])]
+  names, counts = np.unique(labels, return_counts=True)
+  shown = list(names[np.argsort(-counts, kind="stable")][:MAP_LABELS])
+  colours = plt.get_cmap("tab20")
+  figure, axis = plt.subplots(figsize=(7, 6))
+  labels = np.array(labels)
+  others = ~np.isin(labels, shown)
+  if others.any():
+    axis.scatter(coordinates[others, 0], coordinates[others, 1], s=4,
+                 color=OTHER_BARS, label=f"other ({int(others.sum())})")
+  for index, name in enumerate(sorted(shown)):
+    mask = labels == name
+    axis.scatter(coordinates[mask, 0], coordinates[mask, 1], s=4,
+                 color=colours(index % 20), label=f"{name} ({int(mask.sum())})")
+  axis.set_xlabel(f"PC 1 ({share[0]:.0%} of variance)")
+  axis.set_ylabel(f"PC 2 ({share[1]:.0%} of variance)" if len(share) > 1
+                  else "PC 2")
+  axis.set_title(f"Embeddings (D = {sample['dimension']}), "
+                 f"{len(labels)} of {sample['rows']} rows, coloured by "
+                 f"{'true' if by_truth else 'predicted'} label")
+  axis.legend(fontsize=7, markerscale=3, loc="best")
+  figure.tight_layout()
+  figure.savefig(path, dpi=DPI)
+  plt.close(figure)
+
+
 def _class_names(connection, manifest) -> list:
   """The card's class names from the manifest, else the predicted ones."""
   if (manifest or {}).get("class_names"):
@@ -299,6 +347,16 @@ def write_report(output_dir: str, out: str,
   path = os.path.join(out, FILES["confidence"])
   plot_confidence(connection, path)
   written["confidence"] = path
+  sample = embedding_queries.map_sample(connection)
+  if sample is None:
+    skipped["embedding_map"] = ("the run has no embeddings (predict "
+                                "--write_embeddings writes them)")
+  elif len(sample["embeddings"]) < 3:
+    skipped["embedding_map"] = "fewer than 3 rows have an embedding"
+  else:
+    path = os.path.join(out, FILES["embedding_map"])
+    plot_embedding_map(sample, path)
+    written["embedding_map"] = path
   written["index"] = _write_index(out, summary, scores, written, skipped)
   return written
 

@@ -100,7 +100,7 @@ class _Descending:
     return self.value <= other.value
 
 
-def block_rows(dimension: int, block_bytes: int = BLOCK_BYTES) -> int:
+def block_rows(dimension: int, block_bytes: int) -> int:
   """Rows per block for embeddings of `dimension` values."""
   return max(TILE_ROWS, block_bytes // (4 * max(1, dimension)))
 
@@ -158,7 +158,7 @@ def _compare(left: np.ndarray, left_ids: list, right: np.ndarray,
 
 def near_duplicates(scan: Callable[[], Iterator], min_similarity: float,
                     dimension: int, limit: int = 0,
-                    block_bytes: int = BLOCK_BYTES) -> dict:
+                    block_bytes: Optional[int] = None) -> dict:
   """Every pair of rows (with different ids) whose embeddings' cosine is at
   least `min_similarity`, counted, and the `limit` most similar listed (all
   with 0); exact, in blocks (see the module's docstring)."""
@@ -166,7 +166,7 @@ def near_duplicates(scan: Callable[[], Iterator], min_similarity: float,
     raise SimilarityError(f"--min_similarity must be between -1 and 1, got "
                           f"{min_similarity}")
   started = time.monotonic()
-  per_block = block_rows(dimension, block_bytes)
+  per_block = block_rows(dimension, block_bytes or BLOCK_BYTES)
   pairs = _Pairs(limit)
   order, passes = None, 0
   rows = zero_rows = 0
