@@ -14,7 +14,12 @@ one ordinary model folder that serves both in one engine call.
 """
 
 import dataclasses
+import json
 import logging
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from typing import Optional
 
@@ -44,6 +49,9 @@ HIDDEN_DROPOUT = 0.3
 MIN_RELATIVE_STD = 0.01
 # Images decoded and embedded per engine call.
 EMBED_BATCH = 256
+# How the images are embedded: in this process, or by the Beam pipeline
+# (beam_jobs.predict --write_embeddings, one worker process per core).
+EMBED_WITH = ("process", "pipeline")
 _LOG = logging.getLogger("model.train")
 
 
@@ -104,6 +112,49 @@ def embed_files(backbone: Backbone, files: list, labels: np.ndarray,
   return Features(np.concatenate(parts), np.asarray(labels)[kept], failed)
 
 
+def embed_with_pipeline(backbone: Backbone, data: str, subsets: list,
+                        work_dir: str) -> list:
+  """Features of each (files, labels) subset, embedded by the pipeline:
+  `python -m beam_jobs.predict --write_embeddings` over the whole folder in
+  a child process (one worker per core), then read back from the shards
+  its manifest lists. The process boundary keeps model/ from importing
+  beam_jobs/."""
+  output = os.path.join(work_dir, "embeddings")
+  command = [sys.executable, "-m", "beam_jobs.predict", "--input",
+             os.path.abspath(data), "--model", backbone.model_dir,
+             "--output", output, "--write_embeddings", "--engine",
+             backbone.engine, "--progress_seconds", "0", "--runner",
+             "FnApiRunner", "--direct_num_workers", str(os.cpu_count() or 1),
+             "--direct_running_mode", "multi_processing",
+             "--inference_threads", "1"]
+  done = subprocess.run(command, capture_output=True, text=True, check=False)
+  if done.returncode not in (0, 1):
+    lines = (done.stderr or done.stdout).strip().splitlines()
+    raise HeadError("embedding with the pipeline failed: " +
+                    (lines[-1] if lines else f"exit {done.returncode}"))
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(output, "_run.json"), encoding="utf-8") as handle:
+    manifest = json.load(handle)
+  found = {}
+  for entry in manifest["files"]["predictions"]:
+    table = pq.read_table(os.path.join(output, entry["name"]),
+                          columns=["id", "embedding"])
+    width = table.schema.field("embedding").type.list_size
+    values = table.column("embedding").combine_chunks().flatten(
+    ).to_numpy().reshape(-1, width)
+    found.update(zip(table.column("id").to_pylist(), values))
+  features = []
+  for files, labels in subsets:
+    kept = [i for i, path in enumerate(files)
+            if os.path.abspath(path) in found]
+    if not kept:
+      raise HeadError("the pipeline embedded none of the images")
+    features.append(Features(
+        np.stack([found[os.path.abspath(files[i])] for i in kept]),
+        np.asarray(labels)[kept], len(files) - len(kept)))
+  return features
+
+
 def build_head(train_embeddings: np.ndarray, num_classes: int,
                head: str = DEFAULT_HEAD, hidden_units: int = HIDDEN_UNITS):
   """The head: standardise (adapted on `train_embeddings`), then a Dense
@@ -151,8 +202,10 @@ def train_head(data: str, backbone: Backbone, head: str = DEFAULT_HEAD,
                hidden_units: Optional[int] = None,
                validation_split: float = 0.2, seed: int = 0,
                split_seed: Optional[int] = None, verbose: int = 2,
-               threads: int = 0) -> TrainedHead:
-  """Embeds the split class folders through the backbone and fits the head
+               threads: int = 0, embed_with: str = "process"
+               ) -> TrainedHead:
+  """Embeds the split class folders through the backbone (in this process,
+  or with `embed_with` "pipeline" by the Beam pipeline) and fits the head
   on them, scored on the held-out split."""
   import keras  # pylint: disable=import-outside-toplevel
   if head not in HEADS:
@@ -160,14 +213,21 @@ def train_head(data: str, backbone: Backbone, head: str = DEFAULT_HEAD,
   split_seed = seed if split_seed is None else split_seed
   class_names, subsets = datasets.split_image_folder(data, validation_split,
                                                      split_seed)
+  if embed_with not in EMBED_WITH:
+    raise HeadError(f"--embed_with must be one of {EMBED_WITH}")
   started = time.monotonic()
-  train, validation = [embed_files(backbone, list(files), labels, threads)
-                       for files, labels in subsets]
+  if embed_with == "pipeline":
+    with tempfile.TemporaryDirectory(prefix="head-embeddings-") as work:
+      train, validation = embed_with_pipeline(backbone, data, subsets, work)
+  else:
+    train, validation = [embed_files(backbone, list(files), labels, threads)
+                         for files, labels in subsets]
   embed_seconds = time.monotonic() - started
   _LOG.info("embedded %d + %d images through %s (%s engine) in %.0fs",
             len(train.labels), len(validation.labels), backbone.model_dir,
             backbone.engine, embed_seconds)
-  settings = {"head": head, "epochs": epochs or HEAD_EPOCHS,
+  settings = {"head": head, "embedded_with": embed_with,
+              "epochs": epochs or HEAD_EPOCHS,
               "batch_size": batch_size or HEAD_BATCH_SIZE,
               "learning_rate": learning_rate or HEAD_LEARNING_RATE,
               "l2": HEAD_L2, "seed": seed}

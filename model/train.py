@@ -353,6 +353,12 @@ def build_parser() -> cli.ArgumentParser:
   features.add_argument("--hidden_units", type=int, default=None,
                         help="units of the mlp head's hidden layer "
                         "(default: 256)")
+  features.add_argument("--embed_with", default=None,
+                        choices=("process", "pipeline"),
+                        help="embed the images in this process, or with "
+                        "the Beam pipeline (predict --write_embeddings, a "
+                        "worker per core) for large folders (default: "
+                        "process)")
   parser.add_argument("--color_mode", default="rgb",
                       choices=["rgb", "grayscale"],
                       help="colour mode for image folders")
@@ -394,8 +400,10 @@ def check_backbone_flags(args) -> None:
     if args.data is None or datasets.is_fashion_mnist_dir(args.data):
       raise ValueError("--features_from needs --data, a folder with one "
                        "sub-folder of images per class")
-  elif args.head is not None or args.hidden_units is not None:
-    raise ValueError("--head and --hidden_units need --features_from")
+  elif (args.head is not None or args.hidden_units is not None or
+        args.embed_with is not None):
+    raise ValueError("--head, --hidden_units and --embed_with need "
+                     "--features_from")
   if args.hidden_units is not None and args.head != "mlp":
     raise ValueError("--hidden_units is for --head mlp")
   if not args.backbone:
@@ -418,7 +426,8 @@ def train_on_features(args, verbose: int):
   trained = head.train_head(
       args.data, backbone, args.head or head.DEFAULT_HEAD, args.epochs,
       args.batch_size, args.learning_rate, args.hidden_units,
-      args.validation_split, args.seed, split_seed, verbose)
+      args.validation_split, args.seed, split_seed, verbose,
+      embed_with=args.embed_with or "process")
   dataset = {
       "name": os.path.basename(os.path.normpath(args.data)),
       "source": os.path.abspath(args.data),

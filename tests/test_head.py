@@ -47,11 +47,13 @@ def _pixels(folder, card):
   return pixels
 
 
-def _train_and_compose(data, backbone_dir, out, head_kind="linear"):
+def _train_and_compose(data, backbone_dir, out, head_kind="linear",
+                       embed_with="process"):
   from model import compose  # pylint: disable=import-outside-toplevel
   from model import head  # pylint: disable=import-outside-toplevel
   backbone = head.load_backbone(backbone_dir)
-  trained = head.train_head(data, backbone, head_kind, epochs=3, verbose=0)
+  trained = head.train_head(data, backbone, head_kind, epochs=3, verbose=0,
+                            embed_with=embed_with)
   card = compose.export_composed(trained, backbone, out, {"name": "gen"})
   return backbone, trained, card
 
@@ -123,6 +125,22 @@ def test_a_keras_backbone_and_head_serve_as_one_model(tmp_path, tiny_model):
     np.testing.assert_allclose(embedded, backbone_embedded, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_the_pipeline_embeds_as_the_process_does(tmp_path, onnx_backbone):
+  from model import head  # pylint: disable=import-outside-toplevel
+  data = _generated_folders(tmp_path / "data", count=6)
+  backbone = head.load_backbone(onnx_backbone)
+  subsets = __import__("model.datasets", fromlist=["x"]).split_image_folder(
+      data, 0.2, 0)[1]
+  by_pipeline = head.embed_with_pipeline(backbone, data, subsets,
+                                         str(tmp_path / "work"))
+  for (files, labels), features in zip(subsets, by_pipeline):
+    alone = head.embed_files(backbone, list(files), labels)
+    np.testing.assert_array_equal(features.labels, alone.labels)
+    np.testing.assert_allclose(features.embeddings, alone.embeddings,
+                               atol=1e-5)
+
+
 def test_flags_that_do_not_go_with_features_from_are_refused(tmp_path,
                                                              capsys):
   from model import train  # pylint: disable=import-outside-toplevel
@@ -131,7 +149,8 @@ def test_flags_that_do_not_go_with_features_from_are_refused(tmp_path,
       (["--features_from", "m", "--architecture", "photo_cnn"],
        "drop --architecture"),
       (["--features_from", "m", "--image_size", "32"], "drop --image_size"),
-      (["--head", "mlp"], "--head and --hidden_units need --features_from"),
+      (["--head", "mlp"], "--head, --hidden_units and --embed_with need "
+       "--features_from"),
       (["--features_from", "m", "--hidden_units", "9"],
        "--hidden_units is for --head mlp"),
       (["--features_from", str(tmp_path / "nothing")], "no model card"),
