@@ -44,6 +44,14 @@ from model import torchvision_decoding
 from model.model_formats import AdoptError
 
 OUTPUT_KINDS = ("auto",) + card_lib.OUTPUT_KINDS
+# A classifier's input, height times width: above this it is not one this
+# serves (the probe images alone would not fit in memory).
+MAX_INPUT_PIXELS = 4096 * 4096
+# A --class_names value with one of these endings, or a path separator,
+# names a file.
+CLASS_NAME_FILE_SUFFIXES = (".txt", ".json", ".csv")
+# A class-names file holds one name a line; 100,000 classes fit easily.
+MAX_CLASS_NAMES_BYTES = 16 << 20
 
 
 def resolve_input(source: model_formats.Source, image_size: Optional[tuple],
@@ -83,14 +91,27 @@ def resolve_input(source: model_formats.Source, image_size: Optional[tuple],
                        f"model's input is {dims[0]}x{dims[1]} "
                        "(height x width)")
     size.append(int(dim))
+  if size[0] * size[1] > MAX_INPUT_PIXELS:
+    raise AdoptError(f"{source.path}: input of {size[0]}x{size[1]} pixels "
+                     f"is above the limit of {MAX_INPUT_PIXELS:,} pixels for "
+                     "an image classifier")
   return size[0], size[1], color_mode
 
 
 def parse_class_names(value: str) -> list:
-  """A comma-separated list, or a file: one name per line, or a JSON list."""
+  """A comma-separated list, or a file: one name per line, or a JSON list.
+  A value that looks like a file name (a path separator, or a .txt, .json
+  or .csv ending) must be a file: never a class named "classes.txt"."""
   if os.path.isfile(value):
-    with open(value, encoding="utf-8") as handle:
-      text = handle.read()
+    size = os.path.getsize(value)
+    if size > MAX_CLASS_NAMES_BYTES:
+      raise AdoptError(f"--class_names {value} is {size:,} bytes, above the "
+                       f"limit of {MAX_CLASS_NAMES_BYTES:,}")
+    try:
+      with open(value, encoding="utf-8") as handle:
+        text = handle.read()
+    except UnicodeDecodeError:
+      raise AdoptError(f"--class_names {value} is not UTF-8 text") from None
     if text.lstrip().startswith("["):
       try:
         names = json.loads(text)

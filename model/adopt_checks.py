@@ -24,6 +24,11 @@ CHECK_IMAGES = 512
 PROBE_IMAGES = 64
 
 
+# The check images are held in memory together: fewer than CHECK_IMAGES
+# for a model whose input is large (170 at 512x512 RGB).
+CHECK_BYTES = 512 << 20
+
+
 EVAL_BATCH = 256
 
 
@@ -69,7 +74,9 @@ def probe_images(card: card_lib.ModelCard, count: int) -> np.ndarray:
   xs = np.linspace(0, 1, card.width)[None, :, None]
   gradients = np.stack([
       np.broadcast_to(255 * (a * ys + (1 - a) * xs) * np.ones(card.channels),
-                      shape) for a in rng.uniform(0, 1, third)])
+                      shape) for a in rng.uniform(0, 1, third)] or [
+                          np.zeros((0,) + shape)])
+  gradients = gradients.reshape((third,) + shape)
   flat = rng.uniform(0, 255, (count - 2 * third, 1, 1, card.channels)) * (
       np.ones(shape))
   return np.concatenate([noise, gradients, flat]).astype(np.float32)
@@ -94,13 +101,20 @@ def decide_output(source: model_formats.Source, declared: str,
                     "probabilities (negative, or not summing to 1)")
 
 
+def check_image_count(card: card_lib.ModelCard) -> int:
+  """How many check images fit in CHECK_BYTES, up to CHECK_IMAGES."""
+  image_bytes = card.height * card.width * card.channels * 4
+  return int(max(1, min(CHECK_IMAGES, CHECK_BYTES // image_bytes)))
+
+
 def check_images(card: card_lib.ModelCard, eval_set: list) -> np.ndarray:
   """Pixels for the output probe and the TFLite check: up to CHECK_IMAGES
   of --eval_data, spread over its classes, or generated ones without it."""
+  count = check_image_count(card)
   if not eval_set:
-    return probe_images(card, CHECK_IMAGES)
-  step = max(1, len(eval_set) // CHECK_IMAGES)
-  sample = eval_set[::step][:CHECK_IMAGES]
+    return probe_images(card, count)
+  step = max(1, len(eval_set) // count)
+  sample = eval_set[::step][:count]
   pixels = np.concatenate([p.astype(np.float32)
                            for p, _, _ in decode_files(card, sample)])
   if not len(pixels):
