@@ -82,12 +82,10 @@ def probe_images(card: card_lib.ModelCard, count: int) -> np.ndarray:
   return np.concatenate([noise, gradients, flat]).astype(np.float32)
 
 
-def decide_output(source: model_formats.Source, declared: str,
-                  outputs: np.ndarray, num_classes: int) -> tuple:
-  """(output kind, why): declared, a final softmax in the Keras config, or
-  what the probe batch's rows look like."""
-  if declared != "auto":
-    return declared, "declared with --output_kind"
+def decide_output(source: model_formats.Source, outputs: np.ndarray,
+                  num_classes: int) -> tuple:
+  """(output kind, why): a final softmax in the Keras config, or what the
+  probe batch's rows look like."""
   if source.softmax:
     return "probabilities", "the Keras config ends in a softmax"
   # A quantised output is only near 1: allow a step of its scale per class.

@@ -350,8 +350,6 @@ def check_model_files(model_dir: str, card: ModelCard,
   With `engine`, the SavedModel's ops are checked only when it serves: that
   check parses with TensorFlow, which a slim install lacks.
   """
-  import io  # pylint: disable=import-outside-toplevel
-  import zipfile  # pylint: disable=import-outside-toplevel
   if card.format_version != CARD_FORMAT_VERSION:
     raise ValueError(
         f"model card format {card.format_version}, expected "
