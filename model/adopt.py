@@ -136,8 +136,8 @@ def parse_class_names(value: str) -> list:
     else:
       names = [line.strip() for line in text.splitlines() if line.strip()]
   elif os.path.exists(value):
-    raise AdoptError(f"--class_names {value} is a folder, not a file of "
-                     "names")
+    raise AdoptError(f"--class_names {value} is not a regular file (a "
+                     "folder?); expected a file of names")
   elif ("/" in value or os.sep in value or
         value.lower().endswith(CLASS_NAME_FILE_SUFFIXES)):
     raise AdoptError(f"--class_names {value}: no such file (a list of names "

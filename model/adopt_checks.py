@@ -58,9 +58,17 @@ def decode_files(card: card_lib.ModelCard, files: list):
   decoder = preprocessing.card_decoder(card)
   for start in range(0, len(files), EVAL_BATCH):
     chunk = files[start:start + EVAL_BATCH]
-    pixels, good, errors = decoder.decode(
-        [paths.read_bytes(path) for path, _ in chunk])
+    pixels, good, errors = decoder.decode([_read(path) for path, _ in chunk])
     yield pixels, np.array([chunk[i][1] for i in good], np.int64), len(errors)
+
+
+def _read(path: str):
+  """A file's bytes, or None (a decode failure) for one that cannot be
+  read: a FIFO, a dangling link, a folder."""
+  try:
+    return paths.read_bytes(path)
+  except OSError:
+    return None
 
 
 def probe_images(card: card_lib.ModelCard, count: int) -> np.ndarray:

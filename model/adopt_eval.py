@@ -414,9 +414,9 @@ def _refusal(card: card_lib.ModelCard, eval_data: str, scale: str,
   what = " and ".join(part for part, needed in (
       (f"input_scale {better.scale}", new_scale),
       ("another class order", order is not None)) if needed)
-  how = (f"input_scale {scale}" if scale_given else
-         f"input_scale {scale}, the best fit of the scales") + (
-             " and the class order given" if order is not None else "")
+  how = f"input_scale {scale}" + (
+      "" if scale_given else " (the best of the scales)") + (
+          " and the class order given" if order is not None else "")
   confirm = " or ".join(flag for flag, needed in (
       ("--confirm_input_scale", new_scale),
       ("--confirm_class_names", order is not None)) if needed)

@@ -183,7 +183,7 @@ def layer_classes(config) -> set:
 
 
 def _megabytes(count: int) -> str:
-  return f"{count / 1e6:,.1f} MB"
+  return f"{count:,} bytes"
 
 
 def check_file_size(path: str, limit: int, what: str) -> int:

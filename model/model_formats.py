@@ -119,18 +119,18 @@ def _zip_has(path: str, name: str) -> bool:
 def keras_config(path: str, kind: str) -> dict:
   """The model config of a .keras or .h5 file, read without loading it,
   after its sizes are checked as the file declares them (model_checks)."""
+  check_size(path)
   try:
-    check_size(path)
     if kind == "keras":
       return model_checks.keras_archive_config(path, path, weights=True)
     import h5py  # pylint: disable=import-outside-toplevel
     with h5py.File(path, "r") as handle:
       model_checks.check_hdf5(handle, path, os.path.getsize(path))
       config = handle.attrs.get("model_config")
-  except AdoptError:
-    raise
-  except (OSError, KeyError, ValueError, TypeError,
-          zipfile.BadZipFile) as error:
+  except ValueError as error:
+    # model_checks' refusals name the file already.
+    raise AdoptError(first_line(error)) from None
+  except (OSError, KeyError, TypeError, zipfile.BadZipFile) as error:
     raise AdoptError(f"cannot read {path}: {first_line(error)}") from None
   if config is None:
     raise AdoptError(f"{path} holds weights only, not a model: save the "
@@ -160,7 +160,15 @@ def check_size(path: str) -> None:
 
 def final_softmax(config: dict) -> Optional[bool]:
   """Whether the layer producing a Keras model's output applies softmax;
-  None when the config does not say (several outputs, unknown layout)."""
+  None when the config does not say (several outputs, unknown layout, or
+  fields of unexpected types)."""
+  try:
+    return _final_softmax(config)
+  except (AttributeError, TypeError, IndexError, KeyError):
+    return None
+
+
+def _final_softmax(config: dict) -> Optional[bool]:
   node = config
   for _ in range(64):  # Nested models, outermost first.
     inner = node.get("config", {})

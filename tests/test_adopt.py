@@ -907,7 +907,7 @@ def test_class_names_that_name_a_missing_file_are_refused(tmp_path):
     with pytest.raises(adopt.AdoptError,
                        match=f"--class_names {value}: no such file"):
       adopt.parse_class_names(value)
-  with pytest.raises(adopt.AdoptError, match="is a folder"):
+  with pytest.raises(adopt.AdoptError, match="is not a regular file"):
     adopt.parse_class_names(str(tmp_path))
   assert adopt.parse_class_names("a.b,c") == ["a.b", "c"]
 
