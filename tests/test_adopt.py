@@ -308,6 +308,20 @@ def test_near_chance_eval_data_warns(tmp_path, author, png_dir):
                     "--class_names names the classes"]
 
 
+def test_an_eval_file_that_cannot_be_read_is_one_decode_failure(
+    tmp_path, author, png_dir):
+  """Fails on the code before the fix: a FIFO among the --eval_data files
+  ended adopting with an OSError."""
+  images = tmp_path / "images"
+  shutil.copytree(png_dir, images)
+  os.mkfifo(images / "Bag" / "fifo.png")
+  os.symlink(tmp_path / "missing.png", images / "Coat" / "dangling.png")
+  card, _, _ = _adopt(author.files["tflite"], tmp_path / "model",
+                      input_scale="unit", eval_data=str(images))
+  assert card.metrics["eval_images"] == 200
+  assert card.metrics["eval_decode_failures"] == 2
+
+
 def test_predict_refuses_a_bare_model_file_with_the_adopt_command(
     tmp_path, author, png_dir):
   config = config_lib.PredictConfig(png_dir, author.files["keras"],
