@@ -40,8 +40,6 @@ import shutil
 import sys
 from typing import Optional
 
-import numpy as np
-
 from model import adopt_checks
 from model import adopt_eval
 from model import adopt_feeding
@@ -276,12 +274,14 @@ def adopt(source_path: str, out_dir: str, class_names: list, *,
     _stage_source(source, staged.path)
     engine = engines.load_engine(staged.path, card.engines[0], card=card)
     if scale_given:
-      _decide_output(source, card, engine, output_kind, confirm_output_kind,
-                     check_pixels, say, warn_and_record)
+      adopt_checks.record_output_kind(
+          source, card, engine, output_kind, confirm_output_kind,
+          check_pixels, say, warn_and_record)
     else:
       # Until --eval_data has measured the scale, the kind is read from
       # the finite rows of the probe at a placeholder scale.
-      _provisional_output(source, card, engine, output_kind, check_pixels)
+      adopt_checks.provisional_output_kind(source, card, engine, output_kind,
+                                           check_pixels)
     if eval_set:
       verdict = adopt_eval.check(
           engine, card, eval_set, eval_data, scale_given,
@@ -326,23 +326,9 @@ def _choose_scale(source, card, engine, verdict, check_pixels, output_kind,
   say(f"input_scale: {verdict.input_scale} ({card.adopted['input_scale']})")
   # The engine reads the card's recipe as it runs.
   card.preprocessing["input_scale"] = verdict.input_scale
-  _decide_output(source, card, engine, output_kind, confirm_output_kind,
-                 check_pixels, say, warn)
-
-
-def _provisional_output(source, card, engine, output_kind,
-                        check_pixels) -> None:
-  """The output kind to score --eval_data with before the scale is known:
-  declared, or read from the probe's finite rows (logits if none)."""
-  try:
-    outputs = engine.outputs(check_pixels[:adopt_checks.PROBE_IMAGES])
-  except Exception as error:  # pylint: disable=broad-except
-    raise AdoptError(f"{source.path} failed on a batch of check images: "
-                     f"{model_formats.first_line(error)}") from None
-  finite = outputs[np.isfinite(outputs).all(axis=1)]
-  card.output = output_kind if output_kind != "auto" else (
-      adopt_checks.decide_output(source, finite, card.num_classes)[0]
-      if len(finite) else "logits")
+  adopt_checks.record_output_kind(source, card, engine, output_kind,
+                                  confirm_output_kind, check_pixels, say,
+                                  warn)
 
 
 def describe_source(source: model_formats.Source) -> str:
@@ -406,45 +392,6 @@ def draft_card(source: model_formats.Source, class_names: list,
       preprocessing=recipe,
       engines=[model_formats.SOURCE_ENGINE[source.kind]],
       adopted=adopted).validate()
-
-
-def _decide_output(source: model_formats.Source, card: card_lib.ModelCard,
-                   engine, output_kind: str, confirmed: bool, check_pixels,
-                   say, warn) -> None:
-  """Runs the staged model on the probe images and records its output
-  kind in the card. A declared kind the probe contradicts is refused unless
-  `confirmed` (--confirm_output_kind)."""
-  probe = check_pixels[:adopt_checks.PROBE_IMAGES]
-  try:
-    outputs = engine.outputs(probe)
-  except Exception as error:  # pylint: disable=broad-except
-    raise AdoptError(f"{source.path} failed on a batch of {len(probe)} "
-                     f"images of {card.height}x{card.width}x{card.channels}: "
-                     f"{model_formats.first_line(error)}") from None
-  if not np.isfinite(outputs).all():
-    raise AdoptError(f"{source.path} outputs NaN or infinity on the "
-                     f"{len(probe)} check images scaled as input_scale "
-                     f"{card.input_scale}; a classifier's scores are finite")
-  read, why = adopt_checks.decide_output(source, outputs, card.num_classes)
-  if output_kind in ("auto", read):
-    card.output = read
-    card.adopted["output"] = why if output_kind == "auto" else (
-        f"declared with --output_kind, as {why}")
-  elif confirmed:
-    card.output = output_kind
-    card.adopted["output"] = (f"declared with --output_kind and confirmed "
-                              f"(--confirm_output_kind), although {why}")
-    warn(f"--confirm_output_kind: served as {output_kind}, although {why}")
-  else:
-    served = ("softmax would flatten them into other confidences"
-              if output_kind == "logits" else
-              "its confidences would not be probabilities (above 1, or "
-              "negative)")
-    raise AdoptError(
-        f"--output_kind {output_kind} contradicts the model: {why}, and "
-        f"served as {output_kind} {served}; pass --output_kind {read} (or "
-        f"auto), or --confirm_output_kind to keep {output_kind}")
-  say(f"output: {card.output} ({card.adopted['output']})")
 
 
 def _add_tflite(source: model_formats.Source, card: card_lib.ModelCard,

@@ -1,6 +1,8 @@
-"""What adoption measures before it writes a card: the output kind, the
-TFLite conversion's agreement with the source, and accuracy on --eval_data,
-all through the serving decoder and engines.
+"""What adoption measures before it writes a card: the output kind (and
+whether a declared one agrees), the TFLite conversion's agreement with the
+source, and accuracy on --eval_data, all through the serving decoder and
+engines. The --eval_data check of the scale and class order is
+model/adopt_eval.py.
 """
 
 import os
@@ -105,6 +107,61 @@ def decide_output(source: model_formats.Source, outputs: np.ndarray,
                              "non-negative and sum to 1")
   return "logits", (f"the probe batch's {len(outputs)} rows are not "
                     "probabilities (negative, or not summing to 1)")
+
+
+def record_output_kind(source: model_formats.Source,
+                       card: card_lib.ModelCard, engine, output_kind: str,
+                       confirmed: bool, check_pixels, say, warn) -> None:
+  """Runs the staged model on the probe images and records its output
+  kind in the card. A declared kind the probe contradicts is refused unless
+  `confirmed` (--confirm_output_kind)."""
+  probe = check_pixels[:PROBE_IMAGES]
+  try:
+    outputs = engine.outputs(probe)
+  except Exception as error:  # pylint: disable=broad-except
+    raise AdoptError(f"{source.path} failed on a batch of {len(probe)} "
+                     f"images of {card.height}x{card.width}x{card.channels}: "
+                     f"{model_formats.first_line(error)}") from None
+  if not np.isfinite(outputs).all():
+    raise AdoptError(f"{source.path} outputs NaN or infinity on the "
+                     f"{len(probe)} check images scaled as input_scale "
+                     f"{card.input_scale}; a classifier's scores are finite")
+  read, why = decide_output(source, outputs, card.num_classes)
+  if output_kind in ("auto", read):
+    card.output = read
+    card.adopted["output"] = why if output_kind == "auto" else (
+        f"declared with --output_kind, as {why}")
+  elif confirmed:
+    card.output = output_kind
+    card.adopted["output"] = (f"declared with --output_kind and confirmed "
+                              f"(--confirm_output_kind), although {why}")
+    warn(f"--confirm_output_kind: served as {output_kind}, although {why}")
+  else:
+    served = ("softmax would flatten them into other confidences"
+              if output_kind == "logits" else
+              "its confidences would not be probabilities (above 1, or "
+              "negative)")
+    raise AdoptError(
+        f"--output_kind {output_kind} contradicts the model: {why}, and "
+        f"served as {output_kind} {served}; pass --output_kind {read} (or "
+        f"auto), or --confirm_output_kind to keep {output_kind}")
+  say(f"output: {card.output} ({card.adopted['output']})")
+
+
+def provisional_output_kind(source: model_formats.Source,
+                            card: card_lib.ModelCard, engine,
+                            output_kind: str, check_pixels) -> None:
+  """The output kind to score --eval_data with before the scale is known:
+  declared, or read from the probe's finite rows (logits if none)."""
+  try:
+    outputs = engine.outputs(check_pixels[:PROBE_IMAGES])
+  except Exception as error:  # pylint: disable=broad-except
+    raise AdoptError(f"{source.path} failed on a batch of check images: "
+                     f"{model_formats.first_line(error)}") from None
+  finite = outputs[np.isfinite(outputs).all(axis=1)]
+  card.output = output_kind if output_kind != "auto" else (
+      decide_output(source, finite, card.num_classes)[0]
+      if len(finite) else "logits")
 
 
 def check_image_count(card: card_lib.ModelCard) -> int:

@@ -376,11 +376,11 @@ def check(engine, card: card_lib.ModelCard, eval_set: list, eval_data: str,
             "--input_scale, how the model's author scaled pixels")
       ranked = sorted(scales, key=lambda s: (-best[s].accuracy,
                                              best[s].log_loss))
+      scores = "; ".join(f"{s}: {_text(best[s])}" for s in ranked)
       raise AdoptError(
           f"--eval_data {eval_data} does not tell which input scale the "
-          f"model expects ({'; '.join(f'{s}: {_text(best[s])}' for s in ranked)}"
-          f" on {count} images): pass --input_scale, how its author scaled "
-          "pixels")
+          f"model expects ({scores} on {count} images): pass --input_scale, "
+          "how its author scaled pixels")
     scale, fix_scale = winners[0], None
     record["chosen"] = scale
   order_fix = None
