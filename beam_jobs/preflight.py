@@ -34,7 +34,7 @@ from imagebatch import paths
 from model import card as card_lib
 from model import embeddings
 from model import engines
-from model import preprocessing
+from model import image_limits
 
 _BIGQUERY_TABLE = re.compile(r"^[a-z][a-z0-9.:-]*[a-z0-9]:\w+\.[\w$-]+$")
 _INPUT_KINDS = {"parquet": "Parquet shards", "images": "image files",
@@ -89,10 +89,10 @@ def resolve_flags(config: PredictConfig) -> PredictConfig:
     raise ConfigError("--progress_seconds must be 0 (no progress lines) or "
                       "more")
   if config.max_image_pixels is not None and not (
-      1 <= config.max_image_pixels <= preprocessing.PILLOW_PIXEL_LIMIT):
+      1 <= config.max_image_pixels <= image_limits.PILLOW_PIXEL_LIMIT):
     raise ConfigError(
         "--max_image_pixels must be between 1 and "
-        f"{preprocessing.PILLOW_PIXEL_LIMIT}: Pillow refuses larger images "
+        f"{image_limits.PILLOW_PIXEL_LIMIT}: Pillow refuses larger images "
         "itself")
   if config.bigquery_table and not _BIGQUERY_TABLE.match(
       config.bigquery_table):

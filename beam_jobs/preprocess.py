@@ -7,6 +7,7 @@ import apache_beam as beam
 from beam_jobs.contracts import ERRORS
 from beam_jobs.contracts import ImageBatch
 from beam_jobs.contracts import error_row
+from model import image_limits
 from model import preprocessing
 from model.card import ModelCard
 
@@ -23,7 +24,7 @@ class DecodeImages(beam.DoFn):
 
   def __init__(self, card: ModelCard,
                max_image_pixels: Optional[int] = (
-                   preprocessing.DEFAULT_MAX_IMAGE_PIXELS)):
+                   image_limits.DEFAULT_MAX_IMAGE_PIXELS)):
     self._card = card
     self._max_image_pixels = max_image_pixels
     self._decoder = None

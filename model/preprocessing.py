@@ -26,13 +26,12 @@ import numpy as np
 from PIL import Image
 from PIL import ImageOps
 
+from model import image_limits
 from model import keras_decoding
+from model import torchvision_decoding
+from model.image_limits import DEFAULT_MAX_IMAGE_PIXELS
 
 RESIZE_INTERPOLATION = "bilinear"
-DEFAULT_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own default.
-# Pillow refuses images above twice its MAX_IMAGE_PIXELS while opening them,
-# before any caller's check; a larger --max_image_pixels cannot take effect.
-PILLOW_PIXEL_LIMIT = 2 * Image.MAX_IMAGE_PIXELS
 
 _PIL_MODES = {"grayscale": "L", "rgb": "RGB"}
 _CHANNELS = {"grayscale": 1, "rgb": 3}
@@ -135,35 +134,6 @@ def _to_eight_bit(image: Image.Image) -> Image.Image:
   return Image.fromarray(scaled, mode="L")
 
 
-def _check_bytes(data: Optional[bytes]) -> None:
-  if data is None:
-    raise ValueError("null image cell")
-  if not data:
-    raise ValueError("empty image: zero bytes")
-
-
-def open_checked(data: bytes, max_pixels: Optional[int]) -> Image.Image:
-  """Opens an image lazily (header only), refusing one above `max_pixels`.
-
-  Raises Image.DecompressionBombError for an image that is too large, and
-  PIL.UnidentifiedImageError for bytes that are not an image.
-  """
-  limit = f"exceeds the limit of {max_pixels} pixels (--max_image_pixels)"
-  try:
-    # Opening reads the header only; Pillow's own guard refuses images
-    # beyond PILLOW_PIXEL_LIMIT here, whatever the caller's limit.
-    image = Image.open(io.BytesIO(data))
-  except Image.DecompressionBombError as error:
-    raise Image.DecompressionBombError(f"image {limit}; {error}") from None
-  # The caller's limit is checked from the header too, with no process-wide
-  # setting, so threads decoding with different limits don't interfere.
-  if max_pixels is not None and image.width * image.height > max_pixels:
-    image.close()
-    raise Image.DecompressionBombError(
-        f"image of {image.width}x{image.height} pixels {limit}")
-  return image
-
-
 def decode_image(data: bytes,
                  height: int,
                  width: int,
@@ -176,13 +146,13 @@ def decode_image(data: bytes,
   ValueError for bytes that are empty or not an image Pillow can read, and
   Image.DecompressionBombError for images larger than `max_pixels`.
   """
-  _check_bytes(data)
+  image_limits.check_bytes(data)
   pixels = _decode_plain_png(data, color_mode, max_pixels)
   if pixels is not None:
     if pixels.shape[:2] != (height, width):
       pixels = np.asarray(_resize(Image.fromarray(pixels), height, width))
     return pixels.reshape(height, width, -1)
-  with open_checked(data, max_pixels) as image:
+  with image_limits.open_checked(data, max_pixels) as image:
     reduced = _reduce_large(image, height, width)
     if reduced is not image:
       reduced.info = image.info  # The EXIF orientation, still to apply.
@@ -248,7 +218,6 @@ def card_decoder(card, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
   BatchDecoder, or for `torchvision` the card's recipe
   (`TorchvisionDecoder`, with the same `decode` contract)."""
   if card.decoder == "torchvision":
-    from model import torchvision_decoding  # pylint: disable=import-outside-toplevel
     return torchvision_decoding.TorchvisionDecoder.from_card(
         card.preprocessing, card.color_mode, card.height, card.width,
         max_pixels)

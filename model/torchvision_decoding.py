@@ -31,7 +31,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from model import preprocessing
+from model import image_limits
 
 # The names torchvision's InterpolationMode gives PIL's resampling filters.
 INTERPOLATIONS = {
@@ -148,7 +148,7 @@ class TorchvisionDecoder:
   `decode` has `preprocessing.BatchDecoder.decode`'s contract: the pixels of
   the images that decoded, their indices in the batch, and an (index,
   exception) pair for each that did not. Each image's header is read first
-  (`preprocessing.open_checked`), so one above `max_pixels` is refused
+  (`image_limits.open_checked`), so one above `max_pixels` is refused
   before its pixels are decoded.
 
   The recipe must end at the model's size: `center_crop` equal to it, or
@@ -159,7 +159,7 @@ class TorchvisionDecoder:
   def __init__(self, resize: Optional[Size], center_crop: Optional[Size],
                interpolation: str, color_mode: str, height: int, width: int,
                max_pixels: Optional[int] = (
-                   preprocessing.DEFAULT_MAX_IMAGE_PIXELS),
+                   image_limits.DEFAULT_MAX_IMAGE_PIXELS),
                crop_rounding: str = "half_even"):
     if interpolation not in INTERPOLATIONS:
       raise ValueError(f"interpolation must be one of "
@@ -200,7 +200,7 @@ class TorchvisionDecoder:
   def from_card(cls, preprocessing_fields: dict, color_mode: str,
                 height: int, width: int,
                 max_pixels: Optional[int] = (
-                    preprocessing.DEFAULT_MAX_IMAGE_PIXELS)
+                    image_limits.DEFAULT_MAX_IMAGE_PIXELS)
                ) -> "TorchvisionDecoder":
     """The decoder a card's `preprocessing` (CARD_FIELDS) describes; a
     ValueError of one line if those fields are not a recipe ending at the
@@ -219,7 +219,7 @@ class TorchvisionDecoder:
       raise ValueError("null image cell")
     if not data:
       raise ValueError("empty image: zero bytes")
-    with preprocessing.open_checked(data, self._max_pixels) as image:
+    with image_limits.open_checked(data, self._max_pixels) as image:
       pixels = torchvision_pixels(image, self._color_mode, self._resize,
                                   self._center_crop, self._interpolation,
                                   self._crop_rounding)
