@@ -11,6 +11,8 @@ and WITH wrappers that hide them.
 import dataclasses
 import hashlib
 import os
+import subprocess
+import sys
 import uuid
 
 import numpy as np
@@ -25,6 +27,8 @@ duckdb = pytest.importorskip("duckdb")
 from beam_jobs import outputs
 from tools import query
 from tools import sandbox
+from tools import sql_checks
+from tests.helpers import REPO
 
 SECRET = "TOP-SECRET-0d9a1c"
 RUN = "20240101T000000-abc123"
@@ -198,6 +202,58 @@ HOSTILE = [
     "PREPARE p AS SELECT 1",
     "",
     "SELECT 1; SELECT 2",
+    # The deny-list's bypasses (issue 26): functions it had no name for.
+    "SELECT * FROM json_execute_serialized_sql(json_serialize_sql("
+    "'SELECT * FROM read_text(''{root}/secret.txt'')'))",
+    "SELECT * FROM destroy_external_resource('x')",
+    "SELECT json_serialize_plan('SELECT * FROM read_text(''{root}/secret.txt'')')",
+    # Names however spelt: quoted, upper-case, qualified, as a method.
+    "SELECT * FROM \"read_text\"('{root}/secret.txt')",
+    "SELECT * FROM \"READ_TEXT\"('{root}/secret.txt')",
+    "SELECT * FROM main.read_text('{root}/secret.txt')",
+    "SELECT * FROM system.main.read_text('{root}/secret.txt')",
+    "SELECT * FROM \"system\".\"main\".\"read_blob\"('{root}/secret.txt')",
+    "SELECT '{root}/secret.txt'.read_text()",
+    "SELECT * FROM \"{root}/secret.txt\"",
+    "SELECT * FROM predictions, '{root}/secret.txt'",
+    "SELECT * FROM secret.txt",
+    "SUMMARIZE '{root}/secret.txt'",
+    "DESCRIBE SELECT * FROM read_text('{root}/secret.txt')",
+    "TABLE \"{root}/secret.txt\"",
+    # Settings, variables and the catalog, read from a query.
+    "SELECT getvariable('v')",
+    "SELECT current_setting('allowed_directories')",
+    "SELECT * FROM duckdb_settings()",
+    "SELECT * FROM pg_settings",
+    "SELECT * FROM pg_catalog.pg_settings",
+    "SELECT * FROM information_schema.tables",
+    "SELECT * FROM duckdb_logs",
+    "SELECT * FROM memory.main.predictions",
+    "SELECT write_log('x')",
+    "SELECT setseed(0.5)",
+    "SELECT sleep_ms(1)",
+    "SELECT * FROM query_table('predictions')",
+    # Inside lambdas, subqueries, windows and the ORDER BY of a query.
+    "SELECT list_transform([1], x -> getvariable('v'))",
+    "SELECT list_transform([1], lambda x: current_setting('threads'))",
+    "SELECT invoke(lambda x: current_setting('threads'), 1)",
+    "SELECT (SELECT content FROM read_text('{root}/secret.txt'))",
+    "SELECT count(*) OVER (ORDER BY getvariable('v')) FROM predictions",
+    "SELECT * FROM predictions LIMIT (SELECT count(*) FROM duckdb_settings())",
+    "FROM range(3) t, LATERAL read_text('{root}/secret.txt')",
+    # PIVOT without an IN list has no parse tree: its tokens are checked.
+    "PIVOT (FROM read_text('{root}/secret.txt')) ON content USING count(*)",
+    "PIVOT predictions ON label IN (SELECT content FROM "
+    "read_text('{root}/secret.txt')) USING count(*)",
+    "PIVOT '{root}/secret.txt' ON column0 USING count(*)",
+    "PIVOT \"{root}/secret.txt\" ON column0 USING count(*)",
+    "PIVOT pg_settings ON name USING count(*)",
+    "PIVOT (FROM predictions, '{root}/secret.txt') ON label USING count(*)",
+    "PIVOT_WIDER (FROM \"read_text\"('{root}/secret.txt')) ON content",
+    "PIVOT predictions ON label USING count(*) "
+    "ORDER BY (SELECT 1 FROM duckdb_settings() LIMIT 1)",
+    "UNPIVOT (FROM read_text('{root}/secret.txt')) ON COLUMNS(*) "
+    "INTO NAME n VALUE v",
 ]
 
 READ_ONLY = [
@@ -217,6 +273,40 @@ READ_ONLY = [
     "  -- a comment\n SELECT 1",
     "VALUES (1), (2)",
     "SELECT 'read_text(x)' AS looks_like_a_call, 1 AS \"copy\"",
+    # What queries over the views use: lambdas, lists, windows, CTEs.
+    "SELECT list_transform(top_k, lambda x: x.confidence) FROM predictions",
+    "SELECT t.x FROM predictions, unnest(top_k) AS t(x)",
+    "SELECT unnest(top_k) FROM predictions",
+    "SELECT * FROM range(3)",
+    "SELECT * FROM generate_series(1, 3)",
+    "SELECT label, count(*) FILTER (WHERE confidence > 0.5), "
+    "quantile_cont(confidence, 0.5), histogram(label) FROM predictions "
+    "GROUP BY ALL",
+    "SELECT id, row_number() OVER (PARTITION BY label ORDER BY confidence) "
+    "FROM predictions QUALIFY row_number() OVER (PARTITION BY label "
+    "ORDER BY confidence DESC) = 1",
+    "SELECT coalesce(true_label, '?'), grouping(label) FROM predictions "
+    "GROUP BY ROLLUP (label, true_label)",
+    "SELECT COLUMNS('.*label') FROM predictions",
+    "SELECT * EXCLUDE (top_k) REPLACE (upper(label) AS label) FROM predictions",
+    "SELECT id.upper(), regexp_split_to_table(id, '_'), now(), current_date "
+    "FROM predictions",
+    "SELECT count(*) FROM predictions p JOIN errors e USING (id)",
+    "SELECT count(*) FROM predictions WHERE id IN (SELECT id FROM errors)",
+    "SELECT CAST(confidence AS DECIMAL(10, 2)), TRY_CAST(id AS INT), "
+    "extract(year FROM now()), id SIMILAR TO 'x', id ILIKE '%a' "
+    "FROM predictions",
+    "SELECT {'a': 1}, [1, 2][1], map([1], [2]), struct_pack(a := 1)",
+    "FROM predictions UNPIVOT (v FOR k IN (label, id))",
+    "UNPIVOT predictions ON label, id INTO NAME k VALUE v",
+    "PIVOT predictions ON label USING avg(confidence) GROUP BY true_label",
+    "PIVOT predictions ON label IN (SELECT DISTINCT label FROM predictions) "
+    "USING count(*)",
+    "TABLE predictions",
+    "SHOW predictions",
+    "SELECT count(*) FROM predictions USING SAMPLE 10%",
+    "SELECT approx_count_distinct(id), string_agg(id, ','), "
+    "list(id ORDER BY id) FROM predictions",
 ]
 
 
@@ -237,6 +327,19 @@ def test_hostile_statement_is_refused_and_the_lock_holds(boundary, template):
   assert _snapshot(boundary.root) == before
   assert SECRET not in result and "root:x:0:0" not in result
   assert not os.path.exists(PROBE)
+
+
+@pytest.mark.parametrize("template", HOSTILE)
+def test_the_second_layer_alone_refuses_every_hostile_statement(boundary,
+                                                                 template):
+  """The statement checks refuse each statement before DuckDB runs it, not
+  the locked connection. Fails on the deny-list before the allow-list
+  (json_execute_serialized_sql, destroy_external_resource, getvariable,
+  current_setting, pg_settings, ... passed it)."""
+  statement = template.format(root=boundary.root, out=boundary.out,
+                              shard=boundary.shard)
+  with pytest.raises(sql_checks.QueryError):
+    sql_checks.check_read_only(statement)
 
 
 @pytest.mark.parametrize("statement", READ_ONLY)
@@ -348,3 +451,4 @@ def test_a_shard_name_never_becomes_sql(tmp_path, monkeypatch, capsys, name,
   assert f'"predictions": {expected}' in capsys.readouterr().out
   assert _snapshot(str(tmp_path)) == before
   assert not os.listdir(work)
+

@@ -10,8 +10,9 @@ byte in them is untrusted:
 * The connection is locked before any view exists: external access off but
   for that file system, no temporary directory, limits on memory and
   threads, and the configuration locked so no statement can undo it.
-* `run_sql` checks a user's statement as a second layer: one read-only
-  statement, no keyword or function that reads or writes anything else.
+* `run_sql` checks a user's statement as a second layer (tools/sql_checks.py):
+  one read-only statement that reads the views and calls only the functions
+  of an allow-list.
 """
 
 import datetime
@@ -288,6 +289,11 @@ class ResultViews:
       self.connection.execute(
           f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM {source}")
 
+  @property
+  def views(self) -> list:
+    """The names of the views a query may read."""
+    return list(self._views)
+
   def lock(self) -> "ResultViews":
     """Locks the connection first, then creates the views on it."""
     self.connection.register_filesystem(ListedShards(self._shards))
@@ -389,7 +395,7 @@ def run_sql(connection: ResultViews, statement: str,
             max_rows: int = DEFAULT_MAX_ROWS) -> list:
   """Runs one read-only statement: a query, EXPLAIN, DESCRIBE or SUMMARIZE,
   and returns at most `max_rows` rows (with a warning when there are more)."""
-  check_read_only(statement)
+  check_read_only(statement, connection.views)
   try:
     names, data = connection.fetch(statement, max_rows=max_rows)
   except duckdb.Error as error:
