@@ -452,3 +452,50 @@ def test_a_shard_name_never_becomes_sql(tmp_path, monkeypatch, capsys, name,
   assert _snapshot(str(tmp_path)) == before
   assert not os.listdir(work)
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("statement", [
+    # One value built outside DuckDB's buffers: only the process cap holds.
+    "SELECT length(repeat('x', 2000000000)) AS n",
+    # A hash table inside them: DuckDB's memory_limit holds.
+    "SELECT count(DISTINCT range) AS n FROM range(150000000)",
+])
+def test_a_query_runs_in_bounded_memory(boundary, tmp_path, statement):
+  """Fails on the code before the fix: there was no memory limit, and each
+  statement ran to its end (2 GB and more)."""
+  out, err = tmp_path / "stdout", tmp_path / "stderr"
+  with open(out, "wb") as stdout, open(err, "wb") as stderr:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tools.query", boundary.out, "--memory_limit",
+         "256MB", "--timeout", "120", "sql", statement],
+        stdout=stdout, stderr=stderr, cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=REPO))
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+  message = err.read_text()
+  assert process.returncode in (1, 2), (message, out.read_text())
+  assert message.count("\n") == 1 and "--memory_limit" in message, message
+  # ru_maxrss is in KiB: the command stayed within the limit and its 1 GB
+  # of headroom, far below what the query asked.
+  assert usage.ru_maxrss * 1024 < 2e9, usage.ru_maxrss
+
+
+@pytest.mark.parametrize("flags", [
+    ["--timeout", "0"], ["--timeout", "-1"], ["--timeout", "nan"],
+    ["--timeout", "inf"], ["--timeout", "soon"], ["--memory_limit", "0"],
+    ["--memory_limit", "-1GB"], ["--memory_limit", "4"],
+    ["--memory_limit", "lots"], ["--memory_limit", "1KB"],
+    ["sql", "SELECT 1", "--max_rows", "-2"], ["sql", "SELECT 1", "--max_rows",
+                                              "0"],
+    ["errors", "--limit", "0"], ["errors", "--limit", "1.5"],
+    ["low-confidence", "--below", "nan"], ["low-confidence", "--below", "inf"],
+])
+def test_every_limit_flag_is_checked_in_one_line(boundary, capsys, flags):
+  """Fails on the code before the fix: --timeout 0, -1, nan and inf turned
+  the limit off, --max_rows -2 gave a traceback, and --memory_limit did not
+  exist."""
+  with pytest.raises(SystemExit) as exit_:
+    query.main([boundary.out] + flags)
+  err = capsys.readouterr().err
+  assert exit_.value.code == 2 and err.count("\n") == 1, err
+  assert flags[-2] in err, err

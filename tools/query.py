@@ -22,11 +22,10 @@ import math
 import sys
 from typing import Callable
 
-import duckdb
-
 from beam_jobs import outputs
 from imagebatch import cli
 from tools import answers
+from tools import limits
 from tools import sandbox
 from tools.answers import DEFAULT_LIMIT
 from tools.sandbox import QueryError
@@ -113,8 +112,8 @@ def render_compare(result: dict) -> str:
                     format_table(result["examples"], "\nexamples")])
 
 
-_LIMIT = ("--limit", {"type": int, "default": DEFAULT_LIMIT,
-                      "help": "rows to show"})
+_LIMIT = ("--limit", {"type": limits.positive_count,
+                      "default": DEFAULT_LIMIT, "help": "rows to show"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +148,8 @@ COMMANDS = {
                                          args.max_rows),
         (("statement", {"help": "e.g. \"SELECT label, count(*) FROM "
                                 "predictions GROUP BY 1\""}),
-         ("--max_rows", {"type": int, "default": sandbox.DEFAULT_MAX_ROWS,
+         ("--max_rows", {"type": limits.positive_count,
+                         "default": sandbox.DEFAULT_MAX_ROWS,
                          "help": "rows to return at most"}))),
     "accuracy": Command(
         "accuracy, per-class precision/recall/F1, confusion matrix and "
@@ -165,7 +165,7 @@ COMMANDS = {
         "the least confident predictions",
         lambda connection, args: answers.low_confidence(connection, args.below,
                                                 args.limit),
-        (("--below", {"type": float, "default": 0.6,
+        (("--below", {"type": limits.finite_number, "default": 0.6,
                       "help": "show predictions below this confidence"}),
          _LIMIT)),
     "misclassified": Command(
@@ -197,9 +197,7 @@ def build_parser() -> cli.ArgumentParser:
   parser.add_argument("output_dir", help="the --output folder of a run")
   parser.add_argument("--json", action="store_true",
                       help="print JSON instead of tables")
-  parser.add_argument("--timeout", type=float,
-                      default=sandbox.DEFAULT_TIMEOUT_SECONDS,
-                      help="seconds a query may run before it is stopped")
+  limits.add_query_limits(parser)
   commands = parser.add_subparsers(dest="command", metavar="COMMAND",
                                    help=f"default: {DEFAULT_COMMAND}")
   for name, command in COMMANDS.items():
@@ -214,27 +212,40 @@ def build_parser() -> cli.ArgumentParser:
 
 def answer(args) -> object:
   command = COMMANDS[args.command or DEFAULT_COMMAND]
-  connection = sandbox.connect(args.output_dir, getattr(args, "other_dir", None),
-                       args.timeout)
+  connection = sandbox.connect(args.output_dir,
+                               getattr(args, "other_dir", None), args.timeout,
+                               args.memory_limit)
   return command.run(connection, args)
+
+
+def _memory_message(args) -> str:
+  return ("tools.query: error: the answer needed more memory than "
+          f"{limits.format_bytes(args.memory_limit)} (--memory_limit) and "
+          f"{limits.format_bytes(limits.HEADROOM_BYTES)} for the rest allow; "
+          "it was stopped")
 
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
+  command = COMMANDS[args.command or DEFAULT_COMMAND]
   try:
-    result = answer(args)
+    with limits.MemoryWatch(args.memory_limit, _memory_message(args)):
+      result = answer(args)
+      text = (json.dumps(result, indent=2, default=str) if args.json else
+              command.render(result))
   except QueryError as error:
     print(f"tools.query: error: {error}", file=sys.stderr)
     return 2
-  except duckdb.Error as error:
-    message = " ".join(str(error).split())
-    print(f"tools.query: error: {message}", file=sys.stderr)
+  except MemoryError:
+    print(_memory_message(args), file=sys.stderr)
     return 1
-  command = COMMANDS[args.command or DEFAULT_COMMAND]
-  if args.json:
-    print(json.dumps(result, indent=2, default=str))
-  else:
-    print(command.render(result))
+  except Exception as error:  # pylint: disable=broad-except
+    # A folder or statement this tool did not foresee: one line, never a
+    # traceback.
+    print(f"tools.query: error: {sandbox.one_line(error)}", file=sys.stderr)
+    return 1
+  print(text)
+  if not args.json:
     cli.print_next(None, command.next(args.output_dir))
   return 0
 

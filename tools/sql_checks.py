@@ -76,6 +76,8 @@ def _parser() -> duckdb.DuckDBPyConnection:
       "autoinstall_known_extensions": False,
       "autoload_known_extensions": False,
       "enable_external_access": False,
+      "threads": 1,
+      "memory_limit": "256MB",
   })
   connection.execute("SET lock_configuration = true")
   return connection
