@@ -52,13 +52,27 @@ def _cell(value) -> str:
   return "" if value is None else str(value)
 
 
+# Rows of a class table shown in the terminal at most; --json has them all.
+MAX_TABLE_CLASSES = 30
+# Classes of the confusion table in the terminal at most, the commonest.
+MAX_CONFUSION_CLASSES = 12
+
+
+def _bounded(rows: list, limit: int, title: str, what: str) -> str:
+  """A table of the first `limit` rows, saying how many more --json has."""
+  text = format_table(rows[:limit], title)
+  if len(rows) > limit:
+    text += f"\n  ... and {len(rows) - limit} more {what} (--json lists all)"
+  return text
+
+
 def render_summary(result: dict) -> str:
-  manifest = result["manifest"] or {}
-  counts = manifest.get("counts", {})
-  parts = [f"model {manifest.get('model_id', '?')}: "
+  run = result.get("run") or answers.run_facts(result["manifest"])
+  counts = run["counts"]
+  parts = [f"model {run['model_id'] or '?'}: "
            f"{result['predictions']} predictions, {result['errors']} errors"
-           + (f", {counts.get('inputs')} inputs, "
-              f"{manifest.get('images_per_second')} images/s"
+           + (f", {counts.get('inputs', '?')} inputs, "
+              f"{run['images_per_second']} images/s"
               if counts else "")]
   if result["duplicate_ids"]:
     parts.append(f"{result['duplicate_ids']} rows repeat an id an earlier row "
@@ -70,7 +84,9 @@ def render_summary(result: dict) -> str:
   if result["true_labels"]["unmatched"]:
     parts.append(_unmatched_line(result["true_labels"]["unmatched"],
                                  result["true_labels"]))
-  parts.append(format_table(result["classes"], "\npredictions per class"))
+  parts.append(_bounded(result["classes"], MAX_TABLE_CLASSES,
+                        "\npredictions per class (the commonest first)",
+                        "classes"))
   parts.append(format_table(result["confidence_histogram"],
                             "\nconfidence histogram"))
   parts.append(format_table(result["error_summary"]["top_reasons"],
@@ -93,14 +109,26 @@ def render_accuracy(result: dict) -> str:
     header.append(_unmatched_line(
         result["unmatched_labels"],
         {"unmatched_examples": result["unmatched_examples"]}))
+  table = answers.confusion_matrix(result, MAX_CONFUSION_CLASSES)
+  other = "(other)"
   confusion = [dict({"true \\ predicted": name},
-                    **dict(zip(result["classes"], row)))
-               for name, row in zip(result["classes"],
-                                    result["confusion_matrix"])]
+                    **dict(zip(table["classes"], row)),
+                    **({other: rest} if table["left_out"] else {}))
+               for name, row, rest in zip(table["classes"], table["matrix"],
+                                          table["other_predicted"])]
+  title = "\nconfusion matrix (rows: true class, columns: predicted class)"
+  if table["left_out"]:
+    title = (f"\nconfusion matrix of the {len(table['classes'])} commonest of "
+             f"{len(result['classes'])} classes (rows: true class, columns: "
+             f"predicted class; {other}: any other class)")
+  per_class = result["per_class"]
+  per_class_title = "\nper class"
+  if len(per_class) > MAX_TABLE_CLASSES:
+    per_class = sorted(per_class, key=lambda row: -row["support"])
+    per_class_title = "\nper class (the most supported first)"
   return "\n".join(header + [
-      format_table(result["per_class"], "\nper class"),
-      format_table(confusion, "\nconfusion matrix (rows: true class, "
-                   "columns: predicted class)"),
+      _bounded(per_class, MAX_TABLE_CLASSES, per_class_title, "classes"),
+      format_table(confusion, title),
   ])
 
 
