@@ -12,6 +12,9 @@ from tools.sandbox import scalar
 
 ECE_BINS = 10
 DEFAULT_LIMIT = 20
+# Rows whose confidence can be binned: a damaged or hostile shard may hold
+# NaN, null or values outside [0, 1] (NaN passes BETWEEN on Parquet data).
+BINNABLE = "isfinite(confidence) AND confidence BETWEEN 0 AND 1"
 
 
 def class_counts(connection) -> list:
@@ -24,8 +27,9 @@ def class_counts(connection) -> list:
 
 def confidence_histogram(connection) -> list:
   return rows(connection, f"""
-      SELECT least(floor(confidence * {ECE_BINS}), {ECE_BINS - 1}) / {ECE_BINS}
-               AS bin_start,
+      SELECT CASE WHEN {BINNABLE} THEN
+               least(floor(confidence * {ECE_BINS}), {ECE_BINS - 1}) / {ECE_BINS}
+             END AS bin_start,
              count(*) AS images
       FROM predictions GROUP BY 1 ORDER BY 1""")
 
@@ -89,9 +93,7 @@ def _fact(value) -> Optional[str]:
   """A manifest value as text to show, or None when it is not a plain one."""
   if isinstance(value, bool) or not isinstance(value, (str, int, float)):
     return None
-  text = " ".join(str(value).split())
-  return (text[:MAX_FACT_CHARACTERS] + "...") if len(
-      text) > MAX_FACT_CHARACTERS else text
+  return shorten(value)
 
 
 def run_facts(manifest) -> dict:
@@ -118,6 +120,12 @@ def run_facts(manifest) -> dict:
       "images_per_second": speed if isinstance(speed, (int, float)) and
                            not isinstance(speed, bool) else None,
   }
+
+
+def shorten(text, limit: int = MAX_FACT_CHARACTERS) -> str:
+  """Text on one line, cut to `limit` characters."""
+  text = " ".join(str("" if text is None else text).split())
+  return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def engines(connection) -> list:
@@ -253,9 +261,11 @@ def accuracy(connection, class_names: Optional[list] = None) -> dict:
              count(*) AS images,
              avg(confidence::DOUBLE) AS mean_confidence,
              avg((label = true_label)::INTEGER::DOUBLE) AS accuracy
-      FROM predictions WHERE {scored} GROUP BY 1 ORDER BY 1""", parameters)
-  labelled = overall["labelled"]
-  ece = sum(b["images"] / labelled * abs(b["accuracy"] - b["mean_confidence"])
+      FROM predictions WHERE {scored} AND {BINNABLE}
+      GROUP BY 1 ORDER BY 1""", parameters)
+  # Over the rows with a confidence in [0, 1]: a NaN has no bin.
+  binned = sum(b["images"] for b in bins)
+  ece = sum(b["images"] / binned * abs(b["accuracy"] - b["mean_confidence"])
             for b in bins)
   return dict(overall, **{
       "unmatched_labels": labels["unmatched"],
