@@ -29,6 +29,7 @@ from typing import Optional
 import numpy as np
 
 from imagebatch import paths
+from model import image_limits
 from model import preprocessing
 
 # Bytes of one image file the report reads at most.
@@ -57,7 +58,7 @@ class ImagePolicy:
   id_column: Optional[str] = "id"
   image_column: str = "image"
   input_shape: tuple = DEFAULT_TILE
-  max_pixels: int = preprocessing.DEFAULT_MAX_IMAGE_PIXELS
+  max_pixels: int = image_limits.DEFAULT_MAX_IMAGE_PIXELS
 
   @property
   def tile_shape(self) -> tuple:
@@ -122,8 +123,8 @@ def policy_for(manifest, images_roots: Optional[list] = None,
                     else "images")
   max_pixels = arguments.get("max_image_pixels")
   if not (isinstance(max_pixels, int) and not isinstance(max_pixels, bool)
-          and 1 <= max_pixels <= preprocessing.DEFAULT_MAX_IMAGE_PIXELS):
-    max_pixels = preprocessing.DEFAULT_MAX_IMAGE_PIXELS
+          and 1 <= max_pixels <= image_limits.DEFAULT_MAX_IMAGE_PIXELS):
+    max_pixels = image_limits.DEFAULT_MAX_IMAGE_PIXELS
   id_column = arguments.get("id_column", "id")
   return ImagePolicy(
       roots=roots, input_format=input_format,
