@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -370,3 +371,33 @@ def test_per_class_scores_cover_the_classes_that_occur(crafted):
     assert table["matrix"][row] == [full["matrix"][source][k] for k in kept]
     assert table["other_predicted"][row] == sum(full["matrix"][source]) - sum(
         table["matrix"][row])
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link", "nested", "wrong_types"])
+def test_a_hostile_manifest_is_one_line_never_a_hang(tmp_path, capsys, kind):
+  """Fails on the code before the fix: a FIFO as _run.json blocked the query
+  forever, a deeply nested one raised RecursionError."""
+  from tests.helpers import no_hang  # pylint: disable=import-outside-toplevel
+  folder = tmp_path / "out"
+  _committed_output(folder, [_prediction_table(["a"])], [])
+  manifest = folder / outputs.MANIFEST_FILE
+  manifest.unlink()
+  if kind == "fifo":
+    os.mkfifo(manifest)
+  elif kind == "link":
+    (tmp_path / "elsewhere.json").write_text("{}")
+    os.symlink(tmp_path / "elsewhere.json", manifest)
+  elif kind == "nested":
+    manifest.write_text("[" * 100000 + "]" * 100000)
+  else:
+    manifest.write_text(json.dumps({"run_id": 5, "files": {
+        "predictions": [{"name": 5}, "x"], "errors": "y"}, "counts": "x",
+                                    "class_names": "abc"}))
+  start = time.monotonic()
+  with no_hang(60):
+    code = query.main([str(folder)])
+  assert time.monotonic() - start < 30, "blocked on the manifest"
+  err = capsys.readouterr().err
+  assert code in (0, 2) and "Traceback" not in err
+  if kind != "wrong_types":
+    assert code == 2 and err.count("\n") == 1 and "_run.json" in err, err

@@ -5,7 +5,7 @@ locked `sandbox.ResultViews` returning plain rows and numbers.
 
 from typing import Optional
 
-from beam_jobs import outputs
+from tools import sandbox
 from tools.sandbox import QueryError
 from tools.sandbox import rows
 from tools.sandbox import scalar
@@ -82,7 +82,7 @@ def class_names_in(manifest) -> Optional[list]:
 
 def class_names_of(output_dir: str) -> Optional[list]:
   """The model's class names in index order, from the run's manifest."""
-  return class_names_in(outputs.read_manifest(output_dir))
+  return class_names_in(sandbox.read_manifest(output_dir))
 
 
 # Text from a manifest is shown at most this long.
@@ -331,8 +331,12 @@ def duplicates(connection, limit: int = DEFAULT_LIMIT) -> list:
               [limit])
 
 
-def summary(connection, output_dir: str) -> dict:
-  manifest = outputs.read_manifest(output_dir)
+def summary(connection, output_dir: Optional[str] = None) -> dict:
+  """Counts, classes, confidence, errors and the run's facts. The manifest is
+  the one the views were made from (`connection.manifest`); `output_dir` is
+  not read again."""
+  del output_dir  # The connection's manifest is the folder's, read once.
+  manifest = connection.manifest
   class_names = class_names_in(manifest)
   labels = label_check(connection, class_names)
   labels.pop("condition")

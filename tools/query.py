@@ -182,8 +182,8 @@ COMMANDS = {
     "accuracy": Command(
         "accuracy, per-class precision/recall/F1, confusion matrix and "
         "calibration (needs true labels)",
-        lambda connection, args: answers.accuracy(connection,
-                                          answers.class_names_of(args.output_dir)),
+        lambda connection, args: answers.accuracy(
+            connection, answers.class_names_in(connection.manifest)),
         render=render_accuracy,
         next=lambda output_dir: [
             cli.program("query", output_dir,

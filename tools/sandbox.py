@@ -75,6 +75,31 @@ def one_line(error: BaseException, limit: int = 500) -> str:
   return text if len(text) <= limit else text[:limit] + "..."
 
 
+def read_manifest(folder: str) -> Optional[dict]:
+  """The folder's manifest, as outputs.read_manifest reads it; but a local
+  `_run.json` that is not a regular file is refused before anything opens
+  it (a FIFO would block forever; this tool writes no links), and one nested
+  too deeply to parse is a damaged manifest. Raises outputs.ManifestError."""
+  path = outputs.manifest_path(folder)
+  if not paths.is_remote(folder):
+    try:
+      mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+      mode = None
+    except OSError as error:
+      raise outputs.ManifestError(
+          f"{path} cannot be read: {error.strerror}") from None
+    if mode is not None and not stat.S_ISREG(mode):
+      raise outputs.ManifestError(
+          f"{path} is not a regular file (this tool writes no links or "
+          "FIFOs)")
+  try:
+    return outputs.read_manifest(folder)
+  except RecursionError:
+    raise outputs.ManifestError(f"{path} is nested too deeply to be a "
+                                "manifest this tool wrote") from None
+
+
 def _filesystem(folder: str):
   """gs:// and other remote folders go through fsspec (gcsfs for gs://)."""
   if not paths.is_remote(folder):
@@ -271,15 +296,27 @@ class ResultViews:
     self._views = {}  # view -> ([shard names], empty schema)
     self._shards = {}  # shard name -> (real path, remote file system)
     self._verified = set()  # shard names read whole without an error
+    self.manifests = {}  # folder alias -> its manifest (or None)
+
+  @property
+  def manifest(self) -> Optional[dict]:
+    """The manifest of the first folder, as the views were made from it."""
+    return self.manifests.get("")
 
   def add_folder(self, folder: str, alias: str = "") -> None:
     try:
+      # Read (and refused) first, so nothing below opens a FIFO in its place.
+      manifest = read_manifest(folder)
       files = output_folder.result_files(folder)
-      manifest = outputs.read_manifest(folder)
-    except outputs.ManifestError as error:
+    except (outputs.ManifestError, RecursionError, TypeError, KeyError,
+            AttributeError, ValueError) as error:
+      if not isinstance(error, outputs.ManifestError):
+        error = (f"{outputs.manifest_path(folder)} is not a manifest this "
+                 f"tool wrote ({type(error).__name__})")
       raise QueryError(f"{error}; its results cannot be told apart: run "
                        "python -m beam_jobs.predict into it again with "
                        "--overwrite") from None
+    self.manifests[alias] = manifest
     if manifest is None and not any(files.values()):
       raise QueryError(f"{folder} holds no predictions or errors: expected "
                        "the --output folder of python -m beam_jobs.predict")
