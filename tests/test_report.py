@@ -19,6 +19,7 @@ from tools import make_shards
 from tools import report
 from tools import report_folder
 from tools import report_images
+from tools import report_page
 from model import card as card_lib
 from model import datasets
 from tests.helpers import run_predict
@@ -380,7 +381,7 @@ def test_the_page_has_a_header_per_class_scores_and_failing_files(tmp_path):
                "failing files", "5 more failing files"):
     assert fact in page, fact
   assert "<script>" not in page and "&lt;script&gt;bad00" in page
-  assert page.count("UnidentifiedImageError") == report.MAX_FAILING_FILES
+  assert page.count("UnidentifiedImageError") == report_page.MAX_FAILING_FILES
   assert "x" * 400 not in page
   for name in NAMES:
     assert html.escape(name) in page
