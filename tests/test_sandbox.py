@@ -241,6 +241,7 @@ HOSTILE = [
     "SELECT count(*) OVER (ORDER BY getvariable('v')) FROM predictions",
     "SELECT * FROM predictions LIMIT (SELECT count(*) FROM duckdb_settings())",
     "FROM range(3) t, LATERAL read_text('{root}/secret.txt')",
+    "SELECT 1 FROM predictions WINDOW w AS (ORDER BY getvariable('v'))",
     # PIVOT without an IN list has no parse tree: its tokens are checked.
     "PIVOT (FROM read_text('{root}/secret.txt')) ON content USING count(*)",
     "PIVOT predictions ON label IN (SELECT content FROM "
