@@ -35,7 +35,6 @@ recorded in the card, and predict repeats it. Adopting never deletes or
 overwrites its source, or files it did not write (model/adopt_output.py).
 """
 
-import json
 import os
 import shutil
 import sys
@@ -44,6 +43,7 @@ from typing import Optional
 from model import adopt_checks
 from model import adopt_eval
 from model import adopt_feeding
+from model import adopt_flags
 from model import adopt_output
 from model import card as card_lib
 from imagebatch import cli
@@ -59,11 +59,6 @@ OUTPUT_KINDS = ("auto",) + card_lib.OUTPUT_KINDS
 # A classifier's input, height times width: above this it is not one this
 # serves (the probe images alone would not fit in memory).
 MAX_INPUT_PIXELS = 4096 * 4096
-# A --class_names value with one of these endings, or a path separator,
-# names a file.
-CLASS_NAME_FILE_SUFFIXES = (".txt", ".json", ".csv")
-# A class-names file holds one name a line; 100,000 classes fit easily.
-MAX_CLASS_NAMES_BYTES = 16 << 20
 
 
 def resolve_input(source: model_formats.Source, image_size: Optional[tuple],
@@ -108,76 +103,6 @@ def resolve_input(source: model_formats.Source, image_size: Optional[tuple],
                      f"is above the limit of {MAX_INPUT_PIXELS:,} pixels for "
                      "an image classifier")
   return size[0], size[1], color_mode
-
-
-def parse_class_names(value: str) -> list:
-  """A comma-separated list, or a file: one name per line, or a JSON list.
-  A value that looks like a file name (a path separator, or a .txt, .json
-  or .csv ending) must be a file: never a class named "classes.txt"."""
-  if os.path.isfile(value):
-    size = os.path.getsize(value)
-    if size > MAX_CLASS_NAMES_BYTES:
-      raise AdoptError(f"--class_names {value} is {size:,} bytes, above the "
-                       f"limit of {MAX_CLASS_NAMES_BYTES:,}")
-    try:
-      with open(value, encoding="utf-8") as handle:
-        text = handle.read()
-    except UnicodeDecodeError:
-      raise AdoptError(f"--class_names {value} is not UTF-8 text") from None
-    if text.lstrip().startswith("["):
-      try:
-        names = json.loads(text)
-      except json.JSONDecodeError as error:
-        raise AdoptError(f"--class_names {value}: not a JSON list: "
-                         f"{error}") from None
-      if not isinstance(names, list):
-        raise AdoptError(f"--class_names {value}: expected a JSON list")
-      names = [str(name) for name in names]
-    else:
-      names = [line.strip() for line in text.splitlines() if line.strip()]
-  elif os.path.exists(value):
-    raise AdoptError(f"--class_names {value} is not a regular file (a "
-                     "folder?); expected a file of names")
-  elif ("/" in value or os.sep in value or
-        value.lower().endswith(CLASS_NAME_FILE_SUFFIXES)):
-    raise AdoptError(f"--class_names {value}: no such file (a list of names "
-                     "is comma-separated: --class_names cat,dog)")
-  else:
-    names = [name.strip() for name in value.split(",")]
-  if any(not name for name in names):
-    raise AdoptError("--class_names has an empty name")
-  duplicates = sorted({name for name in names if names.count(name) > 1})
-  if duplicates:
-    raise AdoptError(f"--class_names repeats {', '.join(duplicates)}")
-  return names
-
-
-def _numbers(flag: str, value: Optional[str]) -> Optional[list]:
-  if value is None:
-    return None
-  try:
-    return [float(v) for v in value.split(",")]
-  except ValueError:
-    raise AdoptError(f"--{flag} {value!r}: expected comma-separated "
-                     "numbers") from None
-
-
-def parse_image_size(value: Optional[str], flag: str = "image_size",
-                     square: bool = True):
-  """HEIGHT,WIDTH (or HxW) as a pair; N as (N, N), or with `square` False
-  as the int N (`--resize N`: the shorter side)."""
-  if value is None:
-    return None
-  parts = value.replace("x", ",").split(",")
-  try:
-    size = tuple(int(p) for p in parts)
-  except ValueError:
-    size = ()
-  if len(size) not in (1, 2) or min(size) < 1:
-    raise AdoptError(f"--{flag} {value!r}: expected HEIGHT,WIDTH or N")
-  if len(size) == 1:
-    return size * 2 if square else size[0]
-  return size
 
 
 def _stage_source(source: model_formats.Source, out_dir: str) -> None:
@@ -516,15 +441,16 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   cli.quiet_libraries(args.verbose)
   try:
-    adopt(args.source, args.output, parse_class_names(args.class_names),
+    flags = adopt_flags
+    adopt(args.source, args.output, flags.parse_class_names(args.class_names),
           input_scale=args.input_scale,
-          input_mean=_numbers("input_mean", args.input_mean),
-          input_std=_numbers("input_std", args.input_std),
-          image_size=parse_image_size(args.image_size),
+          input_mean=flags.parse_numbers("input_mean", args.input_mean),
+          input_std=flags.parse_numbers("input_std", args.input_std),
+          image_size=flags.parse_image_size(args.image_size),
           color_mode=args.color_mode, output_kind=args.output_kind,
           decoder=args.decoder, eval_data=args.eval_data,
-          resize=parse_image_size(args.resize, "resize", square=False),
-          center_crop=parse_image_size(args.center_crop, "center_crop"),
+          resize=flags.parse_image_size(args.resize, "resize", square=False),
+          center_crop=flags.parse_image_size(args.center_crop, "center_crop"),
           interpolation=args.interpolation, layout=args.layout,
           output_name=args.output_name,
           preprocessing_config=args.preprocessing_config,

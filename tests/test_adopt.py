@@ -26,6 +26,7 @@ from beam_jobs import predict
 from beam_jobs import preflight
 from benchmarks import tutorials
 from model import adopt
+from model import adopt_flags
 from model import card as card_lib
 from model import model_checks
 from model import datasets
@@ -165,7 +166,7 @@ def test_model_and_class_list_problems_are_one_line(tmp_path, author):
                      match="has 3 names but the model outputs 10 classes"):
     _adopt(author.files["keras"], tmp_path / "a", ["a", "b", "c"])
   with pytest.raises(adopt.AdoptError, match="repeats Bag"):
-    adopt.parse_class_names("Bag,Coat,Bag")
+    adopt_flags.parse_class_names("Bag,Coat,Bag")
   (tmp_path / "notes.txt").write_text("not a model")
   with pytest.raises(adopt.AdoptError, match="is not a model this can read"):
     _adopt(str(tmp_path / "notes.txt"), tmp_path / "b")
@@ -181,10 +182,10 @@ def test_model_and_class_list_problems_are_one_line(tmp_path, author):
 def test_class_names_from_a_file(tmp_path):
   (tmp_path / "names.txt").write_text("daisy\ndandelion\n\nroses\n")
   (tmp_path / "names.json").write_text(json.dumps(["a", "b"]))
-  assert adopt.parse_class_names(str(tmp_path / "names.txt")) == [
+  assert adopt_flags.parse_class_names(str(tmp_path / "names.txt")) == [
       "daisy", "dandelion", "roses"]
-  assert adopt.parse_class_names(str(tmp_path / "names.json")) == ["a", "b"]
-  assert adopt.parse_class_names("x, y") == ["x", "y"]
+  assert adopt_flags.parse_class_names(str(tmp_path / "names.json")) == ["a", "b"]
+  assert adopt_flags.parse_class_names("x, y") == ["x", "y"]
 
 
 def test_several_inputs_or_a_non_classifier_output_are_refused(tmp_path):
@@ -920,10 +921,10 @@ def test_class_names_that_name_a_missing_file_are_refused(tmp_path):
                 str(tmp_path / "missing")):
     with pytest.raises(adopt.AdoptError,
                        match=f"--class_names {value}: no such file"):
-      adopt.parse_class_names(value)
+      adopt_flags.parse_class_names(value)
   with pytest.raises(adopt.AdoptError, match="is not a regular file"):
-    adopt.parse_class_names(str(tmp_path))
-  assert adopt.parse_class_names("a.b,c") == ["a.b", "c"]
+    adopt_flags.parse_class_names(str(tmp_path))
+  assert adopt_flags.parse_class_names("a.b,c") == ["a.b", "c"]
 
 
 def test_adopt_help_says_each_default_once():
