@@ -220,10 +220,10 @@ def refusal(model: str, card) -> str:
            "SavedModel or .tflite source cannot give one, adopt its .keras "
            "or .onnx)")
   elif "keras" in card.engines:
-    how = (f"adopt its model.keras: python -m model.adopt {model}/"
-           f"{'model.keras'} --output DIR --class_names ... [--embedding_layer "
-           "NAME], or train it again with this version of python -m "
-           "model.train, which records the layer that feeds the classifier")
+    how = (f"adopt its model.keras: python -m model.adopt {model}/model.keras "
+           "--output DIR --class_names ... [--embedding_layer NAME], or train "
+           "it again with this version of python -m model.train, which "
+           "records the layer that feeds the classifier")
   else:
     how = ("train or export it again with this version of python -m "
            "model.train, which records the layer that feeds the classifier")

@@ -23,7 +23,9 @@ COLUMN = outputs.EMBEDDING_COLUMN
 SCAN_ROWS = 4096
 DEFAULT_K = 10
 DEFAULT_MIN_SIMILARITY = 0.97
-DEFAULT_PAIRS_SHOWN = 100
+# Pairs listed at most by default, as `sql` returns 10,000 rows at most; all
+# are counted, and --limit 0 lists every one (N^2 / 2 at worst).
+DEFAULT_PAIRS_SHOWN = 10000
 # The report's map: at most this many rows, picked by a hash of the id.
 MAP_ROWS = 5000
 
