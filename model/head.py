@@ -257,3 +257,34 @@ def train_head(data: str, backbone: Backbone, head: str = DEFAULT_HEAD,
       {"validation_accuracy": round(float(accuracy), 6),
        "validation_loss": round(float(loss), 6),
        "train_accuracy": round(float(history["accuracy"][-1]), 6)})
+
+
+def train_and_export(data: str, features_from: str, output: str,
+                     head: Optional[str] = None, epochs: Optional[int] = None,
+                     batch_size: Optional[int] = None,
+                     learning_rate: Optional[float] = None,
+                     hidden_units: Optional[int] = None,
+                     validation_split: float = 0.2, seed: int = 0,
+                     split_seed: Optional[int] = None, verbose: int = 2,
+                     embed_with: str = "process") -> card_lib.ModelCard:
+  """model.train --features_from: the head, then backbone + head as one
+  model folder (model/compose.py); returns its card."""
+  from model import compose  # pylint: disable=import-outside-toplevel
+  backbone = load_backbone(features_from)
+  if not os.path.isdir(data):
+    raise FileNotFoundError(f"no data folder at {data}: expected one "
+                            "sub-folder of images per class")
+  split_seed = seed if split_seed is None else split_seed
+  trained = train_head(data, backbone, head or DEFAULT_HEAD, epochs,
+                       batch_size, learning_rate, hidden_units,
+                       validation_split, seed, split_seed, verbose,
+                       embed_with=embed_with)
+  dataset = {
+      "name": os.path.basename(os.path.normpath(data)),
+      "source": os.path.abspath(data),
+      "train_images": len(trained.train.labels),
+      "validation_images": len(trained.validation.labels),
+      "evaluated_on": "validation", "split_seed": split_seed,
+      "decode_failures": trained.train.failed + trained.validation.failed,
+  }
+  return compose.export_composed(trained, backbone, output, dataset)

@@ -414,31 +414,6 @@ def check_backbone_flags(args) -> None:
       raise ValueError(f"--{', --'.join(given)} need --backbone")
 
 
-def train_on_features(args, verbose: int):
-  """--features_from: the head, then backbone + head as one folder."""
-  from model import compose  # pylint: disable=import-outside-toplevel
-  from model import head  # pylint: disable=import-outside-toplevel
-  backbone = head.load_backbone(args.features_from)
-  if not os.path.isdir(args.data):
-    raise FileNotFoundError(f"no data folder at {args.data}: expected one "
-                            "sub-folder of images per class")
-  split_seed = args.seed if args.split_seed is None else args.split_seed
-  trained = head.train_head(
-      args.data, backbone, args.head or head.DEFAULT_HEAD, args.epochs,
-      args.batch_size, args.learning_rate, args.hidden_units,
-      args.validation_split, args.seed, split_seed, verbose,
-      embed_with=args.embed_with or "process")
-  dataset = {
-      "name": os.path.basename(os.path.normpath(args.data)),
-      "source": os.path.abspath(args.data),
-      "train_images": len(trained.train.labels),
-      "validation_images": len(trained.validation.labels),
-      "evaluated_on": "validation", "split_seed": split_seed,
-      "decode_failures": trained.train.failed + trained.validation.failed,
-  }
-  return compose.export_composed(trained, backbone, args.output, dataset)
-
-
 def embedding_line(card) -> str:
   """What the folder serves as its embedding, in a few words."""
   if not card.embedding:
@@ -454,7 +429,12 @@ def main(argv=None) -> int:
   try:
     check_backbone_flags(args)
     if args.features_from:
-      card = train_on_features(args, verbose)
+      from model import head  # pylint: disable=import-outside-toplevel
+      card = head.train_and_export(
+          args.data, args.features_from, args.output, args.head, args.epochs,
+          args.batch_size, args.learning_rate, args.hidden_units,
+          args.validation_split, args.seed, args.split_seed, verbose,
+          args.embed_with or "process")
       print(f"exported {card.architecture} model {card.model_id} to "
             f"{args.output}: {card.metrics}; backbone + head checked against "
             f"the two run apart on {card.training['composed']['images']} "
