@@ -105,7 +105,8 @@ def test_each_row_holds_the_engines_embedding_of_its_image(
     assert run.manifest["embedding"] == {
         "column": "embedding", "dimension": 128,
         "type": "fixed_size_list<item: float>[128]",
-        "duckdb_cast": "embedding::FLOAT[128]", "layer": "dense",
+        "duckdb_cast": "embedding::FLOAT[128]",
+        "layer": card.embedding["layer"],
         "chosen": card.embedding["chosen"]}
     shard = os.path.join(run.output, run.manifest["files"]["predictions"][0][
         "name"])
