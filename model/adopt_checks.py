@@ -190,26 +190,20 @@ def tflite_conversion(source: model_formats.Source, out_dir: str,
                       card: card_lib.ModelCard, engine: engines.Engine,
                       images: np.ndarray, checked_on: str) -> dict:
   """Converts to TFLite and keeps it only if it agrees with the source."""
-  served = source.model
-  if "keras" in card.embedding_engines:
-    served = embeddings.keras_two_outputs(source.model,
-                                          card.embedding["layer"])
   try:
     if source.kind == "savedmodel":
       tflite_bytes = model_formats.convert_saved_model(
           os.path.join(out_dir, card_lib.SAVED_MODEL_DIR))
+    elif "keras" in card.embedding_engines:
+      tflite_bytes, record = embeddings.convert_with_embedding(
+          source.model, card.embedding["layer"],
+          engine.model_inputs(images), checked_on, export.convert_to_tflite)
+      embeddings.record_tflite(card, record)
     else:
-      tflite_bytes = export.convert_to_tflite(served)
+      tflite_bytes = export.convert_to_tflite(source.model)
   except Exception as error:  # pylint: disable=broad-except
     return {"converted": False,
             "reason": f"conversion failed: {model_formats.first_line(error)}"}
-  if served is not source.model:
-    try:
-      outputs = embeddings.match_tflite_outputs(
-          tflite_bytes, served, engine.model_inputs(images), checked_on)
-    except embeddings.EmbeddingError as error:
-      return {"converted": False, "reason": str(error)}
-    card.embedding["engines"]["tflite"] = outputs
   reference = np.concatenate([
       engine.probabilities(images[start:start + EVAL_BATCH])
       for start in range(0, len(images), EVAL_BATCH)])

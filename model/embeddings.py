@@ -210,6 +210,32 @@ def match_tflite_outputs(tflite_bytes: bytes, two_outputs, inputs: np.ndarray,
           "checked_on": checked_on, "against": "keras"}
 
 
+def convert_with_embedding(model, layer: str, inputs: np.ndarray,
+                           checked_on: str, convert) -> tuple:
+  """(TFLite bytes, the card's tflite record or None): `convert` of the
+  model with `layer` as a second output, kept when its embedding passes
+  `match_tflite_outputs`; else `convert` of the model alone, which serves
+  the labels while the Keras engine serves the embedding, and the record is
+  None (the card says why in `embedding.not_served`). Conversion errors
+  propagate."""
+  both = keras_two_outputs(model, layer)
+  tflite_bytes = convert(both)
+  try:
+    return tflite_bytes, match_tflite_outputs(tflite_bytes, both, inputs,
+                                              checked_on)
+  except EmbeddingError as error:
+    return convert(model), {"not_served": str(error)}
+
+
+def record_tflite(card, record: dict) -> None:
+  """Puts convert_with_embedding's record in the card."""
+  if "not_served" in record:
+    card.embedding.setdefault("not_served", {})["tflite"] = record[
+        "not_served"]
+  else:
+    card.embedding["engines"]["tflite"] = record
+
+
 def refusal(model: str, card) -> str:
   """The one line that says a folder serves no embedding, and how to add
   one."""

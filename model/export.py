@@ -94,7 +94,9 @@ def export_model(model,
   `preprocessing_recipe` (a card's `preprocessing`, as a composed model
   keeps its backbone's) says otherwise. The embedding is `embedding_layer`'s
   output, by default the input of the final Dense layer
-  (model/embeddings.py); model.tflite carries it as a second output.
+  (model/embeddings.py); model.tflite carries it as a second output when
+  that output agrees with Keras to 1e-5 (else it serves the labels, and
+  the Keras engine the embedding).
   With `write_card` False the card is returned unwritten, for a caller
   that checks more before the folder counts as a model.
   """
@@ -105,10 +107,8 @@ def export_model(model,
     os.remove(card_path)
   height, width, channels = (int(d) for d in model.input_shape[1:])
   layer, chosen = embeddings.keras_layer(model, embedding_layer)
-  served = embeddings.keras_two_outputs(model, layer) if layer else model
   keras_path = os.path.join(out_dir, card_lib.MODEL_FILE)
   model.save(keras_path)
-  tflite_bytes = convert_to_tflite(served)
   with open(keras_path, "rb") as handle:
     keras_bytes = handle.read()
 
@@ -140,12 +140,11 @@ def export_model(model,
   if layer:
     card.embedding = embeddings.keras_record(model, layer,
                                              embedding_chosen or chosen)
-    try:
-      card.embedding["engines"]["tflite"] = embeddings.match_tflite_outputs(
-          tflite_bytes, served, model_inputs, "test images")
-    except embeddings.EmbeddingError as error:
-      raise RuntimeError(f"{error}; not exporting a model whose engines "
-                         "would serve different embeddings") from None
+    tflite_bytes, record = embeddings.convert_with_embedding(
+        model, layer, model_inputs, "test images", convert_to_tflite)
+    embeddings.record_tflite(card, record)
+  else:
+    tflite_bytes = convert_to_tflite(model)
   card.validate()
   card.model_id = card_lib.compute_model_id(card, keras_bytes, tflite_bytes)
   keras_outputs = model.predict(model_inputs, batch_size=256,

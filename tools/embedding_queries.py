@@ -36,25 +36,27 @@ def has_embeddings(connection, view: str = "predictions") -> bool:
 
 
 def dimension(connection, view: str = "predictions") -> int:
-  """D of the view's embeddings; QueryError when it has none, or mixes
-  sizes."""
+  """D of the view's embeddings, from its first row that has one;
+  QueryError when it has none. Every scan checks that each row has D."""
   if not has_embeddings(connection, view):
     raise QueryError(f"the {view} have no {COLUMN} column: run "
                      "python -m beam_jobs.predict with --write_embeddings")
-  sizes = rows(connection, f"SELECT DISTINCT len({COLUMN}) AS size FROM "
-               f"{view} WHERE {COLUMN} IS NOT NULL LIMIT 2")
+  sizes = rows(connection, f"SELECT len({COLUMN}) AS size FROM {view} "
+               f"WHERE {COLUMN} IS NOT NULL LIMIT 1")
   if not sizes:
     raise QueryError(f"no row of the {view} has an {COLUMN}")
-  if len(sizes) > 1:
-    raise QueryError(f"the {view}' embeddings have several sizes; they come "
-                     "from different models")
   return int(sizes[0]["size"])
 
 
 def _matrix(column, width: int) -> np.ndarray:
   """A list<float> Arrow column of rows of `width` values as (N, width)."""
-  values = column.flatten().to_numpy(zero_copy_only=False)
-  return np.asarray(values, np.float32).reshape(-1, width)
+  values = np.asarray(column.flatten().to_numpy(zero_copy_only=False),
+                      np.float32)
+  if values.size != len(column) * width or len(set(
+      column.value_lengths().to_pylist())) > 1:
+    raise QueryError("the embeddings have several sizes; they come from "
+                     "different models")
+  return values.reshape(-1, width)
 
 
 def scanner(connection, width: int, view: str = "predictions"):
