@@ -5,7 +5,8 @@ Usage:
       --output OUTPUT_DIR [--engine tflite|keras] [Beam flags, e.g. --runner]
   python -m beam_jobs.predict --input 'shards/*.parquet' --label_column label ...
 
-Writes predictions-*.parquet, errors-*.parquet and _run.json to OUTPUT_DIR.
+Writes OUTPUT_DIR/predictions/*.parquet, OUTPUT_DIR/errors/*.parquet and
+OUTPUT_DIR/_run.json, which lists them.
 """
 
 import collections
@@ -37,8 +38,10 @@ from imagebatch import cli
 from imagebatch import paths
 
 
-# 2: the manifest lists the result set's files (beam_jobs/output_folder.py).
-MANIFEST_VERSION = 2
+# 2: the manifest lists the result set's files (beam_jobs/output_folder.py);
+# 3: the shards sit in predictions/ and errors/, and are listed by their
+# paths in the folder.
+MANIFEST_VERSION = 3
 
 
 def _metric_value(result) -> int:
@@ -162,10 +165,16 @@ def _commit(state: output_folder.FolderState, manifest: dict, keep: list,
   a prediction or an error row and that the shards hold exactly the rows
   counted, and commits."""
   try:
+    keep = output_folder.move_kept(state.output, keep)
     manifest.update(output_folder.plan_commit(
         state, manifest["run_id"], keep, overwrite, lock.inherited))
   except output_folder.FolderError as error:
     raise PipelineError(str(error)) from None
+  except OSError as error:
+    lock.keep()
+    raise PipelineError(
+        f"could not commit to {state.output}: {type(error).__name__}: "
+        f"{error}; its earlier results stand") from error
   counts = manifest["counts"]
   manifest["accounted"] = (
       counts["inputs"] == counts["predictions"] + counts["errors"] and
@@ -329,8 +338,9 @@ def main(argv=None) -> int:
     if warning:
       print(f"beam_jobs.predict: warning: {warning}", file=sys.stderr)
   commands = next_commands(output)
-  cli.print_next(f"{output} (predictions-*.parquet, errors-*.parquet, "
-                 f"{outputs.MANIFEST_FILE})", commands)
+  cli.print_next(f"{output} ({outputs.PREDICTIONS_PREFIX}/, "
+                 f"{outputs.ERRORS_PREFIX}/, {outputs.MANIFEST_FILE})",
+                 commands)
   if not manifest["accounted"]:
     print("beam_jobs.predict: error: inputs != predictions + errors, or the "
           f"shards do not hold what was counted; see {outputs.MANIFEST_FILE}",

@@ -144,9 +144,9 @@ def match_paths(pattern: str, limit: Optional[int] = None) -> list:
   returned as a path too, so that reading it fails visibly.
   """
   if not is_remote(pattern):
-    # With a limit, folders are walked in name order, so that the same
-    # files come first every time (a check of "the first shard" reads the
-    # same shard however the disk orders its entries).
+    # With a limit, paths come in the order of their names, as on gs://,
+    # so that the same files come first every time (a check of "the first
+    # shard" reads the same shard however the disk orders its entries).
     return sorted(itertools.islice(_match_local(pattern, ordered=bool(limit)),
                                    limit))
   from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
@@ -189,23 +189,53 @@ def walk_local(root: str, descend=None, ordered: bool = False):
   root included), which is yielded in place of its files. `descend(folder)`
   may decline to enter a sub-folder. Only the folders still to visit are
   held, never the files, unless `ordered`: then each folder's entries are
-  read whole and visited in name order."""
+  read whole and the paths come in the order of their full names, as an
+  object store lists them (gs:// lists names in lexicographic order), so a
+  limited match finds the same first file here and there."""
+  if ordered:
+    yield from _walk_ordered(root, descend)
+    return
   pending = [root]
   while pending:
     folder = pending.pop()
     try:
-      entries = scan_local(folder)
-      if ordered:
-        entries = sorted(entries)
       folders = []
-      for path, is_folder in entries:
+      for path, is_folder in scan_local(folder):
         if not is_folder:
           yield path, True
         elif descend is None or descend(path):
           folders.append(path)
-      pending.extend(reversed(folders) if ordered else folders)
+      pending.extend(folders)
     except OSError:
       yield folder, False
+
+
+def _sorted_entries(folder: str) -> list:
+  """A folder's entries by full name, a sub-folder's name read with its
+  trailing slash ("a/b.png" before "a/b/c.png", as object names sort)."""
+  return sorted(scan_local(folder),
+                key=lambda entry: entry[0] + ("/" if entry[1] else ""))
+
+
+def _walk_ordered(root: str, descend=None):
+  try:
+    stack = [iter(_sorted_entries(root))]
+  except OSError:
+    yield root, False
+    return
+  while stack:
+    entry = next(stack[-1], None)
+    if entry is None:
+      stack.pop()
+      continue
+    path, is_folder = entry
+    if not is_folder:
+      yield path, True
+    elif descend is None or descend(path):
+      try:
+        stack.append(iter(_sorted_entries(path)))
+      except OSError:
+        yield path, False
 
 
 def _match_local(pattern: str, ordered: bool = False):

@@ -522,7 +522,7 @@ def test_an_adopted_tflite_folder_serves_from_the_slim_install(
       python=SLIM_PYTHON)
   assert served.returncode == 0, served.stderr[-3000:]
   rows = {row["id"]: row for row in read_parquet_rows(
-      os.path.join(str(out), "predictions-*.parquet"))}
+      os.path.join(str(out), "predictions", "*.parquet"))}
   _assert_same_as_author(rows, png_ids(png_dir, sample), author.logits)
   needs_the_gcp_extra()
   dry_run = predict_cli(["--input", png_dir, "--model", model, "--output",

@@ -242,11 +242,11 @@ def _assert_served_the_sample(output, png_dir, tiny_model, sample):
   manifest = outputs.read_manifest(str(output))
   assert manifest["counts"] == {"inputs": 200, "predictions": 200,
                                 "errors": 0, "skipped": 0, "model_loads": 1}
-  rows = read_parquet_rows(str(output / "predictions-*.parquet"))
+  rows = read_parquet_rows(str(output / "predictions" / "*.parquet"))
   expected = dict(zip(png_ids(png_dir, sample),
                       expected_labels(tiny_model, sample, "tflite")))
   assert {row["id"]: row["label"] for row in rows} == expected
-  assert read_parquet_rows(str(output / "errors-*.parquet")) == []
+  assert read_parquet_rows(str(output / "errors" / "*.parquet")) == []
 
 
 @pytest.mark.slow
