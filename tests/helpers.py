@@ -34,6 +34,16 @@ DATAFLOW_ARGS = [
 SLIM_PYTHON = os.path.join(
     os.environ.get("SLIM_VENV", os.path.join(REPO, ".venv-slim")), "bin",
     "python")
+# A sitecustomize that refuses TensorFlow and Keras in every process it is
+# loaded into (on PYTHONPATH: the launcher and the DirectRunner's workers).
+TENSORFLOW_BLOCKER = """
+import importlib.abc, sys
+class Blocker(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in ("tensorflow", "keras", "tf_keras"):
+      raise ImportError(f"{name} is blocked: serving must not import it")
+sys.meta_path.insert(0, Blocker())
+"""
 # A regression that opened a FIFO or waited on a worker would hang the
 # suite; a run that takes longer than this fails instead.
 HANG_SECONDS = 240

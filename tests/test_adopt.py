@@ -561,8 +561,8 @@ def test_adopt_cli_errors_are_one_line_and_exit_2(tmp_path):
   assert result.returncode == 2
   lines = [l for l in result.stderr.splitlines() if l.startswith("model.adopt")]
   assert lines == [f"model.adopt: error: {tmp_path / 'notes.keras'} is not a "
-                   "model this can read: expected a .keras, .h5 or .tflite "
-                   "file or a SavedModel folder"]
+                   "model this can read: expected a .keras, .h5, .tflite or "
+                   ".onnx file or a SavedModel folder"]
   assert "Traceback" not in result.stderr
 
 

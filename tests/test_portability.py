@@ -24,6 +24,7 @@ from beam_jobs.pipeline import build_pipeline
 from tests.helpers import DATAFLOW_ARGS
 from tests.helpers import REPO
 from tests.helpers import SLIM_PYTHON
+from tests.helpers import TENSORFLOW_BLOCKER
 from tests.helpers import needs_the_gcp_extra
 from tests.helpers import expected_labels
 from tests.helpers import png_ids
@@ -284,17 +285,6 @@ def test_dataflow_dry_run_through_the_cli(tmp_path, png_dir, tiny_model,
   with_requirements = predict_cli(args + [
       "--engine", "keras", "--requirements_file", str(requirements)])
   assert with_requirements.returncode == 0, with_requirements.stderr
-
-
-# Refuses TensorFlow and Keras in the process it is loaded into.
-TENSORFLOW_BLOCKER = """
-import importlib.abc, sys
-class Blocker(importlib.abc.MetaPathFinder):
-  def find_spec(self, name, path=None, target=None):
-    if name.split(".")[0] in ("tensorflow", "keras", "tf_keras"):
-      raise ImportError(f"{name} is blocked: serving must not import it")
-sys.meta_path.insert(0, Blocker())
-"""
 
 
 @pytest.mark.slow
