@@ -8,9 +8,7 @@ writes nothing but, for a real run, the output folder itself (made to learn
 that it can be written).
 """
 
-import csv
 import dataclasses
-import io
 import re
 from typing import Optional
 
@@ -205,9 +203,7 @@ def _check_list_columns(config: PredictConfig, list_path: str) -> None:
       if kind == "parquet":
         names = pq.ParquetFile(handle).schema_arrow.names
       else:
-        text = io.TextIOWrapper(handle, encoding="utf-8-sig",
-                                errors="replace", newline="")
-        names = next(csv.reader(text), [])
+        names = next(lists.csv_records(handle), [])
   except Exception:  # pylint: disable=broad-except
     # An unreadable list is reported by the pipeline, as one error row.
     return

@@ -471,3 +471,23 @@ def test_relative_uris_resolve_from_the_list_folder():
       "gs://b/img/y.png")
   assert list_source.resolve_uri("gs://b/y.png", "/l.txt") == "gs://b/y.png"
   assert list_source.resolve_uri("/abs//y.png", "gs://b/l.txt") == "/abs/y.png"
+
+
+@pytest.mark.parametrize("broken, line", [
+    ('"c.png,3\nd.png,4\n', 5),          # a quote never closed
+    ('"c.png"x,3\nd.png,4\n', 5),        # text after a closing quote
+])
+def test_a_broken_csv_record_ends_the_list_in_one_error_naming_it(
+    tmp_path, broken, line):
+  """Fails on the code before the fix: a quote never closed merged every
+  later record into one, read as a URI, silently."""
+  listing = tmp_path / "list.csv"
+  listing.write_text('uri,id\na.png,1\n"b\nb.png",2\n' + broken)
+  reader = list_source._ReadListItem("uri", "id", None, 256)  # pylint: disable=protected-access
+  rows = list(reader._csv_rows(str(listing)))  # pylint: disable=protected-access
+  assert [row[:2] for row in rows[:2]] == [(0, "a.png"), (1, "b\nb.png")]
+  assert len(rows) == 3 and isinstance(rows[2], dict), rows
+  error = rows[2]
+  assert error["id"] == str(listing) and error["stage"] == "read"
+  assert f"line {line}" in error["error"], error
+  assert "rows from 2 on; rows before it were read" in error["error"], error

@@ -63,6 +63,16 @@ def resolve_uri(uri: str, list_path: str) -> str:
   return os.path.normpath(uri)
 
 
+def csv_records(handle):
+  """The records of a CSV list read from a binary handle: UTF-8 (a byte
+  order mark dropped, bad bytes kept as surrogate escapes), quoted fields
+  that may span lines, and strict, so that a quote never closed raises
+  csv.Error instead of swallowing every record after it."""
+  text = io.TextIOWrapper(handle, encoding="utf-8-sig",
+                          errors="surrogateescape", newline="")
+  return csv.reader(text, strict=True)
+
+
 class ListItem(NamedTuple):
   """A work item of lists: a text or CSV list, read whole, or some row
   groups of a Parquet one (`row_groups`)."""
@@ -201,13 +211,13 @@ class _ReadListItem(beam.DoFn):
   def _csv_rows(self, path: str):
     """A header row, then one record per input (quoted fields may span
     lines). A later list without the --uri_column column fails row by row,
-    as a shard without the image column does."""
+    as a shard without the image column does. The reader is strict: a
+    record it cannot read (a quote never closed, text after a closing
+    quote) ends the list, in one error row naming it."""
     row = 0
     try:
       with paths.open_file(path) as handle:
-        text = io.TextIOWrapper(handle, encoding="utf-8-sig",
-                                errors="surrogateescape", newline="")
-        records = csv.reader(text)
+        records = csv_records(handle)
         header = next(records, None) or []
         where = {name: i for i, name in enumerate(header)}
         uri_at = where.get(self._uri_column)
@@ -218,7 +228,15 @@ class _ReadListItem(beam.DoFn):
         def cell(record, at):
           return record[at] if at is not None and at < len(record) else None
 
-        for record in records:
+        while True:
+          line = records.line_num + 1
+          try:
+            record = next(records, None)
+          except csv.Error as error:
+            raise csv.Error(f"{error}, in the record from line {line} on"
+                            ) from None
+          if record is None:
+            break
           if not record:
             continue
           yield (row, cell(record, uri_at), id_at is not None,
