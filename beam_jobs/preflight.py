@@ -108,7 +108,9 @@ def resolve_flags(config: PredictConfig) -> PredictConfig:
       _check_scheme(name, getattr(config, name))
       absolute[name] = paths.absolute(getattr(config, name))
   config = dataclasses.replace(config, **absolute)
-  return dataclasses.replace(config, input_format=config.resolved_format())
+  config = dataclasses.replace(config, input_format=config.resolved_format())
+  _check_output_outside_input(config)
+  return config
 
 
 def load_card(model: str, engine: str) -> card_lib.ModelCard:
@@ -148,16 +150,36 @@ def load_card(model: str, engine: str) -> card_lib.ModelCard:
   return card
 
 
+def input_pattern(config: PredictConfig) -> tuple:
+  """(flag, pattern) of the input as the pipeline lists it."""
+  if config.input_list:
+    return "input_list", config.input_list
+  return "input", (config.input if config.input_format == "parquet" else
+                   paths.expand_pattern(config.input))
+
+
+def _check_output_outside_input(config: PredictConfig) -> None:
+  """An --output inside the input is left out of its listing; one that
+  holds the input (or is its folder) would have its own files read as
+  inputs, and is refused."""
+  flag, pattern = input_pattern(config)
+  if paths.is_below(paths.pattern_base(pattern), config.output):
+    raise ConfigError(
+        f"--{flag} {getattr(config, flag)} is inside --output "
+        f"{config.output}: the run's own files would be read as inputs; "
+        "choose an --output outside the input (or a folder inside it, "
+        "which the input's listing leaves out)")
+
+
 def check_input(config: PredictConfig, offline: bool = False) -> None:
   """The input matches a file, and its first file has the columns the flags
   name. `offline`: a remote input is not listed."""
-  flag, pattern = ("input_list", config.input_list) if config.input_list else (
-      "input", config.input if config.input_format == "parquet" else
-      paths.expand_pattern(config.input))
+  flag, pattern = input_pattern(config)
   if offline and paths.is_remote(pattern):
     return
   # One match is enough to know the input is there; the pipeline lists all.
-  matched = paths.match_paths(pattern, limit=1)
+  # The run's own output is no input (pipeline.read_inputs leaves it out).
+  matched = paths.match_paths(pattern, limit=1, exclude=config.output)
   if not matched:
     raise ConfigError(f"--{flag} {getattr(config, flag)} matches no files: "
                       f"expected {_INPUT_KINDS[config.input_format]}")

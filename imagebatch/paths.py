@@ -132,9 +132,11 @@ def pattern_base(pattern: str) -> str:
   return prefix if prefix.endswith("/") else posixpath.dirname(prefix) + "/"
 
 
-def match_paths(pattern: str, limit: Optional[int] = None) -> list:
+def match_paths(pattern: str, limit: Optional[int] = None,
+                exclude: Optional[str] = None) -> list:
   """File paths a pattern matches, sorted; with `limit`, at most that many
-  of them, found without listing the rest.
+  of them, found without listing the rest. Nothing in the folder `exclude`
+  matches (an output folder inside the input, say).
 
   Remote patterns go through Beam's FileSystems. Local ones are listed here
   (`walk_local`) with the same pattern rules, because Beam's local listing
@@ -147,11 +149,23 @@ def match_paths(pattern: str, limit: Optional[int] = None) -> list:
     # With a limit, paths come in the order of their names, as on gs://,
     # so that the same files come first every time (a check of "the first
     # shard" reads the same shard however the disk orders its entries).
-    return sorted(itertools.islice(_match_local(pattern, ordered=bool(limit)),
-                                   limit))
+    return sorted(itertools.islice(
+        _match_local(pattern, ordered=bool(limit), exclude=exclude), limit))
   from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
-  result = FileSystems.match([pattern], limits=[limit] if limit else None)[0]
-  return sorted(metadata.path for metadata in result.metadata_list)
+  found = [metadata.path for metadata in FileSystems.match(
+      [pattern], limits=[limit] if limit else None)[0].metadata_list]
+  kept = [path for path in found if not is_below(path, exclude)]
+  if limit and len(kept) < len(found):
+    # The excluded folder came first: look further, past it.
+    kept = [metadata.path for metadata in FileSystems.match([pattern])[
+        0].metadata_list if not is_below(metadata.path, exclude)][:limit]
+  return sorted(kept)
+
+
+def is_below(path: str, folder: Optional[str]) -> bool:
+  """Whether `path` is the folder `folder` or below it."""
+  return bool(folder) and (path.rstrip("/") + "/").startswith(
+      folder.rstrip("/") + "/")
 
 
 def pattern_regex(pattern: str) -> "re.Pattern":
@@ -238,17 +252,19 @@ def _walk_ordered(root: str, descend=None):
         yield path, False
 
 
-def _match_local(pattern: str, ordered: bool = False):
+def _match_local(pattern: str, ordered: bool = False,
+                 exclude: Optional[str] = None):
   pattern = folder_pattern(pattern)
   prefix = _GLOB_CHARS.split(pattern, 1)[0]
   if prefix == pattern:
-    if os.path.lexists(pattern):
+    if os.path.lexists(pattern) and not is_below(pattern, exclude):
       yield pattern
     return
   root = posixpath.dirname(prefix)
   regex = pattern_regex(pattern)
   recursive = "**" in pattern
-  for path, listed in walk_local(root, ordered=ordered):
+  for path, listed in walk_local(
+      root, lambda folder: not is_below(folder, exclude), ordered=ordered):
     if listed:
       if regex.match(path):
         yield path

@@ -101,22 +101,26 @@ class ReadImageFiles(beam.PTransform):
   once per image; with `skip`, the paths already predicted are dropped by
   bucket before any file is read. `storage_client` stands in for
   google-cloud-storage's client when listing gs:// (tests pass a fake one).
+  Nothing in the folder `exclude` (the run's output) is an input.
   """
 
   def __init__(self, pattern: str, class_names: list,
                batch_size: int = DEFAULT_BATCH_SIZE,
-               skip: Optional[SkipExisting] = None, storage_client=None):
+               skip: Optional[SkipExisting] = None, storage_client=None,
+               exclude: Optional[str] = None):
     super().__init__()
     self._pattern = paths.expand_pattern(pattern)
     self._class_names = frozenset(class_names)
     self._batch_size = batch_size
     self._skip = skip
     self._storage_client = storage_client
+    self._exclude = exclude
 
   def expand(self, pipeline):
     buckets = self._skip.buckets if self._skip else 0
     groups, list_errors = pipeline | "ListFiles" >> ListFiles(
-        self._pattern, self._batch_size, buckets, self._storage_client)
+        self._pattern, self._batch_size, buckets, self._storage_client,
+        self._exclude)
     if self._skip:
       groups = groups | "SkipExisting" >> SkipRefs(self._skip,
                                                    self._batch_size)

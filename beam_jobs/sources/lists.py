@@ -269,23 +269,25 @@ class _ReadListItem(beam.DoFn):
 
 class ReadInputList(beam.PTransform):
   """Reads the images that list files matched by `pattern` name (see the
-  module's docstring)."""
+  module's docstring); no list in the folder `exclude` is read."""
 
   def __init__(self, pattern: str, uri_column: str = "uri",
                id_column: Optional[str] = "id",
                label_column: Optional[str] = None,
                batch_size: int = DEFAULT_BATCH_SIZE,
-               skip: Optional[SkipExisting] = None):
+               skip: Optional[SkipExisting] = None,
+               exclude: Optional[str] = None):
     super().__init__()
     self._pattern = pattern
     self._batch_size = batch_size
     self._skip = skip
+    self._exclude = exclude
     self._reader = _ReadListItem(uri_column, id_column, label_column,
                                  batch_size, skip.buckets if skip else 0)
 
   def expand(self, pipeline):
     lists, list_errors = pipeline | "ListLists" >> ListFiles(
-        self._pattern, _LISTS_PER_GROUP)
+        self._pattern, _LISTS_PER_GROUP, exclude=self._exclude)
     planned = (lists
                | "SpreadLists" >> beam.Reshuffle()
                | "PlanLists" >> beam.ParDo(_PlanLists()).with_outputs(

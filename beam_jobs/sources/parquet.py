@@ -260,6 +260,7 @@ class ReadParquetImages(beam.PTransform):
   uint8 pixels of the model's input size, flattened row-major (H, W, C).
   Shards are read by row group (row_groups.py); with `skip`, the
   id column is read first and only the rows not predicted before are read.
+  No shard in the folder `exclude` (the run's output) is read.
   """
 
   def __init__(self, pattern: str, input_shape: list, image_column: str,
@@ -267,18 +268,20 @@ class ReadParquetImages(beam.PTransform):
                label_column: Optional[str] = None,
                batch_size: int = DEFAULT_BATCH_SIZE,
                skip: Optional[SkipExisting] = None,
-               item_rows: int = row_groups.ITEM_ROWS):
+               item_rows: int = row_groups.ITEM_ROWS,
+               exclude: Optional[str] = None):
     super().__init__()
     self._pattern = pattern
     self._id_column = id_column
     self._skip = skip
     self._item_rows = item_rows
+    self._exclude = exclude
     self._reader = _ReadParquetItem(image_column, id_column, label_column,
                                     batch_size, input_shape)
 
   def expand(self, pipeline):
     items, plan_errors = pipeline | "PlanShards" >> PlanShards(
-        self._pattern, self._item_rows)
+        self._pattern, self._item_rows, self._exclude)
     errors = [plan_errors]
     if self._skip:
       ids = items | "ReadIds" >> beam.ParDo(_RowIds(
@@ -307,14 +310,16 @@ class PlanShards(beam.PTransform):
   """A glob of Parquet files in; their row-group work items out, spread
   over the workers, plus an error row for each file that is no shard."""
 
-  def __init__(self, pattern: str, item_rows: int = row_groups.ITEM_ROWS):
+  def __init__(self, pattern: str, item_rows: int = row_groups.ITEM_ROWS,
+               exclude: Optional[str] = None):
     super().__init__()
     self._pattern = pattern
     self._item_rows = item_rows
+    self._exclude = exclude
 
   def expand(self, pipeline):
     shards, list_errors = pipeline | "ListShards" >> ListFiles(
-        self._pattern, _SHARDS_PER_GROUP)
+        self._pattern, _SHARDS_PER_GROUP, exclude=self._exclude)
     planned = (shards
                | "SpreadShards" >> beam.Reshuffle()
                | "Plan" >> beam.ParDo(row_groups.PlanRowGroups(
