@@ -30,6 +30,7 @@ from beam_jobs import output_folder
 from beam_jobs import output_lock
 from beam_jobs import outputs
 from beam_jobs import preflight
+from beam_jobs import worker_watchdog
 from beam_jobs.pipeline import build_pipeline
 from beam_jobs.progress import ProgressReporter
 from beam_jobs.progress import runs_locally
@@ -105,7 +106,9 @@ def run(config: config_lib.PredictConfig, beam_args=None,
     pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, config, plan.card, run_id,
                    *_skip_arguments(config, keep), progress=progress)
-    result = _run_pipeline(pipeline, config.output, run_id, progress, lock)
+    with worker_watchdog.workers_end_with_this_process(
+        options, runs_locally(options)):
+      result = _run_pipeline(pipeline, config.output, run_id, progress, lock)
     manifest = _manifest(plan, run_id, beam_args, result,
                          time.time() - started)
     _commit(state, manifest, keep, config.overwrite, lock)
