@@ -26,6 +26,7 @@ from apache_beam.options.pipeline_options import SetupOptions
 
 from beam_jobs import config as config_lib
 from beam_jobs import contracts
+from beam_jobs import model_staging
 from beam_jobs import output_folder
 from beam_jobs import output_lock
 from beam_jobs import outputs
@@ -102,6 +103,8 @@ def run(config: config_lib.PredictConfig, beam_args=None,
     output_folder.check(state, plan.card.model_id, config.overwrite,
                         config.skip_existing)
     keep = state.kept_predictions() if config.skip_existing else []
+    if plan.staging:
+      _stage_model(plan.staging)
     started = time.time()
     pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, config, plan.card, run_id,
@@ -113,6 +116,19 @@ def run(config: config_lib.PredictConfig, beam_args=None,
                          time.time() - started)
     _commit(state, manifest, keep, config.overwrite, lock)
   return manifest
+
+
+def _stage_model(staging: model_staging.ModelStaging) -> None:
+  """Copies a local model folder where Dataflow's workers read it."""
+  try:
+    model_staging.stage(staging)
+  except Exception as error:  # pylint: disable=broad-except
+    message = str(error).strip().splitlines()[0][:300] if str(error) else ""
+    raise PipelineError(
+        f"could not stage --model {staging.source} to "
+        f"{staging.destination} for Dataflow's workers: "
+        f"{type(error).__name__}: {message}; nothing was submitted"
+    ) from error
 
 
 def _run_pipeline(pipeline, output: str, run_id: str, progress,
@@ -229,15 +245,18 @@ def _dry_run(plan: preflight.Plan, options) -> dict:
       "unchecked": [f"--{flag} {value}" for flag, value in (
           ("input", config.input), ("input_list", config.input_list),
           ("output", config.output)) if value and paths.is_remote(value)],
+      "model_staging": plan.staging.destination if plan.staging else None,
   }
 
 
 def dry_run_line(report: dict, output: str) -> str:
   unchecked = (f"; not checked offline: {', '.join(report['unchecked'])}"
                if report["unchecked"] else "")
+  staged = (f"; --model would be staged to {report['model_staging']}, and "
+            "was not" if report.get("model_staging") else "")
   return (f"dry run: the Dataflow job was built ({report['transforms']} "
           f"transforms) and not submitted; nothing was written to {output}"
-          f"{unchecked}")
+          f"{staged}{unchecked}")
 
 
 def error_rate_problem(manifest: dict, output: str,
@@ -284,9 +303,19 @@ def summary_lines(manifest: dict) -> list:
            f"({manifest['images_per_second']} images/s)"]
   labels = manifest["true_labels"]
   if labels["matched"] or labels["unmatched"]:
-    lines.append(f"true labels: {labels['matched']} match a class of the "
-                 f"model, {labels['unmatched']} match none")
+    lines.append(f"true labels{_labels_from(manifest['arguments'])}: "
+                 f"{labels['matched']} match a class of the model, "
+                 f"{labels['unmatched']} match none")
   return lines
+
+
+def _labels_from(arguments: dict) -> str:
+  """Where the true labels came from, when no flag named it."""
+  if arguments.get("label_column") is not None or arguments.get(
+      "input_format") not in ("parquet", config_lib.LIST_FORMAT):
+    return ""
+  return (f" (from the {contracts.DEFAULT_LABEL_COLUMN!r} column, as "
+          "--label_column was not given; --label_column '' reads none)")
 
 
 def label_warning(manifest: dict) -> Optional[str]:

@@ -10,7 +10,10 @@ import itertools
 import os
 import posixpath
 import re
+import socket
 import stat
+import threading
+import time
 from typing import Optional
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -43,6 +46,63 @@ def absolute(path: str) -> str:
   return absolute_path + "/" if path.endswith("/") else absolute_path
 
 
+# Cloud Storage's API host, and how long finding it may take before a
+# gs:// path is given up as unreachable from here.
+GCS_HOST = "storage.googleapis.com"
+REACH_SECONDS = 5.0
+# How long a failed look is believed before the host is looked up again.
+_UNREACHABLE_SECONDS = 30.0
+_reach = {}  # host -> (time looked, None or why not)
+_reach_lock = threading.Lock()
+
+
+class Unreachable(OSError):
+  """A remote path whose store cannot be reached from this machine."""
+
+
+def _reach_problem(host: str, port: int) -> Optional[str]:
+  """Why `host` cannot be reached, or None: its name is resolved and a
+  connection opened, each within REACH_SECONDS (in a thread, since a
+  name lookup has no timeout of its own)."""
+  outcome = []
+
+  def look():
+    try:
+      with socket.create_connection((host, port), timeout=REACH_SECONDS):
+        outcome.append(None)
+    except socket.gaierror as error:
+      outcome.append(f"{host} does not resolve: {error.strerror or error}")
+    except OSError as error:
+      outcome.append(f"no connection to {host}: {error.strerror or error}")
+
+  worker = threading.Thread(target=look, daemon=True)
+  worker.start()
+  worker.join(REACH_SECONDS * 2)
+  return outcome[0] if outcome else (
+      f"{host} did not answer within {REACH_SECONDS * 2:g}s")
+
+
+def check_reachable(path: str) -> None:
+  """Raises Unreachable, in one line, for a gs:// path when Cloud Storage
+  cannot be reached from here, so that no client waits minutes on retries
+  first. Nothing is checked for other paths, through a proxy (which does
+  the lookups), or with the storage emulator. A success is remembered for
+  the process, a failure for _UNREACHABLE_SECONDS."""
+  if not path.startswith("gs://") or any(
+      os.environ.get(name) for name in ("STORAGE_EMULATOR_HOST",
+                                        "HTTPS_PROXY", "https_proxy")):
+    return
+  with _reach_lock:
+    looked = _reach.get(GCS_HOST)
+    if looked is None or (looked[1] is not None and
+                          time.monotonic() - looked[0] > _UNREACHABLE_SECONDS):
+      looked = (time.monotonic(), _reach_problem(GCS_HOST, 443))
+      _reach[GCS_HOST] = looked
+  if looked[1]:
+    raise Unreachable(f"cannot reach Cloud Storage ({looked[1]}), so "
+                      f"{printable(path)} cannot be read or written from here")
+
+
 class NotARegularFile(OSError):
   """A local path that is a FIFO, socket, device or folder: never opened."""
 
@@ -57,7 +117,8 @@ def _special_kind(mode: int) -> Optional[str]:
 
 
 def open_file(path: str):
-  """Opens a local or remote file for reading, as stored.
+  """Opens a local or remote file for reading, as stored (a gs:// one
+  only if Cloud Storage can be reached: `check_reachable`).
 
   A local path is checked with stat before it is opened and refused unless
   it is a regular file (after following symbolic links): opening a FIFO
@@ -69,6 +130,7 @@ def open_file(path: str):
     # pylint: disable=import-outside-toplevel
     from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
+    check_reachable(path)
     return FileSystems.open(path,
                             compression_type=CompressionTypes.UNCOMPRESSED)
   kind = _special_kind(os.stat(path).st_mode)

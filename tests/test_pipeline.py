@@ -201,3 +201,28 @@ def test_worker_processes_end_with_a_killed_launcher(tmp_path, png_dir,
         os.kill(pid, signal.SIGKILL)
     launcher.kill()
     launcher.wait()
+
+
+@pytest.mark.slow
+def test_make_shards_output_is_scored_without_a_label_flag(tmp_path,
+                                                          sample_shards,
+                                                          tiny_model, capsys):
+  """Fails on the code before the fix: make_shards writes `label`, and
+  predict ignored it unless --label_column label was passed."""
+  from beam_jobs import outputs  # pylint: disable=import-outside-toplevel
+  from beam_jobs import predict  # pylint: disable=import-outside-toplevel
+  shards = os.path.join(sample_shards, "encoded", "*.parquet")
+  args = ["--input", shards, "--model", tiny_model, "--runner",
+          "DirectRunner"]
+  assert predict.main(args + ["--output", str(tmp_path / "one")]) == 0
+  out = capsys.readouterr().out
+  assert ("true labels (from the 'label' column, as --label_column was not "
+          "given; --label_column '' reads none): 200 match a class") in out
+  manifest = outputs.read_manifest(str(tmp_path / "one"))
+  assert manifest["true_labels"] == {"matched": 200, "unmatched": 0}
+  # --label_column '' reads none.
+  assert predict.main(args + ["--output", str(tmp_path / "two"),
+                              "--label_column", ""]) == 0
+  assert "true labels" not in capsys.readouterr().out
+  manifest = outputs.read_manifest(str(tmp_path / "two"))
+  assert manifest["true_labels"] == {"matched": 0, "unmatched": 0}

@@ -25,6 +25,19 @@ from imagebatch import paths
 REMOTE_READ_THREADS = 16
 
 
+def read_image(uri: str):
+  """An image file's bytes, or the exception that reading it raised.
+
+  Images are read as stored, never decompressed by file name; a local FIFO,
+  socket or device is refused before it is opened, and a gs:// one when
+  Cloud Storage cannot be reached (paths.open_file)."""
+  try:
+    with paths.open_file(uri) as handle:
+      return handle.read()
+  except Exception as error:  # pylint: disable=broad-except
+    return error
+
+
 def folder_refs(group: list, base: str, class_names: frozenset) -> ImageRefs:
   """A group of a folder's paths as inputs: each path is its own id, and
   its label is the name of its class folder under `base`, if any."""
@@ -52,22 +65,12 @@ class _ReadFileGroup(beam.DoFn):
 
   def process(self, refs: ImageRefs):
     counter(INPUTS).inc(len(refs.ids))
-
-    def read(uri):
-      # Images are read as stored, never decompressed by file name; a local
-      # FIFO, socket or device is refused before it is opened.
-      try:
-        with paths.open_file(uri) as handle:
-          return handle.read()
-      except Exception as error:  # pylint: disable=broad-except
-        return error
-
     # Threads for remote files (or when asked for): a pool's hand-offs cost
     # more than a local read.
     threaded = self._pool and (self._threads or any(
         paths.is_remote(uri) for uri in refs.uris))
-    results = (self._pool.map(read, refs.uris) if threaded
-               else map(read, refs.uris))
+    results = (self._pool.map(read_image, refs.uris) if threaded
+               else map(read_image, refs.uris))
     batch = ImageBatch(ids=[], sources=[], true_labels=[], encoded=[])
     for id_, uri, label, result in zip(refs.ids, refs.uris, refs.labels,
                                        results):

@@ -11,8 +11,6 @@ worker, a Parquet list by row group.
 import codecs
 import csv
 import io
-import os
-import posixpath
 from typing import NamedTuple, Optional
 
 import apache_beam as beam
@@ -22,9 +20,11 @@ from beam_jobs.contracts import ERRORS
 from beam_jobs.contracts import INPUTS
 from beam_jobs.contracts import counter
 from beam_jobs.contracts import error_row
+from beam_jobs.contracts import label_column_to_read
 from beam_jobs.sources import ImageRefs
 from beam_jobs.sources import ReadResult
 from beam_jobs.sources import id_text
+from beam_jobs.sources import resolve_uri
 from beam_jobs.sources import row_groups
 from beam_jobs.sources.images import read_refs
 from beam_jobs.sources.listing import PARTIAL
@@ -47,20 +47,6 @@ def list_format(path: str) -> str:
   if name.endswith(".parquet"):
     return "parquet"
   return "csv" if name.endswith(".csv") else "text"
-
-
-def resolve_uri(uri: str, list_path: str) -> str:
-  """A list's URI as read: a URI with a scheme (gs://...) as written; a
-  relative path from the list file's own folder; a local path normalised."""
-  if "://" in uri:
-    return uri
-  if not uri.startswith("/"):
-    folder = list_path.rsplit("/", 1)[0] if "/" in list_path else "."
-    if paths.is_remote(folder):
-      scheme, rest = folder.split("://", 1)
-      return f"{scheme}://{posixpath.normpath(rest + '/' + uri)}"
-    uri = os.path.join(folder, uri)
-  return os.path.normpath(uri)
 
 
 def csv_records(handle):
@@ -128,7 +114,7 @@ class _ReadListItem(beam.DoFn):
                buckets: int = 0):
     self._uri_column = uri_column
     self._id_column = id_column
-    self._label_column = label_column
+    self._label_column = label_column_to_read(label_column)
     self._batch_size = batch_size
     self._buckets = buckets
 
