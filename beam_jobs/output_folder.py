@@ -3,9 +3,14 @@
 Every rule about what a run may write, replace or delete in `--output` lives
 here, so that the guarantees below hold in one place:
 
-* The manifest `_run.json` is the truth. It lists exactly the shard files of
-  the folder's current result set, with their row counts, and the readers
-  (`tools.query`, `tools.report`, `--skip_existing`) read only those.
+* The shards sit in two folders, `predictions/` and `errors/`, so that a
+  Parquet reader pointed at one reads that table alone. The manifest
+  `_run.json` is the truth: it lists exactly the shard files of the
+  folder's current result set, by their paths in the folder, with their
+  row counts, and the readers (`tools.query`, `tools.report`,
+  `--skip_existing`) read only those (`result_files`). A folder written
+  before the two folders (shards at its top) is read as it is; a run that
+  keeps its shards moves them in (`move_kept`).
 * A run writes its shards under names carrying its run id, which no earlier
   file has (Beam's sinks stage them in `beam-temp-*` folders and rename them
   at the end). Only when all of them are in place is the manifest replaced,
@@ -20,7 +25,8 @@ here, so that the guarantees below hold in one place:
   (OVERWRITE_KINDS) and never any other file.
 * One run at a time: `_run.lock` (beam_jobs/output_lock.py). The files of a
   killed run whose lock was taken over are cleaned up by the run that took
-  it over.
+  it over; what locking itself leaves (`_run.lock.RUN.tmp|stale`) is ours
+  whatever run it names, and the lock cleans it up.
 """
 
 import dataclasses
@@ -107,7 +113,14 @@ def _names(output: str) -> list:
   is not a folder: a link there would take the shards elsewhere."""
   if paths.is_remote(output):
     prefix = output.rstrip("/") + "/"
-    found = FileSystems.match([prefix + "**"])[0].metadata_list
+    try:
+      found = FileSystems.match([prefix + "**"])[0].metadata_list
+    except Exception as error:  # pylint: disable=broad-except
+      # No credentials, no access to the bucket, say: one line.
+      text = str(error).strip().splitlines()
+      raise FolderError(
+          f"--output {output} cannot be listed ({type(error).__name__}: "
+          f"{text[0][:300] if text else ''})") from None
     names = set()
     for metadata in found:
       if not metadata.path.startswith(prefix):

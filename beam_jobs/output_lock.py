@@ -207,12 +207,19 @@ class _GcsLock:
 
   def create(self, data: bytes):
     from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
-    blob = self._bucket().blob(self._name)
     try:
+      blob = self._bucket().blob(self._name)
       blob.upload_from_string(data, content_type="application/json",
                               if_generation_match=0)
     except exceptions.PreconditionFailed:
       return None
+    except Exception as error:  # pylint: disable=broad-except
+      # No credentials, no access to the bucket, say: one line.
+      text = str(error).strip().splitlines()
+      raise FolderError(
+          f"--output gs://{self._bucket_name}/{self._name}: cannot write "
+          f"the lock ({type(error).__name__}: {text[0][:300] if text else ''})"
+          "; nothing was written") from None
     return blob.generation
 
   def clean_leftovers(self) -> None:
