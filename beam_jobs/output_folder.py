@@ -457,12 +457,15 @@ def _copy(source: str, target: str) -> None:
   if paths.is_remote(source):
     FileSystems.copy([source], [target])
     return
+  if not stat.S_ISREG(os.lstat(source).st_mode):
+    raise FolderError(f"{paths.printable(source)}, a shard the manifest "
+                      "keeps, is not a regular file; nothing was committed")
   os.makedirs(os.path.dirname(target), exist_ok=True)
   if os.path.lexists(target):
     # A copy made by a run killed before its commit: ours, and redone.
     os.unlink(target)
   try:
-    os.link(source, target)
+    os.link(source, target, follow_symlinks=False)
   except OSError:
     shutil.copyfile(source, target, follow_symlinks=False)
 
