@@ -101,7 +101,8 @@ def synthetic_run(folder: str, rows: int, kind: str) -> None:
   """A folder of prediction shards with `rows` embeddings; rows 2i and
   2i + 1 (i < PLANTED_PAIRS) are near-duplicates."""
   from beam_jobs import outputs  # pylint: disable=import-outside-toplevel
-  os.makedirs(folder, exist_ok=True)
+  for kind in outputs.KINDS:
+    os.makedirs(os.path.join(folder, kind), exist_ok=True)
   rng = np.random.default_rng(0)
   centres = np.abs(rng.standard_normal((CLUSTERS, DIMENSION))).astype(
       np.float32)
@@ -123,16 +124,18 @@ def synthetic_run(folder: str, rows: int, kind: str) -> None:
         ids, ids, [None] * count, probabilities, list("abcde"), 3, "m",
         "onnx", False, embeddings=values)
     pq.write_table(table, os.path.join(
-        folder, f"predictions-{shard:05d}-of-{shards:05d}.parquet"))
-  pq.write_table(outputs.ERRORS_SCHEMA.empty_table(),
-                 os.path.join(folder, "errors-00000-of-00001.parquet"))
+        folder, "predictions",
+        f"predictions-{shard:05d}-of-{shards:05d}.parquet"))
+  pq.write_table(outputs.ERRORS_SCHEMA.empty_table(), os.path.join(
+      folder, "errors", "errors-00000-of-00001.parquet"))
 
 
 def part_search(work: str, repeats: int, rows: int) -> list:
   results = []
   for kind in ("clustered", "isotropic"):
     folder = os.path.join(work, f"search_{kind}_{rows}")
-    if not os.path.exists(os.path.join(folder, "errors-00000-of-00001.parquet")):
+    if not os.path.exists(os.path.join(folder, "errors",
+                                       "errors-00000-of-00001.parquet")):
       synthetic_run(folder, rows, kind)
     query = [sys.executable, "-m", "tools.query", folder]
     for name, command in (

@@ -20,7 +20,9 @@ ROWS = 700
 
 
 def _write_run(folder, values, ids, labels=None, shards=3):
-  os.makedirs(folder, exist_ok=True)
+  """Shards in the output's layout: OUT/predictions/ and OUT/errors/."""
+  for kind in outputs.KINDS:
+    os.makedirs(os.path.join(folder, kind), exist_ok=True)
   count = len(ids)
   rng = np.random.default_rng(1)
   probabilities = rng.dirichlet(np.ones(3), count).astype(np.float32)
@@ -32,10 +34,11 @@ def _write_run(folder, values, ids, labels=None, shards=3):
         ["a", "b", "c"], 2, "m", "tflite", False,
         embeddings=values[start:stop])
     pq.write_table(table, os.path.join(
-        folder, f"predictions-{shard:05d}-of-{shards:05d}.parquet"),
+        folder, "predictions",
+        f"predictions-{shard:05d}-of-{shards:05d}.parquet"),
                    row_group_size=64)
-  pq.write_table(outputs.ERRORS_SCHEMA.empty_table(),
-                 os.path.join(folder, "errors-00000-of-00001.parquet"))
+  pq.write_table(outputs.ERRORS_SCHEMA.empty_table(), os.path.join(
+      folder, "errors", "errors-00000-of-00001.parquet"))
   return str(folder)
 
 
@@ -147,6 +150,8 @@ def test_without_embeddings_or_with_an_unknown_id_one_line(run, tmp_path,
   assert capsys.readouterr().err.strip() == (
       "tools.query: error: no prediction with an embedding has the id "
       "'nobody'")
+  # A run without the column, in the layout before the kinds' folders
+  # (read too).
   plain = str(tmp_path / "plain")
   os.makedirs(plain)
   table = outputs.predictions_table(["x", "y"], ["s", "s"], [None, None],

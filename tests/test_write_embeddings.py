@@ -88,6 +88,23 @@ def test_the_column_survives_pyarrow_duckdb_and_pandas(tmp_path):
       "embedding").type == pa.list_(pa.float32(), DIMENSION)
 
 
+@pytest.mark.parametrize("embedding", [
+    {"column": "embedding", "dimension": "1280"},
+    {"dimension": 1280, "layer": 7},
+    [1280],
+])
+def test_a_manifest_whose_embedding_is_mistyped_is_damaged(tmp_path,
+                                                           embedding):
+  """Readers rely on the manifest's `embedding` as predict writes it (an
+  object with an integer D, or null); anything else is one ManifestError."""
+  manifest = {"manifest_version": 3, "run_id": "r", "embedding": None}
+  outputs.write_manifest(str(tmp_path), manifest)
+  assert outputs.read_manifest(str(tmp_path))["embedding"] is None
+  outputs.write_manifest(str(tmp_path), dict(manifest, embedding=embedding))
+  with pytest.raises(outputs.ManifestError, match="field embedding"):
+    outputs.read_manifest(str(tmp_path))
+
+
 def test_bigquery_gets_a_repeated_float():
   schema = outputs.bigquery_schema(outputs.predictions_schema(False, 3))
   assert schema["fields"][-1] == {"name": "embedding", "type": "FLOAT",
@@ -110,6 +127,7 @@ def test_each_row_holds_the_engines_embedding_of_its_image(
         "chosen": card.embedding["chosen"]}
     shard = os.path.join(run.output, run.manifest["files"]["predictions"][0][
         "name"])
+    assert os.path.dirname(shard) == os.path.join(run.output, "predictions")
     assert pq.read_schema(shard).field("embedding").type == pa.list_(
         pa.float32(), 128)
     ids = [row["id"] for row in run.predictions]
