@@ -2,16 +2,22 @@
 what a head trained on them scores.
 
   python -m benchmarks.embeddings [--parts write,search,flowers]
-      [--work /work/bench/embed] [--repeats 3] [--rows 100000]
+      [--work /work/bench/embed] [--repeats 3] [--slow_repeats 1]
+      [--rows 100000] [--kinds clustered,isotropic]
 
 write    beam_jobs.predict on W3 (benchmarks.throughput's 10,299 flower
          JPEGs, its photo_xception flowers model trained 1 epoch) with and
          without --write_embeddings, interleaved: seconds of the whole
-         command and bytes of the prediction shards; medians.
-search   tools.query neighbours and near-duplicates over a synthetic run of
-         --rows embeddings of D = 1280 (200 clusters of ReLU-like vectors,
-         1,000 planted near-duplicate pairs; and isotropic ones): seconds of
-         the whole command; medians.
+         command and bytes of the prediction shards; medians; the ratio is
+         with / without.
+search   over a synthetic run of --rows embeddings of D = 1280 (200
+         clusters of ReLU-like vectors, 1,000 planted near-duplicate pairs;
+         and isotropic ones), seconds of the whole command, medians: the
+         baseline is the SQL a user would write for one id's 10 nearest
+         (tools.query sql with DuckDB's array_cosine_similarity, in the same
+         sandbox), then tools.query neighbours (--repeats runs) and
+         near-duplicates (--slow_repeats runs); each ratio is against that
+         baseline on the same data in the same run.
 flowers  model.train --features_from the pretrained EfficientNet-Lite0
          (benchmarks/pytorch's export, adopted with its timm config.json:
          bicubic resize to 256, centre crop 224, (x - 127.5) / 127.5) on the
@@ -26,6 +32,7 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -85,24 +92,36 @@ def part_write(work: str, repeats: int) -> list:
       runs[embeddings].append((seconds, shard_bytes(output), before, after))
   dimension = json.load(open(os.path.join(model, "model_card.json"))
                         )["embedding"]["dimension"]
-  return [_row(f"W3 predict {'with' if e else 'without'} --write_embeddings "
-               f"(D = {dimension})", runs[e]) for e in (False, True)]
+  without = _row("W3 predict without --write_embeddings", runs[False])
+  return [without, _row(f"W3 predict with --write_embeddings (D = "
+                        f"{dimension})", runs[True], without)]
 
 
-def _row(name, runs) -> dict:
-  return {"what": name, "runs": len(runs),
-          "seconds": round(statistics.median(r[0] for r in runs), 2),
-          "bytes": statistics.median(r[1] for r in runs) if runs[0][1] is not
-          None else None,
-          "load": f"{min(r[2] for r in runs)}-{max(r[3] for r in runs)}"}
+def _row(name, runs, baseline: dict = None) -> dict:
+  """A table row of medians; `ratio` is seconds (and bytes) against the
+  baseline row, measured in the same run."""
+  row = {"what": name, "runs": len(runs),
+         "seconds": round(statistics.median(r[0] for r in runs), 2),
+         "bytes": (int(statistics.median(r[1] for r in runs))
+                   if runs[0][1] is not None else None),
+         "load": f"{min(r[2] for r in runs)}-{max(r[3] for r in runs)}"}
+  if baseline:
+    ratios = [f"{row['seconds'] / baseline['seconds']:.2f}x s"]
+    if row["bytes"] and baseline["bytes"]:
+      ratios.append(f"{row['bytes'] / baseline['bytes']:.2f}x bytes")
+    row["ratio"] = ", ".join(ratios)
+  return row
 
 
 def synthetic_run(folder: str, rows: int, kind: str) -> None:
   """A folder of prediction shards with `rows` embeddings; rows 2i and
   2i + 1 (i < PLANTED_PAIRS) are near-duplicates."""
   from beam_jobs import outputs  # pylint: disable=import-outside-toplevel
-  for kind in outputs.KINDS:
-    os.makedirs(os.path.join(folder, kind), exist_ok=True)
+  # A folder left half-written, or in the layout before the kinds' folders,
+  # is written again from the seed.
+  shutil.rmtree(folder, ignore_errors=True)
+  for shard_kind in outputs.KINDS:
+    os.makedirs(os.path.join(folder, shard_kind), exist_ok=True)
   rng = np.random.default_rng(0)
   centres = np.abs(rng.standard_normal((CLUSTERS, DIMENSION))).astype(
       np.float32)
@@ -130,24 +149,40 @@ def synthetic_run(folder: str, rows: int, kind: str) -> None:
       folder, "errors", "errors-00000-of-00001.parquet"))
 
 
-def part_search(work: str, repeats: int, rows: int) -> list:
+def _sql_nearest(query_id: str) -> str:
+  """What a SQL user writes for one id's 10 nearest (docs/embeddings.md)."""
+  cast = f"embedding::FLOAT[{DIMENSION}]"
+  return (f"SELECT id, array_cosine_similarity({cast}, (SELECT {cast} FROM "
+          f"predictions WHERE id = '{query_id}')) AS s FROM predictions "
+          "ORDER BY s DESC LIMIT 11")
+
+
+def part_search(work: str, repeats: int, slow_repeats: int, rows: int,
+                kinds: list) -> list:
   results = []
-  for kind in ("clustered", "isotropic"):
+  query_id = "img/0000007.jpg"
+  for kind in kinds:
     folder = os.path.join(work, f"search_{kind}_{rows}")
     if not os.path.exists(os.path.join(folder, "errors",
                                        "errors-00000-of-00001.parquet")):
       synthetic_run(folder, rows, kind)
     query = [sys.executable, "-m", "tools.query", folder]
-    for name, command in (
-        ("neighbours ID --k 10", query + ["neighbours", "img/0000007.jpg",
-                                          "--k", "10"]),
+    baseline = None
+    for name, command, times in (
+        ("baseline: sql array_cosine_similarity ... LIMIT 11",
+         query + ["sql", _sql_nearest(query_id)], repeats),
+        ("neighbours ID --k 10", query + ["neighbours", query_id, "--k",
+                                          "10"], repeats),
         ("near-duplicates --min_similarity 0.97",
-         query + ["near-duplicates", "--min_similarity", "0.97"])):
+         query + ["near-duplicates", "--min_similarity", "0.97"],
+         slow_repeats)):
       runs = []
-      for _ in range(repeats):
+      for _ in range(times):
         seconds, before, after = timed(command)
         runs.append((seconds, None, before, after))
-      results.append(_row(f"{name}, {rows:,} x {DIMENSION} {kind}", runs))
+      row = _row(f"{name}, {rows:,} x {DIMENSION} {kind}", runs, baseline)
+      baseline = baseline or row
+      results.append(row)
   return results
 
 
@@ -183,7 +218,10 @@ def main(argv=None) -> int:
   parser.add_argument("--parts", default="write,search,flowers")
   parser.add_argument("--work", default="/work/bench/embed")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--slow_repeats", type=int, default=1,
+                      help="runs of near-duplicates (minutes each)")
   parser.add_argument("--rows", type=int, default=100000)
+  parser.add_argument("--kinds", default="clustered,isotropic")
   args = parser.parse_args(argv)
   os.makedirs(args.work, exist_ok=True)
   rows = []
@@ -191,14 +229,17 @@ def main(argv=None) -> int:
     if part == "write":
       rows += part_write(args.work, args.repeats)
     elif part == "search":
-      rows += part_search(args.work, args.repeats, args.rows)
+      rows += part_search(args.work, args.repeats, args.slow_repeats,
+                          args.rows, args.kinds.split(","))
     elif part == "flowers":
       rows += part_flowers(args.work)
     else:
       parser.error(f"unknown part {part!r}")
   columns = sorted({key for row in rows for key in row},
-                   key=["what", "runs", "seconds", "bytes", "accuracy",
-                        "embed_seconds", "load"].index)
+                   key=["what", "runs", "seconds", "bytes", "ratio",
+                        "accuracy", "embed_seconds", "load"].index)
+  print(f"{os.cpu_count()} cores; 1-minute load average per row "
+        "(before the first run - after the last)")
   print(" | ".join(columns))
   for row in rows:
     print(" | ".join(str(row.get(column, "")) for column in columns))
