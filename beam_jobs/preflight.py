@@ -34,6 +34,7 @@ from model import card as card_lib
 from model import embeddings
 from model import engines
 from model import image_limits
+from model import output_shapes
 
 _BIGQUERY_TABLE = re.compile(r"^[a-z][a-z0-9.:-]*[a-z0-9]:\w+\.[\w$-]+$")
 _INPUT_KINDS = {"parquet": "Parquet shards", "images": "image files",
@@ -174,7 +175,7 @@ def load_card(model: str, engine: str) -> card_lib.ModelCard:
     card_lib.check_model_files(model, card, engine)
     # Keras and SavedModel engines check their width when they load.
     if "tflite" in card.engines:
-      engines.check_model_shapes(card, paths.read_bytes(
+      output_shapes.check_model_shapes(card, paths.read_bytes(
           paths.join(model, card_lib.TFLITE_FILE)))
     if "onnx" in card.engines:
       engines.check_onnx_model_shapes(card, paths.read_bytes(

@@ -117,40 +117,6 @@ def keras_record(model, layer: str, chosen: str) -> dict:
   return record
 
 
-def adopt_embedding(source, card, name: Optional[str],
-                    check_pixels: np.ndarray, checked_on: str) -> str:
-  """Gives an adopted model's card its embedding, `name` or the default
-  guess; returns a line saying what was chosen. A Keras source's is served
-  by the Keras engine (and its TFLite conversion, when that passes its
-  check); an ONNX source's becomes a second output of the served graph
-  (source.model is replaced). A SavedModel or TFLite source has none; the
-  card says why (`adopted.embedding`). Raises EmbeddingError for a `name`
-  that cannot serve."""
-  if source.kind in ("keras", "h5"):
-    layer, chosen = keras_layer(source.model, name)
-    if layer is not None:
-      card.embedding = keras_record(source.model, layer, chosen)
-  elif source.kind == "onnx":
-    from model import onnx_embedding  # pylint: disable=import-outside-toplevel
-    source.model, record, chosen = onnx_embedding.attach(
-        source, card, name, check_pixels, checked_on)
-    layer = record["layer"] if record else None
-    if record:
-      card.embedding = record
-  else:
-    if name is not None:
-      raise EmbeddingError(
-          f"--embedding_layer: a {source.kind} source serves its signature's "
-          "one output; adopt the .keras or .onnx file it was made from")
-    layer, chosen = None, (f"a {source.kind} source serves its one output; "
-                           "adopt the .keras or .onnx file it came from")
-  if layer is None:
-    card.adopted["embedding"] = f"none: {chosen}"
-    return f"embedding: none ({chosen})"
-  return (f"embedding: {layer!r}, {card.embedding['dimension']} values "
-          f"({chosen})")
-
-
 def difference(reference: np.ndarray, served: np.ndarray) -> dict:
   """How far a served embedding is from its source's: the largest absolute
   difference, the scale it is judged at, and whether it is within

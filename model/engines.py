@@ -17,7 +17,9 @@ import threading
 import numpy as np
 
 from model import card as card_lib
+from model import embeddings
 from model import model_checks
+from model import output_shapes
 from model import preprocessing
 
 # The graph input types the onnx engine feeds, and the NumPy type of each.
@@ -95,27 +97,6 @@ class Engine:
     return outputs.astype(np.float32)
 
 
-def _embedding_outputs(card: card_lib.ModelCard, engine: str) -> dict:
-  """The card's output names of `engine` ({"scores", "embedding"}), or {}."""
-  return dict((card.embedding or {}).get("engines", {}).get(engine) or {})
-
-
-def _pick_outputs(names: list, card: card_lib.ModelCard, engine: str,
-                  where: str) -> tuple:
-  """(index of the scores output, index of the embedding output or None)
-  among a model file's outputs: its only one, or as the card names them."""
-  named = _embedding_outputs(card, engine)
-  if len(names) == 1 and not named:
-    return 0, None
-  missing = [named.get(role) for role in ("scores", "embedding")
-             if named.get(role) not in names]
-  if missing:
-    raise ValueError(f"{where} has outputs {names}; the card's embedding "
-                     f"names {[named.get('scores'), named.get('embedding')]} "
-                     f"for the {engine} engine")
-  return names.index(named["scores"]), names.index(named["embedding"])
-
-
 class KerasEngine(Engine):
   """A `tf.function` around the model: no per-call `model.predict` overhead."""
   name = "keras"
@@ -129,7 +110,7 @@ class KerasEngine(Engine):
     # safe_mode refuses Lambda layers carrying arbitrary Python code.
     self.model = keras.saving.load_model(model_path, compile=False,
                                          safe_mode=True)
-    _check_width(self.model.output_shape[-1], card, model_path)
+    output_shapes.check_width(self.model.output_shape[-1], card, model_path)
     self._rank = len(self.model.inputs[0].shape)
     shape = [None, card.height, card.width, card.channels][:self._rank]
     spec = tf.TensorSpec(shape, tf.float32)
@@ -137,10 +118,10 @@ class KerasEngine(Engine):
                              input_signature=[spec], reduce_retracing=True)
     self._call_with_embedding = None
     if "keras" in card.embedding_engines:
-      from model import embeddings  # pylint: disable=import-outside-toplevel
       both = embeddings.keras_two_outputs(self.model,
                                           card.embedding["layer"])
-      _check_embedding_width(both.outputs[1].shape, card, model_path)
+      output_shapes.check_embedding_width(both.outputs[1].shape, card,
+                                          model_path)
       self._call_with_embedding = tf.function(
           lambda x: both(x, training=False), input_signature=[spec],
           reduce_retracing=True)
@@ -227,17 +208,17 @@ class TFLiteEngine(Engine):
     self._rank = len(details["shape"])
     where = model_path or "TFLite model"
     outputs = self._interpreter.get_output_details()
-    scores, embedding = _pick_outputs([o["name"] for o in outputs], card,
-                                      "tflite", where)
+    scores, embedding = output_shapes.pick_outputs(
+        [o["name"] for o in outputs], card, "tflite", where)
     output = outputs[scores]
-    _check_width(output["shape"][-1], card, where)
+    output_shapes.check_width(output["shape"][-1], card, where)
     self._output = output["index"]
     self._output_quantization = (output["quantization"] if np.issubdtype(
         output["dtype"], np.integer) else None)
     self._embedding = None
     if embedding is not None:
-      _check_embedding_width(outputs[embedding]["shape_signature"], card,
-                             where)
+      output_shapes.check_embedding_width(
+          outputs[embedding]["shape_signature"], card, where)
       self._embedding = outputs[embedding]["index"]
     self._batch_size = 0
     self._lock = threading.Lock()
@@ -318,17 +299,6 @@ def onnx_session(model_content: bytes, threads: int = 1):
                        (lines[0] if lines else type(error).__name__)) from None
 
 
-def onnx_input_size(shape: list, layout: str) -> list:
-  """[height, width, channels] of an ONNX input shape in `layout`; None
-  where a dimension is not a fixed positive number."""
-  dims = [d if isinstance(d, int) and d > 0 else None for d in shape]
-  if layout == "NCHW":
-    return [dims[2], dims[3], dims[1]]
-  if layout == "NHWC":
-    return dims[1:4]
-  return [dims[1], dims[2], 1]
-
-
 def onnx_layout(images: np.ndarray, layout: str, dtype) -> np.ndarray:
   """A scaled (N, H, W, C) batch as a graph in `layout` takes it."""
   if layout == "NCHW":
@@ -366,13 +336,14 @@ class OnnxEngine(Engine):
     inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
     if len(inputs) != 1:
       raise ValueError(f"{where} has {len(inputs)} inputs; expected one")
-    scores, embedding = _pick_outputs([o.name for o in outputs], card,
-                                      "onnx", where)
+    scores, embedding = output_shapes.pick_outputs(
+        [o.name for o in outputs], card, "onnx", where)
     self._input, self._output = inputs[0].name, outputs[scores].name
     self._embedding = None
     if embedding is not None:
       self._embedding = outputs[embedding].name
-      _check_embedding_width(outputs[embedding].shape, card, where)
+      output_shapes.check_embedding_width(outputs[embedding].shape, card,
+                                          where)
     if inputs[0].type not in ONNX_INPUT_TYPES:
       raise ValueError(f"{where} takes {inputs[0].type}; the onnx engine "
                        f"feeds {sorted(ONNX_INPUT_TYPES)}")
@@ -386,7 +357,8 @@ class OnnxEngine(Engine):
                        "engine serves a batch axis of 1 or a symbolic one")
     self._one_at_a_time = batch == 1
     width = outputs[scores].shape[-1] if outputs[scores].shape else None
-    _check_width(width if isinstance(width, int) else None, card, where)
+    output_shapes.check_width(width if isinstance(width, int) else None,
+                              card, where)
 
   def outputs(self, images):
     # ONNX Runtime's working memory grows with the rows of a call, and
@@ -426,18 +398,20 @@ def check_onnx_model_shapes(card: card_lib.ModelCard, model: bytes) -> None:
   inputs, outputs = session.get_inputs(), session.get_outputs()
   if len(inputs) != 1:
     raise ValueError(f"{where} has {len(inputs)} inputs; expected one")
-  scores, embedding = _pick_outputs([o.name for o in outputs], card, "onnx",
-                                    where)
+  scores, embedding = output_shapes.pick_outputs(
+      [o.name for o in outputs], card, "onnx", where)
   width = outputs[scores].shape[-1] if outputs[scores].shape else None
-  _check_width(width if isinstance(width, int) else None, card, where)
+  output_shapes.check_width(width if isinstance(width, int) else None, card,
+                            where)
   if embedding is not None:
-    _check_embedding_width(outputs[embedding].shape, card, where)
+    output_shapes.check_embedding_width(outputs[embedding].shape, card,
+                                        where)
   layout = card.preprocessing.get("layout")
   if layout not in card_lib.ONNX_LAYOUTS or len(inputs[0].shape) != (
       3 if layout == "NHW" else 4):
     raise ValueError(f"{where} takes input of shape {inputs[0].shape}, "
                      f"which is not the card's layout {layout!r}")
-  size = onnx_input_size(inputs[0].shape, layout)
+  size = output_shapes.onnx_input_size(inputs[0].shape, layout)
   if any(d is not None and d != int(e) for d, e in zip(size,
                                                         card.input_shape)):
     raise ValueError(f"{where} takes input of shape {inputs[0].shape} "
@@ -456,56 +430,6 @@ def _in_slices(run, images: np.ndarray):
   if isinstance(parts[0], tuple):
     return tuple(np.concatenate(column) for column in zip(*parts))
   return np.concatenate(parts)
-
-
-def _check_width(width, card: card_lib.ModelCard, where: str) -> None:
-  if width is not None and int(width) != card.num_classes:
-    raise ValueError(f"{where} outputs {int(width)} classes but the card "
-                     f"names {card.num_classes}")
-
-
-def _check_embedding_width(shape, card: card_lib.ModelCard,
-                           where: str) -> None:
-  """Refuses an embedding output whose values per row (the product of its
-  dimensions after the batch's, where all are known) are not the card's."""
-  dims = list(shape)[1:] if shape is not None else []
-  if (not dims or card.embedding_dimension is None or
-      not all(isinstance(d, (int, np.integer)) and d > 0 for d in dims)):
-    return
-  width = int(np.prod(dims))
-  if width != card.embedding_dimension:
-    raise ValueError(f"{where}'s embedding output has {width} values per "
-                     f"image but the card says {card.embedding_dimension}")
-
-
-def check_model_shapes(card: card_lib.ModelCard, tflite: bytes) -> None:
-  """Refuses a card whose class count or input size is not the TFLite
-  model's, read from its tensors without TensorFlow: a card with one class
-  name too few would otherwise fail only when the first batch is labelled.
-  """
-  from ai_edge_litert import interpreter as litert  # pylint: disable=import-outside-toplevel
-  try:
-    model = litert.Interpreter(model_content=tflite)
-    inputs, outputs = model.get_input_details(), model.get_output_details()
-  except Exception as error:  # pylint: disable=broad-except
-    raise ValueError(f"{card_lib.TFLITE_FILE} cannot be loaded: "
-                     f"{error}") from None
-  if len(inputs) != 1:
-    raise ValueError(f"{card_lib.TFLITE_FILE} has {len(inputs)} inputs; "
-                     "expected one")
-  scores, embedding = _pick_outputs([o["name"] for o in outputs], card,
-                                    "tflite", card_lib.TFLITE_FILE)
-  _check_width(outputs[scores]["shape"][-1], card, card_lib.TFLITE_FILE)
-  if embedding is not None:
-    _check_embedding_width(outputs[embedding]["shape_signature"], card,
-                           card_lib.TFLITE_FILE)
-  # (batch, height, width[, channels]); -1 in the signature is any size.
-  dims = inputs[0].get("shape_signature", inputs[0]["shape"])[1:]
-  expected = [int(d) for d in card.input_shape][:len(dims)]
-  if any(int(d) not in (-1, e) for d, e in zip(dims, expected)):
-    raise ValueError(f"{card_lib.TFLITE_FILE} takes input of shape "
-                     f"{[int(d) for d in inputs[0]['shape'][1:]]} but the "
-                     f"card says {list(card.input_shape)}")
 
 
 def _set_tf_threads(tf, threads: int) -> None:

@@ -69,6 +69,36 @@ def plot_curves(history: dict, path: str) -> None:
   plt.close(figure)
 
 
+def _pillow_recipe(height: int, width: int, rescaling: str) -> dict:
+  """The card's `preprocessing` of a model trained here."""
+  return {
+      # This project's own decoder (model.preprocessing.decode_image):
+      # uint8 pixels; the model rescales them itself.
+      "decoder": "pillow",
+      "input_scale": "raw",
+      "exif_transpose": True,
+      "resize": {"height": height, "width": width,
+                 "interpolation": preprocessing.RESIZE_INTERPOLATION,
+                 "when": "the decoded size differs"},
+      "input_dtype": "float32",
+      "input_value_range": [0, 255],
+      "rescaling": rescaling,
+  }
+
+
+def _tflite_bytes(model, card: card_lib.ModelCard, layer: Optional[str],
+                  chosen: str, model_inputs: np.ndarray) -> bytes:
+  """model.tflite: with the embedding as a second output where `layer` is
+  one and the output agrees with Keras (the card records which)."""
+  if not layer:
+    return convert_to_tflite(model)
+  card.embedding = embeddings.keras_record(model, layer, chosen)
+  tflite_bytes, record = embeddings.convert_with_embedding(
+      model, layer, model_inputs, "test images", convert_to_tflite)
+  embeddings.record_tflite(card, record)
+  return tflite_bytes
+
+
 def export_model(model,
                  out_dir: str,
                  *,
@@ -87,18 +117,14 @@ def export_model(model,
                  output: str = "logits",
                  write_card: bool = True
                  ) -> card_lib.ModelCard:
-  """Writes the model folder and returns its card.
+  """Writes the model folder and returns its card (unwritten with
+  `write_card` False, for a caller that checks more first).
 
-  `rescaling` says what the model's own first layers do to the [0, 255]
-  pixels; whatever it is, the model takes them raw, unless
-  `preprocessing_recipe` (a card's `preprocessing`, as a composed model
-  keeps its backbone's) says otherwise. The embedding is `embedding_layer`'s
-  output, by default the input of the final Dense layer
-  (model/embeddings.py); model.tflite carries it as a second output when
-  that output agrees with Keras to 1e-5 (else it serves the labels, and
-  the Keras engine the embedding).
-  With `write_card` False the card is returned unwritten, for a caller
-  that checks more before the folder counts as a model.
+  `rescaling` says what the model's first layers do to the raw [0, 255]
+  pixels it takes, unless `preprocessing_recipe` (a composed model keeps
+  its backbone's) says otherwise. The embedding is `embedding_layer`'s
+  output (default: model/embeddings.py's guess); model.tflite carries it
+  when it agrees with Keras to 1e-5, else only the Keras engine serves it.
   """
   os.makedirs(out_dir, exist_ok=True)
   # Until the new card is written, the folder must not pass for a model.
@@ -119,32 +145,15 @@ def export_model(model,
       input_shape=[height, width, channels],
       color_mode=color_mode,
       output=output,
-      preprocessing=preprocessing_recipe or {
-          # This project's own decoder (model.preprocessing.decode_image):
-          # uint8 pixels; the model rescales them itself.
-          "decoder": "pillow",
-          "input_scale": "raw",
-          "exif_transpose": True,
-          "resize": {"height": height, "width": width,
-                     "interpolation": preprocessing.RESIZE_INTERPOLATION,
-                     "when": "the decoded size differs"},
-          "input_dtype": "float32",
-          "input_value_range": [0, 255],
-          "rescaling": rescaling,
-      },
+      preprocessing=preprocessing_recipe or _pillow_recipe(height, width,
+                                                           rescaling),
       dataset=dataset,
       metrics=metrics,
       training=training,
   )
   model_inputs = engines.Engine(card).model_inputs(test_images)
-  if layer:
-    card.embedding = embeddings.keras_record(model, layer,
-                                             embedding_chosen or chosen)
-    tflite_bytes, record = embeddings.convert_with_embedding(
-        model, layer, model_inputs, "test images", convert_to_tflite)
-    embeddings.record_tflite(card, record)
-  else:
-    tflite_bytes = convert_to_tflite(model)
+  tflite_bytes = _tflite_bytes(model, card, layer, embedding_chosen or chosen,
+                               model_inputs)
   card.validate()
   card.model_id = card_lib.compute_model_id(card, keras_bytes, tflite_bytes)
   keras_outputs = model.predict(model_inputs, batch_size=256,

@@ -169,12 +169,7 @@ def train_backbone(dataset: datasets.Dataset, backbone: str, output: str,
 
   check_dataset(dataset)
   spec = backbones.get_backbone(backbone)
-  height, width, channels = dataset.train.images.shape[1:]
-  if channels != 3 or min(height, width) < BACKBONE_MIN_SIZE:
-    raise ValueError(
-        f"--backbone {backbone} needs RGB images of at least "
-        f"{BACKBONE_MIN_SIZE}x{BACKBONE_MIN_SIZE}; {dataset.source} gives "
-        f"{height}x{width}x{channels}")
+  height, width, channels = _backbone_input(dataset, backbone)
   if isinstance(weights, str):
     weights = backbones.resolve_weights(backbone, weights)
   (epochs, batch_size, learning_rate, fine_tune_epochs,
@@ -229,6 +224,18 @@ def train_backbone(dataset: datasets.Dataset, backbone: str, output: str,
        "backbone": {"name": backbone, "weights": weights.describe(),
                     "phases": phases}},
       rescaling=spec.rescaling, embedding_layer=embedding_layer)
+
+
+def _backbone_input(dataset: datasets.Dataset, backbone: str) -> tuple:
+  """(height, width, channels) of the images, which a pretrained backbone
+  needs in RGB and not too small."""
+  height, width, channels = dataset.train.images.shape[1:]
+  if channels != 3 or min(height, width) < BACKBONE_MIN_SIZE:
+    raise ValueError(
+        f"--backbone {backbone} needs RGB images of at least "
+        f"{BACKBONE_MIN_SIZE}x{BACKBONE_MIN_SIZE}; {dataset.source} gives "
+        f"{height}x{width}x{channels}")
+  return height, width, channels
 
 
 def _backbone_schedule(epochs, batch_size, learning_rate, fine_tune_epochs,
@@ -286,6 +293,53 @@ def _evaluate_and_export(model, output: str, architecture: str,
       **export_options)
 
 
+def _add_backbone_flags(parser: cli.ArgumentParser) -> None:
+  backbone = parser.add_argument_group(
+      "transfer learning", "a pretrained keras.applications backbone under a "
+      "new head: the head trains first on the frozen backbone, then the top "
+      "blocks are fine-tuned")
+  backbone.add_argument("--backbone", default=None,
+                        help="MobileNetV3Small, MobileNetV3Large or "
+                        "EfficientNetV2B0 (instead of --architecture)")
+  backbone.add_argument("--weights", default=None,
+                        help="imagenet (Keras downloads them to "
+                        "$KERAS_HOME/models), none (random), or a local "
+                        ".weights.h5, .keras or downloaded .h5 file of the "
+                        "headless backbone (default: imagenet)")
+  backbone.add_argument("--fine_tune_epochs", type=int, default=None,
+                        help=f"epochs of the fine-tuning phase; 0 skips it "
+                        f"(default: {BACKBONE_FINE_TUNE_EPOCHS})")
+  backbone.add_argument("--fine_tune_learning_rate", type=float, default=None,
+                        help="learning rate of the fine-tuning phase "
+                        f"(default: {BACKBONE_FINE_TUNE_LEARNING_RATE})")
+  backbone.add_argument("--fine_tune_blocks", type=int, default=None,
+                        help="top blocks to unfreeze (default: the last "
+                        "stage's: 3 for MobileNetV3, 8 for EfficientNetV2B0)")
+
+
+def _add_features_from_flags(parser: cli.ArgumentParser) -> None:
+  features = parser.add_argument_group(
+      "a head on another model's embeddings", "the class folders embedded "
+      "by MODEL_DIR's decoder and engine train a small head; backbone + "
+      "head are exported as one model folder")
+  features.add_argument("--features_from", default=None,
+                        metavar="MODEL_DIR",
+                        help="a model folder that serves an embedding "
+                        "(instead of --architecture or --backbone)")
+  features.add_argument("--head", default=None, choices=("linear", "mlp"),
+                        help="logistic regression, or one hidden ReLU layer "
+                        "(default: linear)")
+  features.add_argument("--hidden_units", type=int, default=None,
+                        help="units of the mlp head's hidden layer "
+                        "(default: 256)")
+  features.add_argument("--embed_with", default=None,
+                        choices=("process", "pipeline"),
+                        help="embed the images in this process, or with "
+                        "the Beam pipeline (predict --write_embeddings, a "
+                        "worker per core) for large folders (default: "
+                        "process)")
+
+
 def build_parser() -> cli.ArgumentParser:
   parser = cli.ArgumentParser(prog="python -m model.train",
                               description=__doc__)
@@ -313,52 +367,12 @@ def build_parser() -> cli.ArgumentParser:
                       help=f"square input size for image folders (default: "
                       f"{DEFAULT_IMAGE_SIZE}, {DEFAULT_BACKBONE_IMAGE_SIZE} "
                       "with --backbone)")
-  backbone = parser.add_argument_group(
-      "transfer learning", "a pretrained keras.applications backbone under a "
-      "new head: the head trains first on the frozen backbone, then the top "
-      "blocks are fine-tuned")
-  backbone.add_argument("--backbone", default=None,
-                        help="MobileNetV3Small, MobileNetV3Large or "
-                        "EfficientNetV2B0 (instead of --architecture)")
-  backbone.add_argument("--weights", default=None,
-                        help="imagenet (Keras downloads them to "
-                        "$KERAS_HOME/models), none (random), or a local "
-                        ".weights.h5, .keras or downloaded .h5 file of the "
-                        "headless backbone (default: imagenet)")
-  backbone.add_argument("--fine_tune_epochs", type=int, default=None,
-                        help=f"epochs of the fine-tuning phase; 0 skips it "
-                        f"(default: {BACKBONE_FINE_TUNE_EPOCHS})")
-  backbone.add_argument("--fine_tune_learning_rate", type=float, default=None,
-                        help="learning rate of the fine-tuning phase "
-                        f"(default: {BACKBONE_FINE_TUNE_LEARNING_RATE})")
-  backbone.add_argument("--fine_tune_blocks", type=int, default=None,
-                        help="top blocks to unfreeze (default: the last "
-                        "stage's: 3 for MobileNetV3, 8 for EfficientNetV2B0)")
+  _add_backbone_flags(parser)
   parser.add_argument("--embedding_layer", default=None,
-                      help="the layer whose output is the embedding that "
-                      "predict --write_embeddings writes (default: the one "
-                      "feeding the final Dense layer)")
-  features = parser.add_argument_group(
-      "a head on another model's embeddings", "the class folders are "
-      "embedded through MODEL_DIR's decoder and engine, a small head is "
-      "trained on them, and backbone + head are exported as one model "
-      "folder")
-  features.add_argument("--features_from", default=None,
-                        metavar="MODEL_DIR",
-                        help="a model folder that serves an embedding "
-                        "(instead of --architecture or --backbone)")
-  features.add_argument("--head", default=None, choices=("linear", "mlp"),
-                        help="logistic regression, or one hidden ReLU layer "
-                        "(default: linear)")
-  features.add_argument("--hidden_units", type=int, default=None,
-                        help="units of the mlp head's hidden layer "
-                        "(default: 256)")
-  features.add_argument("--embed_with", default=None,
-                        choices=("process", "pipeline"),
-                        help="embed the images in this process, or with "
-                        "the Beam pipeline (predict --write_embeddings, a "
-                        "worker per core) for large folders (default: "
-                        "process)")
+                      help="the layer whose output predict "
+                      "--write_embeddings writes (default: the final Dense "
+                      "layer's input)")
+  _add_features_from_flags(parser)
   parser.add_argument("--color_mode", default="rgb",
                       choices=["rgb", "grayscale"],
                       help="colour mode for image folders")

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from model import card as card_lib
+from model import datasets
 from model import engines
 from model import preprocessing
 
@@ -130,8 +131,7 @@ def test_the_pipeline_embeds_as_the_process_does(tmp_path, onnx_backbone):
   from model import head  # pylint: disable=import-outside-toplevel
   data = _generated_folders(tmp_path / "data", count=6)
   backbone = head.load_backbone(onnx_backbone)
-  subsets = __import__("model.datasets", fromlist=["x"]).split_image_folder(
-      data, 0.2, 0)[1]
+  subsets = datasets.split_image_folder(data, 0.2, 0)[1]
   by_pipeline = head.embed_with_pipeline(backbone, data, subsets,
                                          str(tmp_path / "work"))
   for (files, labels), features in zip(subsets, by_pipeline):
