@@ -168,6 +168,22 @@ def test_without_embeddings_or_with_an_unknown_id_one_line(run, tmp_path,
   assert "all-zero embedding" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command, message", [
+    (["near-duplicates", "--min_similarity", "2"],
+     "--min_similarity must be between -1 and 1, got 2.0"),
+    (["near-duplicates", "--min_similarity", "nan"],
+     "--min_similarity must be between -1 and 1, got nan"),
+    (["near-duplicates", "--limit", "-1"],
+     "--limit must be a whole number, 0 (every pair) or more, got -1"),
+    (["neighbours", "img_0001", "--k", "0"], "--k must be at least 1, got 0"),
+])
+def test_out_of_range_settings_are_refused_in_one_line(run, capsys, command,
+                                                       message):
+  folder, _, _ = run
+  assert query.main([folder, *command]) == 2
+  assert capsys.readouterr().err.strip() == f"tools.query: error: {message}"
+
+
 def test_the_report_maps_the_embeddings_where_there_are_some(run, tmp_path):
   pytest.importorskip("matplotlib")
   from tools import report  # pylint: disable=import-outside-toplevel

@@ -165,6 +165,9 @@ def near_duplicates(scan: Callable[[], Iterator], min_similarity: float,
   if not -1.0 <= min_similarity <= 1.0:
     raise SimilarityError(f"--min_similarity must be between -1 and 1, got "
                           f"{min_similarity}")
+  if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+    raise SimilarityError(f"--limit must be a whole number, 0 (every pair) "
+                          f"or more, got {limit!r}")
   started = time.monotonic()
   per_block = block_rows(dimension, block_bytes or BLOCK_BYTES)
   pairs = _Pairs(limit)
