@@ -49,6 +49,10 @@ class PredictConfig:
   write_probabilities: bool = False
   image_column: str = "image"
   id_column: Optional[str] = "id"
+  # Rows whose id an earlier row had are counted for the manifest; off, the
+  # run holds no ids (the local runner keeps every shuffled id in the
+  # launcher) and tools.query's `duplicates` counts them from the results.
+  count_duplicate_ids: bool = True
   label_column: Optional[str] = None
   max_image_pixels: Optional[int] = preprocessing.DEFAULT_MAX_IMAGE_PIXELS
   inference_threads: int = 0
@@ -117,6 +121,11 @@ def build_parser() -> cli.ArgumentParser:
   parser.add_argument("--id_column", default="id",
                       help="Parquet (or list) column with ids; empty for "
                       "none: ids become SHARD#ROW (a list's: the URI)")
+  parser.add_argument("--no_duplicate_count", action="store_false",
+                      dest="count_duplicate_ids",
+                      help="do not count repeated ids (the manifest's "
+                      "duplicate_ids is then null; `query OUTPUT duplicates` "
+                      "finds them in the results)")
   parser.add_argument("--label_column", default=None,
                       help="Parquet (or list) column with the true label: a "
                       "class name or a class index")

@@ -51,6 +51,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -127,22 +128,48 @@ def _flower_files():
   return files
 
 
+def w4_crop(size: tuple, copy: int, index: int) -> Optional[tuple]:
+  """The box of a photo that copy `copy` enlarges: none for the first copy
+  (the whole photo), then a seeded crop of 70-95% of each side, anywhere in
+  the photo, so every copy decodes to different pixels."""
+  if copy == 0:
+    return None
+  rng = np.random.default_rng((copy, index))
+  width, height = size
+  scale = rng.uniform(0.70, 0.95)
+  box_w, box_h = max(1, round(width * scale)), max(1, round(height * scale))
+  left = int(rng.integers(0, width - box_w + 1))
+  top = int(rng.integers(0, height - box_h + 1))
+  return left, top, left + box_w, top + box_h
+
+
 def build_w4(folder, count):
   """`count` photos at 500x375, JPEG quality 90, in the flowers' class
-  folders: the flowers enlarged (bicubic), as benchmarks.decoders makes them."""
+  folders: the flowers enlarged (bicubic), as benchmarks.decoders makes them;
+  beyond the 3,433 photos each further copy enlarges a different crop
+  (`w4_crop`), so no two files are alike."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
   from benchmarks import decoders  # pylint: disable=import-outside-toplevel
   files = _flower_files()
   for start in range(0, count, 256):
-    chunk = [files[i % len(files)] for i in range(start, min(count, start + 256))]
+    chunk = range(start, min(count, start + 256))
     payloads = []
-    for path in chunk:
-      with open(path, "rb") as handle:
-        payloads.append(handle.read())
-    for index, (path, data) in enumerate(zip(chunk, decoders.enlarged(
-        payloads))):
+    for number in chunk:
+      copy, index = divmod(number, len(files))
+      with open(files[index], "rb") as handle:
+        data = handle.read()
+      if copy:
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        image = image.crop(w4_crop(image.size, copy, index))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        data = buffer.getvalue()
+      payloads.append(data)
+    for number, data in zip(chunk, decoders.enlarged(payloads)):
+      copy, index = divmod(number, len(files))
+      path = files[index]
       name = os.path.basename(os.path.dirname(path))
       os.makedirs(os.path.join(folder, name), exist_ok=True)
-      copy = (start + index) // len(files)
       with open(os.path.join(folder, name,
                              f"{copy}_{os.path.basename(path)}"), "wb") as out:
         out.write(data)

@@ -16,6 +16,7 @@ from apache_beam.testing.util import equal_to
 from beam_jobs import config as config_lib
 from beam_jobs import preflight
 from beam_jobs import outputs
+from beam_jobs import pipeline
 from beam_jobs import predict
 from beam_jobs.sources import listing
 from beam_jobs.sources import lists as list_source
@@ -506,6 +507,25 @@ def test_input_list_with_skip_existing_and_repeated_uris(tmp_path, lists,
   assert manifest["counts"]["skipped"] == 10 and errors == []
   assert sorted(_ids(rows)) == sorted(bag[20:30] + bag[25:26])
   assert manifest["duplicate_ids"] == 1
+
+
+def test_no_duplicate_count_leaves_the_ids_uncounted(tmp_path, lists,
+                                                      tiny_model):
+  folder, bag, _, _, _ = lists
+  listed = tmp_path / "twice.txt"
+  listed.write_text("\n".join(bag[:6] + bag[:2]) + "\n")
+  config = config_lib.PredictConfig(None, tiny_model, str(tmp_path / "o"),
+                                    input_list=str(listed),
+                                    count_duplicate_ids=False)
+  assert not pipeline.counts_duplicate_ids(preflight.check(config).config)
+  manifest, rows, errors = _run(tmp_path / "out", input=None,
+                                input_list=str(listed), model=tiny_model,
+                                count_duplicate_ids=False)
+  assert len(rows) == 8 and errors == []
+  assert manifest["duplicate_ids"] is None
+  assert config_lib.parse_args([
+      "--input", str(folder), "--model", tiny_model, "--output", "o",
+      "--no_duplicate_count"])[0].count_duplicate_ids is False
 
 
 def test_input_list_config_errors(tmp_path, lists, tiny_model, png_dir):
