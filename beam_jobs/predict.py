@@ -96,7 +96,7 @@ def run(config: config_lib.PredictConfig, beam_args=None,
   replace and delete there. On a local runner, progress lines go to stderr
   every `config.progress_seconds` unless `progress` brings its own reporter.
   """
-  options = PipelineOptions(beam_args or [])
+  options = PipelineOptions(config_lib.with_default_runner(beam_args))
   plan = preflight.check(config, options)
   if plan.dry_run:
     return _dry_run(plan, options)
