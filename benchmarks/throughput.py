@@ -47,6 +47,7 @@ import glob
 import io
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -448,10 +449,12 @@ def child(args):
 # The parent: timing, memory, comparison ------------------------------------
 
 
-def measure(command):
-  """Runs a command as a measured process tree; (figures, stdout)."""
-  figures, stdout = process_tree.measure(command, cwd=REPO,
-                                         stderr=subprocess.DEVNULL)
+def measure(command, code=REPO):
+  """Runs a command as a measured process tree, with `code` (a checkout) as
+  its working folder and PYTHONPATH; (figures, stdout)."""
+  figures, stdout = process_tree.measure(
+      command, cwd=code, stderr=subprocess.DEVNULL,
+      env=dict(os.environ, PYTHONPATH=code))
   if figures["returncode"]:
     raise RuntimeError(f"{command} failed with exit {figures['returncode']}")
   return figures, stdout
@@ -463,8 +466,11 @@ def _input_flag(folder):
 
 
 def run_system(system, folder, model, out_dir, limit=0, p_flags=(),
-               peers_python=""):
-  """One measured run of a system; its figures and where its output is."""
+               peers_python="", peer_flags=None, baseline=None):
+  """One measured run of a system; its figures and where its output is.
+
+  "P-baseline" is P with the code of the `baseline` checkout; `peer_flags`
+  maps a peer to extra flags for its job."""
   os.makedirs(out_dir, exist_ok=True)
   if system.startswith("P"):
     output = os.path.join(out_dir, system)
@@ -472,7 +478,8 @@ def run_system(system, folder, model, out_dir, limit=0, p_flags=(),
         os.path.join(folder, "*.parquet"))
     figures, _ = measure([
         sys.executable, "-m", "beam_jobs.predict", "--input", pattern,
-        "--model", model, "--output", output, "--overwrite", *p_flags])
+        "--model", model, "--output", output, "--overwrite", *p_flags],
+                         code=baseline if system == "P-baseline" else REPO)
     with open(os.path.join(output, "_run.json"), encoding="utf-8") as handle:
       manifest = json.load(handle)
     return dict(figures, images=manifest["counts"]["predictions"],
@@ -482,7 +489,7 @@ def run_system(system, folder, model, out_dir, limit=0, p_flags=(),
     figures, stdout = measure([
         peers_python, os.path.join(PEERS_DIR, PEER_JOBS[system]),
         _input_flag(folder), folder, "--model", model, "--output", output,
-        "--batch_size", str(BATCH)])
+        "--batch_size", str(BATCH), *(peer_flags or {}).get(system, ())])
     result = json.loads(next(line for line in stdout.splitlines()
                              if line.startswith("RESULT "))[len("RESULT "):])
     return dict(figures, images=result["predictions"], peer=result,
@@ -553,6 +560,16 @@ def parse_args(argv):
   parser.add_argument("--peers_python", default=os.path.join(
       PEERS_DIR, ".venv", "bin", "python"),
                       help="the peers' interpreter (benchmarks/peers/setup.sh)")
+  parser.add_argument("--ray_flags", default="",
+                      help="extra flags for the Ray job, e.g. '--repartition "
+                      "20' (5,000-row blocks on 100,000 rows)")
+  parser.add_argument("--spark_flags", default="",
+                      help="extra flags for the Spark job")
+  parser.add_argument("--baseline", default=None,
+                      help="a checkout of earlier code: the system "
+                      "P-baseline runs P with it, in the same turns")
+  parser.add_argument("--p_flags", default="",
+                      help="extra flags for P (and P-baseline)")
   parser.add_argument("--physical_limit", type=int, default=0,
                       help="images per workload to time decoder and model "
                       "on (0: skip)")
@@ -565,6 +582,15 @@ def parse_args(argv):
   parser.add_argument("--make_mobilenet", help=argparse.SUPPRESS)
   parser.add_argument("--limit", type=int, default=0, help=argparse.SUPPRESS)
   return parser.parse_args(argv)
+
+
+def p_flags(args) -> tuple:
+  return P_FLAGS + tuple(shlex.split(args.p_flags))
+
+
+def peer_flags(args) -> dict:
+  return {"Ray": shlex.split(args.ray_flags),
+          "Spark": shlex.split(args.spark_flags)}
 
 
 def _check_peers(args, systems):
@@ -625,7 +651,8 @@ def main(argv=None):
           file=sys.stderr)
     runs = run_turns(systems, args.repeats, lambda system: run_system(
         system, folder, model, out, args.b2_images if system == "B2" else 0,
-        P_FLAGS, args.peers_python), args.wait_quiet)
+        p_flags(args), args.peers_python, peer_flags(args), args.baseline),
+                     args.wait_quiet)
     results = {system: summarise(r) for system, r in runs.items()}
     if name == "W1" and "P" in results:
       tenth = os.path.join(args.work, "W1-tenth")
@@ -634,7 +661,7 @@ def main(argv=None):
         shards = sorted(glob.glob(os.path.join(folder, "*.parquet")))
         for shard in shards[:max(1, len(shards) // 10)]:
           os.link(shard, os.path.join(tenth, os.path.basename(shard)))
-      small = run_system("P-tenth", tenth, model, out, 0, P_FLAGS)
+      small = run_system("P-tenth", tenth, model, out, 0, p_flags(args))
       results["P"]["rss_tenth"] = small["peak_rss_mib"]
     limit = (physical_limit(folder, model, args.physical_limit)
              if args.physical_limit else None)
@@ -712,7 +739,7 @@ def scaling(args):
         os.link(shard, os.path.join(folders[n], os.path.basename(shard)))
   out = os.path.join(args.work, "out", "scaling")
   runs = run_turns([str(n) for n in sizes], args.repeats, lambda n: run_system(
-      "P", folders[int(n)], model, os.path.join(out, n), 0, P_FLAGS),
+      "P", folders[int(n)], model, os.path.join(out, n), 0, p_flags(args)),
                    args.wait_quiet)
   results = {int(n): summarise(r) for n, r in runs.items()}
   fixed, per_image = _fit(sizes, [results[n]["seconds"] for n in sizes])
