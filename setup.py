@@ -1,16 +1,24 @@
 """Package definition; Dataflow stages it to workers with --setup_file.
 
-The base install is what a worker needs to serve a TFLite model folder with
-either decoder: Beam, LiteRT, Pillow, imagecodecs, simplejpeg, pyarrow,
-numpy, and no TensorFlow. simplejpeg is libjpeg-turbo with the choice of
-IDCT and upsampling TensorFlow makes (fast integer IDCT, fancy upsampling),
-which neither Pillow nor imagecodecs exposes: with it the card's
-`tensorflow` decoder recipe (model/keras_decoding.py) gives Keras' pixels
-exactly, without TensorFlow, and it releases the GIL while it decodes. The
-extras add the rest:
+The base install is what a worker needs to serve a TFLite or an ONNX model
+folder with any decoder: Beam, LiteRT, ONNX Runtime, Pillow, imagecodecs,
+simplejpeg, pyarrow, numpy, and no TensorFlow. simplejpeg is libjpeg-turbo
+with the choice of IDCT and upsampling TensorFlow makes (fast integer IDCT,
+fancy upsampling), which neither Pillow nor imagecodecs exposes: with it the
+card's `tensorflow` decoder recipe (model/keras_decoding.py) gives Keras'
+pixels exactly, without TensorFlow, and it releases the GIL while it
+decodes. ONNX Runtime is in the base because a worker serves an adopted
+PyTorch model with it and Dataflow's --setup_file installs only the base;
+it adds 78 MiB to the slim install (its other dependencies, protobuf and
+flatbuffers, are there already). The extras add the rest:
 
-  tensorflow  training (model.train), model.adopt, the keras and savedmodel
-              engines
+  tensorflow  training (model.train), model.adopt of Keras and SavedModel
+              sources, the keras and savedmodel engines
+  onnx        model.adopt of ONNX sources: the `onnx` package reads and
+              checks the graph and rewrites its batch axis (31 MiB). Its
+              own extra, so a PyTorch author adopts without TensorFlow
+              (`pip install '.[onnx]'`), and no worker installs it: serving
+              needs ONNX Runtime only
   tools       tools.query (DuckDB) and tools.report (matplotlib)
   gcp         Beam's Google Cloud I/O, gcsfs, and `build` (for --setup_file)
   test        pytest
@@ -29,12 +37,14 @@ REQUIRED = [
     "imagecodecs>=2024.1",
     "simplejpeg>=1.8,<2",
     "pyarrow>=14",
+    "onnxruntime>=1.20,<2",
 ]
 
 EXTRAS = {
     # model.export also plots the training curves with matplotlib.
     "tensorflow": ["tensorflow>=2.21,<2.22", "keras>=3.10,<4",
                    "matplotlib>=3.8,<4"],
+    "onnx": ["onnx>=1.17,<2"],
     # tools.query's read-only file system for DuckDB is fsspec's.
     "tools": ["duckdb>=1.1,<3", "fsspec>=2023.1", "matplotlib>=3.8,<4"],
     # build and setuptools: Beam stages --setup_file with `python -m build

@@ -15,7 +15,7 @@ from apache_beam.options import pipeline_options as beam_options
 from beam_jobs.contracts import DEFAULT_BATCH_SIZE
 from imagebatch import cli
 from model import engines
-from model import preprocessing
+from model import image_limits
 
 DEFAULT_TOP_K = 3
 ENGINE_CHOICES = ("auto",) + engines.ENGINES
@@ -60,7 +60,7 @@ class PredictConfig:
   # launcher) and tools.query's `duplicates` counts them from the results.
   count_duplicate_ids: bool = True
   label_column: Optional[str] = None
-  max_image_pixels: Optional[int] = preprocessing.DEFAULT_MAX_IMAGE_PIXELS
+  max_image_pixels: Optional[int] = image_limits.DEFAULT_MAX_IMAGE_PIXELS
   inference_threads: int = 0
   overwrite: bool = False
   skip_existing: bool = False
@@ -135,7 +135,7 @@ def build_parser() -> cli.ArgumentParser:
                       help="Parquet (or list) column with the true label: a "
                       "class name or a class index")
   parser.add_argument("--max_image_pixels", type=int,
-                      default=preprocessing.DEFAULT_MAX_IMAGE_PIXELS,
+                      default=image_limits.DEFAULT_MAX_IMAGE_PIXELS,
                       help="images declaring more pixels are refused "
                       "undecoded")
   parser.add_argument("--inference_threads", type=int, default=0,

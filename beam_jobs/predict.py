@@ -2,7 +2,7 @@
 
 Usage:
   python -m beam_jobs.predict --input IMAGE_DIR_OR_GLOB --model MODEL_DIR \
-      --output OUTPUT_DIR [--engine tflite|keras] [Beam flags, e.g. --runner]
+      --output OUTPUT_DIR [--engine tflite|onnx|keras] [Beam flags, e.g. --runner]
   python -m beam_jobs.predict --input 'shards/*.parquet' --label_column label ...
 
 Writes predictions-*.parquet, errors-*.parquet and _run.json to OUTPUT_DIR.

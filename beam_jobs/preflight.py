@@ -33,7 +33,7 @@ from imagebatch import cli
 from imagebatch import paths
 from model import card as card_lib
 from model import engines
-from model import preprocessing
+from model import image_limits
 
 _BIGQUERY_TABLE = re.compile(r"^[a-z][a-z0-9.:-]*[a-z0-9]:\w+\.[\w$-]+$")
 _INPUT_KINDS = {"parquet": "Parquet shards", "images": "image files",
@@ -88,10 +88,10 @@ def resolve_flags(config: PredictConfig) -> PredictConfig:
     raise ConfigError("--progress_seconds must be 0 (no progress lines) or "
                       "more")
   if config.max_image_pixels is not None and not (
-      1 <= config.max_image_pixels <= preprocessing.PILLOW_PIXEL_LIMIT):
+      1 <= config.max_image_pixels <= image_limits.PILLOW_PIXEL_LIMIT):
     raise ConfigError(
         "--max_image_pixels must be between 1 and "
-        f"{preprocessing.PILLOW_PIXEL_LIMIT}: Pillow refuses larger images "
+        f"{image_limits.PILLOW_PIXEL_LIMIT}: Pillow refuses larger images "
         "itself")
   if config.bigquery_table and not _BIGQUERY_TABLE.match(
       config.bigquery_table):
@@ -138,10 +138,13 @@ def load_card(model: str, engine: str) -> card_lib.ModelCard:
         f"with {', '.join(card.engines)}")
   try:
     card_lib.check_model_files(model, card, engine)
+    # Keras and SavedModel engines check their width when they load.
     if "tflite" in card.engines:
-      # Keras and SavedModel engines check their width when they load.
       engines.check_model_shapes(card, paths.read_bytes(
           paths.join(model, card_lib.TFLITE_FILE)))
+    if "onnx" in card.engines:
+      engines.check_onnx_model_shapes(card, paths.read_bytes(
+          paths.join(model, card_lib.ONNX_FILE)))
   except (ValueError, OSError) as error:
     raise ConfigError(f"--model {model}: {error}") from None
   return card
@@ -238,9 +241,9 @@ def check_workers(config: PredictConfig, card: card_lib.ModelCard,
   """Refuses a Dataflow job whose workers would lack TensorFlow.
 
   --setup_file installs the slim serving package on each worker (LiteRT,
-  Pillow, Beam: no TensorFlow); the Keras and SavedModel engines need
-  TensorFlow, which a worker image or a requirements file must bring. Both
-  decoders, the `tensorflow` recipe included, run without it.
+  ONNX Runtime, Pillow, Beam: no TensorFlow); the Keras and SavedModel
+  engines need TensorFlow, which a worker image or a requirements file must
+  bring. Every decoder, the `tensorflow` recipe included, runs without it.
   """
   if runner_name(options.view_as(
       beam_options.StandardOptions)) not in DATAFLOW_RUNNERS or (
@@ -277,12 +280,16 @@ def _check_scheme(flag: str, path: str) -> None:
 def adopt_command(model: str) -> Optional[str]:
   """The model.adopt command for a model file or SavedModel folder, if
   `model` is one."""
-  is_file = model.lower().endswith((".keras", ".h5", ".hdf5", ".tflite"))
+  is_file = model.lower().endswith((".keras", ".h5", ".hdf5", ".tflite",
+                                    ".onnx"))
   if not ((is_file and FileSystems.exists(model)) or
           FileSystems.exists(paths.join(model, "saved_model.pb"))):
     return None
   name = model.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
   output = paths.join(model.rstrip("/").rsplit("/", 1)[0], name + "_model")
-  return cli.program("adopt", model.rstrip("/"), "--output", output,
-                     "--class_names", "NAME,NAME,...") + (
-                         " [--input_scale raw|unit|symmetric|caffe|torch]")
+  command = cli.program("adopt", model.rstrip("/"), "--output", output,
+                        "--class_names", "NAME,NAME,...")
+  if model.lower().endswith(".onnx"):
+    return command + (" --input_scale torch|symmetric|unit|... [--resize N "
+                      "--center_crop M | --preprocessing_config FILE]")
+  return command + " [--input_scale raw|unit|symmetric|caffe|torch]"

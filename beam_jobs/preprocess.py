@@ -7,6 +7,7 @@ import apache_beam as beam
 from beam_jobs.contracts import ERRORS
 from beam_jobs.contracts import ImageBatch
 from beam_jobs.contracts import error_row
+from model import image_limits
 from model import preprocessing
 from model.card import ModelCard
 
@@ -15,22 +16,24 @@ class DecodeImages(beam.DoFn):
   """Decodes each batch with the card's decoder; bad images become errors.
 
   The decoder is the one the model was trained with: this project's Pillow
-  decoder (uint8 pixels) or Keras' TensorFlow recipe (float32 pixels, made
-  a batch per TensorFlow call). A batch that arrives as raw pixels already
-  has the model's input size and passes through untouched.
+  decoder (uint8 pixels), Keras' TensorFlow recipe (float32 pixels, made
+  a batch per TensorFlow call) or a PyTorch author's torchvision recipe
+  (uint8 pixels). A batch that arrives as raw pixels already has the
+  model's input size and passes through untouched.
   """
 
   def __init__(self, card: ModelCard,
                max_image_pixels: Optional[int] = (
-                   preprocessing.DEFAULT_MAX_IMAGE_PIXELS)):
-    self._arguments = (card.decoder, card.height, card.width, card.color_mode,
-                       max_image_pixels)
+                   image_limits.DEFAULT_MAX_IMAGE_PIXELS)):
+    self._card = card
+    self._max_image_pixels = max_image_pixels
     self._decoder = None
 
   def setup(self):
     # Built on the worker: TensorFlow's traced decoder does not pickle, and a
     # Pillow model's worker never imports TensorFlow.
-    self._decoder = preprocessing.BatchDecoder(*self._arguments)
+    self._decoder = preprocessing.card_decoder(self._card,
+                                               self._max_image_pixels)
 
   def process(self, batch: ImageBatch):
     if batch.encoded is None:

@@ -35,6 +35,7 @@ from benchmarks import decoders
 from model import card as card_lib
 from model import engines
 from model import export
+from model import image_limits
 from model import preprocessing
 
 BATCH = 256
@@ -54,7 +55,7 @@ class DraftDecoder:
     self.drafted = self.seen = 0
 
   def decode(self, payloads):
-    original = preprocessing.open_checked
+    original = image_limits.open_checked
 
     def drafted(data, max_pixels):
       image = original(data, max_pixels)
@@ -65,11 +66,11 @@ class DraftDecoder:
       return image
 
     # decode_image looks open_checked up at call time: only the draft differs.
-    preprocessing.open_checked = drafted
+    image_limits.open_checked = drafted
     try:
       return self._decoder.decode(payloads)
     finally:
-      preprocessing.open_checked = original
+      image_limits.open_checked = original
 
 
 def _per_image_us(function, payloads, repeats):

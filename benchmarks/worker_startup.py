@@ -1,17 +1,19 @@
 """What a worker pays before its first batch: install size and import time.
 
 Usage:
-  python -m benchmarks.worker_startup --model MODEL_DIR [--repeats 5] \
-      [--venv .venv-slim] [--venv .venv] ...
+  python -m benchmarks.worker_startup --model MODEL_DIR [--model DIR ...] \
+      [--repeats 5] [--venv .venv-slim] [--venv .venv] ...
 
 For each virtual environment: its size on disk (du), then, in a fresh
 interpreter each time, the wall seconds to import what a worker imports to
-serve (the pipeline's modules) and load the model folder with each engine
-the environment can run, plus the modules that brought in and whether
-TensorFlow was among them. Medians of --repeats. Prints a Markdown table.
+serve (the pipeline's modules) and load each model folder with each engine
+its card lists that the environment can run (keras and savedmodel need
+TensorFlow), plus the modules that brought in and whether TensorFlow was
+among them. Medians of --repeats. Prints a Markdown table.
 """
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -45,6 +47,14 @@ def has_tensorflow(python: str) -> bool:
                         capture_output=True, check=False).returncode == 0
 
 
+def card_engines(model: str) -> list:
+  """The engines a model folder's card lists, fastest first."""
+  with open(os.path.join(model, "model_card.json"), encoding="utf-8") as handle:
+    listed = json.load(handle)["engines"]
+  return [engine for engine in ("tflite", "onnx", "keras", "savedmodel")
+          if engine in listed]
+
+
 def probe(python: str, model: str, engine: str) -> tuple:
   result = subprocess.run(
       [python, "-c", PROBE, model, engine], cwd=REPO, capture_output=True,
@@ -56,8 +66,9 @@ def probe(python: str, model: str, engine: str) -> tuple:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--model", required=True,
-                      help="a model folder with model.tflite and model.keras")
+  parser.add_argument("--model", required=True, action="append",
+                      help="a model folder (repeatable), measured with each "
+                      "engine its card lists")
   parser.add_argument("--venv", action="append",
                       help="a virtual environment to measure (repeatable)")
   parser.add_argument("--repeats", type=int, default=5)
@@ -65,19 +76,24 @@ def main(argv=None) -> int:
   venvs = args.venv or [os.path.join(REPO, ".venv-slim"),
                         os.path.join(REPO, ".venv")]
   print(f"load average before: {os.getloadavg()[0]:.1f}")
-  print("| environment | size MiB | engine | import + load s (median) | "
-        "modules | TensorFlow imported |")
-  print("| --- | --- | --- | --- | --- | --- |")
+  print("| environment | size MiB | model | engine | import + load s "
+        "(median) | modules | TensorFlow imported |")
+  print("| --- | --- | --- | --- | --- | --- | --- |")
   for venv in venvs:
     python = os.path.join(venv, "bin", "python")
     size = du_mib(venv)
-    engines = ["tflite"] + (["keras"] if has_tensorflow(python) else [])
-    for engine in engines:
-      runs = [probe(python, args.model, engine) for _ in range(args.repeats)]
-      seconds = statistics.median(run[0] for run in runs)
-      print(f"| {os.path.basename(venv.rstrip('/'))} | {size:.0f} | {engine} "
-            f"| {seconds:.2f} | {runs[-1][1]} | "
-            f"{'yes' if runs[-1][2] else 'no'} |", flush=True)
+    tensorflow = has_tensorflow(python)
+    for model in args.model:
+      for engine in card_engines(model):
+        if engine in ("keras", "savedmodel") and not tensorflow:
+          continue
+        runs = [probe(python, model, engine) for _ in range(args.repeats)]
+        seconds = statistics.median(run[0] for run in runs)
+        print(f"| {os.path.basename(venv.rstrip('/'))} | {size:.0f} | "
+              f"{os.path.basename(model.rstrip('/'))} | {engine} | "
+              f"{seconds:.2f} | {runs[-1][1]} | "
+              f"{'yes' if runs[-1][2] else 'no'} |", flush=True)
+  print(f"load average after: {os.getloadavg()[0]:.1f}")
   return 0
 
 

@@ -4,17 +4,24 @@
       [--input_scale raw|unit|symmetric|caffe|torch|custom]
       [--input_mean M,M,M --input_std S,S,S] [--image_size H,W | N]
       [--color_mode grayscale|rgb] [--output_kind auto|logits|probabilities]
-      [--decoder tensorflow|pillow] [--eval_data FOLDER]
+      [--decoder tensorflow|pillow|torchvision] [--eval_data FOLDER]
+      [--resize N | H,W] [--center_crop N | H,W] [--interpolation NAME]
+      [--preprocessing_config FILE] [--layout NCHW|NHWC]
+      [--output_name NAME]
 
 SOURCE is a `.keras` file, a legacy Keras `.h5` file, a TensorFlow SavedModel
-folder (its `serving_default` signature) or a `.tflite` file, float or
-full-integer quantised. The folder gets the card (marked adopted, with every
-field read from the model or declared here), the model in the formats the
-source allows, and for Keras and SavedModel sources a TFLite conversion that
-serves only if its top-1 agrees with the source on at least 99.9% of the
-check images. Nothing runs code from the model: Keras loads in safe_mode
-(no Lambda layers), a SavedModel's ops are listed from its saved_model.pb and
-checked before it is loaded, and nothing is unpickled.
+folder (its `serving_default` signature), a `.tflite` file, float or
+full-integer quantised, or an ONNX file as `torch.onnx.export` writes it.
+The folder gets the card (marked adopted, with every field read from the
+model or declared here), the model in the formats the source allows, and
+for Keras and SavedModel sources a TFLite conversion that serves only if its
+top-1 agrees with the source on at least 99.9% of the check images. An ONNX
+source is fed the torchvision way (--resize, --center_crop, --interpolation,
+or the author's --preprocessing_config) and served by ONNX Runtime. Nothing
+runs code from the model: Keras loads in safe_mode (no Lambda layers), a
+SavedModel's ops are listed from its saved_model.pb and checked before it is
+loaded, an ONNX graph may use only the standard operator domains and read
+external data only from beside it, and nothing is unpickled.
 """
 
 import json
@@ -23,12 +30,17 @@ import shutil
 import sys
 from typing import Optional
 
+import numpy as np
+
 from model import adopt_checks
+from model import adopt_feeding
 from model import card as card_lib
 from imagebatch import cli
 from model import engines
 from model import model_formats
 from model import preprocessing
+from model import preprocessing_config
+from model import torchvision_decoding
 from model.model_formats import AdoptError
 
 OUTPUT_KINDS = ("auto",) + card_lib.OUTPUT_KINDS
@@ -110,7 +122,10 @@ def _numbers(flag: str, value: Optional[str]) -> Optional[list]:
                      "numbers") from None
 
 
-def parse_image_size(value: Optional[str]) -> Optional[tuple]:
+def parse_image_size(value: Optional[str], flag: str = "image_size",
+                     square: bool = True):
+  """HEIGHT,WIDTH (or HxW) as a pair; N as (N, N), or with `square` False
+  as the int N (`--resize N`: the shorter side)."""
   if value is None:
     return None
   parts = value.replace("x", ",").split(",")
@@ -118,35 +133,11 @@ def parse_image_size(value: Optional[str]) -> Optional[tuple]:
     size = tuple(int(p) for p in parts)
   except ValueError:
     size = ()
+  if len(size) not in (1, 2) or min(size) < 1:
+    raise AdoptError(f"--{flag} {value!r}: expected HEIGHT,WIDTH or N")
   if len(size) == 1:
-    size = size * 2
-  if len(size) != 2 or min(size) < 1:
-    raise AdoptError(f"--image_size {value!r}: expected HEIGHT,WIDTH or N")
+    return size * 2 if square else size[0]
   return size
-
-
-def feeding_recipe(decoder: str, height: int, width: int, input_scale: str,
-                   mean: Optional[list], std: Optional[list]) -> dict:
-  """The card's preprocessing dict for an adopted model."""
-  recipe = {"decoder": decoder, "input_scale": input_scale}
-  if input_scale == "custom":
-    recipe.update(input_mean=mean, input_std=std)
-  if decoder == "tensorflow":
-    recipe.update(
-        recipe="keras.utils.image_dataset_from_directory: "
-        "tf.image.decode_image(expand_animations=False), tf.image.resize",
-        exif_transpose=False,
-        resize={"height": height, "width": width, "interpolation": "bilinear",
-                "antialias": False, "when": "always"},
-        input_dtype="float32 (not rounded)")
-  else:
-    recipe.update(
-        exif_transpose=True,
-        resize={"height": height, "width": width,
-                "interpolation": preprocessing.RESIZE_INTERPOLATION,
-                "when": "the decoded size differs"},
-        input_dtype="uint8 as float32")
-  return recipe
 
 
 def _stage_source(source: model_formats.Source, out_dir: str) -> None:
@@ -160,13 +151,20 @@ def _stage_source(source: model_formats.Source, out_dir: str) -> None:
   elif source.kind == "savedmodel":
     shutil.copytree(source.path, os.path.join(out_dir,
                                               card_lib.SAVED_MODEL_DIR))
+  elif source.kind == "onnx":
+    # What onnx_graph proved servable: the source's bytes, or the graph
+    # rewritten (external data inlined, batch axis made symbolic, one
+    # output kept).
+    with open(os.path.join(out_dir, card_lib.ONNX_FILE), "wb") as handle:
+      handle.write(source.model.model_bytes)
   else:
     shutil.copyfile(source.path, os.path.join(out_dir, card_lib.TFLITE_FILE))
 
 
 def _clear(out_dir: str) -> None:
   """Until the new card is written, the folder must not pass for a model."""
-  for name in (card_lib.CARD_FILE, card_lib.MODEL_FILE, card_lib.TFLITE_FILE):
+  for name in (card_lib.CARD_FILE, card_lib.MODEL_FILE, card_lib.TFLITE_FILE,
+               card_lib.ONNX_FILE):
     if os.path.exists(os.path.join(out_dir, name)):
       os.remove(os.path.join(out_dir, name))
   shutil.rmtree(os.path.join(out_dir, card_lib.SAVED_MODEL_DIR),
@@ -174,7 +172,8 @@ def _clear(out_dir: str) -> None:
 
 
 _KIND_NAMES = {"keras": "Keras .keras", "h5": "Keras .h5",
-               "savedmodel": "TensorFlow SavedModel", "tflite": "TFLite"}
+               "savedmodel": "TensorFlow SavedModel", "tflite": "TFLite",
+               "onnx": "ONNX"}
 
 
 def adopt(source_path: str, out_dir: str, class_names: list, *,
@@ -182,9 +181,17 @@ def adopt(source_path: str, out_dir: str, class_names: list, *,
           input_std: Optional[list] = None,
           image_size: Optional[tuple] = None,
           color_mode: Optional[str] = None, output_kind: str = "auto",
-          decoder: str = "tensorflow", eval_data: Optional[str] = None,
+          decoder: Optional[str] = None, eval_data: Optional[str] = None,
+          resize=None, center_crop: Optional[tuple] = None,
+          interpolation: Optional[str] = None, layout: Optional[str] = None,
+          output_name: Optional[str] = None,
+          preprocessing_config: Optional[str] = None,
           say=print, warn=None) -> card_lib.ModelCard:
-  """Writes the model folder; returns its card. Raises AdoptError."""
+  """Writes the model folder; returns its card. Raises AdoptError.
+
+  `resize` is N (the shorter side) or (height, width); `decoder` None
+  means torchvision for an ONNX source or a recipe with torchvision steps,
+  else tensorflow."""
   warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr))
   source_path = os.path.abspath(source_path)
   out_dir = os.path.abspath(out_dir)
@@ -192,14 +199,25 @@ def adopt(source_path: str, out_dir: str, class_names: list, *,
     raise AdoptError("--output must not be the source or inside it")
   if output_kind not in OUTPUT_KINDS:
     raise AdoptError(f"--output_kind must be one of {OUTPUT_KINDS}")
-  if decoder not in preprocessing.DECODERS:
-    raise AdoptError(f"--decoder must be one of {preprocessing.DECODERS}")
-  source = model_formats.load_source(source_path)
-  say(f"source: {_KIND_NAMES[source.kind]} model, input "
-      f"{model_formats.shape_text(source.input_shape)} {source.input_dtype}, "
-      f"output {model_formats.shape_text(source.output_shape)}")
-  card = draft_card(source, class_names, input_scale, input_mean, input_std,
-                    image_size, color_mode, decoder, warn)
+  flags = adopt_feeding.feeding_flags(dict(
+      resize=resize, center_crop=center_crop, interpolation=interpolation,
+      input_scale=input_scale, input_mean=input_mean, input_std=input_std,
+      image_size=image_size, color_mode=color_mode), preprocessing_config)
+  decoder = adopt_feeding.choose_decoder(
+      model_formats.detect_kind(source_path), decoder, flags)
+  try:
+    source = model_formats.load_source(
+        source_path, layout=layout, image_size=flags.image_size,
+        color_mode=flags.color_mode, output_name=output_name)
+  except AdoptError as error:
+    raise AdoptError(adopt_feeding.with_origin(str(error), flags)) from None
+  say(describe_source(source))
+  card = draft_card(source, class_names, flags, decoder, warn)
+  if preprocessing_config is not None:
+    card.adopted["preprocessing_from"] = {
+        "file": os.path.basename(preprocessing_config),
+        "sha256": model_formats.sha256_of(preprocessing_config),
+        "values": dict(flags.provenance)}
   eval_set = []
   if eval_data:
     eval_set, others = adopt_checks.eval_files(eval_data, class_names)
@@ -232,23 +250,55 @@ def adopt(source_path: str, out_dir: str, class_names: list, *,
   return card
 
 
+def describe_source(source: model_formats.Source) -> str:
+  """One line on what the source declares (for ONNX, as its graph says)."""
+  if source.kind != "onnx":
+    return (f"source: {_KIND_NAMES[source.kind]} model, input "
+            f"{model_formats.shape_text(source.input_shape)} "
+            f"{source.input_dtype}, output "
+            f"{model_formats.shape_text(source.output_shape)}")
+  record = source.model.record
+  batch = {"dynamic": "dynamic batch",
+           "made_dynamic": "fixed batch made symbolic (proven)",
+           "one_at_a_time": "fixed batch of 1, served one image at a time"}
+  return (f"source: ONNX model ({record['producer'] or 'unknown producer'}, "
+          f"opset {record['opset'].get('ai.onnx', '?')}), input "
+          f"{record['input']['name']!r} {record['input']['shape']} "
+          f"{source.input_dtype} ({source.model.layout}, from the "
+          f"{'graph' if record['layout_from'] == 'graph' else '--layout'}), "
+          f"output {record['output']!r} (batch, "
+          f"{source.model.num_classes}), {batch[source.model.batch]}")
+
+
 def draft_card(source: model_formats.Source, class_names: list,
-               input_scale: Optional[str], input_mean: Optional[list],
-               input_std: Optional[list], image_size: Optional[tuple],
-               color_mode: Optional[str], decoder: str,
+               flags: preprocessing_config.PreprocessingFlags, decoder: str,
                warn) -> card_lib.ModelCard:
   """The card of everything known before the model runs: its input, classes
   and feeding recipe (the output kind and model id come later)."""
-  height, width, color_mode = resolve_input(source, image_size, color_mode)
+  try:
+    height, width, color_mode = resolve_input(source, flags.image_size,
+                                              flags.color_mode)
+  except AdoptError as error:
+    raise AdoptError(adopt_feeding.with_origin(str(error), flags)) from None
   classes = source.output_shape[0]
   if classes is not None and classes != len(class_names):
     raise AdoptError(f"--class_names has {len(class_names)} names but the "
                      f"model outputs {classes} classes")
-  input_scale, scale_from = _input_scale(source, input_scale, warn)
-  try:
-    card_lib.check_input_scale(input_scale, color_mode, input_mean, input_std)
-  except ValueError as error:
-    raise AdoptError(f"--{error}") from None
+  input_scale, scale_from = adopt_feeding.input_scale(source, flags, warn)
+  recipe = adopt_feeding.feeding_recipe(decoder, height, width, color_mode,
+                                        input_scale, flags)
+  adopted = {"source": os.path.basename(source.path.rstrip(os.sep)),
+             "sha256": model_formats.sha256_of(source.path),
+             "format": source.kind, "input_scale": scale_from,
+             "input_shape": "the model's input signature" + (
+                 " and --image_size" if None in source.input_shape[:2]
+                 else "")}
+  if source.kind == "onnx":
+    recipe["layout"] = source.model.layout
+    adopted["onnx"] = source.model.record
+    adopted["input_shape"] = "the ONNX graph" + (
+        "" if source.model.record["size_from"] == "graph" else
+        f" and {adopt_feeding.origin(flags, 'image_size')}")
   return card_lib.ModelCard(
       model_id="",
       architecture="adopted",
@@ -256,33 +306,9 @@ def draft_card(source: model_formats.Source, class_names: list,
       input_shape=[height, width, card_lib.COLOR_MODES[color_mode]],
       color_mode=color_mode,
       output="logits",
-      preprocessing=feeding_recipe(decoder, height, width, input_scale,
-                                   input_mean, input_std),
+      preprocessing=recipe,
       engines=[model_formats.SOURCE_ENGINE[source.kind]],
-      adopted={
-          "source": os.path.basename(source.path.rstrip(os.sep)),
-          "sha256": model_formats.sha256_of(source.path),
-          "format": source.kind,
-          "input_scale": scale_from,
-          "input_shape": "the model's input signature" + (
-              " and --image_size" if None in source.input_shape[:2] else ""),
-      }).validate()
-
-
-def _input_scale(source: model_formats.Source, input_scale: Optional[str],
-                 warn) -> tuple:
-  """(input scale, where it came from): the flag, the source's quantised
-  input range, or the default."""
-  if input_scale is not None:
-    return input_scale, "--input_scale"
-  if source.implied_scale:
-    return source.implied_scale, source.implied_scale_reason
-  if source.layer_classes and not source.layer_classes & {
-      "Rescaling", "Normalization"}:
-    warn("the model has no Rescaling or Normalization layer, so it may "
-         "expect pixels scaled outside it; if its author divided by 255, "
-         "pass --input_scale unit (see the table in the README)")
-  return "raw", "the default"
+      adopted=adopted).validate()
 
 
 def _decide_output(source: model_formats.Source, card: card_lib.ModelCard,
@@ -297,6 +323,10 @@ def _decide_output(source: model_formats.Source, card: card_lib.ModelCard,
     raise AdoptError(f"{source.path} failed on a batch of {len(probe)} "
                      f"images of {card.height}x{card.width}x{card.channels}: "
                      f"{model_formats.first_line(error)}") from None
+  if not np.isfinite(outputs).all():
+    raise AdoptError(f"{source.path} outputs NaN or infinity on the "
+                     f"{len(probe)} check images scaled as input_scale "
+                     f"{card.input_scale}; a classifier's scores are finite")
   card.output, why = adopt_checks.decide_output(source, output_kind, outputs,
                                                 card.num_classes)
   card.adopted["output"] = why
@@ -309,6 +339,10 @@ def _add_tflite(source: model_formats.Source, card: card_lib.ModelCard,
                 say) -> None:
   """A Keras or SavedModel source also gets a TFLite conversion, served
   only if it agrees with the source."""
+  if source.kind == "onnx":
+    card.tflite = {"converted": False, "reason": "an ONNX source is served "
+                   "by the onnx engine as it is"}
+    return
   if source.kind not in ("keras", "h5", "savedmodel"):
     card.tflite = {"source": "adopted as it is",
                    "input_dtype": source.input_dtype}
@@ -330,32 +364,58 @@ def build_parser() -> cli.ArgumentParser:
       prog="python -m model.adopt",
       description="Make a model folder that beam_jobs.predict serves from a "
       "classifier trained elsewhere.")
-  parser.add_argument("source", help="a .keras, .h5 or .tflite file, or a "
-                      "SavedModel folder")
+  parser.add_argument("source", help="a .keras, .h5, .tflite or .onnx file, "
+                      "or a SavedModel folder")
   parser.add_argument("--output", required=True, help="the model folder")
   parser.add_argument("--class_names", required=True,
                       help="comma-separated, in the model's output order, or "
                       "a file: one name per line or a JSON list")
   parser.add_argument("--input_scale", default=None,
                       choices=preprocessing.INPUT_SCALES,
-                      help="how [0, 255] pixels become the model input; "
-                      "default raw (rescaling inside the model)")
+                      help="how [0, 255] pixels become the model input "
+                      "(default: none, which is raw, rescaled inside the "
+                      "model; an ONNX source needs one: torch is ToTensor "
+                      "then ImageNet's Normalize)")
   parser.add_argument("--input_mean", default=None,
                       help="custom: per-channel mean, in pixel units")
   parser.add_argument("--input_std", default=None,
                       help="custom: per-channel std, in pixel units")
   parser.add_argument("--image_size", default=None,
                       help="HEIGHT,WIDTH or N, only for a dynamic input size")
+  parser.add_argument("--layout", default=None, choices=("NCHW", "NHWC"),
+                      help="ONNX: where the input keeps its channels, only "
+                      "when the graph cannot say (NCHW is PyTorch's)")
+  parser.add_argument("--output_name", default=None,
+                      help="ONNX: the output holding the class scores, for "
+                      "a graph with several")
   parser.add_argument("--color_mode", default=None,
                       choices=tuple(card_lib.COLOR_MODES),
                       help="only for an input with dynamic channels")
   parser.add_argument("--output_kind", default="auto", choices=OUTPUT_KINDS,
                       help="what the model outputs; auto: read from its last "
                       "layer")
-  parser.add_argument("--decoder", default="tensorflow",
+  parser.add_argument("--decoder", default=None,
                       choices=preprocessing.DECODERS,
                       help="tensorflow: as keras.utils."
-                      "image_dataset_from_directory; pillow: this project's")
+                      "image_dataset_from_directory; pillow: this project's; "
+                      "torchvision: PIL as ImageFolder, Resize, CenterCrop "
+                      "(default: torchvision for an ONNX source or with its "
+                      "steps below, else tensorflow)")
+  parser.add_argument("--resize", default=None,
+                      help="torchvision's Resize: N sets the shorter side "
+                      "(the longer int(N * long / short)), HEIGHT,WIDTH the "
+                      "size")
+  parser.add_argument("--center_crop", default=None,
+                      help="torchvision's CenterCrop: N or HEIGHT,WIDTH, the "
+                      "model's input size")
+  parser.add_argument("--interpolation", default=None,
+                      choices=tuple(torchvision_decoding.INTERPOLATIONS),
+                      help="the resize's PIL filter (default: none, "
+                      "Resize's bilinear)")
+  parser.add_argument("--preprocessing_config", default=None,
+                      help="the author's timm config.json (pretrained_cfg) "
+                      "or Hugging Face preprocessor_config.json: sets the "
+                      "flags above; a flag that contradicts it is refused")
   parser.add_argument("--eval_data", default=None,
                       help="a folder of class sub-folders to score the model "
                       "on through the serving decoder")
@@ -374,7 +434,12 @@ def main(argv=None) -> int:
           input_std=_numbers("input_std", args.input_std),
           image_size=parse_image_size(args.image_size),
           color_mode=args.color_mode, output_kind=args.output_kind,
-          decoder=args.decoder, eval_data=args.eval_data)
+          decoder=args.decoder, eval_data=args.eval_data,
+          resize=parse_image_size(args.resize, "resize", square=False),
+          center_crop=parse_image_size(args.center_crop, "center_crop"),
+          interpolation=args.interpolation, layout=args.layout,
+          output_name=args.output_name,
+          preprocessing_config=args.preprocessing_config)
   except (AdoptError, OSError) as error:
     print(f"model.adopt: error: {error}", file=sys.stderr)
     return 2

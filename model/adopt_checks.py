@@ -50,8 +50,7 @@ def eval_files(folder: str, class_names: list) -> tuple:
 def decode_files(card: card_lib.ModelCard, files: list):
   """Decodes (path, label) pairs through the card's serving decoder, a batch
   at a time; yields (pixels, labels, failed count)."""
-  decoder = preprocessing.BatchDecoder(card.decoder, card.height, card.width,
-                                       card.color_mode)
+  decoder = preprocessing.card_decoder(card)
   for start in range(0, len(files), EVAL_BATCH):
     chunk = files[start:start + EVAL_BATCH]
     pixels, good, errors = decoder.decode(

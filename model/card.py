@@ -1,9 +1,9 @@
 """The model card: everything the pipeline needs to serve a model folder.
 
 A model folder holds `model_card.json` and the model in one or more formats:
-`model.keras`, `model.tflite`, or a `saved_model/` folder. `model.train`
-writes the first two; `model.adopt` writes whichever a model trained
-elsewhere allows. The card is the only contract between training and
+`model.keras`, `model.tflite`, a `saved_model/` folder or `model.onnx`.
+`model.train` writes the first two; `model.adopt` writes whichever a model
+trained elsewhere allows. The card is the only contract between training and
 serving: colour mode, input size, decoder, value range and output kind all
 come from it, so serving cannot drift from training.
 """
@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from model import model_checks
 from model import preprocessing
+from model import torchvision_decoding
 from imagebatch.paths import join
 from imagebatch.paths import match_paths
 from imagebatch.paths import read_bytes
@@ -22,13 +23,20 @@ from imagebatch.paths import read_bytes
 MODEL_FILE = "model.keras"
 TFLITE_FILE = "model.tflite"
 SAVED_MODEL_DIR = "saved_model"
+# One self-contained file: model.adopt inlines an ONNX source's external
+# data (model/onnx_checks.py).
+ONNX_FILE = "model.onnx"
 CARD_FILE = "model_card.json"
 CURVES_FILE = "training_curves.png"
 # The engines a folder can serve with, fastest first, and what each reads.
-ENGINE_FILES = {"tflite": TFLITE_FILE, "keras": MODEL_FILE,
-                "savedmodel": SAVED_MODEL_DIR}
+ENGINE_FILES = {"tflite": TFLITE_FILE, "onnx": ONNX_FILE,
+                "keras": MODEL_FILE, "savedmodel": SAVED_MODEL_DIR}
 # The order model files enter the model id.
-_HASH_ORDER = ("keras", "tflite", "savedmodel")
+_HASH_ORDER = ("keras", "tflite", "savedmodel", "onnx")
+# Where an ONNX graph's image input keeps its channels (the card's
+# `preprocessing.layout`, read by the onnx engine): PyTorch's (batch, C, H,
+# W), (batch, H, W, C), or (batch, H, W) for grayscale with no channel axis.
+ONNX_LAYOUTS = ("NCHW", "NHWC", "NHW")
 # The card's name for this project's own decoder before it had a short one.
 _LEGACY_PILLOW_DECODER = "model.preprocessing.decode_image"
 
@@ -51,8 +59,10 @@ class ModelCard:
   input_shape: list  # [height, width, channels]
   color_mode: str
   output: str  # "logits" or "probabilities"
-  # How encoded images become the model input: `decoder` (pillow or
-  # tensorflow), `input_scale` (and for custom, `input_mean`/`input_std`).
+  # How encoded images become the model input: `decoder` (pillow,
+  # tensorflow or torchvision, with torchvision_decoding.CARD_FIELDS),
+  # `input_scale` (and for custom, `input_mean`/`input_std`), and for the
+  # onnx engine `layout` (ONNX_LAYOUTS).
   preprocessing: dict = dataclasses.field(default_factory=dict)
   dataset: dict = dataclasses.field(default_factory=dict)
   metrics: dict = dataclasses.field(default_factory=dict)
@@ -135,6 +145,19 @@ class ModelCard:
                        f"{preprocessing.DECODERS}, got {self.decoder!r}")
     check_input_scale(self.input_scale, self.color_mode, self.input_mean,
                       self.input_std)
+    if self.decoder == "torchvision":
+      try:
+        torchvision_decoding.TorchvisionDecoder.from_card(
+            self.preprocessing, self.color_mode, self.height, self.width)
+      except ValueError as error:
+        raise ValueError(f"model card preprocessing: {error}") from None
+    if "onnx" in self.engines:
+      layout = self.preprocessing.get("layout")
+      if layout not in ONNX_LAYOUTS or (layout == "NHW" and
+                                        self.color_mode != "grayscale"):
+        raise ValueError(f"model card preprocessing.layout must be one of "
+                         f"{ONNX_LAYOUTS} (NHW for grayscale only) for the "
+                         f"onnx engine, got {layout!r}")
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"

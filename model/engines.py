@@ -1,14 +1,17 @@
-"""Inference engines for a model folder: Keras, LiteRT (TFLite), SavedModel.
+"""Inference engines for a model folder: Keras, LiteRT (TFLite), SavedModel,
+ONNX Runtime.
 
 Every engine takes a float32 batch (N, H, W, C) of decoded [0, 255] pixels,
 maps it to the model's input range (the card's `input_scale`, vectorised,
 before the model runs) and returns softmax probabilities, whatever the card
 says the model outputs. The export step uses them to check that TFLite agrees
 with Keras, and the pipeline's model handler serves with them. Only the
-Keras and SavedModel engines import TensorFlow; LiteRT needs none.
+Keras and SavedModel engines import TensorFlow; LiteRT and ONNX Runtime need
+none.
 """
 
 import os
+import tempfile
 import threading
 
 import numpy as np
@@ -17,7 +20,10 @@ from model import card as card_lib
 from model import model_checks
 from model import preprocessing
 
-# Fastest first: a folder's default engine is the first it holds.
+# The graph input types the onnx engine feeds, and the NumPy type of each.
+ONNX_INPUT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+# Every engine, fastest first: a folder's default engine is the first it
+# holds.
 ENGINES = tuple(card_lib.ENGINE_FILES)
 # The engines that import TensorFlow when they load.
 TENSORFLOW_ENGINES = ("keras", "savedmodel")
@@ -184,14 +190,8 @@ class TFLiteEngine(Engine):
   def outputs(self, images):
     # The interpreter's activation arena grows with the rows it is sized
     # for (MobileNetV2 at 224x224 holds over a gigabyte for 256), and
-    # XNNPACK runs no faster for rows beyond a few: a large batch runs in
-    # slices, each scaled on its own, so no scaled copy of it all exists.
-    rows = preprocessing.rows_per_slice(int(np.prod(images.shape[1:])))
-    run = super().outputs
-    if len(images) <= rows:
-      return run(images)
-    return np.concatenate([run(images[start:start + rows])
-                           for start in range(0, len(images), rows)])
+    # XNNPACK runs no faster for rows beyond a few.
+    return _in_slices(super().outputs, images)
 
   def _raw_outputs(self, images):
     images = self._quantised(fit_rank(images, self._rank))
@@ -208,6 +208,151 @@ class TFLiteEngine(Engine):
       outputs = (outputs.astype(np.float32) - zero_point) * np.float32(
           scale or 1.0)
     return outputs
+
+
+def onnx_session(model_content: bytes, threads: int = 1):
+  """An ONNX Runtime session on CPU for a model's bytes: `threads` intra-op
+  threads, one inter-op thread, nodes run in order.
+
+  No custom-op library is ever registered. The model is loaded from bytes
+  with the external-data folder set to a fresh empty one, so whatever the
+  bytes say, the session reads no other file (a model loaded from bytes
+  otherwise reads external data relative to the working directory). Raises
+  ValueError with ONNX Runtime's first line if the model does not load.
+  """
+  import onnxruntime  # pylint: disable=import-outside-toplevel
+  options = onnxruntime.SessionOptions()
+  options.intra_op_num_threads = max(1, threads)
+  options.inter_op_num_threads = 1
+  options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+  # Failures are raised as exceptions; ONNX Runtime need not also log them.
+  options.log_severity_level = 4
+  options.add_session_config_entry("session.load_model_format", "ONNX")
+  with tempfile.TemporaryDirectory(prefix="onnx-no-external-data-") as empty:
+    options.add_session_config_entry(
+        "session.model_external_initializers_file_folder_path", empty)
+    try:
+      return onnxruntime.InferenceSession(
+          model_content, options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # pylint: disable=broad-except
+      lines = [line for line in str(error).splitlines() if line.strip()]
+      raise ValueError("ONNX Runtime cannot load the model: " +
+                       (lines[0] if lines else type(error).__name__)) from None
+
+
+def onnx_input_size(shape: list, layout: str) -> list:
+  """[height, width, channels] of an ONNX input shape in `layout`; None
+  where a dimension is not a fixed positive number."""
+  dims = [d if isinstance(d, int) and d > 0 else None for d in shape]
+  if layout == "NCHW":
+    return [dims[2], dims[3], dims[1]]
+  if layout == "NHWC":
+    return dims[1:4]
+  return [dims[1], dims[2], 1]
+
+
+def onnx_layout(images: np.ndarray, layout: str, dtype) -> np.ndarray:
+  """A scaled (N, H, W, C) batch as a graph in `layout` takes it."""
+  if layout == "NCHW":
+    images = images.transpose(0, 3, 1, 2)
+  elif layout == "NHW":
+    images = images[..., 0]
+  return np.ascontiguousarray(images, dtype=dtype)
+
+
+class OnnxEngine(Engine):
+  """ONNX Runtime on CPU (see `onnx_session`).
+
+  The card's `preprocessing.layout` says where the graph keeps its channels:
+  the scaled (N, H, W, C) batch is transposed to (N, C, H, W) for NCHW, and
+  loses its 1-wide channel axis for NHW. A float16 graph gets float16
+  input. A graph whose batch axis is fixed at 1 (adopting proves whether it
+  can be made symbolic, and serves it fixed when not) runs one image at a
+  time. A session may run from several threads at once.
+  """
+  name = "onnx"
+
+  def __init__(self, card, model_path: str = "", threads: int = 1,
+               model_content: bytes = None):
+    super().__init__(card)
+    where = model_path or card_lib.ONNX_FILE
+    self._layout = card.preprocessing.get("layout")
+    if self._layout not in card_lib.ONNX_LAYOUTS:
+      raise ValueError(f"the card's preprocessing.layout must be one of "
+                       f"{card_lib.ONNX_LAYOUTS} for the onnx engine, got "
+                       f"{self._layout!r}")
+    if model_content is None:
+      with open(model_path, "rb") as handle:
+        model_content = handle.read()
+    self._session = onnx_session(model_content, threads)
+    inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
+    if len(inputs) != 1 or len(outputs) != 1:
+      raise ValueError(f"{where} has {len(inputs)} inputs and "
+                       f"{len(outputs)} outputs; expected one of each")
+    self._input, self._output = inputs[0].name, outputs[0].name
+    if inputs[0].type not in ONNX_INPUT_TYPES:
+      raise ValueError(f"{where} takes {inputs[0].type}; the onnx engine "
+                       f"feeds {sorted(ONNX_INPUT_TYPES)}")
+    self._dtype = ONNX_INPUT_TYPES[inputs[0].type]
+    if len(inputs[0].shape) != (3 if self._layout == "NHW" else 4):
+      raise ValueError(f"{where} takes input of shape {inputs[0].shape}, "
+                       f"which is not {self._layout}")
+    batch = inputs[0].shape[0]
+    if isinstance(batch, int) and batch != 1:
+      raise ValueError(f"{where} has a fixed batch of {batch}; the onnx "
+                       "engine serves a batch axis of 1 or a symbolic one")
+    self._one_at_a_time = batch == 1
+    width = outputs[0].shape[-1] if outputs[0].shape else None
+    _check_width(width if isinstance(width, int) else None, card, where)
+
+  def outputs(self, images):
+    # ONNX Runtime's working memory grows with the rows of a call, and
+    # runs no faster for rows beyond a few.
+    return _in_slices(super().outputs, images)
+
+  def _raw_outputs(self, images):
+    images = onnx_layout(images, self._layout, self._dtype)
+    if not self._one_at_a_time:
+      outputs = self._session.run([self._output], {self._input: images})[0]
+    else:
+      outputs = np.concatenate([
+          self._session.run([self._output], {self._input: images[i:i + 1]})[0]
+          for i in range(len(images))])
+    return outputs.astype(np.float32, copy=False)
+
+
+def check_onnx_model_shapes(card: card_lib.ModelCard, model: bytes) -> None:
+  """Refuses a card whose class count or input size is not the ONNX
+  model's, read by ONNX Runtime without running it (as
+  `check_model_shapes` does for TFLite)."""
+  where = card_lib.ONNX_FILE
+  session = onnx_session(model)
+  inputs, outputs = session.get_inputs(), session.get_outputs()
+  if len(inputs) != 1 or len(outputs) != 1:
+    raise ValueError(f"{where} has {len(inputs)} inputs and "
+                     f"{len(outputs)} outputs; expected one of each")
+  width = outputs[0].shape[-1] if outputs[0].shape else None
+  _check_width(width if isinstance(width, int) else None, card, where)
+  layout = card.preprocessing.get("layout")
+  if layout not in card_lib.ONNX_LAYOUTS or len(inputs[0].shape) != (
+      3 if layout == "NHW" else 4):
+    raise ValueError(f"{where} takes input of shape {inputs[0].shape}, "
+                     f"which is not the card's layout {layout!r}")
+  size = onnx_input_size(inputs[0].shape, layout)
+  if any(d is not None and d != int(e) for d, e in zip(size,
+                                                        card.input_shape)):
+    raise ValueError(f"{where} takes input of shape {inputs[0].shape} "
+                     f"({layout}) but the card says {list(card.input_shape)}")
+
+
+def _in_slices(run, images: np.ndarray) -> np.ndarray:
+  """`run` over a large batch in slices of `rows_per_slice` rows, each
+  scaled on its own, so no scaled copy of the whole batch exists."""
+  rows = preprocessing.rows_per_slice(int(np.prod(images.shape[1:])))
+  if len(images) <= rows:
+    return run(images)
+  return np.concatenate([run(images[start:start + rows])
+                         for start in range(0, len(images), rows)])
 
 
 def _check_width(width, card: card_lib.ModelCard, where: str) -> None:
@@ -266,4 +411,6 @@ def load_engine(model_dir: str, engine: str = "", threads: int = 0,
     return KerasEngine(card, path, threads)
   if engine == "savedmodel":
     return SavedModelEngine(card, path, threads)
+  if engine == "onnx":
+    return OnnxEngine(card, path, threads or os.cpu_count() or 1)
   return TFLiteEngine(card, path, threads or os.cpu_count() or 1)

@@ -19,12 +19,14 @@ GIF reader and numpy, each step written to TensorFlow 2.21's own code:
   into RGB, and RGB to grey by libpng's fixed-point weights and gamma
   tables (model/png_grey.py).
 * GIF: the first frame on a canvas of the largest frame's size, black
-  where the frame does not reach and where its pixels are transparent.
+  where the frame does not reach and where its pixels are transparent
+  (model/gif_decoding.py).
 * BMP: TensorFlow's own reader: 8, 24 and 32-bit rows, an 8-bit BMP's bytes
   taken as grey whatever its palette, no compression, and a file size that
   must match the rows exactly.
 * WebP: the first frame, alpha dropped.
-* Resize: `resize_bilinear`, TensorFlow's float32 arithmetic in its order.
+* Resize: `bilinear_resize.resize_bilinear`, TensorFlow's float32
+  arithmetic in its order.
 
 Keras itself refuses some inputs; this decoder converts them instead, so
 they become predictions rather than error rows:
@@ -55,8 +57,6 @@ above `max_pixels` is refused from its header, before any pixel is
 decoded, with Pillow's DecompressionBombError.
 """
 
-import functools
-import io
 import logging
 import struct
 from typing import Optional
@@ -66,7 +66,9 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
+from model import gif_decoding
 from model import png_grey
+from model.bilinear_resize import resize_bilinear
 
 CHANNELS = {"grayscale": 1, "rgb": 3}
 
@@ -77,9 +79,6 @@ TF_GREY_WEIGHTS = (0.2989, 0.5870, 0.1140)
 # Consecutive decoded images of one source size wait for a shared resize
 # until they hold this many bytes; a larger image is resized alone.
 RESIZE_GROUP_BYTES = 32 << 20
-# The resize works on blocks of output rows of about this many values:
-# its float32 temporaries then fit in a core's cache.
-RESIZE_BLOCK_VALUES = 1 << 16
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -276,109 +275,8 @@ def decode_png(data: bytes, channels: int) -> np.ndarray:
 # ---------------------------------------------------------------- GIF
 
 
-def _gif_sub_blocks_end(data: bytes, position: int) -> int:
-  """The position after a chain of GIF data sub-blocks (raises IndexError
-  if the data ends first)."""
-  while True:
-    size = data[position]
-    position += 1 + size
-    if size == 0:
-      if position > len(data):
-        raise IndexError("sub-block past the end")
-      return position
-
-
-def _gif_layout(data: bytes):
-  """What TensorFlow's GIF reader (giflib) gives, without decoding pixels:
-  the canvas (the largest complete frame's width and height), the first
-  frame's box, its colour table and its transparent index (-1 for none).
-
-  As TensorFlow does (measured), the first frame must be complete, and the
-  file may stop anywhere after it: a truncated or unreadable later frame,
-  or a missing trailer, ends the list of frames instead of failing.
-  """
-  if len(data) < 13:
-    raise ValueError("invalid GIF: too short for a header")
-  flags = data[10]
-  position = 13
-  global_table = None
-  if flags & 0x80:
-    size = 3 << ((flags & 7) + 1)
-    global_table = data[position:position + size]
-    position += size
-  frames, transparent = [], None
-  try:
-    while data[position] != 0x3B:
-      kind = data[position]
-      if kind == 0x21:
-        label = data[position + 1]
-        if label == 0xF9 and not frames and transparent is None:
-          if data[position + 2] >= 4:
-            transparent = data[position + 6] if data[position + 3] & 1 else -1
-        position = _gif_sub_blocks_end(data, position + 2)
-      elif kind == 0x2C:
-        left, top, width, height, packed = struct.unpack(
-            "<HHHHB", data[position + 1:position + 10])
-        position += 10
-        table = global_table
-        if packed & 0x80:
-          size = 3 << ((packed & 7) + 1)
-          table = data[position:position + size]
-          position += size
-        position = _gif_sub_blocks_end(data, position + 1)
-        frames.append((left, top, width, height, table,
-                       -1 if transparent is None else transparent))
-      else:
-        raise IndexError(f"unknown block 0x{kind:02x}")
-  except (IndexError, struct.error):
-    if not frames:
-      raise ValueError("invalid GIF: the data breaks off before the first "
-                       "frame is complete") from None
-  if not frames:
-    raise ValueError("invalid GIF: no image in the file")
-  canvas = (max(frame[2] for frame in frames),
-            max(frame[3] for frame in frames))
-  return canvas, frames[0]
-
-
-def _gif_size(data: bytes):
-  """The larger of the canvas and the logical screen, which Pillow
-  allocates to read the first frame."""
-  width, height = _gif_layout(data)[0]
-  screen_width, screen_height = struct.unpack("<HH", data[6:10])
-  return max(width, screen_width), max(height, screen_height)
-
-
 def decode_gif(data: bytes, channels: int) -> np.ndarray:
-  (width, height), first = _gif_layout(data)
-  left, top, frame_width, frame_height, table, transparent = first
-  if table is None:
-    raise ValueError("invalid GIF: missing color map")
-  try:
-    with Image.open(io.BytesIO(data)) as image:
-      x0, y0, x1, y1 = image.tile[0][1]
-      image.load()
-      if image.mode not in ("P", "L"):
-        raise ValueError(f"unexpected first-frame mode {image.mode}")
-      indices = np.asarray(image)[y0:y1, x0:x1]
-  except (OSError, ValueError, IndexError, SyntaxError) as error:
-    raise _fail("GIF", error) from None
-  if indices.shape != (frame_height, frame_width):
-    raise ValueError("invalid GIF: the first frame's size does not match "
-                     "its descriptor")
-  colours = np.frombuffer(table, np.uint8).reshape(-1, 3)
-  visible = indices[:max(0, height - top), :max(0, width - left)]
-  opaque = visible != transparent
-  outside = opaque & (visible >= len(colours))
-  if outside.any():
-    bad = int(visible.flat[np.argmax(outside)])  # The first, as TF reports.
-    raise ValueError(f"invalid GIF: found color index {bad} outside of "
-                     f"color map range {len(colours)}")
-  canvas = np.zeros((height, width, 3), np.uint8)
-  rows, columns = visible.shape
-  canvas[top:top + rows, left:left + columns] = np.where(
-      opaque[..., np.newaxis], colours[np.minimum(visible, len(colours) - 1)],
-      0)
+  canvas = gif_decoding.decode_gif_rgb(data)
   return canvas if channels == 3 else tf_rgb_to_grayscale(canvas)
 
 
@@ -426,7 +324,7 @@ def decode_webp(data: bytes, channels: int) -> np.ndarray:
   return rgb if channels == 3 else tf_rgb_to_grayscale(rgb)
 
 
-_SIZES = {"jpeg": _jpeg_size, "png": _png_size, "gif": _gif_size,
+_SIZES = {"jpeg": _jpeg_size, "png": _png_size, "gif": gif_decoding.gif_size,
           "bmp": _bmp_size, "webp": _webp_size}
 _DECODERS = {"jpeg": decode_jpeg, "png": decode_png, "gif": decode_gif,
              "bmp": decode_bmp, "webp": decode_webp}
@@ -450,84 +348,6 @@ def decode_pixels(data: bytes, channels: int,
         f"image of {width}x{height} pixels exceeds the limit of {max_pixels}"
         " pixels (--max_image_pixels)")
   return _DECODERS[kind](data, channels)
-
-
-# ---------------------------------------------------------------- resize
-
-
-@functools.lru_cache(maxsize=256)
-def _axis(in_size: int, out_size: int):
-  """TensorFlow's CachedInterpolation for one axis: HalfPixelScaler on a
-  float32 scale, floor and ceil clamped to the image, and the fraction."""
-  scale = np.float32(in_size) / np.float32(out_size)
-  position = ((np.arange(out_size, dtype=np.float32) + np.float32(0.5)) *
-              scale - np.float32(0.5))
-  floor = np.floor(position)
-  lower = np.maximum(floor, 0).astype(np.intp)
-  upper = np.minimum(np.ceil(position), in_size - 1).astype(np.intp)
-  return lower, upper, position - floor
-
-
-@functools.lru_cache(maxsize=256)
-def _plan(in_height: int, in_width: int, channels: int, height: int,
-          width: int):
-  """Index arrays and weights of one resize, on rows of W * C values, with
-  the output rows cut into blocks of about RESIZE_BLOCK_VALUES values."""
-  lower_y, upper_y, lerp_y = _axis(in_height, height)
-  lower_x, upper_x, lerp_x = _axis(in_width, width)
-  channel = np.arange(channels)
-  columns = np.concatenate([(lower_x[:, np.newaxis] * channels + channel),
-                            (upper_x[:, np.newaxis] * channels + channel)])
-  rows_per_block = max(1, RESIZE_BLOCK_VALUES // (width * channels))
-  blocks = []
-  for first in range(0, height, rows_per_block):
-    last = min(height, first + rows_per_block)
-    # Only the input rows these output rows read are lerped horizontally.
-    rows, where = np.unique(np.concatenate([lower_y[first:last],
-                                            upper_y[first:last]]),
-                            return_inverse=True)
-    blocks.append((first, last, rows, where[:last - first],
-                   where[last - first:], lerp_y[first:last, np.newaxis]))
-  return columns.ravel(), np.repeat(lerp_x, channels), blocks
-
-
-def resize_bilinear(images: np.ndarray, height: int, width: int,
-                    out: Optional[np.ndarray] = None) -> np.ndarray:
-  """`tf.image.resize(images, (height, width), "bilinear")` for an (N, H, W,
-  C) batch of one size: float32, each output the lerp of two horizontal
-  lerps, `a + (b - a) * t`, as resize_bilinear_op.cc computes it. Written
-  into `out` (float32, C-contiguous, (N, height, width, C)) if given."""
-  count, in_height, in_width, channels = images.shape
-  if out is None:
-    out = np.empty((count, height, width, channels), np.float32)
-  if (in_height, in_width) == (height, width):
-    # Every weight is 0 and every position exact: TensorFlow's resize is
-    # the identity here (tested), and only the type changes.
-    out[...] = images
-    return out
-  columns, lerp_x, blocks = _plan(in_height, in_width, channels, height,
-                                  width)
-  rows_out = out.reshape(count, height, width * channels)
-  rows_in = images.reshape(count, in_height, in_width * channels)
-  # A block of output rows at a time, or of whole images when they are
-  # small: the float32 temporaries stay in a core's cache (20-35% faster
-  # than whole batches, measured), and small images still share each call.
-  step = max(1, RESIZE_BLOCK_VALUES // (height * width * channels))
-  for start in range(0, count, step):
-    source, target = rows_in[start:start + step], rows_out[start:start + step]
-    for first, last, rows, top_rows, bottom_rows, lerp_y in blocks:
-      picked = source[:, rows][:, :, columns].astype(np.float32)
-      left, across = np.split(picked, 2, axis=2)
-      across -= left
-      across *= lerp_x
-      across += left
-      top = across[:, top_rows]
-      bottom = target[:, first:last]
-      np.take(across, bottom_rows, axis=1, out=bottom)
-      bottom -= top
-      bottom *= lerp_y
-      bottom += top
-  return out
 
 
 # ---------------------------------------------------------------- decoder

@@ -1,9 +1,11 @@
 """Reading a classifier trained elsewhere, by its format, without running it.
 
 Each source kind (a `.keras` or legacy `.h5` file, a TensorFlow SavedModel
-folder, a `.tflite` file) is recognised from its bytes, checked
-(model/model_checks.py) and loaded into a `Source`: what the model declares
-about its input and output. `model.adopt` decides the rest from there.
+folder, a `.tflite` file, an ONNX file) is recognised from its bytes,
+checked (model/model_checks.py; model/onnx_checks.py for ONNX) and loaded
+into a `Source`: what the model declares about its input and output.
+`model.adopt` decides the rest from there. An ONNX graph is read by
+model/onnx_graph.py, which also proves its batch axis and picks its output.
 """
 
 import contextlib
@@ -21,12 +23,20 @@ from model import engines
 from model import model_checks
 
 
-SOURCE_KINDS = ("keras", "h5", "savedmodel", "tflite")
+SOURCE_KINDS = ("keras", "h5", "savedmodel", "tflite", "onnx")
 
 
 # The engine that serves each kind of source as it is.
 SOURCE_ENGINE = {"keras": "keras", "h5": "keras", "savedmodel": "savedmodel",
-                 "tflite": "tflite"}
+                 "tflite": "tflite", "onnx": "onnx"}
+
+
+# How much of a file's head tells an ONNX model from other bytes.
+_ONNX_HEAD_BYTES = 64 * 1024
+
+
+_EXPECTED = ("expected a .keras, .h5, .tflite or .onnx file or a SavedModel "
+             "folder")
 
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -58,7 +68,8 @@ class Source:
   layer_classes: frozenset = frozenset()
   # A quantised output's step (its scale); 0 for a float output.
   output_step: float = 0.0
-  model: object = None  # the loaded Keras model or SavedModel, if any
+  # The loaded Keras model or SavedModel, or the onnx_graph.OnnxClassifier.
+  model: object = None
 
 
 def first_line(error: BaseException) -> str:
@@ -71,20 +82,27 @@ def detect_kind(path: str) -> str:
   if os.path.isdir(path):
     if os.path.isfile(os.path.join(path, "saved_model.pb")):
       return "savedmodel"
-    raise AdoptError(f"{path} is a folder without saved_model.pb: expected a "
-                     ".keras, .h5 or .tflite file or a SavedModel folder")
+    raise AdoptError(f"{path} is a folder without saved_model.pb: "
+                     f"{_EXPECTED}")
   if not os.path.isfile(path):
     raise AdoptError(f"no such file or folder: {path}")
   with open(path, "rb") as handle:
-    head = handle.read(8)
+    head = handle.read(_ONNX_HEAD_BYTES)
   if head[:4] == b"PK\x03\x04" and _zip_has(path, "config.json"):
     return "keras"
-  if head == _HDF5_SIGNATURE:
+  if head[:8] == _HDF5_SIGNATURE:
     return "h5"
   if head[4:8] == b"TFL3":
     return "tflite"
-  raise AdoptError(f"{path} is not a model this can read: expected a .keras, "
-                   ".h5 or .tflite file or a SavedModel folder")
+  try:
+    from model import onnx_checks  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise AdoptError(f"{path} is not a .keras, .h5 or .tflite model, and "
+                     "telling an ONNX model needs the onnx package: pip "
+                     "install '.[onnx]'") from None
+  if onnx_checks.looks_like_onnx(head, complete=False):
+    return "onnx"
+  raise AdoptError(f"{path} is not a model this can read: {_EXPECTED}")
 
 
 def _zip_has(path: str, name: str) -> bool:
@@ -228,12 +246,42 @@ def _dtype_name(dtype) -> str:
   return str(getattr(dtype, "name", dtype)).replace("tf.", "")
 
 
-def load_source(path: str) -> Source:
+def _load_onnx(path: str, layout: Optional[str],
+               image_size: Optional[tuple], color_mode: Optional[str],
+               output_name: Optional[str]) -> Source:
+  """The graph read and checked by model/onnx_graph.py: its input resolved
+  (layout, size, channels), its batch axis proven, its output chosen."""
+  from model import onnx_graph  # pylint: disable=import-outside-toplevel
+  try:
+    classifier = onnx_graph.read_classifier(
+        path, layout=layout, image_size=image_size, color_mode=color_mode,
+        output_name=output_name)
+  except ValueError as error:
+    raise AdoptError(str(error)) from None
+  return Source("onnx", path, tuple(classifier.input_shape),
+                classifier.record["input"]["dtype"],
+                (classifier.num_classes,), model=classifier)
+
+
+def load_source(path: str, layout: Optional[str] = None,
+                image_size: Optional[tuple] = None,
+                color_mode: Optional[str] = None,
+                output_name: Optional[str] = None) -> Source:
+  """The source at `path`. `layout` and `output_name` are for ONNX graphs
+  only; an ONNX graph also takes `image_size` and `color_mode` where it
+  cannot say (the other kinds are resolved by model.adopt)."""
   kind = detect_kind(path)
+  if kind != "onnx":
+    for flag, value in (("layout", layout), ("output_name", output_name)):
+      if value is not None:
+        raise AdoptError(f"--{flag} is for ONNX sources, and {path} is a "
+                         f"{kind} model")
   if kind in ("keras", "h5"):
     source = _load_keras(path, kind)
   elif kind == "savedmodel":
     source = _load_saved_model(path)
+  elif kind == "onnx":
+    source = _load_onnx(path, layout, image_size, color_mode, output_name)
   else:
     source = _load_tflite(path)
   if source.input_dtype not in _FLOAT_DTYPES + _INTEGER_DTYPES:

@@ -1,6 +1,7 @@
 """How an encoded image becomes a model input, shared by training and serving.
 
-Two decoders, named in the card's `preprocessing.decoder`:
+Three decoders, named in the card's `preprocessing.decoder` (`card_decoder`
+builds the one a card names):
 
 * `pillow`, this project's own: `decode_image` turns bytes into uint8 pixels
   of the model's input size. Training on image folders and the Beam pipeline
@@ -9,6 +10,8 @@ Two decoders, named in the card's `preprocessing.decoder`:
   for models trained elsewhere: `tf.image.decode_image` and an unrounded
   bilinear `tf.image.resize`, float32 out, given pixel for pixel without
   TensorFlow by model/keras_decoding.py.
+* `torchvision`, a PyTorch author's evaluation recipe (ImageFolder's PIL
+  decode, Resize, CenterCrop), for ONNX models: model/torchvision_decoding.py.
 
 `scale_pixels` then maps [0, 255] pixels to the range the model was trained
 on (the card's `input_scale`), a whole batch at once.
@@ -23,18 +26,17 @@ import numpy as np
 from PIL import Image
 from PIL import ImageOps
 
+from model import image_limits
 from model import keras_decoding
+from model import torchvision_decoding
+from model.image_limits import DEFAULT_MAX_IMAGE_PIXELS
 
 RESIZE_INTERPOLATION = "bilinear"
-DEFAULT_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own default.
-# Pillow refuses images above twice its MAX_IMAGE_PIXELS while opening them,
-# before any caller's check; a larger --max_image_pixels cannot take effect.
-PILLOW_PIXEL_LIMIT = 2 * Image.MAX_IMAGE_PIXELS
 
 _PIL_MODES = {"grayscale": "L", "rgb": "RGB"}
 _CHANNELS = {"grayscale": 1, "rgb": 3}
 
-DECODERS = ("pillow", "tensorflow")
+DECODERS = ("pillow", "tensorflow", "torchvision")
 # How [0, 255] pixels become the model input. The keras.applications names
 # are those of `imagenet_utils.preprocess_input`: symmetric is its "tf" mode.
 INPUT_SCALES = ("raw", "unit", "symmetric", "caffe", "torch", "custom")
@@ -132,35 +134,6 @@ def _to_eight_bit(image: Image.Image) -> Image.Image:
   return Image.fromarray(scaled, mode="L")
 
 
-def _check_bytes(data: Optional[bytes]) -> None:
-  if data is None:
-    raise ValueError("null image cell")
-  if not data:
-    raise ValueError("empty image: zero bytes")
-
-
-def open_checked(data: bytes, max_pixels: Optional[int]) -> Image.Image:
-  """Opens an image lazily (header only), refusing one above `max_pixels`.
-
-  Raises Image.DecompressionBombError for an image that is too large, and
-  PIL.UnidentifiedImageError for bytes that are not an image.
-  """
-  limit = f"exceeds the limit of {max_pixels} pixels (--max_image_pixels)"
-  try:
-    # Opening reads the header only; Pillow's own guard refuses images
-    # beyond PILLOW_PIXEL_LIMIT here, whatever the caller's limit.
-    image = Image.open(io.BytesIO(data))
-  except Image.DecompressionBombError as error:
-    raise Image.DecompressionBombError(f"image {limit}; {error}") from None
-  # The caller's limit is checked from the header too, with no process-wide
-  # setting, so threads decoding with different limits don't interfere.
-  if max_pixels is not None and image.width * image.height > max_pixels:
-    image.close()
-    raise Image.DecompressionBombError(
-        f"image of {image.width}x{image.height} pixels {limit}")
-  return image
-
-
 def decode_image(data: bytes,
                  height: int,
                  width: int,
@@ -173,13 +146,13 @@ def decode_image(data: bytes,
   ValueError for bytes that are empty or not an image Pillow can read, and
   Image.DecompressionBombError for images larger than `max_pixels`.
   """
-  _check_bytes(data)
+  image_limits.check_bytes(data)
   pixels = _decode_plain_png(data, color_mode, max_pixels)
   if pixels is not None:
     if pixels.shape[:2] != (height, width):
       pixels = np.asarray(_resize(Image.fromarray(pixels), height, width))
     return pixels.reshape(height, width, -1)
-  with open_checked(data, max_pixels) as image:
+  with image_limits.open_checked(data, max_pixels) as image:
     reduced = _reduce_large(image, height, width)
     if reduced is not image:
       reduced.info = image.info  # The EXIF orientation, still to apply.
@@ -240,6 +213,18 @@ def scale_pixels(pixels: np.ndarray, input_scale: str,
                    f"{INPUT_SCALES}")
 
 
+def card_decoder(card, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
+  """The decoder a model card names, for its input size and colour mode: a
+  BatchDecoder, or for `torchvision` the card's recipe
+  (`TorchvisionDecoder`, with the same `decode` contract)."""
+  if card.decoder == "torchvision":
+    return torchvision_decoding.TorchvisionDecoder.from_card(
+        card.preprocessing, card.color_mode, card.height, card.width,
+        max_pixels)
+  return BatchDecoder(card.decoder, card.height, card.width, card.color_mode,
+                      max_pixels)
+
+
 class BatchDecoder:
   """Decodes batches of encoded images with the decoder a card names.
 
@@ -253,6 +238,9 @@ class BatchDecoder:
     if decoder not in DECODERS:
       raise ValueError(f"unknown decoder {decoder!r}: expected one of "
                        f"{DECODERS}")
+    if decoder == "torchvision":
+      raise ValueError("the torchvision decoder follows the card's recipe: "
+                       "build it with card_decoder(card)")
     self._decoder = decoder
     self._shape = (height, width, _CHANNELS[color_mode])
     self._color_mode = color_mode

@@ -1,7 +1,7 @@
 # Sourced by run_local.sh and run_tests.sh: creates .venv and installs the
 # project (with every extra) when missing or when setup.py has changed, and
 # .venv-slim, the base install alone (no TensorFlow, what a Dataflow worker
-# serving a TFLite model installs), which a test serves from.
+# serving a TFLite or ONNX model installs), which tests serve from.
 ROOT=${ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 VENV=${VENV:-$ROOT/.venv}
 SLIM_VENV=${SLIM_VENV:-$ROOT/.venv-slim}
@@ -23,7 +23,7 @@ ensure_install() {
   touch "$stamp"
 }
 
-ensure_install "$VENV" "$ROOT[tensorflow,tools,gcp,test]"
+ensure_install "$VENV" "$ROOT[tensorflow,onnx,tools,gcp,test]"
 ensure_install "$SLIM_VENV" "$ROOT"
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"

@@ -1,14 +1,16 @@
-"""Shared fixtures: the embedded sample, a tiny trained model, PNG folders."""
+"""Shared fixtures: the embedded sample, a tiny trained model, PNG folders,
+nested folders, shards and lists of image URIs. Plain helpers are in
+tests/helpers.py."""
 
 import os
 
-import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from model import datasets
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLE_DIR = os.path.join(REPO, "sample_data", "fashion-mnist")
+from model import preprocessing
+from tests.helpers import SAMPLE_DIR
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +21,9 @@ def sample():
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, sample):
   """The tutorial MLP trained briefly on the sample; exported for serving."""
+  # Training needs the tensorflow extra; without it, the tests that need a
+  # model skip.
+  pytest.importorskip("keras")
   from model import train  # pylint: disable=import-outside-toplevel
   out = str(tmp_path_factory.mktemp("model"))
   train.train(sample, "tutorial_mlp", out, epochs=3, seed=1, verbose=0)
@@ -33,41 +38,77 @@ def png_dir(tmp_path_factory, sample):
   return out
 
 
-def photo_folder(root, per_class=6, size=(24, 20)):
-  """Red and green JPEG photos of noise in two class folders under root."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  rng = np.random.default_rng(3)
-  for name, colour in (("red", 0), ("green", 1)):
-    (root / name).mkdir(parents=True)
-    for i in range(per_class):
-      pixels = rng.integers(0, 60, size + (3,), dtype=np.uint8)
-      pixels[..., colour] += 180
-      Image.fromarray(pixels).save(root / name / f"{i}.jpg", quality=90)
+@pytest.fixture(scope="session")
+def sample_shards(tmp_path_factory, png_dir, tiny_model):
+  """The PNG folder as encoded-bytes shards and as raw-pixel shards, in the
+  folders `encoded` and `raw` of the returned one."""
+  from model import card as card_lib  # pylint: disable=import-outside-toplevel
+  from tools import make_shards  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("shards")
+  make_shards.make_shards(png_dir, str(root / "encoded"), rows_per_shard=70)
+  make_shards.make_shards(png_dir, str(root / "raw"), rows_per_shard=70,
+                          card=card_lib.load_card(tiny_model))
+  return str(root)
 
 
-def read_parquet_rows(pattern: str) -> list:
-  import glob  # pylint: disable=import-outside-toplevel
-  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-  rows = []
-  for path in sorted(glob.glob(pattern)):
-    rows.extend(pq.read_table(path).to_pylist())
-  return rows
+# Folders below the base and the files each holds: a class-folder layout, a
+# flat folder, files in the base itself, folders deeper than the levels
+# listed one at a time, and an empty folder.
+LAYOUT = {
+    "": 3,
+    "Bag": 30,
+    "Coat": 25,
+    "Coat/deep/x": 5,
+    "flat": 150,
+    "a/b/c/d": 12,
+    "a/b2": 4,
+    "Sandal/2024/01": 6,
+    "Sandal/2024/02": 7,
+    "empty": 0,
+}
 
 
-def engine_probabilities(model_dir: str, images: np.ndarray,
-                         engine: str = "keras") -> np.ndarray:
-  from model import engines  # pylint: disable=import-outside-toplevel
-  return engines.load_engine(model_dir, engine).probabilities(
-      images.astype(np.float32))
+@pytest.fixture(scope="module")
+def nested(tmp_path_factory, sample):
+  """A few hundred PNG files in nested folders; returns the base folder."""
+  root = tmp_path_factory.mktemp("nested")
+  pngs = [preprocessing.encode_png(image) for image in sample.test.images]
+  index = 0
+  for folder, count in LAYOUT.items():
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+      (root / folder / f"{i:03d}.png").write_bytes(pngs[index % len(pngs)])
+      index += 1
+  return str(root)
 
 
-def expected_labels(model_dir, sample, engine="keras") -> list:
-  """The label each engine gives the sample's test images, in order."""
-  probabilities = engine_probabilities(model_dir, sample.test.images, engine)
-  return [sample.class_names[i] for i in probabilities.argmax(1)]
-
-
-def png_ids(png_dir, sample) -> list:
-  """The ids write_png_folder gives each test image, in order."""
-  return [os.path.join(png_dir, sample.class_names[label], f"{i:06d}.png")
-          for i, label in enumerate(sample.test.labels)]
+@pytest.fixture()
+def lists(tmp_path, nested):
+  """The same kinds of rows in a text, a CSV and a Parquet list."""
+  folder = tmp_path / "lists"
+  folder.mkdir()
+  bag = [os.path.join(nested, "Bag", f"{i:03d}.png") for i in range(30)]
+  coat = [os.path.join(nested, "Coat", f"{i:03d}.png") for i in range(25)]
+  missing = os.path.join(nested, "Bag", "missing.png")
+  # Text: absolute paths, blank lines, a path relative to the list's
+  # folder, a missing file and a line that is not UTF-8.
+  relative = os.path.relpath(coat[0], folder)
+  text = ("\n".join(bag[:10]) + "\n\n   \n" + relative + "\n" + missing +
+          "\n").encode() + b"/tmp/\xff.png\n"
+  (folder / "a.txt").write_bytes(text)
+  # CSV: a header, quoted URIs holding a comma, ids and labels, an empty
+  # URI and an empty id.
+  comma = os.path.join(nested, "flat", "with,comma.png")
+  with open(comma, "wb") as handle:
+    handle.write(open(bag[0], "rb").read())
+  rows = ["uri,id,label"] + [f"{path},c{i},Bag" for i, path in
+                             enumerate(bag[10:20])]
+  rows += [f'"{comma}",comma,Bag', ",no_uri,Bag", f"{bag[20]},,Bag", ""]
+  (folder / "b.csv").write_text("\n".join(rows) + "\n")
+  # Parquet: ids, labels, a null URI.
+  pq.write_table(pa.table({
+      "uri": coat[1:25] + [None],
+      "id": [f"p{i}" for i in range(25)],
+      "label": ["Coat"] * 25,
+  }), folder / "c.parquet", row_group_size=10)
+  return folder, bag, coat, missing, comma

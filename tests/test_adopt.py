@@ -16,10 +16,13 @@ from apache_beam.io.filesystem import MatchResult
 from apache_beam.io.localfilesystem import LocalFileSystem
 from PIL import Image
 
+# Without the tensorflow extra these tests skip.
+pytest.importorskip("tensorflow")
+# pylint: disable=wrong-import-position
+
 from beam_jobs import config as config_lib
 from beam_jobs import preflight
 from benchmarks import tutorials
-from beam_jobs import predict
 from model import adopt
 from model import card as card_lib
 from model import model_checks
@@ -27,9 +30,14 @@ from model import datasets
 from model import engines
 from model import keras_decoding
 from model import preprocessing
-from tests.conftest import REPO
-from tests.conftest import png_ids
-from tests.conftest import read_parquet_rows
+from tests.helpers import DATAFLOW_ARGS
+from tests.helpers import REPO
+from tests.helpers import SLIM_PYTHON
+from tests.helpers import needs_the_gcp_extra
+from tests.helpers import predict_cli
+from tests.helpers import png_ids
+from tests.helpers import read_parquet_rows
+from tests.helpers import run_predict
 
 FASHION = datasets.FASHION_MNIST_CLASSES
 
@@ -83,14 +91,6 @@ def _adopt(source, out, names=FASHION, **flags):
   return card, said, warned
 
 
-def _predict(model_dir, images, out, **flags):
-  config = config_lib.PredictConfig(images, model_dir, str(out), **flags)
-  manifest = predict.run(config, ["--runner", "DirectRunner"])
-  rows = read_parquet_rows(os.path.join(str(out), "predictions-*.parquet"))
-  assert manifest["accounted"]
-  return {row["id"]: row for row in rows}, manifest
-
-
 def _assert_same_as_author(rows, ids, logits, exact=True):
   probabilities = _softmax(logits)
   labels = [rows[i]["label"] for i in ids]
@@ -125,8 +125,10 @@ def test_float_models_serve_exactly_as_their_author_predicts(
   # from_saved_model would turn into a NaN model serves a TFLite that agrees.
   assert card.engines == expected_engines, said
   assert card.default_engine == "tflite"
-  rows, manifest = _predict(str(tmp_path / "model"), png_dir, tmp_path / "out")
-  assert manifest["counts"]["predictions"] == 200
+  run = run_predict(tmp_path / "out", input=png_dir,
+                    model=str(tmp_path / "model"))
+  rows = run.predictions_by_id
+  assert run.manifest["counts"]["predictions"] == 200
   assert {row["engine"] for row in rows.values()} == {"tflite"}
   _assert_same_as_author(rows, png_ids(png_dir, sample), author.logits)
   # The source's own engine serves the same labels.
@@ -138,13 +140,15 @@ def test_float_models_serve_exactly_as_their_author_predicts(
                                 _softmax(author.logits).argmax(1))
 
 
+@pytest.mark.slow
 def test_int8_model_quantises_its_input_and_dequantises_its_output(
     tmp_path, author, png_dir, sample):
   # No --input_scale: the int8 input's quantisation range (0..1) implies unit.
   card, said, _ = _adopt(author.files["int8"], tmp_path / "model")
   assert card.input_scale == "unit" and card.engines == ["tflite"]
   assert "quantisation" in card.adopted["input_scale"]
-  rows, _ = _predict(str(tmp_path / "model"), png_dir, tmp_path / "out")
+  rows = run_predict(tmp_path / "out", input=png_dir,
+                     model=str(tmp_path / "model")).predictions_by_id
   ids = png_ids(png_dir, sample)
   # Exactly what the author's interpreter loop gives...
   _assert_same_as_author(rows, ids, author.tflite_logits("int8"))
@@ -392,7 +396,8 @@ def test_keras_applications_model_on_photos_decoded_the_keras_way(tmp_path):
                          eval_data=str(photos))
   assert card.output == "probabilities", said
   assert card.engines == ["keras", "tflite"], said
-  rows, _ = _predict(str(tmp_path / "model"), str(photos), tmp_path / "out")
+  rows = run_predict(tmp_path / "out", input=str(photos),
+                     model=str(tmp_path / "model")).predictions_by_id
   ids = [os.path.abspath(p) for p in dataset.file_paths]
   assert [rows[i]["label"] for i in ids] == [
       dataset.class_names[k] for k in expected.argmax(1)]
@@ -505,24 +510,23 @@ def test_an_adopted_tflite_folder_serves_from_the_slim_install(
   """Its `tensorflow` decoder recipe needs no TensorFlow: served from
   .venv-slim (no TensorFlow installed), it gives the author's predictions,
   and a Dataflow dry run with --setup_file (the slim install) accepts it."""
-  from tests import test_portability  # pylint: disable=import-outside-toplevel
   card, _, _ = _adopt(author.files["tflite"], tmp_path / "model",
                       input_scale="unit")
   assert card.decoder == "tensorflow" and card.engines == ["tflite"]
   model, out = str(tmp_path / "model"), tmp_path / "out"
-  if not os.path.exists(test_portability.SLIM_PYTHON):
-    pytest.fail(f"{test_portability.SLIM_PYTHON} is missing: "
+  if not os.path.exists(SLIM_PYTHON):
+    pytest.fail(f"{SLIM_PYTHON} is missing: "
                 "./run_tests.sh creates it (scripts/ensure_venv.sh)")
-  served = test_portability._predict_cli(  # pylint: disable=protected-access
-      test_portability.SLIM_PYTHON,
-      ["--input", png_dir, "--model", model, "--output", str(out)])
+  served = predict_cli(
+      ["--input", png_dir, "--model", model, "--output", str(out)],
+      python=SLIM_PYTHON)
   assert served.returncode == 0, served.stderr[-3000:]
   rows = {row["id"]: row for row in read_parquet_rows(
       os.path.join(str(out), "predictions-*.parquet"))}
   _assert_same_as_author(rows, png_ids(png_dir, sample), author.logits)
-  dry_run = test_portability._predict_cli(  # pylint: disable=protected-access
-      sys.executable, ["--input", png_dir, "--model", model, "--output",
-                       str(tmp_path / "dry")] + test_portability.DATAFLOW_ARGS)
+  needs_the_gcp_extra()
+  dry_run = predict_cli(["--input", png_dir, "--model", model, "--output",
+                         str(tmp_path / "dry")] + DATAFLOW_ARGS)
   assert dry_run.returncode == 0, dry_run.stderr
 
 
@@ -557,8 +561,8 @@ def test_adopt_cli_errors_are_one_line_and_exit_2(tmp_path):
   assert result.returncode == 2
   lines = [l for l in result.stderr.splitlines() if l.startswith("model.adopt")]
   assert lines == [f"model.adopt: error: {tmp_path / 'notes.keras'} is not a "
-                   "model this can read: expected a .keras, .h5 or .tflite "
-                   "file or a SavedModel folder"]
+                   "model this can read: expected a .keras, .h5, .tflite or "
+                   ".onnx file or a SavedModel folder"]
   assert "Traceback" not in result.stderr
 
 
@@ -636,7 +640,8 @@ def test_a_tflite_conversion_that_fails_or_disagrees_is_not_served(
   assert "FancyOp" in card.tflite["reason"]
   assert any("not served" in line and "FancyOp" in line for line in said)
   assert not (tmp_path / "failed" / card_lib.TFLITE_FILE).exists()
-  rows, _ = _predict(str(tmp_path / "failed"), png_dir, tmp_path / "out")
+  rows = run_predict(tmp_path / "out", input=png_dir,
+                     model=str(tmp_path / "failed")).predictions_by_id
   assert {row["engine"] for row in rows.values()} == {"keras"}
   _assert_same_as_author(rows, png_ids(png_dir, sample), author.logits)
 

@@ -10,13 +10,14 @@ import dataclasses
 import hashlib
 import os
 
-import h5py
-import keras
 import numpy as np
 import pytest
 
-from beam_jobs import config as config_lib
-from beam_jobs import predict
+# Without the tensorflow extra these tests skip.
+keras = pytest.importorskip("keras")
+h5py = pytest.importorskip("h5py")
+# pylint: disable=wrong-import-position
+
 from model import backbones
 from model import card as card_lib
 from model import datasets
@@ -24,8 +25,8 @@ from model import engines
 from model import export
 from model import preprocessing
 from model import train
-from tests.conftest import photo_folder
-from tests.conftest import read_parquet_rows
+from tests.helpers import photo_folder
+from tests.helpers import run_predict
 
 FAMILIES = list(backbones.BACKBONES)
 SIZE = 32  # the smallest input keras.applications accepts
@@ -187,7 +188,7 @@ def _trainable_paths(model) -> set:
 
 @pytest.mark.parametrize("name,blocks", [
     ("MobileNetV3Small", 11), ("MobileNetV3Large", 15),
-    ("EfficientNetV2B0", 21)])
+    pytest.param("EfficientNetV2B0", 21, marks=pytest.mark.slow)])
 def test_fine_tuning_unfreezes_exactly_the_top_blocks(name, blocks):
   model = backbones.build_classifier(name, (SIZE, SIZE, 3), 3,
                                      backbones.Weights("none"))
@@ -249,13 +250,10 @@ def test_a_fine_tuning_step_moves_only_the_unfrozen_weights(tmp_path):
 
 
 def _labels_served(tmp_path, model_dir, images_dir, engine):
-  config = config_lib.PredictConfig(input=str(images_dir), model=model_dir,
-                                    output=str(tmp_path / f"out_{engine}"),
-                                    engine=engine)
-  manifest = predict.run(config, ["--runner", "DirectRunner"])
-  assert manifest["counts"]["errors"] == 0
-  rows = read_parquet_rows(os.path.join(config.output, "predictions-*.parquet"))
-  return {row["id"]: row["label"] for row in rows}
+  run = run_predict(tmp_path / f"out_{engine}", input=str(images_dir),
+                    model=model_dir, engine=engine)
+  assert run.manifest["counts"]["errors"] == 0
+  return {row["id"]: row["label"] for row in run.predictions}
 
 
 def _assert_tflite_agrees_on_noise(model_dir: str) -> None:

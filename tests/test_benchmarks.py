@@ -8,7 +8,7 @@ import pytest
 
 from benchmarks import process_tree
 from benchmarks.peers import common
-from tests.conftest import expected_labels
+from tests.helpers import expected_labels
 
 # A parent that starts a child; the child holds 200 MiB and burns CPU.
 _TREE = """
@@ -50,7 +50,7 @@ def test_process_tree_reports_a_failing_command():
 
 def test_peer_classifier_gives_the_engines_labels(tiny_model, sample,
                                                    png_dir):
-  from tests.conftest import png_ids  # pylint: disable=import-outside-toplevel
+  from tests.helpers import png_ids  # pylint: disable=import-outside-toplevel
   payloads = []
   for path in png_ids(png_dir, sample):
     with open(path, "rb") as handle:

@@ -11,12 +11,17 @@ import textwrap
 
 import pytest
 
+# Without the tools extra (tools.query and tools.report build their parsers on import) these tests skip.
+pytest.importorskip("duckdb")
+pytest.importorskip("matplotlib")
+# pylint: disable=wrong-import-position
+
 from beam_jobs import config as config_lib
 from model import adopt
 from imagebatch import cli
 from model import datasets
 from model import train
-from tests.conftest import REPO
+from tests.helpers import REPO
 from tools import make_shards
 from tools import query
 from tools import report
@@ -293,7 +298,7 @@ def _cli(*args, env=None):
 @pytest.mark.slow
 def test_a_healthy_run_on_the_sample_prints_no_library_noise(tmp_path,
                                                             png_dir):
-  from tests.conftest import SAMPLE_DIR  # pylint: disable=import-outside-toplevel
+  from tests.helpers import SAMPLE_DIR  # pylint: disable=import-outside-toplevel
   # A fresh user's environment: nothing set to quieten TensorFlow.
   env = {k: v for k, v in os.environ.items() if not k.startswith("TF_CPP")}
   model = str(tmp_path / "model")
@@ -335,7 +340,7 @@ def test_a_healthy_run_on_the_sample_prints_no_library_noise(tmp_path,
 
 def test_commands_end_with_where_results_are_and_what_is_next(tmp_path,
                                                              capsys):
-  from tests.conftest import SAMPLE_DIR  # pylint: disable=import-outside-toplevel
+  from tests.helpers import SAMPLE_DIR  # pylint: disable=import-outside-toplevel
   images, shards = str(tmp_path / "images"), str(tmp_path / "shards")
   assert datasets.main(["--data", SAMPLE_DIR, "--to_png", images,
                         "--limit", "6"]) == 0

@@ -35,3 +35,26 @@ def test_non_finite_outputs_are_inference_errors(tiny_model):
   assert result.batch.ids == ["a", "c", "e"]
   assert np.isfinite(result.probabilities).all()
   assert result.batch.pixels is None  # no pixels past inference
+
+
+def test_inference_failure_is_isolated_to_the_bad_row(tiny_model):
+
+  class FailsOnNegative(engines.Engine):
+    def _raw_outputs(self, images):
+      if (images < 0).any():
+        raise ValueError("negative pixel")
+      return np.zeros((len(images), 10), dtype=np.float32)
+
+  pixels = np.zeros((5, 28, 28, 1), dtype=np.float32)
+  pixels[3] = -1
+  batch = ImageBatch(ids=list("abcde"), sources=["s"] * 5,
+                     true_labels=[None] * 5, pixels=pixels)
+  card = card_lib.load_card(tiny_model)
+  handler = inference.ImageClassifierHandler(tiny_model)
+  [result] = handler.run_inference(batch, FailsOnNegative(card))
+  assert [e["id"] for e in result.errors] == ["d"]
+  assert result.errors[0]["stage"] == "inference"
+  # The rows that ran, and only they, come back with their probabilities.
+  assert result.batch.ids == ["a", "b", "c", "e"]
+  assert result.probabilities.shape == (4, 10)
+  assert not np.isnan(result.probabilities).any()

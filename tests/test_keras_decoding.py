@@ -22,8 +22,11 @@ from PIL import Image
 from model import engines
 from model import keras_decoding
 from model import preprocessing
-from tests import tf_reference
-from tests.conftest import REPO
+from tests.helpers import REPO
+
+# TensorFlow's own decoder is the reference: the tensorflow extra.
+pytest.importorskip("tensorflow")
+from tests import tf_reference  # pylint: disable=wrong-import-position
 
 tf = tf_reference.tf
 

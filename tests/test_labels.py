@@ -9,13 +9,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from beam_jobs import config as config_lib
+# Without the tools extra (the query tool scores the labels) these tests skip.
+pytest.importorskip("duckdb")
+# pylint: disable=wrong-import-position
+
 from beam_jobs import outputs
 from beam_jobs import predict
 from beam_jobs.contracts import LabelMatcher
 from model import card as card_lib
-from tests.conftest import REPO
-from tests.conftest import read_parquet_rows
+from tests.helpers import REPO
+from tests.helpers import run_predict
 from tools import make_shards
 from tools import answers
 from tools import query
@@ -67,12 +70,11 @@ def labelled_shards(tmp_path_factory, png_dir, tiny_model):
   return str(root)
 
 
-def _predict(shards, form, model, tmp_path):
-  output = str(tmp_path / form)
-  config = config_lib.PredictConfig(os.path.join(shards, form, "*.parquet"),
-                                    model, output, label_column="label")
-  manifest = predict.run(config, ["--runner", "DirectRunner"])
-  return output, manifest
+def _run_on(shards, form, model, tmp_path):
+  """A run over the shards of one label form, scored by name."""
+  return run_predict(tmp_path / form,
+                     input=os.path.join(shards, form, "*.parquet"),
+                     model=model, label_column="label")
 
 
 @pytest.mark.slow
@@ -80,11 +82,11 @@ def test_class_indices_score_like_class_names(labelled_shards, tiny_model,
                                              tmp_path):
   scores = {}
   for form in ("names", "indices", "digits"):
-    output, manifest = _predict(labelled_shards, form, tiny_model, tmp_path)
+    run = _run_on(labelled_shards, form, tiny_model, tmp_path)
+    output, manifest, rows = run.output, run.manifest, run.predictions
     assert manifest["true_labels"] == {"matched": 200, "unmatched": 0}, form
     scores[form] = answers.accuracy(sandbox.connect(output),
                                   answers.class_names_of(output))
-    rows = read_parquet_rows(os.path.join(output, "predictions-*.parquet"))
     assert {r["true_label"] for r in rows} <= set(manifest["class_names"])
     if form == "indices":
       first = min(rows, key=lambda r: r["id"])
@@ -103,10 +105,10 @@ def test_class_indices_score_like_class_names(labelled_shards, tiny_model,
 @pytest.mark.slow
 def test_labels_matching_no_class_are_counted_and_not_scored(
     labelled_shards, tiny_model, tmp_path):
-  output, manifest = _predict(labelled_shards, "unknown", tiny_model, tmp_path)
+  run = _run_on(labelled_shards, "unknown", tiny_model, tmp_path)
+  output, manifest, rows = run.output, run.manifest, run.predictions
   assert manifest["true_labels"] == {"matched": 0, "unmatched": 200}
   assert "200 true labels match none" in predict.label_warning(manifest)
-  rows = read_parquet_rows(os.path.join(output, "predictions-*.parquet"))
   assert all(r["true_label"] is None and r["source_label"].startswith("class")
              for r in rows)
   connection = sandbox.connect(output)
@@ -118,7 +120,8 @@ def test_labels_matching_no_class_are_counted_and_not_scored(
   assert "match no class" in query.render_summary(summary)
 
   # Half the labels match: those are scored, the rest counted beside them.
-  output, manifest = _predict(labelled_shards, "half", tiny_model, tmp_path)
+  run = _run_on(labelled_shards, "half", tiny_model, tmp_path)
+  output, manifest = run.output, run.manifest
   assert manifest["true_labels"] == {"matched": 100, "unmatched": 100}
   scores = answers.accuracy(sandbox.connect(output), answers.class_names_of(output))
   assert scores["labelled"] == 100 and scores["unmatched_labels"] == 100
@@ -147,7 +150,7 @@ def test_outputs_of_an_earlier_version_with_index_labels_are_refused(
 
 def test_confusion_matrix_text_names_the_classes(labelled_shards, tiny_model,
                                                  tmp_path):
-  output, _ = _predict(labelled_shards, "indices", tiny_model, tmp_path)
+  output = _run_on(labelled_shards, "indices", tiny_model, tmp_path).output
   text = query.render_accuracy(answers.accuracy(
       sandbox.connect(output), answers.class_names_of(output)))
   matrix = text.split("confusion matrix")[1].splitlines()
@@ -160,7 +163,7 @@ def test_confusion_matrix_text_names_the_classes(labelled_shards, tiny_model,
 @pytest.mark.slow
 def test_query_accuracy_cli_refuses_without_a_matching_label(
     labelled_shards, tiny_model, tmp_path):
-  output, _ = _predict(labelled_shards, "unknown", tiny_model, tmp_path)
+  output = _run_on(labelled_shards, "unknown", tiny_model, tmp_path).output
   result = subprocess.run(
       [sys.executable, "-m", "tools.query", output, "accuracy"],
       capture_output=True, text=True, cwd=REPO, timeout=120, check=False)

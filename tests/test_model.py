@@ -14,9 +14,9 @@ from model import card as card_lib
 from model import datasets
 from model import engines
 from model import preprocessing
-from tests.conftest import REPO
-from tests.conftest import SAMPLE_DIR
-from tests.conftest import photo_folder
+from tests.helpers import REPO
+from tests.helpers import SAMPLE_DIR
+from tests.helpers import photo_folder
 
 
 def test_idx_round_trip(tmp_path):

@@ -21,16 +21,16 @@ from beam_jobs import preflight
 from tools import make_shards
 from beam_jobs import outputs
 from beam_jobs.pipeline import build_pipeline
-from tests.conftest import REPO
-from tests.conftest import expected_labels
-from tests.conftest import png_ids
-from tests.conftest import read_parquet_rows
+from tests.helpers import DATAFLOW_ARGS
+from tests.helpers import REPO
+from tests.helpers import SLIM_PYTHON
+from tests.helpers import TENSORFLOW_BLOCKER
+from tests.helpers import needs_the_gcp_extra
+from tests.helpers import expected_labels
+from tests.helpers import png_ids
+from tests.helpers import predict_cli
+from tests.helpers import read_parquet_rows
 
-DATAFLOW_ARGS = [
-    "--runner", "DataflowRunner", "--dry_run=True", "--project",
-    "fake-project", "--region", "us-central1", "--temp_location",
-    "gs://fake-bucket/tmp", "--setup_file", os.path.join(REPO, "setup.py")
-]
 
 TEMPLATE_DIR = os.path.join(REPO, "dataflow")
 # The Dockerfile's ENV lines naming what the launcher runs; its WORKDIR holds
@@ -62,6 +62,7 @@ def _dataflow_job(config):
 @pytest.mark.parametrize("form", ["images", "parquet"])
 def test_dataflow_dry_run_builds_the_whole_job(tmp_path, png_dir, tiny_model,
                                                form):
+  needs_the_gcp_extra()
   source = png_dir
   if form == "parquet":
     make_shards.make_shards(png_dir, str(tmp_path / "shards"), 100)
@@ -249,22 +250,17 @@ def _assert_served_the_sample(output, png_dir, tiny_model, sample):
   assert read_parquet_rows(str(output / "errors-*.parquet")) == []
 
 
-def _predict_cli(python, args, **kwargs):
-  return subprocess.run([python, "-m", "beam_jobs.predict"] + args, cwd=REPO,
-                        capture_output=True, text=True, timeout=300,
-                        check=False, **kwargs)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("output", ["local", "gs://fake-bucket/out"])
 def test_dataflow_dry_run_through_the_cli(tmp_path, png_dir, tiny_model,
                                           output):
   """Offline (this machine has no network): exit 0, one line, nothing
   written; the output is locked and checked only by a real run."""
+  needs_the_gcp_extra()
   target = str(tmp_path / "out") if output == "local" else output
   args = ["--input", png_dir, "--model", tiny_model, "--output", target,
           "--skip_existing"] + DATAFLOW_ARGS
-  result = _predict_cli(sys.executable, args)
+  result = predict_cli(args)
   assert result.returncode == 0, result.stderr
   assert "Traceback" not in result.stderr, result.stderr
   lines = result.stdout.strip().splitlines()
@@ -275,31 +271,20 @@ def test_dataflow_dry_run_through_the_cli(tmp_path, png_dir, tiny_model,
   assert not os.path.exists(tmp_path / "out")
 
   # A model that needs TensorFlow is refused: the workers' install is slim.
-  keras = _predict_cli(sys.executable, args + ["--engine", "keras"])
+  keras = predict_cli(args + ["--engine", "keras"])
   assert keras.returncode == 2
   assert keras.stderr.count("\n") == 1 and "--sdk_container_image" in (
       keras.stderr), keras.stderr
-  with_image = _predict_cli(sys.executable, args + [
+  with_image = predict_cli(args + [
       "--engine", "keras", "--sdk_container_image", "example.com/worker:1"])
   assert with_image.returncode == 0, with_image.stderr
   # A requirements file is staged, never downloaded (Beam would pip-download
   # it): a package no index has passes.
   requirements = tmp_path / "requirements.txt"
   requirements.write_text("no-such-package-anywhere==0.0.1\n")
-  with_requirements = _predict_cli(sys.executable, args + [
+  with_requirements = predict_cli(args + [
       "--engine", "keras", "--requirements_file", str(requirements)])
   assert with_requirements.returncode == 0, with_requirements.stderr
-
-
-# Refuses TensorFlow and Keras in the process it is loaded into.
-TENSORFLOW_BLOCKER = """
-import importlib.abc, sys
-class Blocker(importlib.abc.MetaPathFinder):
-  def find_spec(self, name, path=None, target=None):
-    if name.split(".")[0] in ("tensorflow", "keras", "tf_keras"):
-      raise ImportError(f"{name} is blocked: serving must not import it")
-sys.meta_path.insert(0, Blocker())
-"""
 
 
 @pytest.mark.slow
@@ -310,7 +295,7 @@ def test_tflite_serving_imports_no_tensorflow(tmp_path, png_dir, tiny_model):
   site.mkdir()
   (site / "sitecustomize.py").write_text(TENSORFLOW_BLOCKER)
   env = dict(os.environ, PYTHONPATH=str(site))
-  result = _predict_cli(sys.executable, [
+  result = predict_cli([
       "--input", png_dir, "--model", tiny_model, "--output",
       str(tmp_path / "out"), "--direct_num_workers", "2",
       "--direct_running_mode", "multi_processing"], env=env)
@@ -319,9 +304,6 @@ def test_tflite_serving_imports_no_tensorflow(tmp_path, png_dir, tiny_model):
   assert manifest["counts"]["predictions"] == 200 and manifest["accounted"]
 
 
-SLIM_PYTHON = os.path.join(
-    os.environ.get("SLIM_VENV", os.path.join(REPO, ".venv-slim")), "bin",
-    "python")
 
 
 @pytest.mark.slow
@@ -336,7 +318,7 @@ def test_tflite_model_served_from_the_slim_install(tmp_path, png_dir,
                          capture_output=True, text=True, check=False)
   assert "No module named 'tensorflow'" in probe.stderr
   output = tmp_path / "out"
-  result = _predict_cli(SLIM_PYTHON, [
+  result = predict_cli(python=SLIM_PYTHON, args=[
       "--input", png_dir, "--model", tiny_model, "--output", str(output)])
   assert result.returncode == 0, result.stderr[-3000:]
   _assert_served_the_sample(output, png_dir, tiny_model, sample)

@@ -9,12 +9,11 @@ import pyarrow as pa
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_jobs import config as config_lib
-from beam_jobs import predict
 from beam_jobs import progress as progress_lib
 from beam_jobs.contracts import ERROR_ROWS
 from beam_jobs.contracts import PREDICTIONS
 from model import datasets
+from tests.helpers import run_predict
 
 LINE = re.compile(r"^\[ *\d+s\] ([\d,]+) inputs done, ([\d,]+) images/s, "
                   r"([\d,]+) errors so far$")
@@ -73,11 +72,9 @@ def _check_lines(text: str, total: int) -> None:
 def test_progress_lines_on_a_local_run(tmp_path, sample, tiny_model):
   stream = io.StringIO()
   reporter = progress_lib.ProgressReporter(seconds=0.02, stream=stream)
-  config = config_lib.PredictConfig(_mixed_folder(tmp_path, sample),
-                                    tiny_model, str(tmp_path / "out"),
-                                    batch_size=16)
-  manifest = predict.run(config, ["--runner", "DirectRunner"], reporter)
-  counts = manifest["counts"]
+  run = run_predict(tmp_path / "out", input=_mixed_folder(tmp_path, sample),
+                    model=tiny_model, batch_size=16, progress=reporter)
+  counts = run.manifest["counts"]
   assert counts["predictions"] == 120 and counts["errors"] == 5
   # Every input that ended was counted, and the folder is gone.
   assert reporter.final == {PREDICTIONS: 120, ERROR_ROWS: 5}
@@ -90,12 +87,12 @@ def test_progress_counts_reach_the_launcher_from_worker_processes(
     tmp_path, sample, tiny_model):
   stream = io.StringIO()
   reporter = progress_lib.ProgressReporter(seconds=0.1, stream=stream)
-  config = config_lib.PredictConfig(_mixed_folder(tmp_path, sample),
-                                    tiny_model, str(tmp_path / "out"),
-                                    batch_size=16)
-  manifest = predict.run(config, [
-      "--runner", "DirectRunner", "--direct_num_workers", "2",
-      "--direct_running_mode", "multi_processing"], reporter)
-  assert manifest["counts"]["model_loads"] == 2  # Two worker processes.
+  run = run_predict(
+      tmp_path / "out", input=_mixed_folder(tmp_path, sample),
+      model=tiny_model, batch_size=16, progress=reporter, beam_args=[
+          "--runner", "DirectRunner", "--direct_num_workers", "2",
+          "--direct_running_mode", "multi_processing"])
+  # Two worker processes.
+  assert run.manifest["counts"]["model_loads"] == 2
   assert reporter.final == {PREDICTIONS: 120, ERROR_ROWS: 5}
   _check_lines(stream.getvalue(), 125)

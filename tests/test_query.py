@@ -9,14 +9,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from beam_jobs import config as config_lib
+# Without the tools extra these tests skip.
+pytest.importorskip("duckdb")
+# pylint: disable=wrong-import-position
+
 from beam_jobs import outputs
-from beam_jobs import predict
 from tools import answers
 from tools import query
 from tools import sandbox
-from tests.conftest import REPO
-from tests.conftest import read_parquet_rows
+from tests.helpers import REPO
+from tests.helpers import read_parquet_rows
+from tests.helpers import run_predict
 
 CLASSES = ["cat", "dog", "owl"]
 
@@ -107,14 +110,13 @@ def test_accuracy_confusion_and_ece_match_an_independent_computation(crafted):
 @pytest.mark.slow
 def test_accuracy_json_on_a_pipeline_run_matches_pyarrow(tmp_path, png_dir,
                                                          tiny_model, sample):
-  output = str(tmp_path / "out")
-  predict.run(config_lib.PredictConfig(png_dir, tiny_model, output),
-              ["--runner", "DirectRunner"])
+  run = run_predict(tmp_path / "out", input=png_dir, model=tiny_model)
+  output = run.output
   result = subprocess.run(
       [sys.executable, "-m", "tools.query", output, "accuracy", "--json"],
       capture_output=True, text=True, cwd=REPO, check=True)
   scores = json.loads(result.stdout)
-  rows = read_parquet_rows(os.path.join(output, "predictions-*.parquet"))
+  rows = run.predictions
   classes = scores["classes"]
   assert sorted(classes) == sorted(sample.class_names)
   assert_scores_match(scores, independent_scores(rows, classes))

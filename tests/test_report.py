@@ -7,13 +7,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from beam_jobs import config as config_lib
+# Without the tools extra these tests skip.
+pytest.importorskip("duckdb")
+pytest.importorskip("matplotlib")
+# pylint: disable=wrong-import-position
+
 from tools import make_shards
-from beam_jobs import predict
 from tools import report
 from model import card as card_lib
 from model import datasets
-from tests.conftest import read_parquet_rows
+from tests.helpers import run_predict
 
 
 @pytest.fixture(scope="module")
@@ -23,16 +26,15 @@ def run(tmp_path_factory, sample, tiny_model):
   images = root / "images"
   split = datasets.Split(sample.test.images[:30], sample.test.labels[:30])
   datasets.write_png_folder(split, sample.class_names, str(images))
-  config = config_lib.PredictConfig(str(images), tiny_model, str(root / "out"),
-                                    write_probabilities=True)
-  predict.run(config, ["--runner", "DirectRunner"])
-  return root, config
+  run = run_predict(root / "out", input=str(images), model=tiny_model,
+                    write_probabilities=True)
+  return root, run
 
 
 @pytest.mark.slow
 def test_report_renders_every_plot(run):
-  root, config = run
-  written = report.write_report(config.output, str(root / "report"), samples=6)
+  root, labelled = run
+  written = report.write_report(labelled.output, str(root / "report"), samples=6)
   assert set(written) == {"samples", "mistakes", "confusion", "confidence",
                           "reliability", "index"}
   expected_sizes = {"samples": (1200, 540), "confusion": (800, 800),
@@ -49,8 +51,7 @@ def test_report_renders_every_plot(run):
 
 
 def test_images_are_read_back_by_id(run, sample, tiny_model, tmp_path):
-  _, config = run
-  rows = read_parquet_rows(os.path.join(config.output, "predictions-*.parquet"))
+  rows = run[1].predictions
   manifest = {"arguments": {"input_format": "images"}}
   row = rows[0]
   pixels = report._read_image(row, manifest)  # pylint: disable=protected-access
@@ -73,14 +74,14 @@ def test_images_are_read_back_by_id(run, sample, tiny_model, tmp_path):
 
 @pytest.mark.slow
 def test_missing_source_leaves_a_blank_tile(run, tmp_path):
-  root, config = run
-  rows = read_parquet_rows(os.path.join(config.output, "predictions-*.parquet"))
+  root, labelled = run
+  rows = labelled.predictions
   moved = tmp_path / "moved.png"
   shutil.move(rows[0]["id"], moved)
   try:
     assert report._read_image(  # pylint: disable=protected-access
         rows[0], {"arguments": {"input_format": "images"}}) is None
-    written = report.write_report(config.output, str(root / "report2"),
+    written = report.write_report(labelled.output, str(root / "report2"),
                                   samples=30)
     assert os.path.getsize(written["samples"]) > 0
   finally:
@@ -97,9 +98,7 @@ def unlabelled_run(tmp_path_factory, sample, tiny_model):
   for i in range(12):
     (images / f"{i:03d}.png").write_bytes(
         preprocessing.encode_png(sample.test.images[i]))
-  config = config_lib.PredictConfig(str(images), tiny_model, str(root / "out"))
-  predict.run(config, ["--runner", "DirectRunner"])
-  return root, config
+  return root, run_predict(root / "out", input=str(images), model=tiny_model)
 
 
 def _red_pixels(path) -> int:
@@ -111,8 +110,8 @@ def _red_pixels(path) -> int:
 
 @pytest.mark.slow
 def test_unlabelled_report_is_honest(unlabelled_run):
-  root, config = unlabelled_run
-  written = report.write_report(config.output, str(root / "report"),
+  root, unlabelled = unlabelled_run
+  written = report.write_report(unlabelled.output, str(root / "report"),
                                 samples=6)
   assert set(written) == {"samples", "confidence", "index"}
   assert set(written.skipped) == {"mistakes", "confusion", "reliability"}
@@ -135,15 +134,13 @@ def test_grid_title_says_what_the_colours_mean():
 
 
 def test_report_replaces_its_own_files_only(run, tmp_path):
-  root, config = run
   out = tmp_path / "report"
   out.mkdir()
   (out / "notes.txt").write_text("mine")
   (out / report.FILES["mistakes"]).write_bytes(b"stale plot")
   # An unlabelled run draws no mistakes: the stale plot must not remain.
   unlabelled = tmp_path / "unlabelled_out"
-  labelled_rows = read_parquet_rows(os.path.join(config.output,
-                                                 "predictions-*.parquet"))
+  labelled_rows = run[1].predictions
   import pyarrow as pa  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   from beam_jobs import outputs  # pylint: disable=import-outside-toplevel

@@ -52,11 +52,12 @@ def make_shards(input_pattern: str, output_dir: str,
   (the pipeline reports them)."""
   if rows_per_shard < 1:
     raise ValueError("rows_per_shard must be at least 1")
-  if card is not None and card.decoder != "pillow":
+  if card is not None and card.decoder == "tensorflow":
     raise ValueError(
         f"the model decodes with {card.decoder} into unrounded float pixels, "
         "which raw uint8 shards cannot hold; write encoded shards (no "
         "--model) and the pipeline decodes them as the model needs")
+  decoder = preprocessing.card_decoder(card) if card is not None else None
   pattern = paths.expand_pattern(paths.absolute(input_pattern))
   files = paths.match_paths(pattern)
   if not files:
@@ -79,14 +80,14 @@ def make_shards(input_pattern: str, output_dir: str,
         print(f"skipped {paths.printable(path)}: {type(error).__name__}: "
               f"{error}", file=sys.stderr)
         continue
-      if card is not None:
-        try:
-          data = preprocessing.decode_image(data, card.height, card.width,
-                                            card.color_mode).ravel()
-        except Exception as error:  # pylint: disable=broad-except
+      if decoder is not None:
+        pixels, _, errors = decoder.decode([data])
+        if errors:
+          error = errors[0][1]
           print(f"skipped {path}: {type(error).__name__}: {error}",
                 file=sys.stderr)
           continue
+        data = pixels[0].ravel()
       rows["id"].append(path)
       rows["image"].append(data)
       rows["label"].append(paths.folder_label(path, base))

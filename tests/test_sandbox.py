@@ -13,11 +13,14 @@ import hashlib
 import os
 import uuid
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+# Without the tools extra these tests skip.
+duckdb = pytest.importorskip("duckdb")
+# pylint: disable=wrong-import-position
 
 from beam_jobs import outputs
 from tools import query

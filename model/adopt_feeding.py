@@ -1,0 +1,156 @@
+"""How an adopted model is fed: the decoder and its recipe, and the input
+scale, from the flags and the author's own preprocessing file.
+
+`feeding_flags` merges the flags given by hand with a timm or Hugging Face
+preprocessing file (model/preprocessing_config.py), recording where each
+value came from and refusing a flag that contradicts the file.
+`choose_decoder` and `feeding_recipe` turn them into the card's
+`preprocessing`; `input_scale` decides the scale, which an ONNX graph cannot
+tell.
+"""
+
+import os
+from typing import Optional
+
+from model import card as card_lib
+from model import model_formats
+from model import preprocessing
+from model import preprocessing_config
+from model import torchvision_decoding
+from model.model_formats import AdoptError
+
+# The steps of the torchvision decoder (its card fields), which no other
+# decoder has.
+TORCHVISION_STEPS = torchvision_decoding.CARD_FIELDS
+# An ONNX graph has no rescaling layer to read the input scale from.
+ONNX_NEEDS_SCALE = (
+    "an ONNX graph does not say how its author scaled pixels: pass "
+    "--input_scale torch (ToTensor, then Normalize with ImageNet's mean and "
+    "std), symmetric (Normalize(0.5, 0.5)), unit (ToTensor alone), raw, "
+    "caffe or custom (--input_mean, --input_std), or --preprocessing_config "
+    "with the author's config.json or preprocessor_config.json")
+
+
+def feeding_flags(explicit: dict, config_path: Optional[str]
+                 ) -> preprocessing_config.PreprocessingFlags:
+  """The feeding flags given by hand (None where not given), merged with
+  the author's preprocessing file if there is one: each value's origin is
+  recorded, and a flag that contradicts the file is refused."""
+  from_file = preprocessing_config.PreprocessingFlags()
+  if config_path is not None:
+    if not os.path.isfile(config_path):
+      raise AdoptError(f"--preprocessing_config {config_path}: no such file")
+    try:
+      from_file = preprocessing_config.read_preprocessing_config(config_path)
+    except ValueError as error:
+      raise AdoptError(f"--preprocessing_config {error}") from None
+  try:
+    return preprocessing_config.merge_flags(from_file, explicit)
+  except ValueError as error:
+    raise AdoptError(str(error)) from None
+
+
+def origin(flags: preprocessing_config.PreprocessingFlags, name: str) -> str:
+  """Where a feeding value came from: its flag, or the author's file."""
+  given = flags.provenance.get(name, "argument")
+  return f"--{name}" if given == "argument" else given
+
+
+def with_origin(message: str,
+                flags: preprocessing_config.PreprocessingFlags) -> str:
+  """A refusal that starts with a feeding value's name, spelt as its flag,
+  or followed by the file that set it."""
+  name = message.split(" ", 1)[0].lstrip("-")
+  if name not in preprocessing_config.FLAG_NAMES:
+    return message
+  if flags.provenance.get(name, "argument") == "argument":
+    return "--" + message.lstrip("-")
+  return f"{message.lstrip('-')} ({name} from {origin(flags, name)})"
+
+
+def choose_decoder(kind: str, decoder: Optional[str],
+                   flags: preprocessing_config.PreprocessingFlags) -> str:
+  """The decoder named, else torchvision for an ONNX source or a recipe
+  with torchvision steps, else tensorflow (Keras' recipe)."""
+  steps = [name for name in TORCHVISION_STEPS
+           if getattr(flags, name) is not None]
+  if decoder is None:
+    return "torchvision" if kind == "onnx" or steps else "tensorflow"
+  if decoder not in preprocessing.DECODERS:
+    raise AdoptError(f"--decoder must be one of {preprocessing.DECODERS}")
+  if decoder != "torchvision" and steps:
+    where = origin(flags, steps[0])
+    what = (where if where.startswith("--") else
+            f"{where} sets {steps[0]}, which")
+    raise AdoptError(f"{what} is a step of the torchvision decoder, not of "
+                     f"--decoder {decoder}")
+  return decoder
+
+
+def feeding_recipe(decoder: str, height: int, width: int, color_mode: str,
+                   input_scale: str,
+                   flags: preprocessing_config.PreprocessingFlags) -> dict:
+  """The card's preprocessing dict for an adopted model, checked: the scale
+  fits the colour mode, and a torchvision recipe (`flags`' resize, crop and
+  interpolation) ends at the model's input size."""
+  mean, std = flags.input_mean, flags.input_std
+  try:
+    card_lib.check_input_scale(input_scale, color_mode, mean, std)
+  except ValueError as error:
+    raise AdoptError(with_origin(str(error), flags)) from None
+  recipe = {"decoder": decoder, "input_scale": input_scale}
+  if input_scale == "custom":
+    recipe.update(input_mean=mean, input_std=std)
+  if decoder == "torchvision":
+    resize, crop = flags.resize, flags.center_crop
+    recipe.update(
+        recipe="torchvision: PIL.Image.open(f).convert('RGB' or 'L') as "
+        "ImageFolder loads, transforms.Resize, transforms.CenterCrop",
+        exif_transpose=False,
+        resize=list(resize) if isinstance(resize, (list, tuple)) else resize,
+        center_crop=list(crop) if crop is not None else None,
+        interpolation=(flags.interpolation or
+                       torchvision_decoding.DEFAULT_INTERPOLATION),
+        crop_rounding=flags.crop_rounding or "half_even",
+        input_dtype="uint8 as float32")
+    try:
+      torchvision_decoding.TorchvisionDecoder.from_card(recipe, color_mode,
+                                                        height, width)
+    except ValueError as error:
+      raise AdoptError(with_origin(str(error), flags)) from None
+  elif decoder == "tensorflow":
+    recipe.update(
+        recipe="keras.utils.image_dataset_from_directory: "
+        "tf.image.decode_image(expand_animations=False), tf.image.resize",
+        exif_transpose=False,
+        resize={"height": height, "width": width, "interpolation": "bilinear",
+                "antialias": False, "when": "always"},
+        input_dtype="float32 (not rounded)")
+  else:
+    recipe.update(
+        exif_transpose=True,
+        resize={"height": height, "width": width,
+                "interpolation": preprocessing.RESIZE_INTERPOLATION,
+                "when": "the decoded size differs"},
+        input_dtype="uint8 as float32")
+  return recipe
+
+
+def input_scale(source: model_formats.Source,
+                flags: preprocessing_config.PreprocessingFlags,
+                warn) -> tuple:
+  """(input scale, where it came from): the flag or the author's file, the
+  source's quantised input range, or the default; an ONNX source has no
+  default."""
+  if flags.input_scale is not None:
+    return flags.input_scale, origin(flags, "input_scale")
+  if source.kind == "onnx":
+    raise AdoptError(ONNX_NEEDS_SCALE)
+  if source.implied_scale:
+    return source.implied_scale, source.implied_scale_reason
+  if source.layer_classes and not source.layer_classes & {
+      "Rescaling", "Normalization"}:
+    warn("the model has no Rescaling or Normalization layer, so it may "
+         "expect pixels scaled outside it; if its author divided by 255, "
+         "pass --input_scale unit (see the table in the README)")
+  return "raw", "the default"
