@@ -1,7 +1,7 @@
 """Throughput of the pipeline against the loops and flows a user would write.
 
 Usage:
-  python -m benchmarks.throughput [--workloads W1,W2,W3,W4] [--repeats 3]
+  python -m benchmarks.throughput [--workloads W1,W2,W3,W4,W5] [--repeats 3]
       [--systems B0,B1,B2,P,Ray,Spark] [--work /tmp/bench]
       [--fashion_model DIR] [--flowers_model DIR] [--w4_model DIR]
       [--physical_limit 2000] [--wait_quiet 600]
@@ -12,8 +12,12 @@ Workloads, built once under --work from ../shared/data:
   W2  Fashion-MNIST PNGs replicated to --w2_images, one file per image
   W3  the flower JPEGs replicated to about --w3_images, one file per image
   W4  the flower photos enlarged to 500x375 and saved as JPEG quality 90
-      (--w4_images of them), served by a keras.applications MobileNetV2
-      (alpha 1.0, 224x224, untrained weights) adopted with model.adopt
+      (--w4_images of them; past 3,433 each copy enlarges a different crop),
+      served by a keras.applications MobileNetV2 (alpha 1.0, 224x224,
+      untrained convolutions) adopted with model.adopt, on TFLite
+  W5  W4's photos through EfficientNet-Lite0 (ImageNet weights) as its
+      PyTorch author exports it to ONNX (benchmarks/pytorch), adopted with
+      model.adopt and the author's torchvision recipe, on ONNX Runtime
 Systems, each in a child process of its own, measured as a process tree
 (benchmarks/process_tree.py: wall, CPU seconds, peak RSS and PSS):
   B0  a plain loop: read, PIL decode, batches of 256, compiled Keras call,
@@ -244,6 +248,21 @@ def ensure_w4_model(path, decoder):
   return path
 
 
+def ensure_w5_model(path, onnx_file):
+  """EfficientNet-Lite0 as its PyTorch author exports it (benchmarks/pytorch:
+  ImageNet weights, a dynamic batch), adopted with `python -m model.adopt`
+  and the author's evaluation recipe: Resize(256, bicubic), CenterCrop(224),
+  Normalize(0.5, 0.5); served by ONNX Runtime."""
+  if os.path.exists(os.path.join(path, "model_card.json")):
+    return path
+  classes = os.path.join(os.path.dirname(onnx_file), "imagenet_classes.txt")
+  subprocess.run([sys.executable, "-m", "model.adopt", onnx_file, "--output",
+                  path, "--class_names", classes, "--input_scale", "symmetric",
+                  "--resize", "256", "--center_crop", "224", "--interpolation",
+                  "bicubic"], check=True, cwd=REPO)
+  return path
+
+
 def ensure_model(path, data, architecture, extra=()):
   if os.path.exists(os.path.join(path, "model_card.json")):
     return path
@@ -266,8 +285,11 @@ def prepare(args):
   workloads = {}
   builders = {"W1": (build_w1, args.w1_images), "W2": (build_w2, args.w2_images),
               "W3": (build_w3, args.w3_images), "W4": (build_w4, args.w4_images)}
+  # W5 is W4's photos through another model.
+  builders["W5"] = builders["W4"]
   for name in args.workloads:
-    folder = os.path.join(work, f"{name}-{builders[name][1]}")
+    stem = "W4" if name == "W5" else name
+    folder = os.path.join(work, f"{stem}-{builders[name][1]}")
     if not os.path.exists(folder):
       print(f"building {name} in {folder}", file=sys.stderr)
       builders[name][0](folder + ".tmp", builders[name][1])
@@ -281,6 +303,9 @@ def prepare(args):
       model = ensure_w4_model(
           args.w4_model or os.path.join(work, f"mobilenet_v2-{args.w4_decoder}"),
           args.w4_decoder)
+    elif name == "W5":
+      model = ensure_w5_model(args.w5_model or os.path.join(
+          work, "efficientnet_lite0-onnx"), args.w5_onnx)
     else:
       model = fashion
     workloads[name] = (folder, model)
@@ -532,8 +557,9 @@ def physical_limit(folder, model_dir, images):
 
 
 P_FLAGS = ("--direct_num_workers", "2", "--direct_running_mode",
-           "multi_processing", "--inference_threads", "1", "--engine",
-           "tflite")
+           "multi_processing", "--inference_threads", "1")
+# Each workload's engine: the TFLite models, or ONNX Runtime for W5's.
+ENGINES = {"W5": "onnx"}
 
 
 def parse_args(argv):
@@ -553,6 +579,14 @@ def parse_args(argv):
   parser.add_argument("--w4_model", default=None,
                       help="an adopted model folder for W4 (default: the "
                       "MobileNetV2, made and adopted under --work)")
+  parser.add_argument("--w5_model", default=None,
+                      help="an adopted ONNX model folder for W5 (default: "
+                      "--w5_onnx adopted under --work)")
+  parser.add_argument("--w5_onnx", default=os.path.join(
+      os.environ.get("ONNX_MODELS_DIR", "/work/bench/onnx_models"),
+      "efficientnet_lite0", "efficientnet_lite0_dynamic.onnx"),
+                      help="EfficientNet-Lite0 as benchmarks/pytorch exports "
+                      "it (imagenet_classes.txt beside it)")
   parser.add_argument("--w4_decoder", default="tensorflow",
                       choices=("tensorflow", "pillow"),
                       help="the decoder W4's MobileNetV2 is adopted with")
@@ -584,8 +618,9 @@ def parse_args(argv):
   return parser.parse_args(argv)
 
 
-def p_flags(args) -> tuple:
-  return P_FLAGS + tuple(shlex.split(args.p_flags))
+def p_flags(args, workload="W1") -> tuple:
+  return P_FLAGS + ("--engine", ENGINES.get(workload, "tflite")) + tuple(
+      shlex.split(args.p_flags))
 
 
 def peer_flags(args) -> dict:
@@ -651,7 +686,8 @@ def main(argv=None):
           file=sys.stderr)
     runs = run_turns(systems, args.repeats, lambda system: run_system(
         system, folder, model, out, args.b2_images if system == "B2" else 0,
-        p_flags(args), args.peers_python, peer_flags(args), args.baseline),
+        p_flags(args, name), args.peers_python, peer_flags(args),
+        args.baseline),
                      args.wait_quiet)
     results = {system: summarise(r) for system, r in runs.items()}
     if name == "W1" and "P" in results:
