@@ -612,6 +612,9 @@ def parse_args(argv):
                       "for fewer than 0.3 cores busy (0: don't wait)")
   parser.add_argument("--scaling", default="",
                       help="comma-separated W1 sizes: run P on each instead")
+  parser.add_argument("--scaling_flags", default="",
+                      help="with --scaling, also run P with these flags in "
+                      "the same turns, e.g. '--no_duplicate_count'")
   parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
   parser.add_argument("--make_mobilenet", help=argparse.SUPPRESS)
   parser.add_argument("--limit", type=int, default=0, help=argparse.SUPPRESS)
@@ -774,14 +777,31 @@ def scaling(args):
       for shard in shards[:n // ROWS_PER_SHARD]:
         os.link(shard, os.path.join(folders[n], os.path.basename(shard)))
   out = os.path.join(args.work, "out", "scaling")
-  runs = run_turns([str(n) for n in sizes], args.repeats, lambda n: run_system(
-      "P", folders[int(n)], model, os.path.join(out, n), 0, p_flags(args)),
+  # Each variant: a name and P's extra flags; a second one (--scaling_flags)
+  # runs in the same turns.
+  variants = {"P": ()}
+  if args.scaling_flags:
+    variants[f"P {args.scaling_flags}"] = tuple(shlex.split(args.scaling_flags))
+  systems = [(name, n) for n in sizes for name in variants]
+  runs = run_turns([f"{n} {name}" for name, n in systems], args.repeats,
+                   lambda key: run_system(
+                       "P", folders[int(key.split()[0])], model,
+                       os.path.join(out, key.replace(" ", "_")), 0,
+                       p_flags(args) + variants[key.split(" ", 1)[1]]),
                    args.wait_quiet)
-  results = {int(n): summarise(r) for n, r in runs.items()}
-  fixed, per_image = _fit(sizes, [results[n]["seconds"] for n in sizes])
-  cpu_fixed, cpu_per_image = _fit(sizes, [results[n]["cpu"] for n in sizes])
   limit = (physical_limit(folders[sizes[0]], model, args.physical_limit)
            if args.physical_limit else None)
+  for name in variants:
+    results = {n: summarise(runs[f"{n} {name}"]) for n in sizes}
+    _print_scaling(name, sizes, results, limit)
+  return 0
+
+
+def _print_scaling(name, sizes, results, limit):
+  """One variant's table, fit and ratios."""
+  fixed, per_image = _fit(sizes, [results[n]["seconds"] for n in sizes])
+  cpu_fixed, cpu_per_image = _fit(sizes, [results[n]["cpu"] for n in sizes])
+  print(f"\n{name}\n")
   print("| rows | seconds | images/s | per-image µs beyond the fixed cost | "
         "CPU s | peak RSS MiB | peak PSS MiB | load | other CPU s |")
   print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -806,7 +826,6 @@ def scaling(args):
           f" µs = {limit['rate']:.0f} images/s on {os.cpu_count()} cores; "
           + "; ".join(f"P at {n} / limit {results[n]['rate'] / limit['rate']:.2f}"
                       for n in sizes))
-  return 0
 
 
 if __name__ == "__main__":
