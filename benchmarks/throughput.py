@@ -650,8 +650,11 @@ def run_turns(systems, repeats, run, wait_quiet=0):
       runs[system].append(run(system))
       last = runs[system][-1]
       print(f"  {system} run {repeat + 1}: {last['images']} images, "
-            f"{last['wall_s']:.1f} s, {last['cpu_s']:.1f} CPU s, load "
-            f"{last['load1_before']:.1f}", file=sys.stderr)
+            f"{last['wall_s']:.1f} s, {last['cpu_s']:.1f} CPU s, peak RSS "
+            f"{last['peak_rss_mib']:.0f} MiB, PSS {last['peak_pss_mib']:.0f} "
+            f"MiB, load {last['load1_before']:.1f} to "
+            f"{last['load1_after']:.1f}, other CPU {last['other_cpu_s']:.1f} s",
+            file=sys.stderr, flush=True)
   return runs
 
 
