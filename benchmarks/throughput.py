@@ -474,14 +474,17 @@ def child(args):
 # The parent: timing, memory, comparison ------------------------------------
 
 
-def measure(command, code=REPO):
+def measure(command, code=REPO, log=os.devnull):
   """Runs a command as a measured process tree, with `code` (a checkout) as
-  its working folder and PYTHONPATH; (figures, stdout)."""
-  figures, stdout = process_tree.measure(
-      command, cwd=code, stderr=subprocess.DEVNULL,
-      env=dict(os.environ, PYTHONPATH=code))
+  its working folder and PYTHONPATH, and its stderr to `log`; (figures,
+  stdout)."""
+  with open(log, "w", encoding="utf-8") as stderr:
+    figures, stdout = process_tree.measure(
+        command, cwd=code, stderr=stderr,
+        env=dict(os.environ, PYTHONPATH=code))
   if figures["returncode"]:
-    raise RuntimeError(f"{command} failed with exit {figures['returncode']}")
+    raise RuntimeError(f"{command} failed with exit {figures['returncode']}"
+                       f" (its stderr: {log})")
   return figures, stdout
 
 
@@ -504,7 +507,8 @@ def run_system(system, folder, model, out_dir, limit=0, p_flags=(),
     figures, _ = measure([
         sys.executable, "-m", "beam_jobs.predict", "--input", pattern,
         "--model", model, "--output", output, "--overwrite", *p_flags],
-                         code=baseline if system == "P-baseline" else REPO)
+                         code=baseline if system == "P-baseline" else REPO,
+                         log=output + ".stderr.log")
     with open(os.path.join(output, "_run.json"), encoding="utf-8") as handle:
       manifest = json.load(handle)
     return dict(figures, images=manifest["counts"]["predictions"],
@@ -514,7 +518,8 @@ def run_system(system, folder, model, out_dir, limit=0, p_flags=(),
     figures, stdout = measure([
         peers_python, os.path.join(PEERS_DIR, PEER_JOBS[system]),
         _input_flag(folder), folder, "--model", model, "--output", output,
-        "--batch_size", str(BATCH), *(peer_flags or {}).get(system, ())])
+        "--batch_size", str(BATCH), *(peer_flags or {}).get(system, ())],
+                              log=output + ".stderr.log")
     result = json.loads(next(line for line in stdout.splitlines()
                              if line.startswith("RESULT "))[len("RESULT "):])
     return dict(figures, images=result["predictions"], peer=result,
