@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Creates the peers' virtualenv from scratch: Ray Data and PySpark with what
-# the project's serving code needs (LiteRT, Pillow, imagecodecs, pyarrow and
-# TensorFlow for the `tensorflow` decoder), but neither Apache Beam nor the
-# project itself: the jobs put this checkout on their path (common.py). It is
-# never a project dependency.
+# the project's serving code needs (LiteRT and ONNX Runtime, Pillow,
+# imagecodecs, simplejpeg, pyarrow), but neither Apache Beam nor the project
+# itself: the jobs put this checkout on their path (common.py). It is never a
+# project dependency. TensorFlow is installed as in the venv measured on
+# 2026-12-07, though the jobs no longer import it (the `tensorflow` decoder
+# recipe runs without it).
 #
 # Usage: benchmarks/peers/setup.sh [VENV_DIR]
 #   VENV_DIR  default: benchmarks/peers/.venv (git-ignored); replaced if present
