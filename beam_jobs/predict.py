@@ -308,6 +308,13 @@ def duplicate_warning(manifest: dict, output: str) -> Optional[str]:
           f"{output} shows them)")
 
 
+def adoption_warnings(manifest: dict) -> list:
+  """What model.adopt warned when it made the model, repeated at each run
+  (the card's `adopted.warnings`, in the manifest's model summary)."""
+  return [f"model.adopt warned: {text}"
+          for text in manifest["model"].get("adoption_warnings", [])]
+
+
 def next_commands(output: str) -> list:
   return [cli.program("query", output),
           cli.program("query", output, "accuracy"),
@@ -337,7 +344,8 @@ def main(argv=None) -> int:
     return 0
   for line in summary_lines(manifest):
     print(line)
-  for warning in (label_warning(manifest), duplicate_warning(manifest, output)):
+  for warning in (label_warning(manifest), duplicate_warning(manifest, output),
+                  *adoption_warnings(manifest)):
     if warning:
       print(f"beam_jobs.predict: warning: {warning}", file=sys.stderr)
   commands = next_commands(output)
