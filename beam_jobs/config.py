@@ -59,6 +59,8 @@ class PredictConfig:
   # run holds no ids (the local runner keeps every shuffled id in the
   # launcher) and tools.query's `duplicates` counts them from the results.
   count_duplicate_ids: bool = True
+  # None: `label` where a shard or list has it (contracts.
+  # DEFAULT_LABEL_COLUMN); '': no labels.
   label_column: Optional[str] = None
   max_image_pixels: Optional[int] = image_limits.DEFAULT_MAX_IMAGE_PIXELS
   inference_threads: int = 0
@@ -133,7 +135,8 @@ def build_parser() -> cli.ArgumentParser:
                       "finds them in the results)")
   parser.add_argument("--label_column", default=None,
                       help="Parquet (or list) column with the true label: a "
-                      "class name or a class index")
+                      "class name or a class index; by default `label` "
+                      "where a shard or list has it, '' for none")
   parser.add_argument("--max_image_pixels", type=int,
                       default=image_limits.DEFAULT_MAX_IMAGE_PIXELS,
                       help="images declaring more pixels are refused "

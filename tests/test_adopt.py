@@ -548,11 +548,12 @@ def test_an_adopted_tflite_folder_serves_from_the_slim_install(
       python=SLIM_PYTHON)
   assert served.returncode == 0, served.stderr[-3000:]
   rows = {row["id"]: row for row in read_parquet_rows(
-      os.path.join(str(out), "predictions-*.parquet"))}
+      os.path.join(str(out), "predictions", "*.parquet"))}
   _assert_same_as_author(rows, png_ids(png_dir, sample), author.logits)
   needs_the_gcp_extra()
-  dry_run = predict_cli(["--input", png_dir, "--model", model, "--output",
-                         str(tmp_path / "dry")] + DATAFLOW_ARGS)
+  dry_run = predict_cli(["--input", "gs://fake-bucket/images/", "--model",
+                         model, "--output", "gs://fake-bucket/dry"]
+                        + DATAFLOW_ARGS)
   assert dry_run.returncode == 0, dry_run.stderr
 
 

@@ -603,9 +603,10 @@ def test_dataflow_dry_run_of_an_onnx_folder_needs_no_tensorflow(tmp_path,
   source = build.classifier(str(tmp_path / "model.onnx"), classes=3)
   adopt_quietly(source, tmp_path / "folder", input_scale="torch", resize=10,
                 center_crop=(8, 8))
-  result = _run(sys.executable, "beam_jobs.predict", "--input", photos[0],
-                "--model", str(tmp_path / "folder"), "--output",
-                str(tmp_path / "out"), "--engine", "onnx",
+  result = _run(sys.executable, "beam_jobs.predict", "--input",
+                "gs://fake-bucket/photos/", "--model",
+                str(tmp_path / "folder"), "--output",
+                "gs://fake-bucket/out", "--engine", "onnx",
                 "--inference_threads", "1", *DATAFLOW_ARGS,
                 env=_blocked_env(tmp_path))
   assert result.returncode == 0, result.stderr[-3000:]

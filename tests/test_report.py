@@ -441,11 +441,19 @@ def test_a_hostile_folder_is_answered_without_a_traceback(tmp_path, capsys):
   table = table.set_column(
       table.schema.get_field_index("confidence"), "confidence",
       pa.array([float("nan"), None, 0.5], pa.float32()))
-  output = _committed(tmp_path / "out", table, class_names="abc",
-                      counts="x", arguments=["--input", "/"],
-                      model={"input_shape": "x"}, finished_at={"a": 1},
-                      images_per_second="fast")
+  output = _committed(tmp_path / "out", table)
   assert query.main([output]) == 0
   assert query.main([output, "accuracy"]) == 0
   assert report.main([output, "--out", str(tmp_path / "report")]) == 0
   assert "Traceback" not in capsys.readouterr().err
+  # A manifest whose fields have the wrong types is damaged: one line
+  # (beam_jobs/records.py type-checks every field for every reader).
+  damaged = _committed(tmp_path / "damaged", table, class_names="abc",
+                       counts="x", arguments=["--input", "/"],
+                       model={"input_shape": "x"}, finished_at={"a": 1},
+                       images_per_second="fast")
+  for command in (query.main, report.main):
+    assert command([damaged, "--out", str(tmp_path / "report2")] if
+                   command is report.main else [damaged]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "_run.json" in err, err
