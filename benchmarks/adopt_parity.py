@@ -46,10 +46,10 @@ def _serve(model_file, class_names, flags, images, work, name):
   subprocess.run([sys.executable, "-m", "beam_jobs.predict", "--input", images,
                   "--model", model_dir, "--output", out, "--overwrite"],
                  check=True, cwd=REPO)
-  import glob  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  from beam_jobs import output_folder, outputs  # pylint: disable=import-outside-toplevel
   rows = {}
-  for path in glob.glob(os.path.join(out, "predictions-*.parquet")):
+  for path in output_folder.result_files(out)[outputs.PREDICTIONS_PREFIX]:
     rows.update((row["id"], row) for row in pq.read_table(path).to_pylist())
   return rows
 
