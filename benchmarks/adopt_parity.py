@@ -47,11 +47,8 @@ def _serve(model_file, class_names, flags, images, work, name):
                   "--model", model_dir, "--output", out, "--overwrite"],
                  check=True, cwd=REPO)
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-  from beam_jobs import output_folder, outputs  # pylint: disable=import-outside-toplevel
-  rows = {}
-  for path in output_folder.result_files(out)[outputs.PREDICTIONS_PREFIX]:
-    rows.update((row["id"], row) for row in pq.read_table(path).to_pylist())
-  return rows
+  table = pq.read_table(os.path.join(out, "predictions"))
+  return {row["id"]: row for row in table.to_pylist()}
 
 
 def _row(name, rows, ids, class_names, logits, true_labels):
