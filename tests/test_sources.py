@@ -154,8 +154,8 @@ def _raw(images) -> list:
   return [image.ravel().tolist() for image in images]
 
 
-@pytest.mark.slow
-def test_hostile_parquet_rows_fail_alone(tmp_path, tiny_model, sample):
+def _hostile_shards(tmp_path, sample):
+  """A folder of shards with every kind of hostile row, column and file."""
   shards = tmp_path / "shards"
   shards.mkdir()
   images = sample.test.images
@@ -202,10 +202,11 @@ def test_hostile_parquet_rows_fail_alone(tmp_path, tiny_model, sample):
   with open(os.path.join(os.fsencode(shards), b"l_\xff.parquet"), "wb") as f:
     pq.write_table(pa.table({"id": ["u0"], "image": pngs[20:21]}), f)
 
-  run = run_predict(tmp_path / "out", input=str(shards / "*.parquet"),
-                    model=tiny_model, label_column="label", batch_size=4)
-  manifest, predictions, errors = run.manifest, run.predictions, \
-      run.errors_by_id
+  return shards
+
+
+def _hostile_errors(shards) -> dict:
+  """{id: a fragment of its error} for _hostile_shards' failing inputs."""
   raw_errors = {"raw2": "null value", "raw4": "value 999",
                 "raw6": "value -3", "raw8": "length 50", "raw9": "null image"}
   ids_shard = str(shards / "b_ids.parquet")
@@ -222,6 +223,17 @@ def test_hostile_parquet_rows_fail_alone(tmp_path, tiny_model, sample):
   expected_errors[str(shards / "j_fifo.parquet")] = "is a FIFO"
   expected_errors[str(shards / "k_dangling.parquet")] = "FileNotFoundError"
   expected_errors[str(shards) + "/l_\\xff.parquet"] = "not valid UTF-8"
+  return expected_errors
+
+
+@pytest.mark.slow
+def test_hostile_parquet_rows_fail_alone(tmp_path, tiny_model, sample):
+  shards = _hostile_shards(tmp_path, sample)
+  run = run_predict(tmp_path / "out", input=str(shards / "*.parquet"),
+                    model=tiny_model, label_column="label", batch_size=4)
+  manifest, predictions, errors = run.manifest, run.predictions, \
+      run.errors_by_id
+  expected_errors = _hostile_errors(shards)
   assert set(errors) == set(expected_errors)
   for id_, fragment in expected_errors.items():
     assert fragment in errors[id_]["error"], errors[id_]
