@@ -88,7 +88,7 @@ echo "== Done. This run is in $RUN ($LATEST points to it):"
 [[ "$IMAGES" == "$RUN/images" ]] && echo "  images/               the sample's test images in PNG class folders"
 cat <<SUMMARY
   shards/               the same images as Parquet shards (id, image, label)
-  predictions_images/   predictions-*.parquet, errors-*.parquet and _run.json from the image folder
+  predictions_images/   predictions/, errors/ (Parquet shards) and _run.json from the image folder
   predictions_parquet/  the same from the Parquet shards
   report/index.html     the report: open it in a browser
 Next (in a new shell, first: source .venv/bin/activate):

@@ -26,6 +26,12 @@ DEFAULT_PROGRESS_SECONDS = 5.0
 JOB_SERVER_RUNNERS = ("PortableRunner", "FlinkRunner", "SparkRunner",
                       "PrismRunner")
 DATAFLOW_RUNNERS = ("DataflowRunner", "TestDataflowRunner")
+# Without --runner a run is local, on Beam's Python FnApiRunner: what every
+# figure and test here ran on. Beam 2.77's DirectRunner would first try the
+# Prism runner (downloading it from GitHub), then fall back to the same
+# FnApiRunner after building the pipeline twice: about 1 s more per run,
+# measured (benchmarks/README.md, "Start-up").
+DEFAULT_RUNNER = "FnApiRunner"
 # What input_format becomes with --input_list.
 LIST_FORMAT = "list"
 
@@ -51,6 +57,10 @@ class PredictConfig:
   write_embeddings: bool = False
   image_column: str = "image"
   id_column: Optional[str] = "id"
+  # Rows whose id an earlier row had are counted for the manifest; off, the
+  # run holds no ids (the local runner keeps every shuffled id in the
+  # launcher) and tools.query's `duplicates` counts them from the results.
+  count_duplicate_ids: bool = True
   # None: `label` where a shard or list has it (contracts.
   # DEFAULT_LABEL_COLUMN); '': no labels.
   label_column: Optional[str] = None
@@ -125,6 +135,10 @@ def build_parser() -> cli.ArgumentParser:
   parser.add_argument("--id_column", default="id",
                       help="Parquet (or list) column with ids; empty for "
                       "none: ids become SHARD#ROW (a list's: the URI)")
+  parser.add_argument("--no_duplicate_count", action="store_true",
+                      help="do not count repeated ids (the manifest's "
+                      "duplicate_ids is then null; `query OUTPUT duplicates` "
+                      "finds them in the results)")
   parser.add_argument("--label_column", default=None,
                       help="Parquet (or list) column with the true label: a "
                       "class name or a class index; by default `label` "
@@ -184,8 +198,16 @@ def beam_option_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def with_default_runner(beam_args) -> list:
+  """Beam's arguments, with --runner DEFAULT_RUNNER unless they name one."""
+  beam_args = list(beam_args or [])
+  if any(arg == "--runner" or arg.startswith("--runner=") for arg in beam_args):
+    return beam_args
+  return beam_args + ["--runner", DEFAULT_RUNNER]
+
+
 def runner_name(beam_options_namespace) -> str:
-  runner = getattr(beam_options_namespace, "runner", None) or "DirectRunner"
+  runner = getattr(beam_options_namespace, "runner", None) or DEFAULT_RUNNER
   return runner.rsplit(".", 1)[-1] if isinstance(runner, str) else (
       type(runner).__name__)
 
@@ -213,4 +235,5 @@ def parse_args(argv=None):
             f"{runner_name(known)} job server unchecked", file=sys.stderr)
   fields = vars(args)
   fields["id_column"] = fields["id_column"] or None
+  fields["count_duplicate_ids"] = not fields.pop("no_duplicate_count")
   return PredictConfig(**fields), rest

@@ -418,7 +418,8 @@ MANIFEST_SCHEMA = records.Fields(
     beam_args=records.ListOf(str),
     counts=records.MapOf(_COUNT),
     true_labels=records.MapOf((_COUNT, str, bool, records.NONE)),
-    duplicate_ids=_COUNT,
+    # null: not counted (--no_duplicate_count).
+    duplicate_ids=(_COUNT, records.NONE),
     elapsed_seconds=float,
     images_per_second=(float, records.NONE),
     finished_at=str,

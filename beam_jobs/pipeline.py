@@ -41,6 +41,15 @@ def read_inputs(pipeline, config: PredictConfig, card: ModelCard,
       exclude=exclude)
 
 
+def counts_duplicate_ids(config: PredictConfig) -> bool:
+  """Whether the run counts repeated ids: file paths and SHARD#ROW ids are
+  unique by construction; ids from a column or a list are data, and repeats
+  are counted for the manifest unless --no_duplicate_count."""
+  return config.count_duplicate_ids and bool(
+      config.input_list or (config.input_format == "parquet" and
+                            config.id_column))
+
+
 def build_pipeline(pipeline, config: PredictConfig, card: ModelCard,
                    run_id: str, skip_files=(), skip_rows=None,
                    progress=None) -> None:
@@ -70,10 +79,7 @@ def build_pipeline(pipeline, config: PredictConfig, card: ModelCard,
   errors = ((read.errors, preprocessed.errors, formatted.errors)
             | "CollectErrors" >> beam.Flatten())
   _ = errors | "WriteErrors" >> outputs.WriteErrors(config.output, run_id)
-  if config.input_list or (config.input_format == "parquet" and
-                           config.id_column):
-    # File paths and SHARD#ROW ids are unique by construction; ids from a
-    # column or a list are data, and repeats are counted for the manifest.
+  if counts_duplicate_ids(config):
     _ = ((formatted.tables, errors)
          | "CountDuplicateIds" >> outputs.CountDuplicateIds())
   if progress is not None:

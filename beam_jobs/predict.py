@@ -33,6 +33,7 @@ from beam_jobs import outputs
 from beam_jobs import preflight
 from beam_jobs import worker_watchdog
 from beam_jobs.pipeline import build_pipeline
+from beam_jobs.pipeline import counts_duplicate_ids
 from beam_jobs.progress import ProgressReporter
 from beam_jobs.progress import runs_locally
 from model import card as card_lib
@@ -79,6 +80,17 @@ def read_duplicate_ids(pipeline_result) -> int:
              if counter.key.metric.namespace == contracts.METRICS_NAMESPACE)
 
 
+def _duplicate_ids(config: config_lib.PredictConfig,
+                   pipeline_result) -> Optional[int]:
+  """Repeated ids for the manifest: 0 where ids are unique by construction,
+  None where they were not counted (--no_duplicate_count)."""
+  if counts_duplicate_ids(config):
+    return read_duplicate_ids(pipeline_result)
+  unique = not counts_duplicate_ids(
+      dataclasses.replace(config, count_duplicate_ids=True))
+  return 0 if unique else None
+
+
 def run(config: config_lib.PredictConfig, beam_args=None,
         progress: Optional[ProgressReporter] = None) -> dict:
   """Checks, runs the pipeline to the end, and commits its results; returns
@@ -89,7 +101,7 @@ def run(config: config_lib.PredictConfig, beam_args=None,
   replace and delete there. On a local runner, progress lines go to stderr
   every `config.progress_seconds` unless `progress` brings its own reporter.
   """
-  options = PipelineOptions(beam_args or [])
+  options = PipelineOptions(config_lib.with_default_runner(beam_args))
   plan = preflight.check(config, options)
   if plan.dry_run:
     return _dry_run(plan, options)
@@ -170,7 +182,7 @@ def _manifest(plan: preflight.Plan, run_id: str, beam_args, result,
       # and labels that matched none; the rest came without one.
       "true_labels": {"matched": labels[contracts.LABELLED],
                       "unmatched": labels[contracts.UNMATCHED_LABELS]},
-      "duplicate_ids": read_duplicate_ids(result),
+      "duplicate_ids": _duplicate_ids(plan.config, result),
       # With --write_embeddings: the column's D and the layer it holds.
       "embedding": (outputs.embedding_manifest(card)
                     if plan.config.write_embeddings else None),

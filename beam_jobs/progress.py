@@ -27,6 +27,7 @@ import uuid
 import apache_beam as beam
 from apache_beam.options.pipeline_options import StandardOptions
 
+from beam_jobs.config import runner_name
 from beam_jobs.contracts import ERROR_ROWS
 from beam_jobs.contracts import PREDICTIONS
 
@@ -37,10 +38,7 @@ LOCAL_RUNNERS = ("DirectRunner", "SwitchingDirectRunner", "FnApiRunner",
 
 def runs_locally(options) -> bool:
   """Whether the pipeline's workers run on this machine."""
-  runner = options.view_as(StandardOptions).runner or "DirectRunner"
-  name = runner.rsplit(".", 1)[-1] if isinstance(runner, str) else type(
-      runner).__name__
-  return name in LOCAL_RUNNERS
+  return runner_name(options.view_as(StandardOptions)) in LOCAL_RUNNERS
 
 
 class CountFinished(beam.DoFn):

@@ -46,12 +46,9 @@ def _serve(model_file, class_names, flags, images, work, name):
   subprocess.run([sys.executable, "-m", "beam_jobs.predict", "--input", images,
                   "--model", model_dir, "--output", out, "--overwrite"],
                  check=True, cwd=REPO)
-  import glob  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-  rows = {}
-  for path in glob.glob(os.path.join(out, "predictions-*.parquet")):
-    rows.update((row["id"], row) for row in pq.read_table(path).to_pylist())
-  return rows
+  table = pq.read_table(os.path.join(out, "predictions"))
+  return {row["id"]: row for row in table.to_pylist()}
 
 
 def _row(name, rows, ids, class_names, logits, true_labels):

@@ -5,7 +5,7 @@ what a head trained on them scores.
       [--work /work/bench/embed] [--repeats 3] [--slow_repeats 1]
       [--rows 100000] [--kinds clustered,isotropic] [--heads linear,mlp]
 
-write    beam_jobs.predict on W3 (benchmarks.throughput's 10,299 flower
+write    beam_jobs.predict on W3 (benchmarks.workloads' 10,299 flower
          JPEGs, its photo_xception flowers model trained 1 epoch) with and
          without --write_embeddings, interleaved: seconds of the whole
          command and bytes of the prediction shards; medians; the ratio is
@@ -43,7 +43,7 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 
-from benchmarks import throughput
+from benchmarks import workloads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = "/work/shared/data"
@@ -73,14 +73,14 @@ def shard_bytes(output: str) -> int:
 
 
 def part_write(work: str, repeats: int) -> list:
-  throughput.SHARED = SHARED
+  workloads.SHARED = SHARED
   folder = os.path.join(work, "W3-10000")
   if not os.path.exists(folder):
-    throughput.build_w3(folder + ".tmp", 10000)
+    workloads.build_w3(folder + ".tmp", 10000)
     os.rename(folder + ".tmp", folder)
-  model = throughput.ensure_model(os.path.join(work, "flowers_w3"),
-                                  os.path.join(SHARED, "flowers"),
-                                  "photo_xception", ("--epochs", "1"))
+  model = workloads.ensure_model(os.path.join(work, "flowers_w3"),
+                                 os.path.join(SHARED, "flowers"),
+                                 "photo_xception", ("--epochs", "1"))
   runs = {False: [], True: []}
   for _ in range(repeats):
     for embeddings in (False, True):

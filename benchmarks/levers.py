@@ -4,7 +4,7 @@ Usage:
   python -m benchmarks.levers --model DIR [--images 512] [--repeats 3]
       [--flowers ../shared/data/flowers]
 
-DIR is W4's adopted MobileNetV2 (benchmarks/throughput.py makes it under
+DIR is W4's adopted MobileNetV2 (benchmarks/workloads.py makes it under
 --work as mobilenet_v2-tensorflow). Photos: the flowers enlarged to 500x375
 (W4's) and to 1000x750, JPEG quality 90, made in memory. Per image, on one
 core (the process is pinned; TensorFlow and TFLite on one thread):

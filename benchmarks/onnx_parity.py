@@ -18,7 +18,6 @@ and how the batch axis was served.
 """
 
 import argparse
-import glob
 import json
 import os
 import subprocess
@@ -67,10 +66,9 @@ def _serve(source, flags, images, class_names, work, name, serve_python):
                   "--progress_seconds", "0"],
                  check=True, cwd=REPO, stdout=subprocess.DEVNULL)
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-  rows = {}
-  for path in glob.glob(os.path.join(out, "predictions-*.parquet")):
-    table = pq.read_table(path, columns=["id", "probabilities"])
-    rows.update((row["id"], row) for row in table.to_pylist())
+  table = pq.read_table(os.path.join(out, "predictions"),
+                        columns=["id", "probabilities"])
+  rows = {row["id"]: row for row in table.to_pylist()}
   with open(os.path.join(model_dir, "model_card.json"),
             encoding="utf-8") as handle:
     return json.load(handle), rows

@@ -21,6 +21,7 @@ import sys
 
 from benchmarks import stages
 from benchmarks import throughput
+from benchmarks import workloads
 
 
 def pipeline_seconds(folder, model_dir, out_dir):
@@ -42,10 +43,10 @@ def main(argv=None):
   parser.add_argument("--w4_model", default=None)
   parser.add_argument("--w1_images", type=int, default=300_000)
   parser.add_argument("--w4_images", type=int, default=3_433)
-  parser.add_argument("--shared_data", default=throughput.SHARED)
+  parser.add_argument("--shared_data", default=workloads.SHARED)
   parser.add_argument("--w4_decoder", default="tensorflow",
                       choices=("tensorflow", "pillow"))
-  parser.add_argument("--batch_size", type=int, default=throughput.BATCH)
+  parser.add_argument("--batch_size", type=int, default=workloads.BATCH)
   args = parser.parse_args(argv)
   defaults = throughput.parse_args([
       "--work", args.work, "--shared_data", args.shared_data, "--w1_images",
@@ -54,7 +55,7 @@ def main(argv=None):
   defaults.fashion_model = args.fashion_model
   defaults.flowers_model = args.flowers_model
   defaults.w4_model, defaults.w4_decoder = args.w4_model, args.w4_decoder
-  folder, model_dir = throughput.prepare(defaults)[args.workload]
+  folder, model_dir = workloads.prepare(defaults)[args.workload]
 
   seconds_by_stage, images = stages.stage_seconds(folder, model_dir,
                                                   args.batch_size)

@@ -22,6 +22,7 @@ import sys
 
 from beam_jobs import config as config_lib
 from benchmarks import throughput
+from benchmarks import workloads
 
 VARIANTS = {
     "progress lines": (),
@@ -38,18 +39,16 @@ def main(argv=None):
   parser.add_argument("--profile_shards", type=int, default=5,
                       help="W1 shards (10,000 images each) for the cProfile "
                       "run")
-  parser.add_argument("--shared_data", default=throughput.SHARED,
+  parser.add_argument("--shared_data", default=workloads.SHARED,
                       help="folder holding fashion-mnist/ (a worktree's "
                       "../shared/data may not exist)")
   args = parser.parse_args(argv)
-  # throughput builds its workloads from this folder.
-  throughput.SHARED = args.shared_data
   defaults = throughput.parse_args([
-      "--work", args.work, "--workloads", "W1",
-      "--w1_images", str(args.w1_images)])
+      "--work", args.work, "--workloads", "W1", "--shared_data",
+      args.shared_data, "--w1_images", str(args.w1_images)])
   defaults.workloads = ["W1"]
   defaults.fashion_model = args.fashion_model
-  folder, model = throughput.prepare(defaults)["W1"]
+  folder, model = workloads.prepare(defaults)["W1"]
   out = os.path.join(args.work, "out", "progress")
   seconds = {name: [] for name in VARIANTS}
   cpu = {name: [] for name in VARIANTS}

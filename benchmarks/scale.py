@@ -177,7 +177,10 @@ def monitored_run(code: str, arguments: list, output: str) -> dict:
       cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True)
   seen, first = {}, None
-  staged = os.path.join(output, "beam-temp-predictions-*", "*")
+  # Beam stages shards in OUTPUT/predictions/ (in OUTPUT itself before the
+  # kinds' folders: an older --baseline).
+  staged = [os.path.join(folder, "beam-temp-predictions-*", "*")
+            for folder in (os.path.join(output, "predictions"), output)]
   while process.poll() is None:
     tree = _children()
     pending, family = [process.pid], []
@@ -194,7 +197,7 @@ def monitored_run(code: str, arguments: list, output: str) -> dict:
                                                     command)})
         entry["peak"] = max(entry["peak"], peak)
         entry["cpu"] = max(entry["cpu"], cpu)
-    if first is None and glob.glob(staged):
+    if first is None and any(glob.glob(pattern) for pattern in staged):
       first = time.monotonic() - started
     time.sleep(0.1)
   wall = time.monotonic() - started

@@ -71,9 +71,9 @@ def stage_seconds(folder, model_dir, batch_size, max_images=0):
             for i in range(0, len(items), batch_size)]
   reader.setup()
   decoder = DecodeImages(card)
-  handler = ImageClassifierHandler(model_dir, "tflite", threads=1)
+  handler = ImageClassifierHandler(model_dir, card.default_engine, threads=1)
   engine = handler.load_model()
-  formatter = outputs.FormatPredictions(card, "tflite", 3, False)
+  formatter = outputs.FormatPredictions(card, card.default_engine, 3, False)
   formatter.setup()
   clock = Clock()
   # A warm-up batch outside the clock: tracing TensorFlow's decoder graph

@@ -2,14 +2,19 @@
 
 Usage:
   python -m benchmarks.worker_startup --model MODEL_DIR [--model DIR ...] \
-      [--repeats 5] [--venv .venv-slim] [--venv .venv] ...
+      [--repeats 5] [--venv .venv-slim] [--venv .venv] ... \
+      [--first_batch IMAGE] [--code CHECKOUT]
 
 For each virtual environment: its size on disk (du), then, in a fresh
 interpreter each time, the wall seconds to import what a worker imports to
 serve (the pipeline's modules) and load each model folder with each engine
 its card lists that the environment can run (keras and savedmodel need
 TensorFlow), plus the modules that brought in and whether TensorFlow was
-among them. Medians of --repeats. Prints a Markdown table.
+among them. With --first_batch IMAGE the probe also decodes that image with
+the card's decoder, as a worker's first batch does (the card's decoder may
+import what the model load did not). --code runs another checkout's
+pipeline, for a before/after. Medians of --repeats. Prints a Markdown
+table.
 """
 
 import argparse
@@ -29,6 +34,19 @@ started = time.perf_counter()
 import beam_jobs.pipeline, beam_jobs.sources.images, beam_jobs.preprocess
 from beam_jobs.inference import ImageClassifierHandler
 engine = ImageClassifierHandler(sys.argv[1], sys.argv[2], 1).load_model()
+if len(sys.argv) > 3:
+  # The first batch's decode: the card's decoder on one image (code from
+  # before card_decoder builds a BatchDecoder the same way).
+  from model import card as card_lib, preprocessing
+  card = card_lib.load_card(sys.argv[1])
+  if hasattr(preprocessing, "card_decoder"):
+    decoder = preprocessing.card_decoder(card)
+  else:
+    decoder = preprocessing.BatchDecoder(card.decoder, card.height,
+                                         card.width, card.color_mode)
+  with open(sys.argv[3], "rb") as handle:
+    pixels, good, _ = decoder.decode([handle.read()])
+  assert good == [0]
 seconds = time.perf_counter() - started
 tensorflow = any(name.split(".")[0] in ("tensorflow", "keras")
                  for name in sys.modules)
@@ -55,11 +73,12 @@ def card_engines(model: str) -> list:
           if engine in listed]
 
 
-def probe(python: str, model: str, engine: str) -> tuple:
+def probe(python: str, model: str, engine: str, image: str = "",
+          code: str = REPO) -> tuple:
   result = subprocess.run(
-      [python, "-c", PROBE, model, engine], cwd=REPO, capture_output=True,
-      text=True, check=True,
-      env=dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2"))
+      [python, "-c", PROBE, model, engine] + ([image] if image else []),
+      cwd=code, capture_output=True, text=True, check=True,
+      env=dict(os.environ, PYTHONPATH=code, TF_CPP_MIN_LOG_LEVEL="2"))
   seconds, modules, tensorflow = result.stdout.split()
   return float(seconds), int(modules), bool(int(tensorflow))
 
@@ -72,10 +91,17 @@ def main(argv=None) -> int:
   parser.add_argument("--venv", action="append",
                       help="a virtual environment to measure (repeatable)")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--first_batch", default="",
+                      help="an image: also decode it with the card's decoder, "
+                      "as a worker's first batch does")
+  parser.add_argument("--code", default=REPO,
+                      help="the checkout whose pipeline is imported (an "
+                      "earlier commit's worktree, for a before/after)")
   args = parser.parse_args(argv)
   venvs = args.venv or [os.path.join(REPO, ".venv-slim"),
                         os.path.join(REPO, ".venv")]
-  print(f"load average before: {os.getloadavg()[0]:.1f}")
+  print(f"code: {args.code}; load average before: "
+        f"{os.getloadavg()[0]:.1f}")
   print("| environment | size MiB | model | engine | import + load s "
         "(median) | modules | TensorFlow imported |")
   print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -87,7 +113,8 @@ def main(argv=None) -> int:
       for engine in card_engines(model):
         if engine in ("keras", "savedmodel") and not tensorflow:
           continue
-        runs = [probe(python, model, engine) for _ in range(args.repeats)]
+        runs = [probe(python, model, engine, args.first_batch, args.code)
+                for _ in range(args.repeats)]
         seconds = statistics.median(run[0] for run in runs)
         print(f"| {os.path.basename(venv.rstrip('/'))} | {size:.0f} | "
               f"{os.path.basename(model.rstrip('/'))} | {engine} | "

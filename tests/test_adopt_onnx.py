@@ -27,8 +27,8 @@ from tests.helpers import DATAFLOW_ARGS
 from tests.helpers import REPO
 from tests.helpers import SLIM_PYTHON
 from tests.helpers import TENSORFLOW_BLOCKER
+from tests.helpers import listed_rows
 from tests.helpers import needs_the_gcp_extra
-from tests.helpers import read_parquet_rows
 
 CLASSES = ["cat", "dog", "fox"]
 MEAN = np.asarray(preprocessing.TORCH_MEAN, np.float32)
@@ -504,8 +504,8 @@ def test_beam_run_from_files_and_raw_pixel_shards_gives_the_authors_labels(
       photos[0], folder, str(tmp_path / "files"), write_probabilities=True),
                       ["--runner", "DirectRunner"])
   assert files["counts"]["predictions"] == 12 and files["accounted"]
-  rows = {row["id"]: row for row in read_parquet_rows(
-      str(tmp_path / "files" / "predictions-*.parquet"))}
+  rows = {row["id"]: row for row in listed_rows(
+      tmp_path / "files", "predictions")}
   assert {row["engine"] for row in rows.values()} == {"onnx"}
   assert {row["model_id"] for row in rows.values()} == {card.model_id}
   served = np.array([rows[path]["probabilities"] for path in photos[1]])
@@ -517,8 +517,7 @@ def test_beam_run_from_files_and_raw_pixel_shards_gives_the_authors_labels(
       str(tmp_path / "from_shards"), label_column="label"),
                        ["--runner", "DirectRunner"])
   assert shards["counts"]["predictions"] == 12
-  for row in read_parquet_rows(str(tmp_path / "from_shards" /
-                                   "predictions-*.parquet")):
+  for row in listed_rows(tmp_path / "from_shards", "predictions"):
     assert row["label"] == rows[row["id"]]["label"]
     assert abs(row["confidence"] - rows[row["id"]]["confidence"]) < 1e-6
 
@@ -574,8 +573,8 @@ def test_adopted_and_served_where_tensorflow_cannot_be_imported(tmp_path,
                   "--write_probabilities", "--inference_threads", "1")
     assert served.returncode == 0, served.stderr[-3000:]
     assert "Traceback" not in served.stderr
-    rows = {row["id"]: row for row in read_parquet_rows(
-        os.path.join(output, "predictions-*.parquet"))}
+    rows = {row["id"]: row for row in listed_rows(
+        output, "predictions")}
     color_mode = "grayscale" if arguments.get("channels") == 1 else "rgb"
     expected = author_probabilities(source, author_inputs(
         photos[1], color_mode, arguments.get("layout", "NCHW"), **recipe),

@@ -1,10 +1,9 @@
-"""beam_jobs/sources/: image folders, Parquet shards (by row group) and
-lists of image URIs read into batches, and every hostile entry, row, shard
-or list line an error row of its own, with exact accounting."""
+"""beam_jobs/sources/: image folders and Parquet shards (by row group) read
+into batches, and every hostile entry, row or shard an error row of its
+own, with exact accounting. Lists of image URIs: tests/test_input_lists.py."""
 
 import os
 import socket
-import time
 
 import apache_beam as beam
 import numpy as np
@@ -16,18 +15,15 @@ from apache_beam.testing.util import assert_that
 from apache_beam.testing.util import equal_to
 
 from beam_jobs.sources import images
-from beam_jobs.sources import lists as list_source
 from beam_jobs.sources import parquet
 from beam_jobs.sources import row_groups
 from model import card as card_lib
 from model import datasets
 from model import preprocessing
-from tests.helpers import engine_probabilities
 from tests.helpers import ids
 from tests.helpers import listed_rows
 from tests.helpers import png_ids
 from tests.helpers import run_predict
-from tests.helpers import skip_unless_offline
 
 
 # Image folders ----------------------------------------------------------------
@@ -158,8 +154,8 @@ def _raw(images) -> list:
   return [image.ravel().tolist() for image in images]
 
 
-@pytest.mark.slow
-def test_hostile_parquet_rows_fail_alone(tmp_path, tiny_model, sample):
+def _hostile_shards(tmp_path, sample):
+  """A folder of shards with every kind of hostile row, column and file."""
   shards = tmp_path / "shards"
   shards.mkdir()
   images = sample.test.images
@@ -206,10 +202,11 @@ def test_hostile_parquet_rows_fail_alone(tmp_path, tiny_model, sample):
   with open(os.path.join(os.fsencode(shards), b"l_\xff.parquet"), "wb") as f:
     pq.write_table(pa.table({"id": ["u0"], "image": pngs[20:21]}), f)
 
-  run = run_predict(tmp_path / "out", input=str(shards / "*.parquet"),
-                    model=tiny_model, label_column="label", batch_size=4)
-  manifest, predictions, errors = run.manifest, run.predictions, \
-      run.errors_by_id
+  return shards
+
+
+def _hostile_errors(shards) -> dict:
+  """{id: a fragment of its error} for _hostile_shards' failing inputs."""
   raw_errors = {"raw2": "null value", "raw4": "value 999",
                 "raw6": "value -3", "raw8": "length 50", "raw9": "null image"}
   ids_shard = str(shards / "b_ids.parquet")
@@ -226,6 +223,17 @@ def test_hostile_parquet_rows_fail_alone(tmp_path, tiny_model, sample):
   expected_errors[str(shards / "j_fifo.parquet")] = "is a FIFO"
   expected_errors[str(shards / "k_dangling.parquet")] = "FileNotFoundError"
   expected_errors[str(shards) + "/l_\\xff.parquet"] = "not valid UTF-8"
+  return expected_errors
+
+
+@pytest.mark.slow
+def test_hostile_parquet_rows_fail_alone(tmp_path, tiny_model, sample):
+  shards = _hostile_shards(tmp_path, sample)
+  run = run_predict(tmp_path / "out", input=str(shards / "*.parquet"),
+                    model=tiny_model, label_column="label", batch_size=4)
+  manifest, predictions, errors = run.manifest, run.predictions, \
+      run.errors_by_id
+  expected_errors = _hostile_errors(shards)
   assert set(errors) == set(expected_errors)
   for id_, fragment in expected_errors.items():
     assert fragment in errors[id_]["error"], errors[id_]
@@ -413,160 +421,3 @@ def test_row_group_items_spread_one_shard(grouped_shard, tiny_model, sample):
                           if not 80 <= i < 120]), label="Ids")
     assert_that(read.errors | beam.Map(lambda e: e["id"]),
                 equal_to([f"{grouped_shard}#80-119"]), label="Errors")
-
-
-# Lists of image URIs ----------------------------------------------------------
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("batch_size", [4, 256])
-def test_input_lists_in_each_format(tmp_path, lists, tiny_model, batch_size):
-  folder, bag, coat, missing, comma = lists
-  run = run_predict(tmp_path / "out", input=None,
-                    input_list=str(folder / "*"), model=tiny_model,
-                    label_column="label", batch_size=batch_size)
-  manifest, rows = run.manifest, run.predictions
-  expected = (bag[:10] + [coat[0]] + [f"c{i}" for i in range(10)] +
-              ["comma"] + [f"p{i}" for i in range(24)])
-  assert sorted(ids(rows)) == sorted(expected)
-  by_id = {row["id"]: row for row in rows}
-  assert by_id["c3"]["source"] == bag[13] and by_id["c3"]["true_label"] == "Bag"
-  assert by_id["comma"]["source"] == comma
-  assert by_id["p0"]["true_label"] == "Coat" and by_id[coat[0]]["true_label"] \
-      is None
-  errors = run.errors_by_id
-  assert set(errors) == {missing, "/tmp/\\xff.png", "no_uri",
-                         f"{folder / 'b.csv'}#12", "p24"}
-  assert "FileNotFoundError" in errors[missing]["error"]
-  assert "not valid UTF-8" in errors["/tmp/\\xff.png"]["error"]
-  assert "no URI" in errors["no_uri"]["error"] and "no URI" in errors[
-      "p24"]["error"]
-  assert "null id" in errors[f"{folder / 'b.csv'}#12"]["error"]
-  assert manifest["counts"]["inputs"] == len(expected) + 5
-  assert manifest["duplicate_ids"] == 0
-
-
-@pytest.mark.slow
-def test_input_list_with_skip_existing_and_repeated_uris(tmp_path, lists,
-                                                         tiny_model):
-  folder, bag, _, _, _ = lists
-  output = tmp_path / "out"
-  first = tmp_path / "first.txt"
-  # Saved by Windows' Notepad: a byte order mark before the first URI.
-  first.write_bytes(b"\xef\xbb\xbf" + ("\n".join(bag[:20]) + "\n").encode())
-  run = run_predict(output, input=None, input_list=str(first),
-                    model=tiny_model)
-  assert run.manifest["counts"]["predictions"] == 20 and run.errors == []
-  again = tmp_path / "again.txt"
-  # Overlapping, and one URI listed twice.
-  again.write_text("\n".join(bag[10:30] + bag[25:26]) + "\n")
-  run = run_predict(output, input=None, input_list=str(again),
-                    model=tiny_model, skip_existing=True, batch_size=4)
-  assert run.manifest["counts"]["skipped"] == 10 and run.errors == []
-  assert sorted(ids(run.predictions)) == sorted(bag[20:30] + bag[25:26])
-  assert run.manifest["duplicate_ids"] == 1
-
-
-def test_relative_uris_resolve_from_the_list_folder():
-  assert list_source.resolve_uri("x/../y.png", "/data/lists/a.txt") == (
-      "/data/lists/y.png")
-  assert list_source.resolve_uri("../img/y.png", "gs://b/lists/a.csv") == (
-      "gs://b/img/y.png")
-  assert list_source.resolve_uri("gs://b/y.png", "/l.txt") == "gs://b/y.png"
-  assert list_source.resolve_uri("/abs//y.png", "gs://b/l.txt") == "/abs/y.png"
-
-
-@pytest.mark.parametrize("broken, line", [
-    ('"c.png,3\nd.png,4\n', 5),          # a quote never closed
-    ('"c.png"x,3\nd.png,4\n', 5),        # text after a closing quote
-])
-def test_a_broken_csv_record_ends_the_list_in_one_error_naming_it(
-    tmp_path, broken, line):
-  """Fails on the code before the fix: a quote never closed merged every
-  later record into one, read as a URI, silently."""
-  listing = tmp_path / "list.csv"
-  listing.write_text('uri,id\na.png,1\n"b\nb.png",2\n' + broken)
-  reader = list_source._ReadListItem("uri", "id", None, 256)  # pylint: disable=protected-access
-  rows = list(reader._csv_rows(str(listing)))  # pylint: disable=protected-access
-  assert [row[:2] for row in rows[:2]] == [(0, "a.png"), (1, "b\nb.png")]
-  assert len(rows) == 3 and isinstance(rows[2], dict), rows
-  error = rows[2]
-  assert error["id"] == str(listing) and error["stage"] == "read"
-  assert f"line {line}" in error["error"], error
-  assert "rows from 2 on; rows before it were read" in error["error"], error
-
-
-@pytest.mark.slow
-def test_gcs_entries_of_a_list_fail_fast_without_a_network(tmp_path,
-                                                           tiny_model,
-                                                           sample):
-  """Fails on the code before the fix: each gs:// entry waited two minutes
-  on Google's client retrying, with no network to retry on."""
-  skip_unless_offline()
-  local = tmp_path / "a.png"
-  local.write_bytes(preprocessing.encode_png(sample.test.images[0]))
-  listing = tmp_path / "list.txt"
-  listing.write_text(f"gs://bucket/a.png\ngs://bucket/b.png\n{local}\n")
-  started = time.monotonic()
-  run = run_predict(tmp_path / "out", input=None, input_list=str(listing),
-                    model=tiny_model)
-  assert time.monotonic() - started < 60
-  assert ids(run.predictions) == [str(local)]
-  errors = run.errors_by_id
-  assert set(errors) == {"gs://bucket/a.png", "gs://bucket/b.png"}
-  assert all("cannot reach Cloud Storage" in row["error"]
-             for row in errors.values())
-
-
-# Hugging Face image columns ----------------------------------------------------
-
-
-@pytest.mark.slow
-def test_hugging_face_image_structs_are_read(tmp_path, tiny_model, sample,
-                                             capsys):
-  """Fails on the code before the fix: a struct<bytes, path> image column
-  was refused ("expected binary"). Bytes are read where set, else the file
-  the path names (a relative path from the shard's folder); `label` is
-  read as the true labels with no flag."""
-  from beam_jobs import predict  # pylint: disable=import-outside-toplevel
-  images = [preprocessing.encode_png(image) for image in sample.test.images[:4]]
-  data = tmp_path / "data"
-  (data / "pictures").mkdir(parents=True)
-  (data / "pictures" / "two.png").write_bytes(images[2])
-  absolute = tmp_path / "three.png"
-  absolute.write_bytes(images[3])
-  cells = [
-      {"bytes": images[0], "path": None},
-      {"bytes": images[1], "path": "somewhere/else.png"},  # bytes first
-      {"bytes": None, "path": "pictures/two.png"},
-      {"bytes": None, "path": str(absolute)},
-      {"bytes": None, "path": "pictures/missing.png"},
-      {"bytes": None, "path": None},
-      None,
-  ]
-  image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-  labels = [int(label) for label in sample.test.labels[:4]] + [0, 0, 0]
-  pq.write_table(pa.table({"image": pa.array(cells, image_type),
-                           "label": labels}), data / "train.parquet")
-  output = tmp_path / "out"
-  assert predict.main(["--input", str(data / "*.parquet"), "--model",
-                       tiny_model, "--output", str(output), "--id_column",
-                       "", "--runner", "DirectRunner"]) == 0
-  out = capsys.readouterr().out
-  assert "from the 'label' column, as --label_column was not given" in out
-  shard = str(data / "train.parquet")
-  predictions = {row["id"]: row for row in listed_rows(output, "predictions")}
-  assert sorted(predictions) == [f"{shard}#{i}" for i in range(4)]
-  expected = [sample.class_names[i] for i in labels[:4]]
-  assert [predictions[f"{shard}#{i}"]["true_label"] for i in range(4)] == (
-      expected)
-  errors = {row["id"]: row["error"] for row in listed_rows(output, "errors")}
-  assert sorted(errors) == [f"{shard}#{i}" for i in (4, 5, 6)]
-  assert "FileNotFoundError" in errors[f"{shard}#4"]
-  assert "null image cell" in errors[f"{shard}#5"]
-  assert "null image cell" in errors[f"{shard}#6"]
-  # The same predictions as the engine gives the images themselves.
-  probabilities = engine_probabilities(tiny_model, sample.test.images[:4],
-                                       "tflite")
-  assert [predictions[f"{shard}#{i}"]["label"] for i in range(4)] == [
-      sample.class_names[i] for i in probabilities.argmax(1)]

@@ -1,9 +1,11 @@
 """What the Ray Data and Spark jobs share: the project's serving code.
 
 Both peers do the work per image exactly as the pipeline does: the card's
-decoder (`preprocessing.BatchDecoder`: this project's Pillow decoder or
-Keras' TensorFlow recipe) at the card's size and colour mode, then
-`engines.TFLiteEngine` on one thread, which applies the card's input scale.
+decoder (`preprocessing.card_decoder`: this project's Pillow decoder, Keras'
+recipe without TensorFlow, or a PyTorch author's torchvision recipe) at the
+card's size and colour mode, then the card's default engine on one thread
+(`engines.load_engine`: LiteRT for a TFLite folder, ONNX Runtime for an
+adopted ONNX one), which applies the card's input scale.
 Only the framework around it differs. The peers' venv has no Beam and does
 not install the project: `use_repo` puts this checkout on the path of the
 job and of every worker process it starts.
@@ -56,16 +58,13 @@ class Classifier:
   def __init__(self, model_dir):
     # pylint: disable=import-outside-toplevel
     import numpy as np
-    from model import card as card_lib
     from model import engines
     from model import preprocessing
     self._np = np
     card = load_card(model_dir)
     self._classes = np.asarray(card.class_names, dtype=object)
-    self._decoder = preprocessing.BatchDecoder(
-        card.decoder, card.height, card.width, card.color_mode)
-    self._engine = engines.TFLiteEngine(
-        card, os.path.join(model_dir, card_lib.TFLITE_FILE), threads=1)
+    self._decoder = preprocessing.card_decoder(card)
+    self._engine = engines.load_engine(model_dir, threads=1, card=card)
 
   def __call__(self, payloads):
     np = self._np

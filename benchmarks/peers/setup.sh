@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Creates the peers' virtualenv from scratch: Ray Data and PySpark with what
-# the project's serving code needs (LiteRT, Pillow, imagecodecs, pyarrow and
-# TensorFlow for the `tensorflow` decoder), but neither Apache Beam nor the
-# project itself: the jobs put this checkout on their path (common.py). It is
-# never a project dependency.
+# the project's serving code needs (LiteRT and ONNX Runtime, Pillow,
+# imagecodecs, simplejpeg, pyarrow), but neither Apache Beam nor the project
+# itself: the jobs put this checkout on their path (common.py). It is never a
+# project dependency. TensorFlow is installed as in the venv measured on
+# 2026-12-07, though the jobs no longer import it (the `tensorflow` decoder
+# recipe runs without it).
 #
 # Usage: benchmarks/peers/setup.sh [VENV_DIR]
 #   VENV_DIR  default: benchmarks/peers/.venv (git-ignored); replaced if present
@@ -43,7 +45,7 @@ rm -rf "$venv"
 constraints="$venv/serving-constraints.txt"
 if [ -x "$repo/.venv/bin/pip" ]; then
   "$repo/.venv/bin/pip" freeze | grep -iE \
-    '^(ai-edge-litert|pillow|imagecodecs|numpy|tensorflow|keras|pyarrow)==' \
+    '^(ai-edge-litert|pillow|imagecodecs|simplejpeg|onnxruntime|numpy|tensorflow|keras|pyarrow)==' \
     > "$constraints" || true
 else
   : > "$constraints"
@@ -51,12 +53,14 @@ fi
 "$venv/bin/pip" install --quiet -c "$constraints" \
   "ray[data]==2.60.0" "pyspark==4.3.0" "pandas>=2.2,<3" \
   "tensorflow>=2.21,<2.22" "ai-edge-litert>=2.0,<3" "pillow>=10.0" \
-  "imagecodecs>=2024.1" "pyarrow>=14" "numpy>=1.26,<3"
+  "imagecodecs>=2024.1" "simplejpeg>=1.8,<2" "onnxruntime>=1.20" \
+  "pyarrow>=14" "numpy>=1.26,<3"
 
 # Check: the project's serving modules import from the checkout, without Beam.
 PYTHONPATH="$repo" "$venv/bin/python" - <<'PY'
 import sys
-from model import card, engines, preprocessing  # noqa: F401
+from model import card, engines, keras_decoding, preprocessing  # noqa: F401
+import onnxruntime  # noqa: F401
 import pyspark, ray
 assert "apache_beam" not in sys.modules
 print(f"ok: ray {ray.__version__}, pyspark {pyspark.__version__}; "
