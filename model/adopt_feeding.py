@@ -98,6 +98,10 @@ def feeding_recipe(decoder: str, height: int, width: int, color_mode: str,
     card_lib.check_input_scale(input_scale, color_mode, mean, std)
   except ValueError as error:
     raise AdoptError(with_origin(str(error), flags)) from None
+  if input_scale == "custom" and (
+      flags.provenance.get("input_mean", "argument") == "argument" and
+      flags.provenance.get("input_std", "argument") == "argument"):
+    _refuse_unit_mean_std(mean, std)
   recipe = {"decoder": decoder, "input_scale": input_scale}
   if input_scale == "custom":
     recipe.update(input_mean=mean, input_std=std)
@@ -134,6 +138,23 @@ def feeding_recipe(decoder: str, height: int, width: int, color_mode: str,
                 "when": "the decoded size differs"},
         input_dtype="uint8 as float32")
   return recipe
+
+
+def _refuse_unit_mean_std(mean: list, std: list) -> None:
+  """Refuses --input_mean and --input_std that are torchvision's
+  `Normalize` numbers (for pixels divided by 255) rather than pixel units:
+  every mean within [0, 1] and every std below 1, which in pixel units
+  would blow the pixels up to hundreds. The message gives the flags in
+  pixel units."""
+  if not (all(0 <= m <= 1 for m in mean) and all(0 < s < 1 for s in std)):
+    return
+  text = lambda values: ",".join(f"{round(v * 255.0, 6):.10g}" for v in values)
+  raise AdoptError(
+      f"--input_mean {','.join(f'{m:g}' for m in mean)} "
+      f"--input_std {','.join(f'{s:g}' for s in std)} look like "
+      "torchvision's Normalize numbers, for pixels divided by 255; "
+      "--input_scale custom takes pixel units: pass --input_mean "
+      f"{text(mean)} --input_std {text(std)}")
 
 
 def input_scale(source: model_formats.Source,

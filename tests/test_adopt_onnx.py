@@ -435,6 +435,28 @@ def test_preprocessing_config_contradictions_are_refused(tmp_path, capsys):
       "config.json pretrained_cfg: mean, std")
 
 
+def test_torchvision_normalize_numbers_given_as_pixel_units_are_refused(
+    tmp_path, capsys):
+  # An author's Normalize((0.1307,), (0.3081,)) copied as is: in pixel
+  # units it would feed (x - 0.13) / 0.31, up to 827, and serve other labels.
+  source = build.classifier(str(tmp_path / "model.onnx"), classes=3)
+  out = tmp_path / "out"
+  message = _refused(capsys, source, out, "--input_scale", "custom",
+                     "--input_mean", "0.485,0.456,0.406", "--input_std",
+                     "0.229,0.224,0.225")
+  assert "pixel units" in message
+  assert "--input_mean 123.675,116.28,103.53" in message
+  assert "--input_std 58.395,57.12,57.375" in message
+  # Pixel units are taken, and so is a mean with a std of 1 (x - mean).
+  for mean, std in (("123.675,116.28,103.53", "58.395,57.12,57.375"),
+                    ("0.5,0.5,0.5", "1,1,1")):
+    code, lines = _adopt_cli(capsys, source, "--output", str(out),
+                             "--class_names", ",".join(CLASSES),
+                             "--input_scale", "custom", "--input_mean", mean,
+                             "--input_std", std)
+    assert code == 0, lines
+
+
 def test_predict_serves_an_onnx_folder_with_the_onnx_engine(tmp_path, photos):
   source = build.classifier(str(tmp_path / "model.onnx"), classes=3, batch=1,
                             flatten="reshape")
