@@ -49,6 +49,8 @@ class PredictConfig:
   write_probabilities: bool = False
   image_column: str = "image"
   id_column: Optional[str] = "id"
+  # None: `label` where a shard or list has it (contracts.
+  # DEFAULT_LABEL_COLUMN); '': no labels.
   label_column: Optional[str] = None
   max_image_pixels: Optional[int] = image_limits.DEFAULT_MAX_IMAGE_PIXELS
   inference_threads: int = 0
@@ -119,7 +121,8 @@ def build_parser() -> cli.ArgumentParser:
                       "none: ids become SHARD#ROW (a list's: the URI)")
   parser.add_argument("--label_column", default=None,
                       help="Parquet (or list) column with the true label: a "
-                      "class name or a class index")
+                      "class name or a class index; by default `label` "
+                      "where a shard or list has it, '' for none")
   parser.add_argument("--max_image_pixels", type=int,
                       default=image_limits.DEFAULT_MAX_IMAGE_PIXELS,
                       help="images declaring more pixels are refused "

@@ -35,6 +35,20 @@ LABELLED, UNMATCHED_LABELS = "labelled", "unmatched_labels"
 LABEL_COUNTERS = (LABELLED, UNMATCHED_LABELS)
 
 
+# The column true labels are read from, in a Parquet shard or a CSV or
+# Parquet list that has it, when --label_column is not given (make_shards
+# writes it, and so do Hugging Face datasets); --label_column '' reads none.
+DEFAULT_LABEL_COLUMN = "label"
+
+
+def label_column_to_read(flag: Optional[str]) -> Optional[str]:
+  """The label column a source reads, given --label_column (None when the
+  flag was not given, '' for none)."""
+  if flag is None:
+    return DEFAULT_LABEL_COLUMN
+  return flag or None
+
+
 def counter(name: str):
   """One of the pipeline's Beam counters, by its name."""
   known = COUNTERS + (DUPLICATE_IDS, MODEL_LOADS) + LABEL_COUNTERS

@@ -3,9 +3,14 @@
 Every rule about what a run may write, replace or delete in `--output` lives
 here, so that the guarantees below hold in one place:
 
-* The manifest `_run.json` is the truth. It lists exactly the shard files of
-  the folder's current result set, with their row counts, and the readers
-  (`tools.query`, `tools.report`, `--skip_existing`) read only those.
+* The shards sit in two folders, `predictions/` and `errors/`, so that a
+  Parquet reader pointed at one reads that table alone. The manifest
+  `_run.json` is the truth: it lists exactly the shard files of the
+  folder's current result set, by their paths in the folder, with their
+  row counts, and the readers (`tools.query`, `tools.report`,
+  `--skip_existing`) read only those (`result_files`). A folder written
+  before the two folders (shards at its top) is read as it is; a run that
+  keeps its shards moves them in (`move_kept`).
 * A run writes its shards under names carrying its run id, which no earlier
   file has (Beam's sinks stage them in `beam-temp-*` folders and rename them
   at the end). Only when all of them are in place is the manifest replaced,
@@ -20,7 +25,8 @@ here, so that the guarantees below hold in one place:
   (OVERWRITE_KINDS) and never any other file.
 * One run at a time: `_run.lock` (beam_jobs/output_lock.py). The files of a
   killed run whose lock was taken over are cleaned up by the run that took
-  it over.
+  it over; what locking itself leaves (`_run.lock.RUN.tmp|stale`) is ours
+  whatever run it names, and the lock cleans it up.
 """
 
 import dataclasses
@@ -39,33 +45,44 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_jobs import outputs
 from beam_jobs.output_lock import LOCK_FILE
+from beam_jobs.output_lock import LOCK_LEFTOVER
+from beam_jobs.output_lock import RUN_ID
 from beam_jobs.output_lock import FolderError
 from beam_jobs.output_lock import read_record
 from imagebatch import paths
 
-RUN_ID = r"\d{8}T\d{6}-[0-9a-f]{6}"
-_KINDS = f"{outputs.PREDICTIONS_PREFIX}|{outputs.ERRORS_PREFIX}"
-_SHARD = re.compile(rf"^(?P<kind>{_KINDS})-(?P<run>{RUN_ID})-(?P<index>\d{{5}})"
-                    rf"-of-(?P<count>\d{{5}}){re.escape(outputs.PARQUET_SUFFIX)}$")
+KINDS = outputs.KINDS
+_KINDS = "|".join(KINDS)
+# Shards and Beam's staging folders sit in their kind's folder
+# (predictions/, errors/); folders written before that layout (manifest
+# version 2) hold them at the top, and are read as they are.
+_IN_FOLDER = rf"(?:(?P<folder>{_KINDS})/)?"
+_SHARD = re.compile(
+    rf"^{_IN_FOLDER}(?P<kind>{_KINDS})-(?P<run>{RUN_ID})-(?P<index>\d{{5}})"
+    rf"-of-(?P<count>\d{{5}}){re.escape(outputs.PARQUET_SUFFIX)}$")
 # Everything else a run names for itself: Beam's staging folders, and the
 # temporary files of the manifest and lock writes.
 _RUN_NAMED = (
     _SHARD,
-    re.compile(rf"^beam-temp-(?:{_KINDS})-(?P<run>{RUN_ID})-[0-9a-f]{{32}}$"),
+    re.compile(rf"^{_IN_FOLDER}beam-temp-(?P<kind>{_KINDS})-(?P<run>{RUN_ID})"
+               r"-[0-9a-f]{32}$"),
     re.compile(rf"^{re.escape(outputs.MANIFEST_FILE)}\.(?P<run>{RUN_ID})\.tmp$"),
-    re.compile(rf"^{re.escape(LOCK_FILE)}\.(?P<run>{RUN_ID})\.(?:tmp|stale)$"),
+    LOCK_LEFTOVER,
 )
 # What --overwrite may delete although no manifest or lock names it.
 OVERWRITE_KINDS = re.compile(
-    rf"^(?:(?:{_KINDS})-.*{re.escape(outputs.PARQUET_SUFFIX)}"
-    rf"|beam-temp-(?:{_KINDS})-.*"
-    rf"|{re.escape(outputs.MANIFEST_FILE)}(?:\..*\.tmp)?)$", re.DOTALL)
-# What a manifest may list: shard names of ours, in the folder itself.
-_SHARD_KINDS = re.compile(
-    rf"^(?:{_KINDS})-[^/\\]*{re.escape(outputs.PARQUET_SUFFIX)}$", re.DOTALL)
+    rf"^(?:(?:{_KINDS})/)?(?:(?:{_KINDS})-.*{re.escape(outputs.PARQUET_SUFFIX)}"
+    rf"|beam-temp-(?:{_KINDS})-.*)$"
+    rf"|^{re.escape(outputs.MANIFEST_FILE)}(?:\..*\.tmp)?$", re.DOTALL)
+# What a manifest may list under a kind: shard names of that kind, in the
+# kind's folder (or, written before it, in the folder itself).
+_SHARD_KINDS = {kind: re.compile(
+    rf"^(?:{kind}/)?{kind}-[^/\\]*{re.escape(outputs.PARQUET_SUFFIX)}$",
+    re.DOTALL) for kind in KINDS}
 OVERWRITE_HELP = ("--overwrite deletes only predictions-*.parquet, "
                   "errors-*.parquet, beam-temp-predictions-*/beam-temp-errors-* "
-                  "staging and _run.json, and leaves every other file alone")
+                  "staging (in the folder and in its predictions/ and errors/) "
+                  "and _run.json, and leaves every other file alone")
 _MAX_LISTED = 5
 
 
@@ -75,48 +92,73 @@ def new_run_id() -> str:
 
 
 def run_of(name: str) -> Optional[str]:
-  """The run id a file or folder name of ours carries, or None."""
+  """The run id a file or folder name of ours carries, or None. `name` is
+  relative to the output folder (`predictions/...` for a shard)."""
   for pattern in _RUN_NAMED:
     match = pattern.match(name)
-    if match:
+    if match and match.groupdict().get("folder") in (
+        None, match.groupdict().get("kind")):
       return match["run"]
   return None
 
 
+def _is_lock_leftover(name: str) -> bool:
+  return bool(LOCK_LEFTOVER.match(name))
+
+
 def _names(output: str) -> list:
-  """The names directly inside the folder (files, folders, prefixes)."""
-  if not paths.is_remote(output):
+  """The names in the folder, relative to it: its own entries (files,
+  folders, prefixes), and those of its predictions/ and errors/ folders as
+  `KIND/NAME`. Raises FolderError for a predictions or errors entry that
+  is not a folder: a link there would take the shards elsewhere."""
+  if paths.is_remote(output):
+    prefix = output.rstrip("/") + "/"
     try:
-      return sorted(os.listdir(output))
-    except FileNotFoundError:
-      return []
-    except NotADirectoryError:
-      raise FolderError(f"--output {output} is a file, not a folder") from None
-  prefix = output.rstrip("/") + "/"
-  found = FileSystems.match([prefix + "**"])[0].metadata_list
-  return sorted({m.path[len(prefix):].split("/", 1)[0] for m in found
-                 if m.path.startswith(prefix)})
+      found = FileSystems.match([prefix + "**"])[0].metadata_list
+    except Exception as error:  # pylint: disable=broad-except
+      # No credentials, no access to the bucket, say: one line.
+      text = str(error).strip().splitlines()
+      raise FolderError(
+          f"--output {output} cannot be listed ({type(error).__name__}: "
+          f"{text[0][:300] if text else ''})") from None
+    names = set()
+    for metadata in found:
+      if not metadata.path.startswith(prefix):
+        continue
+      parts = metadata.path[len(prefix):].split("/")
+      names.add(parts[0])
+      if parts[0] in KINDS and len(parts) > 1 and parts[1]:
+        names.add(f"{parts[0]}/{parts[1]}")
+    return sorted(names)
+  try:
+    names = os.listdir(output)
+  except FileNotFoundError:
+    return []
+  except NotADirectoryError:
+    raise FolderError(f"--output {output} is a file, not a folder") from None
+  inside = []
+  for kind in KINDS:
+    if kind not in names:
+      continue
+    folder = os.path.join(output, kind)
+    if not stat.S_ISDIR(os.lstat(folder).st_mode):
+      raise FolderError(
+          f"--output {output}: {kind} there is a file or a link, not the "
+          f"folder this tool writes its {kind} shards in; move it away, or "
+          "choose another folder")
+    inside += [f"{kind}/{name}" for name in os.listdir(folder)]
+  return sorted(names + inside)
 
 
 def _listed(manifest: Optional[dict], kind: Optional[str] = None) -> list:
   """The manifest's shard entries ({"name", "rows"}), of one kind or all."""
-  files = (manifest or {}).get("files")
-  if not isinstance(files, dict):
-    return []
-  kinds = [kind] if kind else [outputs.PREDICTIONS_PREFIX,
-                               outputs.ERRORS_PREFIX]
+  files = (manifest or {}).get("files") or {}
   entries = []
-  for name in kinds:
+  for name in [kind] if kind else KINDS:
     for entry in files.get(name) or []:
-      if isinstance(entry, dict) and _shard_name(entry.get("name")):
+      if _SHARD_KINDS[name].match(entry.get("name", "")):
         entries.append(entry)
   return entries
-
-
-def _shard_name(name) -> bool:
-  """A manifest lists shards of ours, inside its own folder, and nothing
-  else: a name that is not one is ignored, never read nor deleted."""
-  return isinstance(name, str) and bool(_SHARD_KINDS.match(name))
 
 
 def _strings(value) -> set:
@@ -150,7 +192,7 @@ class FolderState:
     return {run for run in runs if isinstance(run, str)}
 
   def ours(self, name: str, extra_runs=()) -> bool:
-    if name in (outputs.MANIFEST_FILE, LOCK_FILE):
+    if _permanent(name):
       return True
     if name in self.listed_names():
       return True
@@ -175,6 +217,14 @@ class FolderState:
   def kept_predictions(self) -> list:
     """The manifest's prediction shards, which --skip_existing keeps."""
     return _listed(self.manifest, outputs.PREDICTIONS_PREFIX)
+
+
+def _permanent(name: str) -> bool:
+  """Names that are ours whatever run wrote them, and that no commit
+  retires: the manifest, the lock and what locking leaves (cleaned up by
+  the lock itself), and the kinds' folders."""
+  return (name in (outputs.MANIFEST_FILE, LOCK_FILE) or name in KINDS or
+          _is_lock_leftover(name))
 
 
 def inspect(output: str) -> FolderState:
@@ -252,25 +302,37 @@ def check(state: FolderState, model_id: str, overwrite: bool,
 def result_files(output: str) -> dict:
   """The shard paths of the folder's current result set, by kind.
 
-  With a manifest, exactly the files it lists. A folder without one (written
-  by hand or by an older version) is read by its file names. Raises
-  outputs.ManifestError for a damaged manifest.
+  With a manifest, exactly the files it lists, in the layout it was
+  written in (KIND/ folders, or, before them, the folder itself). A folder
+  without one (written by hand or by an older version) is read by its file
+  names, in both layouts. Raises outputs.ManifestError for a damaged
+  manifest, or for a local predictions/ or errors/ that is a link or a
+  file: its shards would be read from elsewhere.
   """
   manifest = outputs.read_manifest(output)
-  if manifest is not None and isinstance(manifest.get("files"), dict):
-    return {kind: [paths.join(output, entry["name"])
-                   for entry in _listed(manifest, kind)]
-            for kind in (outputs.PREDICTIONS_PREFIX, outputs.ERRORS_PREFIX)}
-  return {
-      outputs.PREDICTIONS_PREFIX: paths.match_paths(
-          outputs.predictions_glob(output)),
-      outputs.ERRORS_PREFIX: paths.match_paths(outputs.errors_glob(output)),
-  }
+  if manifest is not None and "files" in manifest:
+    files = {kind: [paths.join(output, entry["name"])
+                    for entry in _listed(manifest, kind)] for kind in KINDS}
+  else:
+    files = {kind: paths.match_paths(outputs.shard_glob(output, kind)) +
+                   paths.match_paths(outputs.legacy_shard_glob(output, kind))
+             for kind in KINDS}
+  if not paths.is_remote(output):
+    for kind in KINDS:
+      folder = os.path.join(output, kind)
+      if os.path.lexists(folder) and not stat.S_ISDIR(
+          os.lstat(folder).st_mode):
+        raise outputs.ManifestError(
+            f"{folder} is a file or a link, not the folder this tool writes "
+            f"its {kind} shards in; they were not read")
+  return files
 
 
 def listed_rows(manifest: Optional[dict]) -> dict:
-  """{file name: row count} as the manifest records them."""
-  return {entry["name"]: entry.get("rows") for entry in _listed(manifest)}
+  """{shard file name: row count} as the manifest records them, keyed by
+  the file's own name (the last part of result_files' paths)."""
+  return {entry["name"].rsplit("/", 1)[-1]: entry.get("rows")
+          for entry in _listed(manifest)}
 
 
 def _footer_rows(path: str) -> int:
@@ -282,10 +344,10 @@ def _footer_rows(path: str) -> int:
 def run_shards(output: str, run_id: str, names: list) -> dict:
   """This run's shards among the folder's `names`, by kind, checked
   complete (every SSSSS of NNNNN)."""
-  found = {outputs.PREDICTIONS_PREFIX: [], outputs.ERRORS_PREFIX: []}
+  found = {kind: [] for kind in KINDS}
   for name in names:
     match = _SHARD.match(name)
-    if match and match["run"] == run_id:
+    if match and match["run"] == run_id and match["folder"] == match["kind"]:
       found[match["kind"]].append(match)
   shards = {}
   for kind, matches in found.items():
@@ -339,7 +401,8 @@ def plan_commit(state: FolderState, run_id: str, keep: list, overwrite: bool,
   `files`: this run's shards (checked complete) and the kept ones, with row
   counts from their footers; `totals` and `written` (this run's shards
   alone) count their rows; `retired` names what the commit replaces and
-  deletes. `state` is the folder as it was when the run took the lock.
+  deletes. `state` is the folder as it was when the run took the lock;
+  `keep` are entries of its manifest (see `move_kept`).
   """
   output = state.output
   names = _names(output)  # The folder now, with this run's shards.
@@ -355,7 +418,7 @@ def plan_commit(state: FolderState, run_id: str, keep: list, overwrite: bool,
   runs = set(inherited_runs) | {run_id}
   retired = sorted(
       name for name in set(state.names).union(names)
-      if name not in listed and name not in (outputs.MANIFEST_FILE, LOCK_FILE)
+      if name not in listed and not _permanent(name)
       and (state.ours(name, runs) or (
           overwrite and name in state.names and OVERWRITE_KINDS.match(name))))
   others = sorted(name for name in state.names
@@ -370,6 +433,41 @@ def plan_commit(state: FolderState, run_id: str, keep: list, overwrite: bool,
       "retired": retired,
       "others": others,
   }
+
+
+def move_kept(output: str, keep: list) -> list:
+  """The kept entries (--skip_existing) in the current layout: a shard a
+  run before it wrote in the folder itself is copied into its kind's
+  folder, under its own name, so that predictions/ holds the whole result
+  set. The copy is a hard link where the disk allows one; the original
+  stays listed until the commit retires it, so a run killed here leaves
+  the earlier manifest true."""
+  moved = []
+  for entry in keep:
+    name = entry["name"]
+    if "/" not in name:
+      target = f"{outputs.PREDICTIONS_PREFIX}/{name}"
+      _copy(paths.join(output, name), paths.join(output, target))
+      entry = dict(entry, name=target)
+    moved.append(entry)
+  return moved
+
+
+def _copy(source: str, target: str) -> None:
+  if paths.is_remote(source):
+    FileSystems.copy([source], [target])
+    return
+  if not stat.S_ISREG(os.lstat(source).st_mode):
+    raise FolderError(f"{paths.printable(source)}, a shard the manifest "
+                      "keeps, is not a regular file; nothing was committed")
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  if os.path.lexists(target):
+    # A copy made by a run killed before its commit: ours, and redone.
+    os.unlink(target)
+  try:
+    os.link(source, target, follow_symlinks=False)
+  except OSError:
+    shutil.copyfile(source, target, follow_symlinks=False)
 
 
 def _row_totals(files: dict) -> dict:

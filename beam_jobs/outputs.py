@@ -12,9 +12,9 @@ from typing import Optional
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from beam_jobs import records
 from beam_jobs.contracts import DUPLICATE_IDS
 from beam_jobs.contracts import ERROR_ROWS
 from beam_jobs.contracts import ERRORS
@@ -31,6 +31,10 @@ from imagebatch.paths import join
 
 PREDICTIONS_PREFIX = "predictions"
 ERRORS_PREFIX = "errors"
+# The two kinds of shard, each in a folder of its name in the output
+# (OUTPUT/predictions/predictions-RUN-SSSSS-of-NNNNN.parquet), so that a
+# Parquet reader pointed at a kind's folder reads that table alone.
+KINDS = (PREDICTIONS_PREFIX, ERRORS_PREFIX)
 MANIFEST_FILE = "_run.json"
 # A manifest lists one entry per shard; this bounds what a reader accepts.
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
@@ -197,20 +201,30 @@ class CountDuplicateIds(beam.PTransform):
         | "CountRepeats" >> beam.Map(_count_repeats))
 
 
-def predictions_glob(output: str) -> str:
-  return join(output, f"{PREDICTIONS_PREFIX}-*{PARQUET_SUFFIX}")
+def shard_glob(output: str, kind: str) -> str:
+  """A kind's shards in the output: OUTPUT/KIND/KIND-*.parquet."""
+  return join(join(output, kind), f"{kind}-*{PARQUET_SUFFIX}")
 
 
-def errors_glob(output: str) -> str:
-  return join(output, f"{ERRORS_PREFIX}-*{PARQUET_SUFFIX}")
+def legacy_shard_glob(output: str, kind: str) -> str:
+  """A kind's shards as versions before the kinds' folders wrote them, in
+  the output folder itself."""
+  return join(output, f"{kind}-*{PARQUET_SUFFIX}")
+
+
+def shard_prefix(output: str, kind: str, run_id: str) -> str:
+  """The path a run's shards of a kind start with. Beam's sink stages them
+  beside it, in KIND/beam-temp-KIND-RUN-*, and renames them at the end."""
+  return join(join(output, kind), f"{kind}-{run_id}")
 
 
 class WritePredictions(beam.PTransform):
-  """Arrow tables to `predictions-RUN-SSSSS-of-NNNNN.parquet` in the output."""
+  """Arrow tables to `predictions/predictions-RUN-SSSSS-of-NNNNN.parquet`
+  in the output."""
 
   def __init__(self, output: str, run_id: str, write_probabilities: bool):
     super().__init__()
-    self._prefix = join(output, f"{PREDICTIONS_PREFIX}-{run_id}")
+    self._prefix = shard_prefix(output, PREDICTIONS_PREFIX, run_id)
     self._schema = predictions_schema(write_probabilities)
 
   def expand(self, tables):
@@ -221,11 +235,12 @@ class WritePredictions(beam.PTransform):
 
 
 class WriteErrors(beam.PTransform):
-  """Error rows to `errors-RUN-SSSSS-of-NNNNN.parquet` in the output."""
+  """Error rows to `errors/errors-RUN-SSSSS-of-NNNNN.parquet` in the
+  output."""
 
   def __init__(self, output: str, run_id: str):
     super().__init__()
-    self._prefix = join(output, f"{ERRORS_PREFIX}-{run_id}")
+    self._prefix = shard_prefix(output, ERRORS_PREFIX, run_id)
 
   def expand(self, rows):
     return (
@@ -347,29 +362,51 @@ def _publish_local(temporary: str, path: str) -> None:
     os.close(folder)
 
 
+# What a reader may rely on in a manifest: the fields this tool writes (see
+# beam_jobs/predict.py and output_folder.plan_commit), each checked when
+# present. `files` entries are {"name", "rows"}; a name that is not one of
+# our shard names is ignored by output_folder, never read nor deleted.
+_COUNT = int
+_ROWS_BY_KIND = records.MapOf(_COUNT)
+MANIFEST_SCHEMA = records.Fields(
+    manifest_version=int,
+    run_id=str,
+    model_id=str,
+    model=records.Fields(model_id=str, architecture=(str, records.NONE),
+                         input_shape=records.ListOf(int), color_mode=str,
+                         classes=int),
+    class_names=records.ListOf(str),
+    arguments=records.MapOf(records.SCALAR),
+    beam_args=records.ListOf(str),
+    counts=records.MapOf(_COUNT),
+    true_labels=records.MapOf((_COUNT, str, bool, records.NONE)),
+    duplicate_ids=_COUNT,
+    elapsed_seconds=float,
+    images_per_second=(float, records.NONE),
+    finished_at=str,
+    files=records.MapOf(records.ListOf(records.Fields(
+        name=str, rows=(_COUNT, records.NONE)))),
+    totals=_ROWS_BY_KIND,
+    written=_ROWS_BY_KIND,
+    retired=records.ListOf(str),
+    others=records.ListOf(str),
+    accounted=bool,
+)
+
+
 def read_manifest(output: str) -> Optional[dict]:
   """The folder's manifest, None when it has none.
 
-  Raises ManifestError, naming the file, when `_run.json` is empty, not JSON
-  or not an object: a damaged manifest tells nothing about the folder.
+  Raises ManifestError, naming the file, when `_run.json` is not a regular
+  file, is empty, too large or too deeply nested, not JSON, not an object,
+  or has a field of a type this tool never writes there: a damaged
+  manifest tells nothing about the folder (beam_jobs/records.py).
   """
   path = manifest_path(output)
   try:
-    if not FileSystems.exists(path):
+    data = records.read_bytes(path, MAX_MANIFEST_BYTES)
+    if data is None:
       return None
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED
-                         ) as handle:
-      data = handle.read(MAX_MANIFEST_BYTES + 1)
-  except (OSError, ValueError) as error:
-    raise ManifestError(f"{path} cannot be read: {error}") from None
-  if len(data) > MAX_MANIFEST_BYTES:
-    raise ManifestError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes: "
-                        "not a manifest this tool wrote")
-  try:
-    manifest = json.loads(data.decode("utf-8"))
-  except (UnicodeDecodeError, json.JSONDecodeError) as error:
-    what = "empty (0 bytes)" if not data else f"not valid JSON ({error})"
-    raise ManifestError(f"{path} is {what}") from None
-  if not isinstance(manifest, dict):
-    raise ManifestError(f"{path} is not a JSON object")
-  return manifest
+    return records.check(records.parse(data, path), MANIFEST_SCHEMA, path)
+  except records.RecordError as error:
+    raise ManifestError(str(error)) from None

@@ -26,16 +26,19 @@ def read_inputs(pipeline, config: PredictConfig, card: ModelCard,
   # With nothing kept from before there is nothing to skip, and no join.
   skip = SkipExisting(list(skip_files), card.model_id, skip_rows) if (
       config.skip_existing and skip_files) else None
+  # The run's own output is never an input, even inside the input folder.
+  exclude = config.output
   if config.input_list:
     return pipeline | "ReadInputList" >> ReadInputList(
         config.input_list, config.uri_column, config.id_column,
-        config.label_column, config.batch_size, skip)
+        config.label_column, config.batch_size, skip, exclude=exclude)
   if config.input_format == "parquet":
     return pipeline | "ReadParquetImages" >> ReadParquetImages(
         config.input, card.input_shape, config.image_column, config.id_column,
-        config.label_column, config.batch_size, skip)
+        config.label_column, config.batch_size, skip, exclude=exclude)
   return pipeline | "ReadImageFiles" >> ReadImageFiles(
-      config.input, card.class_names, config.batch_size, skip)
+      config.input, card.class_names, config.batch_size, skip,
+      exclude=exclude)
 
 
 def build_pipeline(pipeline, config: PredictConfig, card: ModelCard,

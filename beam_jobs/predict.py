@@ -5,7 +5,8 @@ Usage:
       --output OUTPUT_DIR [--engine tflite|onnx|keras] [Beam flags, e.g. --runner]
   python -m beam_jobs.predict --input 'shards/*.parquet' --label_column label ...
 
-Writes predictions-*.parquet, errors-*.parquet and _run.json to OUTPUT_DIR.
+Writes OUTPUT_DIR/predictions/*.parquet, OUTPUT_DIR/errors/*.parquet and
+OUTPUT_DIR/_run.json, which lists them.
 """
 
 import collections
@@ -25,10 +26,12 @@ from apache_beam.options.pipeline_options import SetupOptions
 
 from beam_jobs import config as config_lib
 from beam_jobs import contracts
+from beam_jobs import model_staging
 from beam_jobs import output_folder
 from beam_jobs import output_lock
 from beam_jobs import outputs
 from beam_jobs import preflight
+from beam_jobs import worker_watchdog
 from beam_jobs.pipeline import build_pipeline
 from beam_jobs.progress import ProgressReporter
 from beam_jobs.progress import runs_locally
@@ -37,8 +40,10 @@ from imagebatch import cli
 from imagebatch import paths
 
 
-# 2: the manifest lists the result set's files (beam_jobs/output_folder.py).
-MANIFEST_VERSION = 2
+# 2: the manifest lists the result set's files (beam_jobs/output_folder.py);
+# 3: the shards sit in predictions/ and errors/, and are listed by their
+# paths in the folder.
+MANIFEST_VERSION = 3
 
 
 def _metric_value(result) -> int:
@@ -98,15 +103,32 @@ def run(config: config_lib.PredictConfig, beam_args=None,
     output_folder.check(state, plan.card.model_id, config.overwrite,
                         config.skip_existing)
     keep = state.kept_predictions() if config.skip_existing else []
+    if plan.staging:
+      _stage_model(plan.staging)
     started = time.time()
     pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, config, plan.card, run_id,
                    *_skip_arguments(config, keep), progress=progress)
-    result = _run_pipeline(pipeline, config.output, run_id, progress, lock)
+    with worker_watchdog.workers_end_with_this_process(
+        options, runs_locally(options)):
+      result = _run_pipeline(pipeline, config.output, run_id, progress, lock)
     manifest = _manifest(plan, run_id, beam_args, result,
                          time.time() - started)
     _commit(state, manifest, keep, config.overwrite, lock)
   return manifest
+
+
+def _stage_model(staging: model_staging.ModelStaging) -> None:
+  """Copies a local model folder where Dataflow's workers read it."""
+  try:
+    model_staging.stage(staging)
+  except Exception as error:  # pylint: disable=broad-except
+    message = str(error).strip().splitlines()[0][:300] if str(error) else ""
+    raise PipelineError(
+        f"could not stage --model {staging.source} to "
+        f"{staging.destination} for Dataflow's workers: "
+        f"{type(error).__name__}: {message}; nothing was submitted"
+    ) from error
 
 
 def _run_pipeline(pipeline, output: str, run_id: str, progress,
@@ -162,10 +184,16 @@ def _commit(state: output_folder.FolderState, manifest: dict, keep: list,
   a prediction or an error row and that the shards hold exactly the rows
   counted, and commits."""
   try:
+    keep = output_folder.move_kept(state.output, keep)
     manifest.update(output_folder.plan_commit(
         state, manifest["run_id"], keep, overwrite, lock.inherited))
   except output_folder.FolderError as error:
     raise PipelineError(str(error)) from None
+  except OSError as error:
+    lock.keep()
+    raise PipelineError(
+        f"could not commit to {state.output}: {type(error).__name__}: "
+        f"{error}; its earlier results stand") from error
   counts = manifest["counts"]
   manifest["accounted"] = (
       counts["inputs"] == counts["predictions"] + counts["errors"] and
@@ -217,15 +245,18 @@ def _dry_run(plan: preflight.Plan, options) -> dict:
       "unchecked": [f"--{flag} {value}" for flag, value in (
           ("input", config.input), ("input_list", config.input_list),
           ("output", config.output)) if value and paths.is_remote(value)],
+      "model_staging": plan.staging.destination if plan.staging else None,
   }
 
 
 def dry_run_line(report: dict, output: str) -> str:
   unchecked = (f"; not checked offline: {', '.join(report['unchecked'])}"
                if report["unchecked"] else "")
+  staged = (f"; --model would be staged to {report['model_staging']}, and "
+            "was not" if report.get("model_staging") else "")
   return (f"dry run: the Dataflow job was built ({report['transforms']} "
           f"transforms) and not submitted; nothing was written to {output}"
-          f"{unchecked}")
+          f"{staged}{unchecked}")
 
 
 def error_rate_problem(manifest: dict, output: str,
@@ -272,9 +303,19 @@ def summary_lines(manifest: dict) -> list:
            f"({manifest['images_per_second']} images/s)"]
   labels = manifest["true_labels"]
   if labels["matched"] or labels["unmatched"]:
-    lines.append(f"true labels: {labels['matched']} match a class of the "
-                 f"model, {labels['unmatched']} match none")
+    lines.append(f"true labels{_labels_from(manifest['arguments'])}: "
+                 f"{labels['matched']} match a class of the model, "
+                 f"{labels['unmatched']} match none")
   return lines
+
+
+def _labels_from(arguments: dict) -> str:
+  """Where the true labels came from, when no flag named it."""
+  if arguments.get("label_column") is not None or arguments.get(
+      "input_format") not in ("parquet", config_lib.LIST_FORMAT):
+    return ""
+  return (f" (from the {contracts.DEFAULT_LABEL_COLUMN!r} column, as "
+          "--label_column was not given; --label_column '' reads none)")
 
 
 def label_warning(manifest: dict) -> Optional[str]:
@@ -294,6 +335,13 @@ def duplicate_warning(manifest: dict, output: str) -> Optional[str]:
   return (f"{manifest['duplicate_ids']} rows repeat an id an earlier row had "
           f"(duplicate_ids in {outputs.MANIFEST_FILE}; python -m tools.query "
           f"{output} shows them)")
+
+
+def adoption_warnings(manifest: dict) -> list:
+  """What model.adopt warned when it made the model, repeated at each run
+  (the card's `adopted.warnings`, in the manifest's model summary)."""
+  return [f"model.adopt warned: {text}"
+          for text in manifest["model"].get("adoption_warnings", [])]
 
 
 def next_commands(output: str) -> list:
@@ -325,12 +373,14 @@ def main(argv=None) -> int:
     return 0
   for line in summary_lines(manifest):
     print(line)
-  for warning in (label_warning(manifest), duplicate_warning(manifest, output)):
+  for warning in (label_warning(manifest), duplicate_warning(manifest, output),
+                  *adoption_warnings(manifest)):
     if warning:
       print(f"beam_jobs.predict: warning: {warning}", file=sys.stderr)
   commands = next_commands(output)
-  cli.print_next(f"{output} (predictions-*.parquet, errors-*.parquet, "
-                 f"{outputs.MANIFEST_FILE})", commands)
+  cli.print_next(f"{output} ({outputs.PREDICTIONS_PREFIX}/, "
+                 f"{outputs.ERRORS_PREFIX}/, {outputs.MANIFEST_FILE})",
+                 commands)
   if not manifest["accounted"]:
     print("beam_jobs.predict: error: inputs != predictions + errors, or the "
           f"shards do not hold what was counted; see {outputs.MANIFEST_FILE}",

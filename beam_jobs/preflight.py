@@ -8,9 +8,7 @@ writes nothing but, for a real run, the output folder itself (made to learn
 that it can be written).
 """
 
-import csv
 import dataclasses
-import io
 import re
 from typing import Optional
 
@@ -18,6 +16,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options import pipeline_options as beam_options
 
+from beam_jobs import model_staging
 from beam_jobs import output_folder
 from beam_jobs.config import ConfigError
 from beam_jobs.config import DATAFLOW_RUNNERS
@@ -43,11 +42,16 @@ _INPUT_KINDS = {"parquet": "Parquet shards", "images": "image files",
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """What a run was checked to do."""
-  config: PredictConfig  # resolved: absolute paths, format and engine
+  # Resolved: absolute paths, format and engine; on Dataflow, a local model
+  # folder's staged place (see `model_staging`).
+  config: PredictConfig
   card: card_lib.ModelCard
   # The output folder as it stood; None where a dry run cannot list it.
   folder: Optional[output_folder.FolderState]
   dry_run: bool = False  # Dataflow's --dry_run: build the job, submit none
+  # A local model folder to copy where Dataflow's workers read it, before
+  # the job is submitted (not for a dry run).
+  staging: Optional[model_staging.ModelStaging] = None
 
 
 def check(config: PredictConfig, options=None) -> Plan:
@@ -57,13 +61,18 @@ def check(config: PredictConfig, options=None) -> Plan:
   options = options or beam_options.PipelineOptions([])
   dry_run = is_dataflow_dry_run(options)
   config = resolve_flags(config)
+  check_dataflow_paths(config, options)
+  check_reachable(config, dry_run)
   card = load_card(config.model, config.engine)
   config = dataclasses.replace(config, engine=(
       card.default_engine if config.engine == "auto" else config.engine))
   check_input(config, offline=dry_run)
   folder = check_output(config, card.model_id, offline=dry_run)
   check_workers(config, card, options)
-  return Plan(config, card, folder, dry_run)
+  staging = plan_model_staging(config, card, options)
+  if staging:
+    config = dataclasses.replace(config, model=staging.destination)
+  return Plan(config, card, folder, dry_run, staging)
 
 
 def resolve_flags(config: PredictConfig) -> PredictConfig:
@@ -110,13 +119,37 @@ def resolve_flags(config: PredictConfig) -> PredictConfig:
       _check_scheme(name, getattr(config, name))
       absolute[name] = paths.absolute(getattr(config, name))
   config = dataclasses.replace(config, **absolute)
-  return dataclasses.replace(config, input_format=config.resolved_format())
+  config = dataclasses.replace(config, input_format=config.resolved_format())
+  _check_output_outside_input(config)
+  return config
+
+
+def check_reachable(config: PredictConfig, dry_run: bool) -> None:
+  """Refuses, in one line and at once, a gs:// path the launcher is about
+  to read or write when Cloud Storage cannot be reached from here (Google's
+  client would retry for minutes first). A dry run reads the model alone:
+  its card shapes the job."""
+  flags = ("model",) if dry_run else ("model", "input", "input_list",
+                                      "output")
+  for flag in flags:
+    value = getattr(config, flag)
+    if value:
+      try:
+        paths.check_reachable(value)
+      except paths.Unreachable as error:
+        raise ConfigError(f"--{flag} {value}: {error}") from None
 
 
 def load_card(model: str, engine: str) -> card_lib.ModelCard:
   """The model folder's card, checked against its files; `engine` (or
   auto) must be one the folder serves with."""
-  if not FileSystems.exists(paths.join(model, card_lib.CARD_FILE)):
+  try:
+    found = FileSystems.exists(paths.join(model, card_lib.CARD_FILE))
+  except Exception as error:  # pylint: disable=broad-except
+    # A remote store that refuses us (no credentials, no access), say.
+    raise ConfigError(f"--model {model} cannot be read: "
+                      f"{_first_line(error)}") from None
+  if not found:
     adopt = adopt_command(model)
     if adopt:
       raise ConfigError(
@@ -150,16 +183,36 @@ def load_card(model: str, engine: str) -> card_lib.ModelCard:
   return card
 
 
+def input_pattern(config: PredictConfig) -> tuple:
+  """(flag, pattern) of the input as the pipeline lists it."""
+  if config.input_list:
+    return "input_list", config.input_list
+  return "input", (config.input if config.input_format == "parquet" else
+                   paths.expand_pattern(config.input))
+
+
+def _check_output_outside_input(config: PredictConfig) -> None:
+  """An --output inside the input is left out of its listing; one that
+  holds the input (or is its folder) would have its own files read as
+  inputs, and is refused."""
+  flag, pattern = input_pattern(config)
+  if paths.is_below(paths.pattern_base(pattern), config.output):
+    raise ConfigError(
+        f"--{flag} {getattr(config, flag)} is inside --output "
+        f"{config.output}: the run's own files would be read as inputs; "
+        "choose an --output outside the input (or a folder inside it, "
+        "which the input's listing leaves out)")
+
+
 def check_input(config: PredictConfig, offline: bool = False) -> None:
   """The input matches a file, and its first file has the columns the flags
   name. `offline`: a remote input is not listed."""
-  flag, pattern = ("input_list", config.input_list) if config.input_list else (
-      "input", config.input if config.input_format == "parquet" else
-      paths.expand_pattern(config.input))
+  flag, pattern = input_pattern(config)
   if offline and paths.is_remote(pattern):
     return
   # One match is enough to know the input is there; the pipeline lists all.
-  matched = paths.match_paths(pattern, limit=1)
+  # The run's own output is no input (pipeline.read_inputs leaves it out).
+  matched = paths.match_paths(pattern, limit=1, exclude=config.output)
   if not matched:
     raise ConfigError(f"--{flag} {getattr(config, flag)} matches no files: "
                       f"expected {_INPUT_KINDS[config.input_format]}")
@@ -205,9 +258,7 @@ def _check_list_columns(config: PredictConfig, list_path: str) -> None:
       if kind == "parquet":
         names = pq.ParquetFile(handle).schema_arrow.names
       else:
-        text = io.TextIOWrapper(handle, encoding="utf-8-sig",
-                                errors="replace", newline="")
-        names = next(csv.reader(text), [])
+        names = next(lists.csv_records(handle), [])
   except Exception:  # pylint: disable=broad-except
     # An unreadable list is reported by the pipeline, as one error row.
     return
@@ -236,6 +287,51 @@ def check_output(config: PredictConfig, model_id: str,
   return state
 
 
+def _on_dataflow(options) -> bool:
+  return runner_name(options.view_as(
+      beam_options.StandardOptions)) in DATAFLOW_RUNNERS
+
+
+def check_dataflow_paths(config: PredictConfig, options) -> None:
+  """Refuses a Dataflow job whose workers could not read its input or
+  write its output (a path on the launcher's disk), or could not install
+  this package at all."""
+  if not _on_dataflow(options):
+    return
+  for flag in ("input", "input_list", "output"):
+    value = getattr(config, flag)
+    if value and not paths.is_remote(value):
+      fix = ("pass a gs://BUCKET/... folder" if flag == "output" else
+             "copy it to gs://BUCKET/... (gcloud storage cp -r) and pass that")
+      raise ConfigError(
+          f"--{flag} {value} is on this machine, which Dataflow's workers "
+          f"cannot {'write' if flag == 'output' else 'read'}: {fix}")
+  setup = options.view_as(beam_options.SetupOptions)
+  if not (setup.setup_file or setup.requirements_file or setup.extra_packages
+          or options.view_as(beam_options.WorkerOptions).sdk_container_image):
+    raise ConfigError(
+        "Dataflow's workers would not have this package: pass --setup_file "
+        "./setup.py (installs it on each worker), --sdk_container_image (an "
+        "image built from dataflow/worker.Dockerfile), --extra_package (a "
+        "built wheel) or --requirements_file naming it")
+
+
+def plan_model_staging(config: PredictConfig, card: card_lib.ModelCard,
+                       options) -> Optional[model_staging.ModelStaging]:
+  """Where a local --model folder goes for Dataflow's workers (nothing
+  for a gs:// one, or another runner)."""
+  if not _on_dataflow(options) or paths.is_remote(config.model):
+    return None
+  cloud = options.view_as(beam_options.GoogleCloudOptions)
+  temp_location = cloud.temp_location or cloud.staging_location
+  if not temp_location or not temp_location.startswith("gs://"):
+    raise ConfigError(
+        f"--model {config.model} is on this machine: it is copied to "
+        "--temp_location for Dataflow's workers, so pass --temp_location "
+        "gs://BUCKET/tmp (or a gs:// --model)")
+  return model_staging.plan(config.model, card, temp_location)
+
+
 def check_workers(config: PredictConfig, card: card_lib.ModelCard,
                   options) -> None:
   """Refuses a Dataflow job whose workers would lack TensorFlow.
@@ -245,9 +341,8 @@ def check_workers(config: PredictConfig, card: card_lib.ModelCard,
   engines need TensorFlow, which a worker image or a requirements file must
   bring. Every decoder, the `tensorflow` recipe included, runs without it.
   """
-  if runner_name(options.view_as(
-      beam_options.StandardOptions)) not in DATAFLOW_RUNNERS or (
-          not engines.needs_tensorflow(card, config.engine)):
+  if not _on_dataflow(options) or (
+      not engines.needs_tensorflow(card, config.engine)):
     return
   if (options.view_as(beam_options.WorkerOptions).sdk_container_image or
       options.view_as(beam_options.SetupOptions).requirements_file):
@@ -275,6 +370,11 @@ def _check_scheme(flag: str, path: str) -> None:
   if flag == "output" and not path.startswith("gs://"):
     raise ConfigError(f"--output {path}: expected a local folder or "
                       "gs://BUCKET/..., where a second run can be locked out")
+
+
+def _first_line(error: Exception) -> str:
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0][:300] if text else ''}"
 
 
 def adopt_command(model: str) -> Optional[str]:

@@ -43,18 +43,19 @@ def write_output(folder: str, rows: int, shards: int) -> None:
     table = outputs.predictions_table(
         ids[start:stop], ids[start:stop], truth[start:stop],
         probabilities[start:stop], CLASSES, 3, "m", "tflite", False)
+    os.makedirs(os.path.join(folder, "predictions"), exist_ok=True)
     pq.write_table(table, os.path.join(
-        folder, f"predictions-{shard:05d}-of-{shards:05d}.parquet"))
+        folder, "predictions", f"predictions-{shard:05d}-of-{shards:05d}.parquet"))
+  os.makedirs(os.path.join(folder, "errors"), exist_ok=True)
   pq.write_table(outputs.ERRORS_SCHEMA.empty_table(),
-                 os.path.join(folder, "errors-00000-of-00001.parquet"))
+                 os.path.join(folder, "errors", "errors-00000-of-00001.parquet"))
 
 
 def native_views(folder: str):
   """The views as tools.query made them before: read_parquet over a glob."""
   connection = duckdb.connect()
-  for prefix, pattern in (
-      (outputs.PREDICTIONS_PREFIX, outputs.predictions_glob(folder)),
-      (outputs.ERRORS_PREFIX, outputs.errors_glob(folder))):
+  for prefix in outputs.KINDS:
+    pattern = outputs.shard_glob(folder, prefix)
     connection.execute(
         f"CREATE VIEW {prefix} AS SELECT * FROM read_parquet('{pattern}', "
         "union_by_name=true)")
@@ -66,7 +67,7 @@ def arrow_views(folder: str):
   connection = duckdb.connect(config={"autoload_known_extensions": False,
                                       "autoinstall_known_extensions": False})
   for prefix in (outputs.PREDICTIONS_PREFIX, outputs.ERRORS_PREFIX):
-    files = sorted(glob.glob(os.path.join(folder, f"{prefix}-*.parquet")))
+    files = sorted(glob.glob(outputs.shard_glob(folder, prefix)))
     connection.register(f"_{prefix}", ds.dataset(files, format="parquet"))
     connection.execute(f"CREATE VIEW {prefix} AS SELECT * FROM _{prefix}")
   for statement in ("SET temp_directory = ''",

@@ -10,7 +10,10 @@ import itertools
 import os
 import posixpath
 import re
+import socket
 import stat
+import threading
+import time
 from typing import Optional
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -43,6 +46,63 @@ def absolute(path: str) -> str:
   return absolute_path + "/" if path.endswith("/") else absolute_path
 
 
+# Cloud Storage's API host, and how long finding it may take before a
+# gs:// path is given up as unreachable from here.
+GCS_HOST = "storage.googleapis.com"
+REACH_SECONDS = 5.0
+# How long a failed look is believed before the host is looked up again.
+_UNREACHABLE_SECONDS = 30.0
+_reach = {}  # host -> (time looked, None or why not)
+_reach_lock = threading.Lock()
+
+
+class Unreachable(OSError):
+  """A remote path whose store cannot be reached from this machine."""
+
+
+def _reach_problem(host: str, port: int) -> Optional[str]:
+  """Why `host` cannot be reached, or None: its name is resolved and a
+  connection opened, each within REACH_SECONDS (in a thread, since a
+  name lookup has no timeout of its own)."""
+  outcome = []
+
+  def look():
+    try:
+      with socket.create_connection((host, port), timeout=REACH_SECONDS):
+        outcome.append(None)
+    except socket.gaierror as error:
+      outcome.append(f"{host} does not resolve: {error.strerror or error}")
+    except OSError as error:
+      outcome.append(f"no connection to {host}: {error.strerror or error}")
+
+  worker = threading.Thread(target=look, daemon=True)
+  worker.start()
+  worker.join(REACH_SECONDS * 2)
+  return outcome[0] if outcome else (
+      f"{host} did not answer within {REACH_SECONDS * 2:g}s")
+
+
+def check_reachable(path: str) -> None:
+  """Raises Unreachable, in one line, for a gs:// path when Cloud Storage
+  cannot be reached from here, so that no client waits minutes on retries
+  first. Nothing is checked for other paths, through a proxy (which does
+  the lookups), or with the storage emulator. A success is remembered for
+  the process, a failure for _UNREACHABLE_SECONDS."""
+  if not path.startswith("gs://") or any(
+      os.environ.get(name) for name in ("STORAGE_EMULATOR_HOST",
+                                        "HTTPS_PROXY", "https_proxy")):
+    return
+  with _reach_lock:
+    looked = _reach.get(GCS_HOST)
+    if looked is None or (looked[1] is not None and
+                          time.monotonic() - looked[0] > _UNREACHABLE_SECONDS):
+      looked = (time.monotonic(), _reach_problem(GCS_HOST, 443))
+      _reach[GCS_HOST] = looked
+  if looked[1]:
+    raise Unreachable(f"cannot reach Cloud Storage ({looked[1]}), so "
+                      f"{printable(path)} cannot be read or written from here")
+
+
 class NotARegularFile(OSError):
   """A local path that is a FIFO, socket, device or folder: never opened."""
 
@@ -57,7 +117,8 @@ def _special_kind(mode: int) -> Optional[str]:
 
 
 def open_file(path: str):
-  """Opens a local or remote file for reading, as stored.
+  """Opens a local or remote file for reading, as stored (a gs:// one
+  only if Cloud Storage can be reached: `check_reachable`).
 
   A local path is checked with stat before it is opened and refused unless
   it is a regular file (after following symbolic links): opening a FIFO
@@ -69,6 +130,7 @@ def open_file(path: str):
     # pylint: disable=import-outside-toplevel
     from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
+    check_reachable(path)
     return FileSystems.open(path,
                             compression_type=CompressionTypes.UNCOMPRESSED)
   kind = _special_kind(os.stat(path).st_mode)
@@ -132,9 +194,11 @@ def pattern_base(pattern: str) -> str:
   return prefix if prefix.endswith("/") else posixpath.dirname(prefix) + "/"
 
 
-def match_paths(pattern: str, limit: Optional[int] = None) -> list:
+def match_paths(pattern: str, limit: Optional[int] = None,
+                exclude: Optional[str] = None) -> list:
   """File paths a pattern matches, sorted; with `limit`, at most that many
-  of them, found without listing the rest.
+  of them, found without listing the rest. Nothing in the folder `exclude`
+  matches (an output folder inside the input, say).
 
   Remote patterns go through Beam's FileSystems. Local ones are listed here
   (`walk_local`) with the same pattern rules, because Beam's local listing
@@ -144,14 +208,26 @@ def match_paths(pattern: str, limit: Optional[int] = None) -> list:
   returned as a path too, so that reading it fails visibly.
   """
   if not is_remote(pattern):
-    # With a limit, folders are walked in name order, so that the same
-    # files come first every time (a check of "the first shard" reads the
-    # same shard however the disk orders its entries).
-    return sorted(itertools.islice(_match_local(pattern, ordered=bool(limit)),
-                                   limit))
+    # With a limit, paths come in the order of their names, as on gs://,
+    # so that the same files come first every time (a check of "the first
+    # shard" reads the same shard however the disk orders its entries).
+    return sorted(itertools.islice(
+        _match_local(pattern, ordered=bool(limit), exclude=exclude), limit))
   from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
-  result = FileSystems.match([pattern], limits=[limit] if limit else None)[0]
-  return sorted(metadata.path for metadata in result.metadata_list)
+  found = [metadata.path for metadata in FileSystems.match(
+      [pattern], limits=[limit] if limit else None)[0].metadata_list]
+  kept = [path for path in found if not is_below(path, exclude)]
+  if limit and len(kept) < len(found):
+    # The excluded folder came first: look further, past it.
+    kept = [metadata.path for metadata in FileSystems.match([pattern])[
+        0].metadata_list if not is_below(metadata.path, exclude)][:limit]
+  return sorted(kept)
+
+
+def is_below(path: str, folder: Optional[str]) -> bool:
+  """Whether `path` is the folder `folder` or below it."""
+  return bool(folder) and (path.rstrip("/") + "/").startswith(
+      folder.rstrip("/") + "/")
 
 
 def pattern_regex(pattern: str) -> "re.Pattern":
@@ -189,36 +265,68 @@ def walk_local(root: str, descend=None, ordered: bool = False):
   root included), which is yielded in place of its files. `descend(folder)`
   may decline to enter a sub-folder. Only the folders still to visit are
   held, never the files, unless `ordered`: then each folder's entries are
-  read whole and visited in name order."""
+  read whole and the paths come in the order of their full names, as an
+  object store lists them (gs:// lists names in lexicographic order), so a
+  limited match finds the same first file here and there."""
+  if ordered:
+    yield from _walk_ordered(root, descend)
+    return
   pending = [root]
   while pending:
     folder = pending.pop()
     try:
-      entries = scan_local(folder)
-      if ordered:
-        entries = sorted(entries)
       folders = []
-      for path, is_folder in entries:
+      for path, is_folder in scan_local(folder):
         if not is_folder:
           yield path, True
         elif descend is None or descend(path):
           folders.append(path)
-      pending.extend(reversed(folders) if ordered else folders)
+      pending.extend(folders)
     except OSError:
       yield folder, False
 
 
-def _match_local(pattern: str, ordered: bool = False):
+def _sorted_entries(folder: str) -> list:
+  """A folder's entries by full name, a sub-folder's name read with its
+  trailing slash ("a/b.png" before "a/b/c.png", as object names sort)."""
+  return sorted(scan_local(folder),
+                key=lambda entry: entry[0] + ("/" if entry[1] else ""))
+
+
+def _walk_ordered(root: str, descend=None):
+  try:
+    stack = [iter(_sorted_entries(root))]
+  except OSError:
+    yield root, False
+    return
+  while stack:
+    entry = next(stack[-1], None)
+    if entry is None:
+      stack.pop()
+      continue
+    path, is_folder = entry
+    if not is_folder:
+      yield path, True
+    elif descend is None or descend(path):
+      try:
+        stack.append(iter(_sorted_entries(path)))
+      except OSError:
+        yield path, False
+
+
+def _match_local(pattern: str, ordered: bool = False,
+                 exclude: Optional[str] = None):
   pattern = folder_pattern(pattern)
   prefix = _GLOB_CHARS.split(pattern, 1)[0]
   if prefix == pattern:
-    if os.path.lexists(pattern):
+    if os.path.lexists(pattern) and not is_below(pattern, exclude):
       yield pattern
     return
   root = posixpath.dirname(prefix)
   regex = pattern_regex(pattern)
   recursive = "**" in pattern
-  for path, listed in walk_local(root, ordered=ordered):
+  for path, listed in walk_local(
+      root, lambda folder: not is_below(folder, exclude), ordered=ordered):
     if listed:
       if regex.match(path):
         yield path

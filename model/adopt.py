@@ -7,7 +7,8 @@
       [--decoder tensorflow|pillow|torchvision] [--eval_data FOLDER]
       [--resize N | H,W] [--center_crop N | H,W] [--interpolation NAME]
       [--preprocessing_config FILE] [--layout NCHW|NHWC]
-      [--output_name NAME]
+      [--output_name NAME] [--confirm_output_kind]
+      [--confirm_input_scale] [--confirm_class_names]
 
 SOURCE is a `.keras` file, a legacy Keras `.h5` file, a TensorFlow SavedModel
 folder (its `serving_default` signature), a `.tflite` file, float or
@@ -22,18 +23,27 @@ runs code from the model: Keras loads in safe_mode (no Lambda layers), a
 SavedModel's ops are listed from its saved_model.pb and checked before it is
 loaded, an ONNX graph may use only the standard operator domains and read
 external data only from beside it, and nothing is unpickled.
+
+What would be served wrong is refused in one line, exit 2: a model that does
+not say how its pixels were scaled, without --input_scale or --eval_data to
+measure it; with --eval_data, a scale or class order that another clearly
+beats (model/adopt_eval.py; --confirm_input_scale and --confirm_class_names
+keep the user's); a declared --output_kind the probe batch contradicts
+(--confirm_output_kind); outputs that are not finite. Every warning is
+recorded in the card, and predict repeats it. Adopting never deletes or
+overwrites its source, or files it did not write (model/adopt_output.py).
 """
 
-import json
 import os
 import shutil
 import sys
 from typing import Optional
 
-import numpy as np
-
 from model import adopt_checks
+from model import adopt_eval
 from model import adopt_feeding
+from model import adopt_flags
+from model import adopt_output
 from model import card as card_lib
 from imagebatch import cli
 from model import engines
@@ -44,6 +54,9 @@ from model import torchvision_decoding
 from model.model_formats import AdoptError
 
 OUTPUT_KINDS = ("auto",) + card_lib.OUTPUT_KINDS
+# A classifier's input, height times width: above this it is not one this
+# serves (the probe images alone would not fit in memory).
+MAX_INPUT_PIXELS = 4096 * 4096
 
 
 def resolve_input(source: model_formats.Source, image_size: Optional[tuple],
@@ -83,61 +96,11 @@ def resolve_input(source: model_formats.Source, image_size: Optional[tuple],
                        f"model's input is {dims[0]}x{dims[1]} "
                        "(height x width)")
     size.append(int(dim))
+  if size[0] * size[1] > MAX_INPUT_PIXELS:
+    raise AdoptError(f"{source.path}: input of {size[0]}x{size[1]} pixels "
+                     f"is above the limit of {MAX_INPUT_PIXELS:,} pixels for "
+                     "an image classifier")
   return size[0], size[1], color_mode
-
-
-def parse_class_names(value: str) -> list:
-  """A comma-separated list, or a file: one name per line, or a JSON list."""
-  if os.path.isfile(value):
-    with open(value, encoding="utf-8") as handle:
-      text = handle.read()
-    if text.lstrip().startswith("["):
-      try:
-        names = json.loads(text)
-      except json.JSONDecodeError as error:
-        raise AdoptError(f"--class_names {value}: not a JSON list: "
-                         f"{error}") from None
-      if not isinstance(names, list):
-        raise AdoptError(f"--class_names {value}: expected a JSON list")
-      names = [str(name) for name in names]
-    else:
-      names = [line.strip() for line in text.splitlines() if line.strip()]
-  else:
-    names = [name.strip() for name in value.split(",")]
-  if any(not name for name in names):
-    raise AdoptError("--class_names has an empty name")
-  duplicates = sorted({name for name in names if names.count(name) > 1})
-  if duplicates:
-    raise AdoptError(f"--class_names repeats {', '.join(duplicates)}")
-  return names
-
-
-def _numbers(flag: str, value: Optional[str]) -> Optional[list]:
-  if value is None:
-    return None
-  try:
-    return [float(v) for v in value.split(",")]
-  except ValueError:
-    raise AdoptError(f"--{flag} {value!r}: expected comma-separated "
-                     "numbers") from None
-
-
-def parse_image_size(value: Optional[str], flag: str = "image_size",
-                     square: bool = True):
-  """HEIGHT,WIDTH (or HxW) as a pair; N as (N, N), or with `square` False
-  as the int N (`--resize N`: the shorter side)."""
-  if value is None:
-    return None
-  parts = value.replace("x", ",").split(",")
-  try:
-    size = tuple(int(p) for p in parts)
-  except ValueError:
-    size = ()
-  if len(size) not in (1, 2) or min(size) < 1:
-    raise AdoptError(f"--{flag} {value!r}: expected HEIGHT,WIDTH or N")
-  if len(size) == 1:
-    return size * 2 if square else size[0]
-  return size
 
 
 def _stage_source(source: model_formats.Source, out_dir: str) -> None:
@@ -161,16 +124,6 @@ def _stage_source(source: model_formats.Source, out_dir: str) -> None:
     shutil.copyfile(source.path, os.path.join(out_dir, card_lib.TFLITE_FILE))
 
 
-def _clear(out_dir: str) -> None:
-  """Until the new card is written, the folder must not pass for a model."""
-  for name in (card_lib.CARD_FILE, card_lib.MODEL_FILE, card_lib.TFLITE_FILE,
-               card_lib.ONNX_FILE):
-    if os.path.exists(os.path.join(out_dir, name)):
-      os.remove(os.path.join(out_dir, name))
-  shutil.rmtree(os.path.join(out_dir, card_lib.SAVED_MODEL_DIR),
-                ignore_errors=True)
-
-
 _KIND_NAMES = {"keras": "Keras .keras", "h5": "Keras .h5",
                "savedmodel": "TensorFlow SavedModel", "tflite": "TFLite",
                "onnx": "ONNX"}
@@ -186,25 +139,37 @@ def adopt(source_path: str, out_dir: str, class_names: list, *,
           interpolation: Optional[str] = None, layout: Optional[str] = None,
           output_name: Optional[str] = None,
           preprocessing_config: Optional[str] = None,
+          confirm_output_kind: bool = False,
+          confirm_input_scale: bool = False,
+          confirm_class_names: bool = False,
           say=print, warn=None) -> card_lib.ModelCard:
   """Writes the model folder; returns its card. Raises AdoptError.
 
   `resize` is N (the shorter side) or (height, width); `decoder` None
   means torchvision for an ONNX source or a recipe with torchvision steps,
-  else tensorflow."""
+  else tensorflow. The `confirm_*` flags keep a choice the probe or
+  --eval_data contradicts; every warning is also recorded in the card
+  (`adopted.warnings`), which predict repeats."""
   warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr))
+  warnings = []
+
+  def warn_and_record(text: str) -> None:
+    warnings.append(text)
+    warn(text)
+
   source_path = os.path.abspath(source_path)
   out_dir = os.path.abspath(out_dir)
-  if out_dir == source_path or out_dir.startswith(source_path + os.sep):
-    raise AdoptError("--output must not be the source or inside it")
   if output_kind not in OUTPUT_KINDS:
     raise AdoptError(f"--output_kind must be one of {OUTPUT_KINDS}")
   flags = adopt_feeding.feeding_flags(dict(
       resize=resize, center_crop=center_crop, interpolation=interpolation,
       input_scale=input_scale, input_mean=input_mean, input_std=input_std,
       image_size=image_size, color_mode=color_mode), preprocessing_config)
-  decoder = adopt_feeding.choose_decoder(
-      model_formats.detect_kind(source_path), decoder, flags)
+  kind = model_formats.detect_kind(source_path)
+  # Before anything is read or written: the output never costs the user
+  # the source, or files adopting did not write.
+  adopt_output.check_output(source_path, out_dir)
+  decoder = adopt_feeding.choose_decoder(kind, decoder, flags)
   try:
     source = model_formats.load_source(
         source_path, layout=layout, image_size=flags.image_size,
@@ -212,7 +177,8 @@ def adopt(source_path: str, out_dir: str, class_names: list, *,
   except AdoptError as error:
     raise AdoptError(adopt_feeding.with_origin(str(error), flags)) from None
   say(describe_source(source))
-  card = draft_card(source, class_names, flags, decoder, warn)
+  card = draft_card(source, class_names, flags, decoder)
+  scale_given = card.adopted["input_scale"] is not None
   if preprocessing_config is not None:
     card.adopted["preprocessing_from"] = {
         "file": os.path.basename(preprocessing_config),
@@ -222,32 +188,72 @@ def adopt(source_path: str, out_dir: str, class_names: list, *,
   if eval_data:
     eval_set, others = adopt_checks.eval_files(eval_data, class_names)
     if others:
-      warn(f"--eval_data: {sum(others.values())} files in folders not named "
-           f"for a class were left out ({', '.join(sorted(others)[:10])}); "
-           "name the folders as --class_names names the classes")
+      warn_and_record(
+          f"--eval_data: {sum(others.values())} files in folders not named "
+          f"for a class were left out ({', '.join(sorted(others)[:10])}); "
+          "name the folders as --class_names names the classes")
+  if not scale_given and not eval_set:
+    raise AdoptError(adopt_feeding.needs_scale(source))
   check_pixels = adopt_checks.check_images(card, eval_set)
-  os.makedirs(out_dir, exist_ok=True)
-  _clear(out_dir)
-  _stage_source(source, out_dir)
-  engine = _decide_output(source, card, out_dir, output_kind, check_pixels,
-                          say)
-  _add_tflite(source, card, out_dir, engine, check_pixels,
-              "--eval_data images" if eval_set else "generated check images",
-              say)
-  if eval_set:
-    card.metrics = adopt_checks.evaluate(card, out_dir, eval_set, eval_data,
-                                         say, warn)
-  card.model_id = card_lib.compute_model_id(
-      card, *card_lib.model_payloads(out_dir, card))
-  card.validate()
-  with open(os.path.join(out_dir, card_lib.CARD_FILE), "w") as handle:
-    handle.write(card.to_json())
+  with adopt_output.StagedFolder(out_dir) as staged:
+    _stage_source(source, staged.path)
+    engine = engines.load_engine(staged.path, card.engines[0], card=card)
+    if scale_given:
+      adopt_checks.record_output_kind(
+          source, card, engine, output_kind, confirm_output_kind,
+          check_pixels, say, warn_and_record)
+    else:
+      # Until --eval_data has measured the scale, the kind is read from
+      # the finite rows of the probe at a placeholder scale.
+      adopt_checks.provisional_output_kind(source, card, engine, output_kind,
+                                           check_pixels)
+    if eval_set:
+      verdict = adopt_eval.check(
+          engine, card, eval_set, eval_data, scale_given,
+          confirm_input_scale=confirm_input_scale,
+          confirm_class_names=confirm_class_names, say=say)
+      for text in verdict.warnings:
+        warn_and_record(text)
+      card.adopted["eval_check"] = verdict.record
+      if not scale_given:
+        _choose_scale(source, card, engine, verdict, check_pixels,
+                      output_kind, confirm_output_kind, say,
+                      warn_and_record)
+    _add_tflite(source, card, staged.path, engine, check_pixels,
+                "--eval_data images" if eval_set else
+                "generated check images", say)
+    if eval_set:
+      card.metrics = adopt_checks.evaluate(card, staged.path, eval_set,
+                                           eval_data, say, warn_and_record)
+    if warnings:
+      card.adopted["warnings"] = warnings
+    card.model_id = card_lib.compute_model_id(
+        card, *card_lib.model_payloads(staged.path, card))
+    card.validate()
+    staged.commit(card.to_json())
   say(f"adopted {source_path} as model {card.model_id} in {out_dir}: "
       f"{card.height}x{card.width} {card.color_mode}, {card.num_classes} "
       f"classes, decoder {card.decoder}, input_scale {card.input_scale} "
       f"({card.adopted['input_scale']}), engines {', '.join(card.engines)} "
       f"(default {card.default_engine})")
   return card
+
+
+def _choose_scale(source, card, engine, verdict, check_pixels, output_kind,
+                  confirm_output_kind, say, warn) -> None:
+  """Serves with the scale --eval_data chose (the model did not say); the
+  output is probed again at it."""
+  scores = verdict.record["scales"][verdict.input_scale]
+  card.adopted["input_scale"] = (
+      f"chosen by --eval_data: accuracy {scores['accuracy']:.3f}, log loss "
+      f"{scores['log_loss']:.2f}, clearly the best of "
+      f"{', '.join(verdict.record['scales'])}")
+  say(f"input_scale: {verdict.input_scale} ({card.adopted['input_scale']})")
+  # The engine reads the card's recipe as it runs.
+  card.preprocessing["input_scale"] = verdict.input_scale
+  adopt_checks.record_output_kind(source, card, engine, output_kind,
+                                  confirm_output_kind, check_pixels, say,
+                                  warn)
 
 
 def describe_source(source: model_formats.Source) -> str:
@@ -271,10 +277,12 @@ def describe_source(source: model_formats.Source) -> str:
 
 
 def draft_card(source: model_formats.Source, class_names: list,
-               flags: preprocessing_config.PreprocessingFlags, decoder: str,
-               warn) -> card_lib.ModelCard:
+               flags: preprocessing_config.PreprocessingFlags, decoder: str
+               ) -> card_lib.ModelCard:
   """The card of everything known before the model runs: its input, classes
-  and feeding recipe (the output kind and model id come later)."""
+  and feeding recipe (the output kind and model id come later).
+  `adopted.input_scale` is None when the model does not say its scale and
+  no flag did."""
   try:
     height, width, color_mode = resolve_input(source, flags.image_size,
                                               flags.color_mode)
@@ -284,7 +292,7 @@ def draft_card(source: model_formats.Source, class_names: list,
   if classes is not None and classes != len(class_names):
     raise AdoptError(f"--class_names has {len(class_names)} names but the "
                      f"model outputs {classes} classes")
-  input_scale, scale_from = adopt_feeding.input_scale(source, flags, warn)
+  input_scale, scale_from = adopt_feeding.input_scale(source, flags)
   recipe = adopt_feeding.feeding_recipe(decoder, height, width, color_mode,
                                         input_scale, flags)
   adopted = {"source": os.path.basename(source.path.rstrip(os.sep)),
@@ -309,29 +317,6 @@ def draft_card(source: model_formats.Source, class_names: list,
       preprocessing=recipe,
       engines=[model_formats.SOURCE_ENGINE[source.kind]],
       adopted=adopted).validate()
-
-
-def _decide_output(source: model_formats.Source, card: card_lib.ModelCard,
-                   out_dir: str, output_kind: str, check_pixels, say):
-  """Runs the staged model on the probe images and records its output
-  kind in the card; returns the engine that ran it."""
-  engine = engines.load_engine(out_dir, card.engines[0], card=card)
-  probe = check_pixels[:adopt_checks.PROBE_IMAGES]
-  try:
-    outputs = engine.outputs(probe)
-  except Exception as error:  # pylint: disable=broad-except
-    raise AdoptError(f"{source.path} failed on a batch of {len(probe)} "
-                     f"images of {card.height}x{card.width}x{card.channels}: "
-                     f"{model_formats.first_line(error)}") from None
-  if not np.isfinite(outputs).all():
-    raise AdoptError(f"{source.path} outputs NaN or infinity on the "
-                     f"{len(probe)} check images scaled as input_scale "
-                     f"{card.input_scale}; a classifier's scores are finite")
-  card.output, why = adopt_checks.decide_output(source, output_kind, outputs,
-                                                card.num_classes)
-  card.adopted["output"] = why
-  say(f"output: {card.output} ({why})")
-  return engine
 
 
 def _add_tflite(source: model_formats.Source, card: card_lib.ModelCard,
@@ -372,10 +357,13 @@ def build_parser() -> cli.ArgumentParser:
                       "a file: one name per line or a JSON list")
   parser.add_argument("--input_scale", default=None,
                       choices=preprocessing.INPUT_SCALES,
-                      help="how [0, 255] pixels become the model input "
-                      "(default: none, which is raw, rescaled inside the "
-                      "model; an ONNX source needs one: torch is ToTensor "
-                      "then ImageNet's Normalize)")
+                      help="how [0, 255] pixels become the model input: "
+                      "unit is x / 255, symmetric x / 127.5 - 1, raw as "
+                      "they are (a model that rescales inside), torch "
+                      "ToTensor then ImageNet's Normalize (default: what "
+                      "the model says: raw with a Rescaling layer, a "
+                      "quantised input's range; else measured on "
+                      "--eval_data, or refused)")
   parser.add_argument("--input_mean", default=None,
                       help="custom: per-channel mean, in pixel units")
   parser.add_argument("--input_std", default=None,
@@ -393,7 +381,11 @@ def build_parser() -> cli.ArgumentParser:
                       help="only for an input with dynamic channels")
   parser.add_argument("--output_kind", default="auto", choices=OUTPUT_KINDS,
                       help="what the model outputs; auto: read from its last "
-                      "layer")
+                      "layer or a probe batch, which a declared kind must "
+                      "agree with")
+  parser.add_argument("--confirm_output_kind", action="store_true",
+                      help="keep --output_kind although the probe batch "
+                      "reads the other kind")
   parser.add_argument("--decoder", default=None,
                       choices=preprocessing.DECODERS,
                       help="tensorflow: as keras.utils."
@@ -418,7 +410,15 @@ def build_parser() -> cli.ArgumentParser:
                       "flags above; a flag that contradicts it is refused")
   parser.add_argument("--eval_data", default=None,
                       help="a folder of class sub-folders to score the model "
-                      "on through the serving decoder")
+                      "on through the serving decoder; every input scale "
+                      "and the best class order are scored too, and one "
+                      "clearly better than those given is refused, named")
+  parser.add_argument("--confirm_input_scale", action="store_true",
+                      help="keep --input_scale although --eval_data fits "
+                      "another clearly better")
+  parser.add_argument("--confirm_class_names", action="store_true",
+                      help="keep the order of --class_names although "
+                      "--eval_data fits another clearly better")
   parser.add_argument("--verbose", action="store_true",
                       help="also TensorFlow's and Keras' own log lines")
   return parser
@@ -428,21 +428,34 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   cli.quiet_libraries(args.verbose)
   try:
-    adopt(args.source, args.output, parse_class_names(args.class_names),
+    flags = adopt_flags
+    adopt(args.source, args.output, flags.parse_class_names(args.class_names),
           input_scale=args.input_scale,
-          input_mean=_numbers("input_mean", args.input_mean),
-          input_std=_numbers("input_std", args.input_std),
-          image_size=parse_image_size(args.image_size),
+          input_mean=flags.parse_numbers("input_mean", args.input_mean),
+          input_std=flags.parse_numbers("input_std", args.input_std),
+          image_size=flags.parse_image_size(args.image_size),
           color_mode=args.color_mode, output_kind=args.output_kind,
           decoder=args.decoder, eval_data=args.eval_data,
-          resize=parse_image_size(args.resize, "resize", square=False),
-          center_crop=parse_image_size(args.center_crop, "center_crop"),
+          resize=flags.parse_image_size(args.resize, "resize", square=False),
+          center_crop=flags.parse_image_size(args.center_crop, "center_crop"),
           interpolation=args.interpolation, layout=args.layout,
           output_name=args.output_name,
-          preprocessing_config=args.preprocessing_config)
+          preprocessing_config=args.preprocessing_config,
+          confirm_output_kind=args.confirm_output_kind,
+          confirm_input_scale=args.confirm_input_scale,
+          confirm_class_names=args.confirm_class_names)
   except (AdoptError, OSError) as error:
     print(f"model.adopt: error: {error}", file=sys.stderr)
     return 2
+  except Exception as error:  # pylint: disable=broad-except
+    # A model file can fail a library in ways no check foresaw: one line,
+    # and the traceback only when asked for.
+    if args.verbose:
+      raise
+    print(f"model.adopt: error: {type(error).__name__}: "
+          f"{model_formats.first_line(error)} (--verbose shows where)",
+          file=sys.stderr)
+    return 1
   cli.print_next(
       f"{args.output} (model_card.json and the model files)",
       [cli.predict_command(model=args.output)])

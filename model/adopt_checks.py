@@ -1,6 +1,8 @@
-"""What adoption measures before it writes a card: the output kind, the
-TFLite conversion's agreement with the source, and accuracy on --eval_data,
-all through the serving decoder and engines.
+"""What adoption measures before it writes a card: the output kind (and
+whether a declared one agrees), the TFLite conversion's agreement with the
+source, and accuracy on --eval_data, all through the serving decoder and
+engines. The --eval_data check of the scale and class order is
+model/adopt_eval.py.
 """
 
 import os
@@ -22,6 +24,11 @@ CHECK_IMAGES = 512
 
 
 PROBE_IMAGES = 64
+
+
+# The check images are held in memory together: fewer than CHECK_IMAGES
+# for a model whose input is large (170 at 512x512 RGB).
+CHECK_BYTES = 512 << 20
 
 
 EVAL_BATCH = 256
@@ -53,9 +60,17 @@ def decode_files(card: card_lib.ModelCard, files: list):
   decoder = preprocessing.card_decoder(card)
   for start in range(0, len(files), EVAL_BATCH):
     chunk = files[start:start + EVAL_BATCH]
-    pixels, good, errors = decoder.decode(
-        [paths.read_bytes(path) for path, _ in chunk])
+    pixels, good, errors = decoder.decode([_read(path) for path, _ in chunk])
     yield pixels, np.array([chunk[i][1] for i in good], np.int64), len(errors)
+
+
+def _read(path: str):
+  """A file's bytes, or None (a decode failure) for one that cannot be
+  read: a FIFO, a dangling link, a folder."""
+  try:
+    return paths.read_bytes(path)
+  except OSError:
+    return None
 
 
 def probe_images(card: card_lib.ModelCard, count: int) -> np.ndarray:
@@ -69,18 +84,18 @@ def probe_images(card: card_lib.ModelCard, count: int) -> np.ndarray:
   xs = np.linspace(0, 1, card.width)[None, :, None]
   gradients = np.stack([
       np.broadcast_to(255 * (a * ys + (1 - a) * xs) * np.ones(card.channels),
-                      shape) for a in rng.uniform(0, 1, third)])
+                      shape) for a in rng.uniform(0, 1, third)] or [
+                          np.zeros((0,) + shape)])
+  gradients = gradients.reshape((third,) + shape)
   flat = rng.uniform(0, 255, (count - 2 * third, 1, 1, card.channels)) * (
       np.ones(shape))
   return np.concatenate([noise, gradients, flat]).astype(np.float32)
 
 
-def decide_output(source: model_formats.Source, declared: str,
-                  outputs: np.ndarray, num_classes: int) -> tuple:
-  """(output kind, why): declared, a final softmax in the Keras config, or
-  what the probe batch's rows look like."""
-  if declared != "auto":
-    return declared, "declared with --output_kind"
+def decide_output(source: model_formats.Source, outputs: np.ndarray,
+                  num_classes: int) -> tuple:
+  """(output kind, why): a final softmax in the Keras config, or what the
+  probe batch's rows look like."""
   if source.softmax:
     return "probabilities", "the Keras config ends in a softmax"
   # A quantised output is only near 1: allow a step of its scale per class.
@@ -94,13 +109,75 @@ def decide_output(source: model_formats.Source, declared: str,
                     "probabilities (negative, or not summing to 1)")
 
 
+def record_output_kind(source: model_formats.Source,
+                       card: card_lib.ModelCard, engine, output_kind: str,
+                       confirmed: bool, check_pixels, say, warn) -> None:
+  """Runs the staged model on the probe images and records its output
+  kind in the card. A declared kind the probe contradicts is refused unless
+  `confirmed` (--confirm_output_kind)."""
+  probe = check_pixels[:PROBE_IMAGES]
+  try:
+    outputs = engine.outputs(probe)
+  except Exception as error:  # pylint: disable=broad-except
+    raise AdoptError(f"{source.path} failed on a batch of {len(probe)} "
+                     f"images of {card.height}x{card.width}x{card.channels}: "
+                     f"{model_formats.first_line(error)}") from None
+  if not np.isfinite(outputs).all():
+    raise AdoptError(f"{source.path} outputs NaN or infinity on the "
+                     f"{len(probe)} check images scaled as input_scale "
+                     f"{card.input_scale}; a classifier's scores are finite")
+  read, why = decide_output(source, outputs, card.num_classes)
+  if output_kind in ("auto", read):
+    card.output = read
+    card.adopted["output"] = why if output_kind == "auto" else (
+        f"declared with --output_kind, as {why}")
+  elif confirmed:
+    card.output = output_kind
+    card.adopted["output"] = (f"declared with --output_kind and confirmed "
+                              f"(--confirm_output_kind), although {why}")
+    warn(f"--confirm_output_kind: served as {output_kind}, although {why}")
+  else:
+    served = ("softmax would flatten them into other confidences"
+              if output_kind == "logits" else
+              "its confidences would not be probabilities (above 1, or "
+              "negative)")
+    raise AdoptError(
+        f"--output_kind {output_kind} contradicts the model: {why}, and "
+        f"served as {output_kind} {served}; pass --output_kind {read} (or "
+        f"auto), or --confirm_output_kind to keep {output_kind}")
+  say(f"output: {card.output} ({card.adopted['output']})")
+
+
+def provisional_output_kind(source: model_formats.Source,
+                            card: card_lib.ModelCard, engine,
+                            output_kind: str, check_pixels) -> None:
+  """The output kind to score --eval_data with before the scale is known:
+  declared, or read from the probe's finite rows (logits if none)."""
+  try:
+    outputs = engine.outputs(check_pixels[:PROBE_IMAGES])
+  except Exception as error:  # pylint: disable=broad-except
+    raise AdoptError(f"{source.path} failed on a batch of check images: "
+                     f"{model_formats.first_line(error)}") from None
+  finite = outputs[np.isfinite(outputs).all(axis=1)]
+  card.output = output_kind if output_kind != "auto" else (
+      decide_output(source, finite, card.num_classes)[0]
+      if len(finite) else "logits")
+
+
+def check_image_count(card: card_lib.ModelCard) -> int:
+  """How many check images fit in CHECK_BYTES, up to CHECK_IMAGES."""
+  image_bytes = card.height * card.width * card.channels * 4
+  return int(max(1, min(CHECK_IMAGES, CHECK_BYTES // image_bytes)))
+
+
 def check_images(card: card_lib.ModelCard, eval_set: list) -> np.ndarray:
   """Pixels for the output probe and the TFLite check: up to CHECK_IMAGES
   of --eval_data, spread over its classes, or generated ones without it."""
+  count = check_image_count(card)
   if not eval_set:
-    return probe_images(card, CHECK_IMAGES)
-  step = max(1, len(eval_set) // CHECK_IMAGES)
-  sample = eval_set[::step][:CHECK_IMAGES]
+    return probe_images(card, count)
+  step = max(1, len(eval_set) // count)
+  sample = eval_set[::step][:count]
   pixels = np.concatenate([p.astype(np.float32)
                            for p, _, _ in decode_files(card, sample)])
   if not len(pixels):

@@ -22,13 +22,21 @@ from model.model_formats import AdoptError
 # The steps of the torchvision decoder (its card fields), which no other
 # decoder has.
 TORCHVISION_STEPS = torchvision_decoding.CARD_FIELDS
+# The scales a refusal for a missing --input_scale names.
+_SCALE_CHOICES = (
+    "pass --input_scale unit (the author divided by 255), symmetric "
+    "(x / 127.5 - 1, keras.applications' \"tf\" mode), raw (the model "
+    "rescales inside), caffe, torch or custom (--input_mean, --input_std)")
 # An ONNX graph has no rescaling layer to read the input scale from.
 ONNX_NEEDS_SCALE = (
     "an ONNX graph does not say how its author scaled pixels: pass "
     "--input_scale torch (ToTensor, then Normalize with ImageNet's mean and "
     "std), symmetric (Normalize(0.5, 0.5)), unit (ToTensor alone), raw, "
     "caffe or custom (--input_mean, --input_std), or --preprocessing_config "
-    "with the author's config.json or preprocessor_config.json")
+    "with the author's config.json or preprocessor_config.json, or "
+    "--eval_data with labelled images to measure which fits")
+# The layers that show a Keras model scales its own input.
+RESCALING_LAYERS = frozenset(["Rescaling", "Normalization"])
 
 
 def feeding_flags(explicit: dict, config_path: Optional[str]
@@ -158,20 +166,32 @@ def _refuse_unit_mean_std(mean: list, std: list) -> None:
 
 
 def input_scale(source: model_formats.Source,
-                flags: preprocessing_config.PreprocessingFlags,
-                warn) -> tuple:
+                flags: preprocessing_config.PreprocessingFlags) -> tuple:
   """(input scale, where it came from): the flag or the author's file, the
-  source's quantised input range, or the default; an ONNX source has no
-  default."""
+  source's quantised input range, or raw for a Keras model that rescales
+  inside. (raw, None) when the model does not say: then --eval_data
+  measures it, or adopting is refused (`needs_scale`)."""
   if flags.input_scale is not None:
     return flags.input_scale, origin(flags, "input_scale")
-  if source.kind == "onnx":
-    raise AdoptError(ONNX_NEEDS_SCALE)
   if source.implied_scale:
     return source.implied_scale, source.implied_scale_reason
-  if source.layer_classes and not source.layer_classes & {
-      "Rescaling", "Normalization"}:
-    warn("the model has no Rescaling or Normalization layer, so it may "
-         "expect pixels scaled outside it; if its author divided by 255, "
-         "pass --input_scale unit (see the table in the README)")
-  return "raw", "the default"
+  found = sorted(source.layer_classes & RESCALING_LAYERS)
+  if found and source.kind != "onnx":
+    return "raw", (f"the default: the model scales its own input (a "
+                   f"{' and a '.join(found)} layer)")
+  return "raw", None
+
+
+def needs_scale(source: model_formats.Source) -> str:
+  """Why adopting without --input_scale or --eval_data is refused, and
+  what to pass, in one line."""
+  if source.kind == "onnx":
+    return ONNX_NEEDS_SCALE
+  what = {"keras": "the model has no Rescaling or Normalization layer, so "
+                   "it does not say",
+          "savedmodel": "the SavedModel does not say",
+          "tflite": "the TFLite model does not say"}[
+              "keras" if source.kind == "h5" else source.kind]
+  return (f"{what} how its author scaled pixels, and served on the wrong "
+          f"scale its confidences are wrong: {_SCALE_CHOICES}; or pass "
+          "--eval_data with labelled images to measure which fits")

@@ -11,6 +11,7 @@ come from it, so serving cannot drift from training.
 import dataclasses
 import hashlib
 import json
+import os
 from typing import Any, Optional
 
 from model import model_checks
@@ -18,7 +19,7 @@ from model import preprocessing
 from model import torchvision_decoding
 from imagebatch.paths import join
 from imagebatch.paths import match_paths
-from imagebatch.paths import read_bytes
+from imagebatch.paths import open_file
 
 MODEL_FILE = "model.keras"
 TFLITE_FILE = "model.tflite"
@@ -47,6 +48,13 @@ CARD_FORMAT_VERSION = 2
 # Every card field that changes what serving outputs for an image.
 SERVING_FIELDS = ("class_names", "input_shape", "color_mode", "output",
                   "preprocessing")
+
+
+# The card's fields that hold a list or a JSON object, checked as such
+# before anything reads them.
+_FIELD_TYPES = {"class_names": list, "input_shape": list, "engines": list,
+                "preprocessing": dict, "dataset": dict, "metrics": dict,
+                "training": dict, "tflite": dict, "adopted": dict}
 
 
 @dataclasses.dataclass
@@ -116,7 +124,15 @@ class ModelCard:
 
   def validate(self) -> "ModelCard":
     """Raises ValueError naming the first field that is not as expected."""
-    if self.color_mode not in COLOR_MODES:
+    for name, kind in _FIELD_TYPES.items():
+      if not isinstance(getattr(self, name), kind):
+        raise ValueError(f"model card {name} must be a "
+                         f"{'list' if kind is list else 'JSON object'}, got "
+                         f"{type(getattr(self, name)).__name__}")
+    if not all(isinstance(name, str) for name in self.class_names):
+      raise ValueError("model card class_names must be strings")
+    if not isinstance(self.color_mode, str) or (
+        self.color_mode not in COLOR_MODES):
       raise ValueError(
           f"model card color_mode must be one of {sorted(COLOR_MODES)}, "
           f"got {self.color_mode!r}")
@@ -128,7 +144,7 @@ class ModelCard:
       raise ValueError(
           f"model card input_shape has {self.channels} channels but "
           f"color_mode {self.color_mode!r} needs {COLOR_MODES[self.color_mode]}")
-    if self.output not in OUTPUT_KINDS:
+    if not isinstance(self.output, str) or self.output not in OUTPUT_KINDS:
       raise ValueError(
           f"model card output must be one of {OUTPUT_KINDS}, got {self.output!r}")
     if len(self.class_names) < 2:
@@ -165,9 +181,11 @@ class ModelCard:
   @classmethod
   def from_json(cls, text: str) -> "ModelCard":
     try:
-      fields = json.loads(text)
-    except json.JSONDecodeError as error:
-      raise ValueError(f"model card is not valid JSON: {error}") from None
+      fields = model_checks.load_config_json(text, "model card")
+    except ValueError as error:
+      raise ValueError(str(error)) from None
+    if not isinstance(fields, dict):
+      raise ValueError("model card is not a JSON object")
     known = {field.name for field in dataclasses.fields(cls)}
     missing = [
         field.name for field in dataclasses.fields(cls)
@@ -176,7 +194,15 @@ class ModelCard:
     ]
     if missing:
       raise ValueError(f"model card is missing fields: {', '.join(missing)}")
-    return cls(**{k: v for k, v in fields.items() if k in known}).validate()
+    card = cls(**{k: v for k, v in fields.items() if k in known})
+    try:
+      return card.validate()
+    except (TypeError, AttributeError, KeyError, IndexError):
+      # A field of the wrong type (a number for a list, say).
+      raise ValueError("model card has a field of the wrong type: "
+                       + ", ".join(f"{name} is {type(fields[name]).__name__}"
+                                   for name in sorted(fields)
+                                   if name in known)[:300]) from None
 
 
 def check_input_scale(input_scale: str, color_mode: str,
@@ -226,12 +252,35 @@ def load_card(model_dir: str, card_bytes: Optional[bytes] = None) -> ModelCard:
   path = join(model_dir, CARD_FILE)
   if card_bytes is None:
     try:
-      card_bytes = read_bytes(path)
+      card_bytes = read_bounded(path, model_checks.MAX_CONFIG_BYTES)
+    except ValueError:
+      raise
     except Exception:  # pylint: disable=broad-except
       raise FileNotFoundError(
           f"no model card at {path}: expected a folder made by "
           "`python -m model.train` or `python -m model.adopt`") from None
-  return ModelCard.from_json(card_bytes.decode("utf-8"))
+  try:
+    text = card_bytes.decode("utf-8")
+  except UnicodeDecodeError:
+    raise ValueError(f"{path} is not UTF-8 JSON") from None
+  return ModelCard.from_json(text)
+
+
+def read_bounded(path: str, limit: int) -> bytes:
+  """A local or remote file's bytes; ValueError if it holds more than
+  `limit` (a local file's size is known before any is read)."""
+  with open_file(path) as handle:
+    try:
+      size = os.fstat(handle.fileno()).st_size
+    except (AttributeError, OSError, ValueError):
+      size = None  # A remote file: its size shows as it is read.
+    if size is not None and size > limit:
+      raise ValueError(f"{path} is {size:,} bytes, above the limit of "
+                       f"{limit:,}")
+    data = handle.read(limit + 1)
+  if len(data) > limit:
+    raise ValueError(f"{path} is over {limit:,} bytes, the limit")
+  return data
 
 
 def model_files(model_dir: str, card: ModelCard,
@@ -258,19 +307,37 @@ def model_payloads(model_dir: str, card: ModelCard) -> list:
   for name in model_files(model_dir, card):
     if name.startswith(SAVED_MODEL_DIR + "/"):
       payloads.append(name.encode())
-    payloads.append(read_bytes(join(model_dir, name)))
+    # Each file is bounded before it is read (model/model_checks.py).
+    limit = (model_checks.MAX_SAVED_MODEL_PB_BYTES
+             if name == SAVED_MODEL_DIR + "/saved_model.pb" else
+             model_checks.MAX_MODEL_BYTES)
+    payloads.append(read_bounded(join(model_dir, name), limit))
   return payloads
 
 
 def card_summary(card: ModelCard) -> dict[str, Any]:
-  """The few card fields worth echoing in logs and manifests."""
-  return {
+  """The few card fields worth echoing in logs and manifests; for an
+  adopted model that warned, its warnings, which predict repeats."""
+  summary = {
       "model_id": card.model_id,
       "architecture": card.architecture,
       "input_shape": card.input_shape,
       "color_mode": card.color_mode,
       "classes": len(card.class_names),
   }
+  warnings = adoption_warnings(card)
+  if warnings:
+    summary["adoption_warnings"] = warnings
+  return summary
+
+
+def adoption_warnings(card: ModelCard) -> list:
+  """What model.adopt warned about this model (`adopted.warnings`), as a
+  list of strings whatever the card holds."""
+  warnings = card.adopted.get("warnings")
+  if not isinstance(warnings, list):
+    return []
+  return [str(text)[:1000] for text in warnings[:20]]
 
 
 def check_model_files(model_dir: str, card: ModelCard,
@@ -283,8 +350,6 @@ def check_model_files(model_dir: str, card: ModelCard,
   With `engine`, the SavedModel's ops are checked only when it serves: that
   check parses with TensorFlow, which a slim install lacks.
   """
-  import io  # pylint: disable=import-outside-toplevel
-  import zipfile  # pylint: disable=import-outside-toplevel
   if card.format_version != CARD_FORMAT_VERSION:
     raise ValueError(
         f"model card format {card.format_version}, expected "
@@ -302,13 +367,20 @@ def check_model_files(model_dir: str, card: ModelCard,
         "describe these files (was one of them changed after export?)")
   if "keras" in card.engines:
     path = join(model_dir, MODEL_FILE)
-    try:
-      with zipfile.ZipFile(io.BytesIO(payloads[0])) as archive:
-        config = archive.read("config.json").decode("utf-8")
-    except (zipfile.BadZipFile, KeyError):
-      raise ValueError(f"{path} is not a Keras 3 .keras file") from None
-    model_checks.check_keras_config(json.loads(config), path)
+    # Its sizes as the zip declares them, and its config's size and
+    # nesting, before any of it is parsed; its weights too when it serves
+    # (h5py comes with the Keras engine's TensorFlow).
+    config = model_checks.keras_archive_config(
+        payloads[0], path, weights=engine in (None, "keras") and
+        _has_module("h5py"))
+    model_checks.check_keras_config(config, path)
   if "savedmodel" in card.engines and engine in (None, "savedmodel"):
     path = join(model_dir, SAVED_MODEL_DIR)
-    model_checks.check_saved_model(read_bytes(join(path, "saved_model.pb")),
+    model_checks.check_saved_model(read_bounded(
+        join(path, "saved_model.pb"), model_checks.MAX_SAVED_MODEL_PB_BYTES),
                                    path)
+
+
+def _has_module(name: str) -> bool:
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  return importlib.util.find_spec(name) is not None

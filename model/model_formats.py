@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import hashlib
 import io
-import json
 import os
 import zipfile
 from typing import Optional
@@ -46,6 +45,10 @@ _FLOAT_DTYPES = ("float16", "float32", "float64")
 
 
 _INTEGER_DTYPES = ("uint8", "int8")
+
+
+# Files are hashed a block at a time, never read whole.
+_HASH_BLOCK_BYTES = 1 << 20
 
 
 class AdoptError(ValueError):
@@ -114,25 +117,58 @@ def _zip_has(path: str, name: str) -> bool:
 
 
 def keras_config(path: str, kind: str) -> dict:
-  """The model config of a .keras or .h5 file, read without loading it."""
+  """The model config of a .keras or .h5 file, read without loading it,
+  after its sizes are checked as the file declares them (model_checks)."""
+  check_size(path)
   try:
     if kind == "keras":
-      with zipfile.ZipFile(path) as archive:
-        return json.loads(archive.read("config.json"))
+      return model_checks.keras_archive_config(path, path, weights=True)
     import h5py  # pylint: disable=import-outside-toplevel
     with h5py.File(path, "r") as handle:
+      model_checks.check_hdf5(handle, path, os.path.getsize(path))
       config = handle.attrs.get("model_config")
-  except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
+  except ValueError as error:
+    # model_checks' refusals name the file already.
+    raise AdoptError(first_line(error)) from None
+  except (OSError, KeyError, TypeError, zipfile.BadZipFile) as error:
     raise AdoptError(f"cannot read {path}: {first_line(error)}") from None
   if config is None:
     raise AdoptError(f"{path} holds weights only, not a model: save the "
                      "whole model (model.save) and adopt that")
-  return json.loads(config.decode() if isinstance(config, bytes) else config)
+  if not isinstance(config, (bytes, str)):
+    raise AdoptError(f"{path}: its model_config attribute is not text")
+  try:
+    config = model_checks.load_config_json(
+        config if isinstance(config, bytes) else config.encode(),
+        f"{path} model_config")
+  except ValueError as error:
+    raise AdoptError(str(error)) from None
+  if not isinstance(config, dict):
+    raise AdoptError(f"{path}: its model_config is not a model config")
+  return config
+
+
+def check_size(path: str) -> None:
+  """Refuses a model file above model_checks.MAX_MODEL_BYTES before any of
+  it is read."""
+  try:
+    model_checks.check_file_size(path, model_checks.MAX_MODEL_BYTES,
+                                 "the model file")
+  except ValueError as error:
+    raise AdoptError(str(error)) from None
 
 
 def final_softmax(config: dict) -> Optional[bool]:
   """Whether the layer producing a Keras model's output applies softmax;
-  None when the config does not say (several outputs, unknown layout)."""
+  None when the config does not say (several outputs, unknown layout, or
+  fields of unexpected types)."""
+  try:
+    return _final_softmax(config)
+  except (AttributeError, TypeError, IndexError, KeyError):
+    return None
+
+
+def _final_softmax(config: dict) -> Optional[bool]:
   node = config
   for _ in range(64):  # Nested models, outermost first.
     inner = node.get("config", {})
@@ -184,7 +220,14 @@ def _load_keras(path: str, kind: str) -> Source:
 
 
 def _load_saved_model(path: str) -> Source:
-  with open(os.path.join(path, "saved_model.pb"), "rb") as handle:
+  pb_path = os.path.join(path, "saved_model.pb")
+  try:
+    model_checks.check_file_size(pb_path,
+                                 model_checks.MAX_SAVED_MODEL_PB_BYTES,
+                                 "the SavedModel's graph")
+  except ValueError as error:
+    raise AdoptError(str(error)) from None
+  with open(pb_path, "rb") as handle:
     pb = handle.read()
   try:
     model_checks.check_saved_model(pb, path)
@@ -207,6 +250,7 @@ def _load_saved_model(path: str) -> Source:
 
 def _load_tflite(path: str) -> Source:
   from ai_edge_litert import interpreter as litert  # pylint: disable=import-outside-toplevel
+  check_size(path)
   try:
     interpreter = litert.Interpreter(model_path=path)
     inputs = interpreter.get_input_details()
@@ -323,5 +367,6 @@ def sha256_of(path: str) -> str:
     if not os.path.isfile(path):
       digest.update(os.path.relpath(name, path).encode() + b"\0")
     with open(name, "rb") as handle:
-      digest.update(handle.read())
+      for block in iter(lambda: handle.read(_HASH_BLOCK_BYTES), b""):
+        digest.update(block)
   return digest.hexdigest()

@@ -29,11 +29,11 @@ import dataclasses
 import json
 import math
 import os
-import re
 from typing import Optional
 
 import numpy as np
 
+from model import model_checks
 from model import preprocessing
 from model import torchvision_decoding
 
@@ -103,11 +103,7 @@ def _load_json(path: str):
   except UnicodeDecodeError:
     raise ValueError(f"{name} is not UTF-8 JSON") from None
   # Nesting, counted outside strings before parsing: the parser recurses.
-  brackets = re.sub(r'"(?:[^"\\]|\\.)*"', "", text)
-  steps = np.frombuffer(brackets.encode(), np.uint8)
-  depth = np.cumsum(np.isin(steps, (ord("["), ord("{"))).astype(np.int64) -
-                    np.isin(steps, (ord("]"), ord("}"))).astype(np.int64))
-  if depth.size and depth.max() > MAX_JSON_DEPTH:
+  if model_checks.json_depth(text) > MAX_JSON_DEPTH:
     raise ValueError(f"{name} nests deeper than {MAX_JSON_DEPTH} levels")
 
   def refuse_constant(constant):

@@ -136,6 +136,43 @@ def predict_cli(args, *, kill_at=None, python=sys.executable, env=None,
                         env=env)
 
 
+def files_below(output) -> list:
+  """The paths of every file below a folder, relative to it, sorted."""
+  root = str(output)
+  return sorted(os.path.relpath(os.path.join(folder, name), root)
+                for folder, _, names in os.walk(root) for name in names)
+
+
+def committed_files(manifest: dict) -> list:
+  """What a folder holds after a clean commit: the manifest and the shards
+  it lists, sorted."""
+  return sorted([outputs.MANIFEST_FILE] + [
+      entry["name"] for kind in manifest["files"].values() for entry in kind])
+
+
+def skip_unless_offline():
+  """Skips the calling test where Cloud Storage's host resolves: it checks
+  what happens without a network (this machine has none)."""
+  import pytest  # pylint: disable=import-outside-toplevel
+  import socket  # pylint: disable=import-outside-toplevel
+  import threading  # pylint: disable=import-outside-toplevel
+  resolved = []
+
+  def look():
+    try:
+      socket.getaddrinfo("storage.googleapis.com", 443)
+      resolved.append(True)
+    except OSError:
+      resolved.append(False)
+
+  thread = threading.Thread(target=look, daemon=True)
+  thread.start()
+  thread.join(10)
+  if resolved and resolved[0]:
+    pytest.skip("this machine reaches Cloud Storage; the test is of the "
+                "offline path")
+
+
 def needs_the_gcp_extra():
   """Skips the calling test without apache-beam[gcp]: the Dataflow runner's
   client and the BigQuery sink need google-apitools and google-cloud-*."""

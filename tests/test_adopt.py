@@ -5,6 +5,7 @@ confidences the author's own predict gives on the same images."""
 import glob
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -21,14 +22,17 @@ pytest.importorskip("tensorflow")
 # pylint: disable=wrong-import-position
 
 from beam_jobs import config as config_lib
+from beam_jobs import predict
 from beam_jobs import preflight
 from benchmarks import tutorials
 from model import adopt
+from model import adopt_flags
 from model import card as card_lib
 from model import model_checks
 from model import datasets
 from model import engines
 from model import keras_decoding
+from model import model_formats
 from model import preprocessing
 from tests.helpers import DATAFLOW_ARGS
 from tests.helpers import REPO
@@ -162,7 +166,7 @@ def test_model_and_class_list_problems_are_one_line(tmp_path, author):
                      match="has 3 names but the model outputs 10 classes"):
     _adopt(author.files["keras"], tmp_path / "a", ["a", "b", "c"])
   with pytest.raises(adopt.AdoptError, match="repeats Bag"):
-    adopt.parse_class_names("Bag,Coat,Bag")
+    adopt_flags.parse_class_names("Bag,Coat,Bag")
   (tmp_path / "notes.txt").write_text("not a model")
   with pytest.raises(adopt.AdoptError, match="is not a model this can read"):
     _adopt(str(tmp_path / "notes.txt"), tmp_path / "b")
@@ -178,10 +182,10 @@ def test_model_and_class_list_problems_are_one_line(tmp_path, author):
 def test_class_names_from_a_file(tmp_path):
   (tmp_path / "names.txt").write_text("daisy\ndandelion\n\nroses\n")
   (tmp_path / "names.json").write_text(json.dumps(["a", "b"]))
-  assert adopt.parse_class_names(str(tmp_path / "names.txt")) == [
+  assert adopt_flags.parse_class_names(str(tmp_path / "names.txt")) == [
       "daisy", "dandelion", "roses"]
-  assert adopt.parse_class_names(str(tmp_path / "names.json")) == ["a", "b"]
-  assert adopt.parse_class_names("x, y") == ["x", "y"]
+  assert adopt_flags.parse_class_names(str(tmp_path / "names.json")) == ["a", "b"]
+  assert adopt_flags.parse_class_names("x, y") == ["x", "y"]
 
 
 def test_several_inputs_or_a_non_classifier_output_are_refused(tmp_path):
@@ -278,12 +282,20 @@ def test_near_chance_eval_data_warns(tmp_path, author, png_dir):
   assert card.metrics["eval_images"] == 200
   assert card.metrics["eval_accuracy"] > 0.6 and warned == []
   assert any(line.startswith("eval: accuracy") for line in said)
+  assert "warnings" not in card.adopted
+  # Reversed class names are refused with the order to pass; confirmed,
+  # they are adopted with the near-chance warning, recorded in the card.
+  with pytest.raises(adopt.AdoptError, match="--confirm_class_names"):
+    _adopt(author.files["tflite"], tmp_path / "wrong",
+           list(reversed(FASHION)), input_scale="unit", eval_data=png_dir)
   card, _, warned = _adopt(author.files["tflite"], tmp_path / "wrong",
                            list(reversed(FASHION)), input_scale="unit",
-                           eval_data=png_dir)
+                           eval_data=png_dir, confirm_class_names=True)
   assert card.metrics["eval_accuracy"] < 0.2
-  assert len(warned) == 1 and "near chance" in warned[0]
-  assert "--input_scale" in warned[0] and "--class_names" in warned[0]
+  assert len(warned) == 2 and warned[0].startswith("--confirm_class_names")
+  assert "near chance" in warned[1]
+  assert "--input_scale" in warned[1] and "--class_names" in warned[1]
+  assert card.adopted["warnings"] == warned
   # Folders named otherwise than the classes are left out, and said so.
   renamed = tmp_path / "renamed"
   shutil.copytree(png_dir, renamed)
@@ -295,6 +307,20 @@ def test_near_chance_eval_data_warns(tmp_path, author, png_dir):
   assert warned == [f"--eval_data: {bags} files in folders not named for a "
                     "class were left out (Bags); name the folders as "
                     "--class_names names the classes"]
+
+
+def test_an_eval_file_that_cannot_be_read_is_one_decode_failure(
+    tmp_path, author, png_dir):
+  """Fails on the code before the fix: a FIFO among the --eval_data files
+  ended adopting with an OSError."""
+  images = tmp_path / "images"
+  shutil.copytree(png_dir, images)
+  os.mkfifo(images / "Bag" / "fifo.png")
+  os.symlink(tmp_path / "missing.png", images / "Coat" / "dangling.png")
+  card, _, _ = _adopt(author.files["tflite"], tmp_path / "model",
+                      input_scale="unit", eval_data=str(images))
+  assert card.metrics["eval_images"] == 200
+  assert card.metrics["eval_decode_failures"] == 2
 
 
 def test_predict_refuses_a_bare_model_file_with_the_adopt_command(
@@ -522,11 +548,12 @@ def test_an_adopted_tflite_folder_serves_from_the_slim_install(
       python=SLIM_PYTHON)
   assert served.returncode == 0, served.stderr[-3000:]
   rows = {row["id"]: row for row in read_parquet_rows(
-      os.path.join(str(out), "predictions-*.parquet"))}
+      os.path.join(str(out), "predictions", "*.parquet"))}
   _assert_same_as_author(rows, png_ids(png_dir, sample), author.logits)
   needs_the_gcp_extra()
-  dry_run = predict_cli(["--input", png_dir, "--model", model, "--output",
-                         str(tmp_path / "dry")] + DATAFLOW_ARGS)
+  dry_run = predict_cli(["--input", "gs://fake-bucket/images/", "--model",
+                         model, "--output", "gs://fake-bucket/dry"]
+                        + DATAFLOW_ARGS)
   assert dry_run.returncode == 0, dry_run.stderr
 
 
@@ -654,3 +681,279 @@ def test_a_tflite_conversion_that_fails_or_disagrees_is_not_served(
   assert card.engines == ["keras"]
   assert card.tflite["top1_agreement"] < 0.999
   assert "agrees with keras on only" in card.tflite["reason"]
+
+
+# A user's first day: the mistakes adopting must catch ----------------------
+
+
+def _cli(capsys, source, out, *flags):
+  """model.adopt's main, in this process: (exit code, stderr lines)."""
+  code = adopt.main([str(source), "--output", str(out), *flags])
+  return code, capsys.readouterr().err.splitlines()
+
+
+def _one_line(code, lines) -> str:
+  assert code == 2 and len(lines) == 1, lines
+  assert lines[0].startswith("model.adopt: error: ")
+  return lines[0]
+
+
+NAMES = ["--class_names", ",".join(FASHION)]
+
+
+def test_the_tutorial_mlp_without_its_scale_is_refused_or_measured(
+    tmp_path, author, png_dir, sample, capsys):
+  """Fails on the code before the fix: adopted as raw with a warning that
+  scrolled by, then served with confidences near 1 (eval accuracy looked
+  healthy: argmax barely moves with the scale)."""
+  message = _one_line(*_cli(capsys, author.files["keras"], tmp_path / "a",
+                            *NAMES))
+  assert "no Rescaling or Normalization layer" in message
+  assert "pass --input_scale unit (the author divided by 255)" in message
+  assert "--eval_data" in message
+  assert not (tmp_path / "a").exists()
+  # With --eval_data the scale is measured: log loss tells unit from raw.
+  card, said, warned = _adopt(author.files["keras"], tmp_path / "b",
+                              eval_data=png_dir)
+  assert card.input_scale == "unit" and warned == [], said
+  assert card.adopted["input_scale"].startswith("chosen by --eval_data")
+  scales = card.adopted["eval_check"]["scales"]
+  assert abs(scales["raw"]["accuracy"] - scales["unit"]["accuracy"]) < 0.1
+  assert scales["raw"]["log_loss"] > 2 * scales["unit"]["log_loss"] + 0.5
+  served = engines.load_engine(str(tmp_path / "b")).probabilities(
+      sample.test.images)
+  np.testing.assert_allclose(served.max(1), _softmax(author.logits).max(1),
+                             atol=1e-4)
+  # The wrong scale given is refused, named; confirmed, it is kept, and the
+  # warning is recorded in the card.
+  message = _one_line(*_cli(capsys, author.files["tflite"], tmp_path / "c",
+                            *NAMES, "--input_scale", "raw", "--eval_data",
+                            png_dir))
+  assert message.endswith("pass --input_scale unit, or --confirm_input_scale "
+                          "to keep yours")
+  card, _, warned = _adopt(author.files["tflite"], tmp_path / "c",
+                           input_scale="raw", eval_data=png_dir,
+                           confirm_input_scale=True)
+  assert card.input_scale == "raw"
+  assert warned[0].startswith("--confirm_input_scale: input_scale raw kept "
+                              "although --eval_data fits unit clearly better")
+  assert card.adopted["warnings"] == warned
+
+
+def test_sorted_class_names_are_refused_with_the_order_to_pass(
+    tmp_path, author, png_dir, capsys):
+  """Fails on the code before the fix: sorted folder names for a model
+  trained in another order were adopted without a word."""
+  right = "--class_names " + shlex.quote(",".join(FASHION))
+  message = _one_line(*_cli(
+      capsys, author.files["keras"], tmp_path / "a", "--class_names",
+      ",".join(sorted(FASHION)), "--input_scale", "unit", "--eval_data",
+      png_dir))
+  assert message.endswith(f"pass {right}, or --confirm_class_names to keep "
+                          "yours")
+  assert "each half scored in the order found on the other" in message
+  # Neither the scale nor the order: both named at once.
+  message = _one_line(*_cli(
+      capsys, author.files["keras"], tmp_path / "a", "--class_names",
+      ",".join(sorted(FASHION)), "--eval_data", png_dir))
+  assert f"pass --input_scale unit {right}, or --confirm_class_names" in (
+      message)
+  assert not (tmp_path / "a" / card_lib.CARD_FILE).exists()
+  # What it names is adopted.
+  code, lines = _cli(capsys, author.files["tflite"], tmp_path / "a",
+                     *shlex.split(right), "--input_scale", "unit",
+                     "--eval_data", png_dir)
+  assert code == 0, lines
+
+
+def test_a_declared_output_kind_the_probe_contradicts_is_refused(
+    tmp_path, author):
+  """Fails on the code before the fix: --output_kind probabilities on a
+  logits model served confidences up to 1.84 without a word."""
+  with pytest.raises(adopt.AdoptError,
+                     match=r"--output_kind probabilities contradicts the "
+                     r"model: the probe batch's 64 rows are not "
+                     r"probabilities .* pass --output_kind logits \(or "
+                     r"auto\), or --confirm_output_kind to keep "
+                     r"probabilities$"):
+    _adopt(author.files["tflite"], tmp_path / "a", input_scale="unit",
+           output_kind="probabilities")
+  assert not (tmp_path / "a" / card_lib.CARD_FILE).exists()
+  card, _, warned = _adopt(author.files["tflite"], tmp_path / "b",
+                           input_scale="unit", output_kind="probabilities",
+                           confirm_output_kind=True)
+  assert card.output == "probabilities"
+  assert warned == ["--confirm_output_kind: served as probabilities, "
+                    "although the probe batch's 64 rows are not "
+                    "probabilities (negative, or not summing to 1)"]
+  assert card.adopted["warnings"] == warned
+  card, _, _ = _adopt(author.files["tflite"], tmp_path / "c",
+                      input_scale="unit", output_kind="logits")
+  assert card.adopted["output"].startswith("declared with --output_kind, as")
+  import keras  # pylint: disable=import-outside-toplevel
+  softmax = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Flatten(),
+                              keras.layers.Rescaling(1 / 255),
+                              keras.layers.Dense(2, activation="softmax")])
+  softmax.save(tmp_path / "softmax.keras")
+  with pytest.raises(adopt.AdoptError,
+                     match="--output_kind logits contradicts the model: the "
+                     "Keras config ends in a softmax"):
+    _adopt(str(tmp_path / "softmax.keras"), tmp_path / "d", ["x", "y"],
+           output_kind="logits")
+
+
+def _nan_model():
+  """A classifier whose every output is NaN: its bias is."""
+  import keras  # pylint: disable=import-outside-toplevel
+  model = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Flatten(),
+                            keras.layers.Dense(2)])
+  kernel, bias = model.layers[-1].get_weights()
+  model.layers[-1].set_weights([kernel, np.full_like(bias, np.nan)])
+  return model
+
+
+@pytest.mark.parametrize("kind", ["keras", "h5", "savedmodel", "tflite"])
+def test_a_model_with_non_finite_outputs_is_refused(tmp_path, kind):
+  """Every kind (ONNX: tests/test_adopt_onnx.py) is probed for NaN."""
+  model = _nan_model()
+  if kind in ("keras", "h5"):
+    source = str(tmp_path / f"nan.{kind}")
+    model.save(source)
+  elif kind == "savedmodel":
+    source = str(tmp_path / "nan")
+    model.export(source, verbose=False)
+  else:
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    source = str(tmp_path / "nan.tflite")
+    with open(source, "wb") as handle:
+      handle.write(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+  with pytest.raises(adopt.AdoptError, match="outputs NaN or infinity"):
+    _adopt(source, tmp_path / "out", ["x", "y"], input_scale="unit")
+  assert not (tmp_path / "out" / card_lib.CARD_FILE).exists()
+
+
+def test_adopt_never_deletes_or_overwrites_its_source(tmp_path, author,
+                                                      capsys, monkeypatch):
+  """Fails on the code before the fix: `DIR/model.keras --output DIR`
+  deleted the user's only copy of the model, then failed."""
+  folder = tmp_path / "folder"
+  folder.mkdir()
+  keras_file, tflite_file = folder / "model.keras", folder / "model.tflite"
+  shutil.copyfile(author.files["keras"], keras_file)
+  shutil.copyfile(author.files["tflite"], tflite_file)
+  saved = folder / "saved_model"
+  shutil.copytree(author.files["export"], saved)
+  os.symlink(keras_file, tmp_path / "link.keras")
+  os.symlink(folder, tmp_path / "linked")
+  sources = [keras_file, tflite_file, saved]
+  before = [model_formats.sha256_of(str(path)) for path in sources]
+  monkeypatch.chdir(folder)
+  for source, out in [
+      (keras_file, folder), ("model.tflite", "."), (saved, folder),
+      (saved, saved / "variables"), (tmp_path / "link.keras", folder),
+      (keras_file, tmp_path / "linked"), (keras_file, tmp_path)]:
+    message = _one_line(*_cli(capsys, source, out, *NAMES, "--input_scale",
+                              "unit"))
+    assert "the source" in message, (source, out)
+    assert [model_formats.sha256_of(str(p)) for p in sources] == before
+  # A model folder of ours whose model file is the source under another
+  # name: a hard link or a link.
+  ours = tmp_path / "ours"
+  _adopt(author.files["tflite"], ours, input_scale="unit")
+  for make_link in (os.link, os.symlink):
+    os.remove(ours / card_lib.TFLITE_FILE)
+    make_link(tflite_file, ours / card_lib.TFLITE_FILE)
+    message = _one_line(*_cli(capsys, tflite_file, ours, *NAMES,
+                              "--input_scale", "unit"))
+    assert "its model.tflite is the source" in message
+    assert "under another name" in message
+    assert [model_formats.sha256_of(str(p)) for p in sources] == before
+
+
+def _listing(folder) -> dict:
+  return {name: model_formats.sha256_of(os.path.join(folder, name))
+          for name in sorted(os.listdir(folder))}
+
+
+def test_a_folder_adopt_did_not_write_keeps_its_files(tmp_path, author,
+                                                      png_dir, capsys):
+  """Fails on the code before the fix: a folder holding the user's own
+  model.tflite lost it, and a failed re-adoption cleared the model folder
+  it was to replace."""
+  foreign = tmp_path / "foreign"
+  foreign.mkdir()
+  (foreign / card_lib.TFLITE_FILE).write_bytes(b"the user's own")
+  (foreign / "notes.txt").write_text("mine")
+  listing = _listing(foreign)
+  message = _one_line(*_cli(capsys, author.files["keras"], foreign, *NAMES,
+                            "--input_scale", "unit"))
+  assert "holds model.tflite but no model_card.json" in message
+  (foreign / card_lib.CARD_FILE).write_text("{}")
+  message = _one_line(*_cli(capsys, author.files["keras"], foreign, *NAMES,
+                            "--input_scale", "unit"))
+  assert "its model_card.json is not a model card" in message
+  os.remove(foreign / card_lib.CARD_FILE)
+  assert _listing(foreign) == listing
+  # A folder of ours: a failed adoption leaves it as it was...
+  ours = tmp_path / "ours"
+  _adopt(author.files["keras"], ours, input_scale="unit")
+  (ours / "notes.txt").write_text("mine")
+  listing = _listing(ours)
+  _nan_model().save(tmp_path / "nan.keras")
+  with pytest.raises(adopt.AdoptError, match="NaN"):
+    _adopt(str(tmp_path / "nan.keras"), ours, ["x", "y"], input_scale="unit")
+  assert _listing(ours) == listing
+  preflight.check(config_lib.PredictConfig(png_dir, str(ours),
+                                           str(tmp_path / "out")))
+  # ...and a successful one replaces its model files, removes those the new
+  # card does not list, and keeps the rest.
+  card, _, _ = _adopt(author.files["int8"], ours)
+  assert sorted(os.listdir(ours)) == sorted([card_lib.CARD_FILE,
+                                             card_lib.TFLITE_FILE,
+                                             "notes.txt"])
+  assert preflight.check(config_lib.PredictConfig(
+      png_dir, str(ours), str(tmp_path / "out"))).card.model_id == (
+          card.model_id)
+
+
+def test_class_names_that_name_a_missing_file_are_refused(tmp_path):
+  """Fails on the code before the fix: one class named "classes.txt"."""
+  for value in ("classes.txt", "labels.JSON", "names.csv", "data/classes",
+                str(tmp_path / "missing")):
+    with pytest.raises(adopt.AdoptError,
+                       match=f"--class_names {value}: no such file"):
+      adopt_flags.parse_class_names(value)
+  with pytest.raises(adopt.AdoptError, match="is not a regular file"):
+    adopt_flags.parse_class_names(str(tmp_path))
+  assert adopt_flags.parse_class_names("a.b,c") == ["a.b", "c"]
+
+
+def test_adopt_help_says_each_default_once():
+  """Fails on the code before the fix: "default raw ... (default: none)"."""
+  text = adopt.build_parser().format_help()
+  options = " ".join(text[text.index("\noptions:"):].split())
+  scale_help = options[options.index("--input_scale {"):
+                       options.index("--input_mean")]
+  assert scale_help.count("default") == 1 and "(default: none)" not in (
+      scale_help), scale_help
+  for flag in ("--confirm_output_kind", "--confirm_input_scale",
+               "--confirm_class_names"):
+    assert flag in text
+
+
+@pytest.mark.slow
+def test_predict_repeats_the_adoption_warnings(tmp_path, author, png_dir,
+                                               capsys):
+  """Fails on the code before the fix: predict never repeated them."""
+  _adopt(author.files["tflite"], tmp_path / "model", input_scale="raw",
+         eval_data=png_dir, confirm_input_scale=True)
+  code = predict.main(["--input", png_dir, "--model", str(tmp_path / "model"),
+                       "--output", str(tmp_path / "out"), "--runner",
+                       "DirectRunner", "--progress_seconds", "0"])
+  assert code == 0
+  lines = capsys.readouterr().err.splitlines()
+  repeated = [line for line in lines if "model.adopt warned" in line]
+  assert len(repeated) == 1, lines
+  assert repeated[0].startswith(
+      "beam_jobs.predict: warning: model.adopt warned: --confirm_input_scale:"
+      " input_scale raw kept although --eval_data fits unit clearly better")

@@ -385,6 +385,37 @@ def test_refusals_are_one_line_with_exit_2(tmp_path, capsys):
   assert code == 0 and not lines
 
 
+def test_an_onnx_source_and_its_data_are_never_replaced(tmp_path, capsys):
+  """Fails on the code before the fix: `DIR/model.onnx --output DIR`
+  deleted the source before failing."""
+  folder = tmp_path / "folder"
+  folder.mkdir()
+  source = build.with_external_data(build.classifier(
+      str(folder / card_lib.ONNX_FILE), classes=3))
+  before = {name: (folder / name).read_bytes()
+            for name in os.listdir(folder)}
+  assert sorted(before) == [card_lib.ONNX_FILE, "weights.bin"]
+  for out in (folder, tmp_path):
+    assert "holds the source" in _refused(capsys, source, out,
+                                          "--input_scale", "torch")
+    assert {name: (folder / name).read_bytes()
+            for name in os.listdir(folder)} == before
+
+
+def test_an_onnx_model_with_non_finite_outputs_is_refused(tmp_path, capsys):
+  import onnx  # pylint: disable=import-outside-toplevel
+  from onnx import numpy_helper  # pylint: disable=import-outside-toplevel
+  path = build.classifier(str(tmp_path / "nan.onnx"), classes=3)
+  model = onnx.load(path)
+  for index, tensor in enumerate(model.graph.initializer):
+    if tensor.name == "fc.bias":
+      model.graph.initializer[index].CopyFrom(numpy_helper.from_array(
+          np.full(3, np.nan, np.float32), "fc.bias"))
+  onnx.save(model, path)
+  assert "not finite" in _refused(capsys, path, tmp_path / "out",
+                                  "--input_scale", "torch")
+
+
 def test_without_the_onnx_package_adopting_names_the_extra(tmp_path, capsys,
                                                           monkeypatch):
   import model  # pylint: disable=import-outside-toplevel
@@ -594,9 +625,10 @@ def test_dataflow_dry_run_of_an_onnx_folder_needs_no_tensorflow(tmp_path,
   source = build.classifier(str(tmp_path / "model.onnx"), classes=3)
   adopt_quietly(source, tmp_path / "folder", input_scale="torch", resize=10,
                 center_crop=(8, 8))
-  result = _run(sys.executable, "beam_jobs.predict", "--input", photos[0],
-                "--model", str(tmp_path / "folder"), "--output",
-                str(tmp_path / "out"), "--engine", "onnx",
+  result = _run(sys.executable, "beam_jobs.predict", "--input",
+                "gs://fake-bucket/photos/", "--model",
+                str(tmp_path / "folder"), "--output",
+                "gs://fake-bucket/out", "--engine", "onnx",
                 "--inference_threads", "1", *DATAFLOW_ARGS,
                 env=_blocked_env(tmp_path))
   assert result.returncode == 0, result.stderr[-3000:]

@@ -93,8 +93,8 @@ def test_class_indices_score_like_class_names(labelled_shards, tiny_model,
       assert first["source_label"] == str(
           manifest["class_names"].index(first["true_label"]))
   for form in ("indices", "digits"):
-    for key in ("accuracy", "labelled", "confusion_matrix", "classes",
-                "expected_calibration_error"):
+    for key in ("accuracy", "labelled", "confusion_pairs", "per_class",
+                "classes", "expected_calibration_error"):
       assert scores[form][key] == scores["names"][key], (form, key)
   assert scores["names"]["labelled"] == 200
   assert scores["names"]["unmatched_labels"] == 0

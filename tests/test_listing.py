@@ -189,3 +189,39 @@ def test_unreadable_subfolder_is_an_error_row(tmp_path, tiny_model, sample):
     os.chmod(folder / "locked", 0o755)
   assert list(run.errors_by_id) == [str(folder / "locked")]
   assert len(run.predictions) == 4 and run.manifest["counts"]["inputs"] == 5
+
+
+# The output inside the input ---------------------------------------------------
+
+
+@pytest.mark.slow
+def test_an_output_inside_the_input_is_never_an_input(tmp_path, tiny_model,
+                                                      sample, capsys):
+  """Fails on the code before the fix: the run's own lock, manifest and
+  shards were listed as inputs (error rows), more at each run."""
+  from tools import make_shards  # pylint: disable=import-outside-toplevel
+  from beam_jobs import predict  # pylint: disable=import-outside-toplevel
+  folder = tmp_path / "pile"
+  good = datasets.Split(sample.test.images[:3], sample.test.labels[:3])
+  datasets.write_png_folder(good, sample.class_names, str(folder))
+  shards = tmp_path / "shards"
+  make_shards.make_shards(str(folder), str(shards / "part1"),
+                          rows_per_shard=2)
+  output = folder / "results"
+  for flags in ({}, {"skip_existing": True}, {"overwrite": True}):
+    run = run_predict(output, input=str(folder), model=tiny_model, **flags)
+    assert run.errors == [], run.errors
+    assert run.manifest["counts"]["inputs"] == (0 if flags.get(
+        "skip_existing") else 3)
+  # Shards under a recursive glob, the output among them.
+  for flags in ({}, {"overwrite": True}):
+    run = run_predict(shards / "out", input=str(shards / "**.parquet"),
+                      model=tiny_model, **flags)
+    assert run.errors == [] and run.manifest["counts"]["inputs"] == 3
+  # An output that holds the input (or is its folder) is refused.
+  for output in (folder, tmp_path):
+    capsys.readouterr()
+    assert predict.main(["--input", str(folder), "--model", tiny_model,
+                         "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is inside --output" in err, err

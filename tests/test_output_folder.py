@@ -2,6 +2,7 @@
 replace and delete in its output folder, one run at a time, with a manifest
 that stays true however a run ends (refused, killed, out of disk)."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -22,7 +23,10 @@ from model import card as card_lib
 from model import datasets
 from model import preprocessing
 from tests.helpers import RUNNER
+from tests.helpers import committed_files
+from tests.helpers import files_below
 from tests.helpers import listed_rows
+from tests.helpers import no_hang
 from tests.helpers import png_ids
 from tests.helpers import predict_cli
 from tests.helpers import read_parquet_rows
@@ -90,9 +94,7 @@ def test_damaged_manifest_stops_predict_in_one_line(tmp_path, tiny_model,
   # --overwrite replaces the damaged manifest and the shards it hid.
   run = run_predict(output, input=images, model=tiny_model, overwrite=True)
   assert len(run.predictions) == 3 and len(run.manifest["retired"]) == 2
-  assert sorted(p.name for p in output.iterdir()) == sorted(
-      [outputs.MANIFEST_FILE] + [e["name"] for k in
-                                 run.manifest["files"].values() for e in k])
+  assert files_below(output) == committed_files(run.manifest)
 
 
 def test_output_that_is_a_file_is_one_line(tmp_path, tiny_model, sample,
@@ -214,9 +216,7 @@ def test_a_second_run_is_refused_and_a_dead_runs_lock_taken_over(
   run = run_predict(output, input=images, model=tiny_model)
   assert len(run.predictions) == 3
   assert set(leftovers) <= set(run.manifest["retired"])
-  assert sorted(p.name for p in output.iterdir()) == sorted(
-      [outputs.MANIFEST_FILE] + [e["name"] for k in
-                                 run.manifest["files"].values() for e in k])
+  assert files_below(output) == committed_files(run.manifest)
 
 
 class _FakeBlob:
@@ -322,21 +322,20 @@ def test_crash_mid_run_leaves_nothing_and_a_rerun_completes(tmp_path, png_dir,
   crashed = predict_cli(
       args, kill_at=("beam_jobs.outputs:FormatPredictions.process", 4))
   assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
-  visible = sorted(p.name for p in output.iterdir() if
-                   not p.name.startswith("beam-temp-"))
+  staging = [name for name in files_below(output) if "/beam-temp-" in name]
   # No shard, no manifest: nothing half-written. The killed run's lock
   # stays, naming its run for the run that takes it over.
-  assert visible == ["_run.lock"]
+  assert sorted(set(files_below(output)) - set(staging)) == ["_run.lock"]
   # The killed run did write staging files, out of sight.
-  assert any(p.name.startswith("beam-temp-") for p in output.iterdir())
+  assert staging
 
   again = predict_cli(args)
   assert again.returncode == 0, again.stderr[-2000:]
-  rows = read_parquet_rows(str(output / "predictions-*.parquet"))
+  rows = read_parquet_rows(str(output / "predictions" / "*.parquet"))
   every_id = [r["id"] for r in rows]
   assert len(every_id) == 200 and len(set(every_id)) == 200
-  assert not any(p.name.startswith("beam-temp-") for p in output.iterdir())
-  assert not (output / "_run.lock").exists()
+  assert files_below(output) == committed_files(
+      outputs.read_manifest(str(output)))
 
 
 # Where a re-run is killed (SIGKILL, tests/kill_at.py), in the order a run
@@ -398,9 +397,7 @@ def test_a_rerun_killed_anywhere_leaves_one_complete_result_set(
   assert last.returncode == 0, last.stderr[-2000:]
   manifest = _assert_one_complete_result_set(output, expected)
   # Nothing else is left: no shard of a killed run, no staging, no lock.
-  assert sorted(p.name for p in output.iterdir()) == sorted(
-      [outputs.MANIFEST_FILE] + [e["name"] for k in manifest["files"].values()
-                                 for e in k])
+  assert files_below(output) == committed_files(manifest)
 
 
 @pytest.mark.slow
@@ -432,6 +429,272 @@ def test_a_full_disk_at_the_manifest_write_keeps_the_earlier_results(
   lock.write_text(json.dumps(record))
   run = run_predict(output, input=images, model=tiny_model, overwrite=True)
   assert len(run.predictions) == 3
-  assert sorted(p.name for p in output.iterdir()) == sorted(
-      [outputs.MANIFEST_FILE] + [e["name"] for k in
-                                 run.manifest["files"].values() for e in k])
+  assert files_below(output) == committed_files(run.manifest)
+
+
+# Hostile and damaged records (issue 26 items 7 and 8) -----------------------
+
+
+def _dead_record(run_id: str) -> str:
+  record = json.loads(output_lock.OutputLock(  # pylint: disable=protected-access
+      "/nowhere", run_id)._record().decode())
+  record["pid"] = _dead_pid()
+  return json.dumps(record)
+
+
+@pytest.mark.slow
+def test_a_full_disk_before_the_lock_is_written_is_one_line(
+    tmp_path, tiny_model, sample, capsys, monkeypatch):
+  """Fails on the code before the fix: the lock's temporary file was left
+  behind, and the OSError came out as a traceback; the next run then called
+  that file foreign."""
+  images = _one_image_folder(tmp_path, sample)
+  output = tmp_path / "out"
+  args = ["--input", images, "--model", tiny_model, "--output", str(output),
+          "--runner", "DirectRunner"]
+
+  def full_disk(descriptor):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(os, "fsync", full_disk)
+  assert predict.main(args) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "No space left on device" in err, err
+  assert os.listdir(output) == []
+  monkeypatch.undo()
+  assert predict.main(args) == 0
+  assert files_below(output) == committed_files(
+      outputs.read_manifest(str(output)))
+
+
+@pytest.mark.slow
+def test_what_a_run_killed_while_locking_leaves_is_ours(tmp_path, tiny_model,
+                                                        sample, capsys):
+  """Fails on the code before the fix: the same command refused the folder,
+  naming the lock's own leftovers as files this tool did not write. A kill
+  inside the take-over of a dead run's lock leaves that lock moved aside
+  (`.stale`) and no lock; one while locking leaves the run's record
+  (`.tmp`), whole or cut short."""
+  images = _one_image_folder(tmp_path, sample)
+  output = tmp_path / "out"
+  args = ["--input", images, "--model", tiny_model, "--output", str(output),
+          "--runner", "DirectRunner"]
+  assert predict.main(args) == 0
+  first = outputs.read_manifest(str(output))
+  leftovers = {
+      "_run.lock.20240101T000000-aaaaaa.stale": _dead_record(
+          "20240101T000000-bbbbbb"),
+      "_run.lock.20240101T000001-cccccc.tmp": _dead_record(
+          "20240101T000001-cccccc"),
+      "_run.lock.20240101T000002-dddddd.tmp": '{"run_id": "2024',
+  }
+  for name, text in leftovers.items():
+    (output / name).write_text(text)
+  capsys.readouterr()
+  assert predict.main(args + ["--overwrite"]) == 0, capsys.readouterr().err
+  assert files_below(output) == committed_files(
+      outputs.read_manifest(str(output)))
+  assert outputs.read_manifest(str(output))["run_id"] != first["run_id"]
+
+  # A lock moved aside whose run is alive (the killed run was putting it
+  # back) is put back: that run still holds the folder.
+  live = json.loads(output_lock.OutputLock(  # pylint: disable=protected-access
+      str(output), "20240101T000003-eeeeee")._record().decode())
+  moved = output / "_run.lock.20240101T000004-ffffff.stale"
+  moved.write_text(json.dumps(live))
+  assert predict.main(args + ["--overwrite"]) == 2
+  err = capsys.readouterr().err
+  assert "in use by run 20240101T000003-eeeeee" in err and err.count(
+      "\n") == 1, err
+  assert json.loads((output / "_run.lock").read_text()) == live
+  assert not moved.exists()
+
+
+@pytest.mark.parametrize("record", ["_run.json", "_run.lock"])
+@pytest.mark.parametrize("kind", ["fifo", "link", "folder"])
+def test_a_record_that_is_no_regular_file_is_one_line_never_opened(
+    tmp_path, tiny_model, sample, capsys, record, kind):
+  """Fails on the code before the fix: a FIFO as _run.json or _run.lock
+  hung predict (and tools.query) forever; a link was followed."""
+  images = _one_image_folder(tmp_path, sample)
+  output = tmp_path / "out"
+  output.mkdir()
+  target = output / record
+  if kind == "fifo":
+    os.mkfifo(target)
+  elif kind == "link":
+    (tmp_path / "elsewhere.json").write_text("{}")
+    os.symlink(tmp_path / "elsewhere.json", target)
+  else:
+    target.mkdir()
+  args = ["--input", images, "--model", tiny_model, "--output", str(output),
+          "--runner", "DirectRunner"]
+  with no_hang(60):
+    code = predict.main(args)
+  err = capsys.readouterr().err
+  assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+  # Named for what it is (a timeout would be an OSError too).
+  assert record in err and {"fifo": "a FIFO", "link": "symbolic link",
+                            "folder": "a folder"}[kind] in err, err
+  if record == "_run.json" and importlib.util.find_spec("duckdb"):
+    from tools import query  # pylint: disable=import-outside-toplevel
+    with no_hang(60):
+      assert query.main([str(output)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+# Manifests damaged by hand or by another program: each is one line, the
+# same for predict (refused unless --overwrite) and for tools.query.
+DAMAGED_MANIFESTS = {
+    "nested too deep": lambda m: b"[" * 200000 + b"]" * 200000,
+    "deep inside a field": lambda m: dict(m, note=json.loads(
+        "[" * 500 + "]" * 500)),
+    "counts a string": lambda m: dict(m, counts="x"),
+    "class names a string": lambda m: dict(m, class_names="abc"),
+    "a files entry not an object": lambda m: dict(m, files={
+        "predictions": ["a"], "errors": [1]}),
+    "rows a string": lambda m: dict(m, files={kind: [
+        dict(entry, rows=str(entry["rows"])) for entry in entries]
+        for kind, entries in m["files"].items()}),
+    "rows a boolean": lambda m: dict(m, files={kind: [
+        dict(entry, rows=True) for entry in entries]
+        for kind, entries in m["files"].items()}),
+    "files a list": lambda m: dict(m, files=[]),
+    "run id a list": lambda m: dict(m, run_id=["x"]),
+    "retired a string": lambda m: dict(m, retired="predictions"),
+    "model a string": lambda m: dict(m, model="m"),
+}
+
+
+@pytest.mark.slow
+def test_damaged_manifest_fields_are_one_line_and_overwrite_replaces_them(
+    tmp_path, tiny_model, sample, capsys):
+  """Fails on the code before the fix: a deep nesting or a field of the
+  wrong type gave a traceback (RecursionError, AttributeError, TypeError)
+  in predict, even with --overwrite or --skip_existing, or in tools.query."""
+  images = _one_image_folder(tmp_path, sample)
+  output = tmp_path / "out"
+  args = ["--input", images, "--model", tiny_model, "--output", str(output),
+          "--runner", "DirectRunner"]
+  assert predict.main(args) == 0
+  good = outputs.read_manifest(str(output))
+  query = None
+  if importlib.util.find_spec("duckdb"):
+    from tools import query  # pylint: disable=import-outside-toplevel
+  for name, damage in DAMAGED_MANIFESTS.items():
+    damaged = damage(good)
+    (output / outputs.MANIFEST_FILE).write_bytes(
+        damaged if isinstance(damaged, bytes) else json.dumps(damaged).encode())
+    capsys.readouterr()
+    for extra in ([], ["--skip_existing"]):
+      assert predict.main(args + extra) == 2, (name, extra)
+      err = capsys.readouterr().err
+      assert err.count("\n") == 1 and "--overwrite" in err, (name, err)
+    if query:
+      assert query.main([str(output)]) == 2, name
+      assert capsys.readouterr().err.count("\n") == 1, name
+  # --overwrite replaces the damaged manifest and the shards it hid.
+  assert predict.main(args + ["--overwrite"]) == 0
+  assert files_below(output) == committed_files(
+      outputs.read_manifest(str(output)))
+
+
+@pytest.mark.parametrize("record", [b"[" * 100000, b'{"run_id": 3}',
+                                    b'{"pid": "x", "claims": "abc"}'])
+def test_a_lock_this_tool_did_not_write_is_one_line(tmp_path, tiny_model,
+                                                    sample, capsys, record):
+  """Fails on the code before the fix: a deeply nested _run.lock gave a
+  RecursionError traceback."""
+  images = _one_image_folder(tmp_path, sample)
+  output = tmp_path / "out"
+  output.mkdir()
+  (output / output_lock.LOCK_FILE).write_bytes(record)
+  assert predict.main(["--input", images, "--model", tiny_model, "--output",
+                       str(output), "--runner", "DirectRunner"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "not a lock this tool wrote" in err, err
+
+
+# The layout: a folder per kind (issue 30) ------------------------------------
+
+
+@pytest.mark.slow
+def test_each_kinds_folder_is_exactly_its_table(tmp_path, tiny_model, sample):
+  """Fails on the code before the fix: the shards of both kinds sat side by
+  side, and a reader pointed at the folder merged them under the errors'
+  columns."""
+  images = _one_image_folder(tmp_path, sample)
+  (tmp_path / "pile" / "broken.png").write_bytes(b"not an image")
+  output = tmp_path / "out"
+  run = run_predict(output, input=images, model=tiny_model)
+  predictions = pq.read_table(output / "predictions")
+  errors = pq.read_table(output / "errors")
+  assert predictions.schema.equals(outputs.predictions_schema())
+  assert errors.schema.equals(outputs.ERRORS_SCHEMA)
+  assert sorted(predictions.column("id").to_pylist()) == sorted(
+      row["id"] for row in run.predictions) and predictions.num_rows == 3
+  assert errors.column("id").to_pylist() == [str(tmp_path / "pile" /
+                                                 "broken.png")]
+  assert files_below(output) == committed_files(run.manifest)
+  assert all(name.startswith(("predictions/predictions-", "errors/errors-"))
+             for name in committed_files(run.manifest)[1:])
+
+
+def _as_the_layout_before(output) -> dict:
+  """Moves a committed folder's shards to its top, as versions before the
+  kinds' folders wrote them, with a version 2 manifest."""
+  manifest = outputs.read_manifest(str(output))
+  for entries in manifest["files"].values():
+    for entry in entries:
+      name = entry["name"].split("/", 1)[1]
+      os.rename(output / entry["name"], output / name)
+      entry["name"] = name
+  for kind in outputs.KINDS:
+    os.rmdir(output / kind)
+  manifest["manifest_version"] = 2
+  (output / outputs.MANIFEST_FILE).write_text(json.dumps(manifest))
+  return manifest
+
+
+@pytest.mark.slow
+def test_a_folder_in_the_layout_before_is_read_and_moved_when_kept(
+    tmp_path, tiny_model, sample):
+  pytest.importorskip("duckdb")  # tools.query needs the tools extra.
+  from tools import answers  # pylint: disable=import-outside-toplevel
+  from tools import sandbox  # pylint: disable=import-outside-toplevel
+  images = _one_image_folder(tmp_path, sample)
+  output = tmp_path / "out"
+  run_predict(output, input=images, model=tiny_model)
+  before = _as_the_layout_before(output)
+  # Read as it is.
+  summary = answers.summary(sandbox.connect(str(output)), str(output))
+  assert summary["predictions"] == 3 and summary["manifest"] == before
+  # --skip_existing keeps its predictions, moved into predictions/.
+  for i in (3, 4):
+    (tmp_path / "pile" / f"new_{i}.png").write_bytes(
+        preprocessing.encode_png(sample.test.images[i]))
+  run = run_predict(output, input=images, model=tiny_model,
+                    skip_existing=True)
+  assert run.manifest["counts"]["skipped"] == 3
+  assert pq.read_table(output / "predictions").num_rows == 5
+  assert files_below(output) == committed_files(run.manifest)
+
+
+@pytest.mark.parametrize("what", ["link", "file"])
+def test_a_kinds_folder_that_is_no_folder_is_refused_even_with_overwrite(
+    tmp_path, tiny_model, sample, capsys, what):
+  images = _one_image_folder(tmp_path, sample)
+  output = tmp_path / "out"
+  output.mkdir()
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  if what == "link":
+    os.symlink(elsewhere, output / "predictions")
+  else:
+    (output / "predictions").write_text("mine")
+  code = predict.main(["--input", images, "--model", tiny_model, "--output",
+                       str(output), "--runner", "DirectRunner",
+                       "--overwrite"])
+  err = capsys.readouterr().err
+  assert code == 2 and err.count("\n") == 1 and "not the folder" in err, err
+  assert os.listdir(elsewhere) == []

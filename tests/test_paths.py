@@ -63,3 +63,55 @@ def test_a_folder_that_cannot_be_listed_is_matched_not_dropped(tmp_path,
       str(tmp_path / "open" / "a.png")]
   with pytest.raises(paths.NotARegularFile, match="is a folder"):
     paths.open_file(str(tmp_path / "locked"))
+
+
+class _Blob:
+  def __init__(self, bucket, name):
+    import datetime  # pylint: disable=import-outside-toplevel
+    self.bucket, self.name, self.size = bucket, name, 1
+    self.updated = datetime.datetime(2024, 1, 1,
+                                     tzinfo=datetime.timezone.utc)
+
+
+class _ListingClient:
+  """google.cloud.storage's Client as Beam's gcsio lists with it: names in
+  lexicographic order, as GCS returns them."""
+
+  def __init__(self, names):
+    self._names = sorted(names)
+
+  def bucket(self, name):
+    class Bucket:  # pylint: disable=too-few-public-methods
+      pass
+    bucket = Bucket()
+    bucket.name = name
+    return bucket
+
+  def list_blobs(self, bucket, prefix=None, **kwargs):
+    del kwargs
+    return [_Blob(bucket, name) for name in self._names
+            if name.startswith(prefix or "")]
+
+
+def test_the_first_match_is_the_first_name_locally_and_on_gcs(tmp_path,
+                                                              monkeypatch):
+  """Fails on the code before the fix: locally a folder's files came before
+  its sub-folders' files, while gs:// lists names in lexicographic order,
+  so a check of the first shard read another file there."""
+  pytest.importorskip("google.cloud.storage")
+  # pylint: disable=import-outside-toplevel
+  from apache_beam.io.gcp import gcsfilesystem
+  from apache_beam.io.gcp import gcsio
+  names = ["data/b.parquet", "data/0/x.parquet", "data/a/z.parquet",
+           "data/a.parquet", "data/a/notes.txt"]
+  for name in names:
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_bytes(b"")
+  expected = ["data/0/x.parquet", "data/a.parquet"]
+  assert paths.match_paths(str(tmp_path / "data" / "**.parquet"),
+                           limit=2) == [str(tmp_path / e) for e in expected]
+  client = _ListingClient(names)
+  monkeypatch.setattr(gcsfilesystem.GCSFileSystem, "_gcsIO",
+                      lambda self: gcsio.GcsIO(storage_client=client))
+  assert paths.match_paths("gs://bucket/data/**.parquet", limit=2) == [
+      f"gs://bucket/{e}" for e in expected]

@@ -2,8 +2,10 @@
 on images and shards, one process or several."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -129,3 +131,98 @@ def test_ids_match_between_relative_folder_and_shards(tmp_path, png_dir,
   assert paths.absolute(config.input) == png_dir
   assert sorted(ids) == sorted(
       paths.match_paths(paths.expand_pattern(png_dir)))
+
+
+def _worker_processes(launcher: int) -> set:
+  """The SDK worker processes below `launcher` (and the shells that
+  started them), from /proc."""
+  parents, commands = {}, {}
+  for entry in os.listdir("/proc"):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f"/proc/{entry}/stat", "rb") as handle:
+        parents[int(entry)] = int(handle.read().rsplit(b")", 1)[1].split()[1])
+      with open(f"/proc/{entry}/cmdline", "rb") as handle:
+        commands[int(entry)] = handle.read()
+    except (OSError, IndexError):
+      continue
+  below, grew = {launcher}, True
+  while grew:
+    grew = False
+    for pid, parent in parents.items():
+      if parent in below and pid not in below:
+        below.add(pid)
+        grew = True
+  return {pid for pid in below if b"sdk_worker_main" in commands.get(pid, b"")}
+
+
+def _running(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/stat", "rb") as handle:
+      return handle.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+  except (OSError, IndexError):
+    return False
+
+
+@pytest.mark.slow
+def test_worker_processes_end_with_a_killed_launcher(tmp_path, png_dir,
+                                                    tiny_model):
+  """Fails on the code before the fix: after kill -9 of the launcher of a
+  multi-process run whose output nobody was reading yet, its SDK worker
+  processes lived on (about two minutes)."""
+  if not os.path.isdir("/proc"):
+    pytest.skip("the watchdog finds the workers through /proc (Linux)")
+  output = tmp_path / "out"
+  launcher = subprocess.Popen(
+      [sys.executable, "-m", "beam_jobs.predict", "--input", png_dir,
+       "--model", tiny_model, "--output", str(output), "--batch_size", "1",
+       "--direct_num_workers", "2", "--direct_running_mode",
+       "multi_processing", "--progress_seconds", "0"],
+      cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  workers = set()
+  try:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and launcher.poll() is None:
+      workers = _worker_processes(launcher.pid)
+      if len(workers) >= 4:  # two shells, two workers
+        break
+      time.sleep(0.2)
+    assert launcher.poll() is None and len(workers) >= 4, workers
+    os.kill(launcher.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(map(_running, workers)):
+      time.sleep(0.2)
+    assert not [pid for pid in workers if _running(pid)]
+  finally:
+    for pid in workers:
+      if _running(pid):
+        os.kill(pid, signal.SIGKILL)
+    launcher.kill()
+    launcher.wait()
+
+
+@pytest.mark.slow
+def test_make_shards_output_is_scored_without_a_label_flag(tmp_path,
+                                                          sample_shards,
+                                                          tiny_model, capsys):
+  """Fails on the code before the fix: make_shards writes `label`, and
+  predict ignored it unless --label_column label was passed."""
+  from beam_jobs import outputs  # pylint: disable=import-outside-toplevel
+  from beam_jobs import predict  # pylint: disable=import-outside-toplevel
+  shards = os.path.join(sample_shards, "encoded", "*.parquet")
+  args = ["--input", shards, "--model", tiny_model, "--runner",
+          "DirectRunner"]
+  assert predict.main(args + ["--output", str(tmp_path / "one")]) == 0
+  out = capsys.readouterr().out
+  assert ("true labels (from the 'label' column, as --label_column was not "
+          "given; --label_column '' reads none): 200 match a class") in out
+  manifest = outputs.read_manifest(str(tmp_path / "one"))
+  assert manifest["true_labels"] == {"matched": 200, "unmatched": 0}
+  # --label_column '' reads none.
+  assert predict.main(args + ["--output", str(tmp_path / "two"),
+                              "--label_column", ""]) == 0
+  assert "true labels" not in capsys.readouterr().out
+  manifest = outputs.read_manifest(str(tmp_path / "two"))
+  assert manifest["true_labels"] == {"matched": 0, "unmatched": 0}

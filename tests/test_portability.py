@@ -17,7 +17,9 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_jobs import config as config_lib
+from beam_jobs import predict
 from beam_jobs import preflight
+from model import card as card_lib
 from tools import make_shards
 from beam_jobs import outputs
 from beam_jobs.pipeline import build_pipeline
@@ -243,32 +245,55 @@ def _assert_served_the_sample(output, png_dir, tiny_model, sample):
   manifest = outputs.read_manifest(str(output))
   assert manifest["counts"] == {"inputs": 200, "predictions": 200,
                                 "errors": 0, "skipped": 0, "model_loads": 1}
-  rows = read_parquet_rows(str(output / "predictions-*.parquet"))
+  rows = read_parquet_rows(str(output / "predictions" / "*.parquet"))
   expected = dict(zip(png_ids(png_dir, sample),
                       expected_labels(tiny_model, sample, "tflite")))
   assert {row["id"]: row["label"] for row in rows} == expected
-  assert read_parquet_rows(str(output / "errors-*.parquet")) == []
+  assert read_parquet_rows(str(output / "errors" / "*.parquet")) == []
+
+
+# Records every attempt at a network call (a name lookup or a connection)
+# in the file NETWORK_LOG names, and refuses it.
+NETWORK_BLOCKER = """
+import os, socket
+def _refuse(*args, **kwargs):
+  with open(os.environ["NETWORK_LOG"], "a") as log:
+    log.write(repr(args[:2]) + "\\n")
+  raise OSError("network blocked by the test")
+socket.getaddrinfo = _refuse
+socket.create_connection = _refuse
+socket.socket.connect = _refuse
+"""
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("output", ["local", "gs://fake-bucket/out"])
-def test_dataflow_dry_run_through_the_cli(tmp_path, png_dir, tiny_model,
-                                          output):
-  """Offline (this machine has no network): exit 0, one line, nothing
-  written; the output is locked and checked only by a real run."""
+def test_dataflow_dry_run_through_the_cli(tmp_path, tiny_model):
+  """Offline (this machine has no network, and every network call is
+  refused and recorded): exit 0, one line, nothing written, nothing
+  uploaded; the output is locked and checked only by a real run, and the
+  local model folder would be staged to --temp_location."""
   needs_the_gcp_extra()
-  target = str(tmp_path / "out") if output == "local" else output
-  args = ["--input", png_dir, "--model", tiny_model, "--output", target,
-          "--skip_existing"] + DATAFLOW_ARGS
-  result = predict_cli(args)
+  site = tmp_path / "site"
+  site.mkdir()
+  (site / "sitecustomize.py").write_text(NETWORK_BLOCKER)
+  network = tmp_path / "network.log"
+  env = dict(os.environ, PYTHONPATH=f"{site}:{REPO}",
+             NETWORK_LOG=str(network))
+  args = ["--input", "gs://fake-bucket/images/", "--model", tiny_model,
+          "--output", "gs://fake-bucket/out", "--skip_existing"] + (
+              DATAFLOW_ARGS)
+  result = predict_cli(args, env=env)
   assert result.returncode == 0, result.stderr
   assert "Traceback" not in result.stderr, result.stderr
   lines = result.stdout.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith(
       "dry run: the Dataflow job was built"), result.stdout
-  assert ("not checked offline: --output gs://fake-bucket/out" in lines[0]) == (
-      output != "local")
-  assert not os.path.exists(tmp_path / "out")
+  assert ("not checked offline: --input gs://fake-bucket/images/, --output "
+          "gs://fake-bucket/out") in lines[0]
+  card = card_lib.load_card(tiny_model)
+  assert (f"--model would be staged to gs://fake-bucket/tmp/beam_jobs-models/"
+          f"{card.model_id}, and was not") in lines[0]
+  assert not network.exists(), network.read_text()
 
   # A model that needs TensorFlow is refused: the workers' install is slim.
   keras = predict_cli(args + ["--engine", "keras"])
@@ -285,6 +310,55 @@ def test_dataflow_dry_run_through_the_cli(tmp_path, png_dir, tiny_model,
   with_requirements = predict_cli(args + [
       "--engine", "keras", "--requirements_file", str(requirements)])
   assert with_requirements.returncode == 0, with_requirements.stderr
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"input": "LOCAL"}, "--input LOCAL is on this machine"),
+    ({"input": None, "input_list": "LOCAL/list.txt"},
+     "--input_list LOCAL/list.txt is on this machine"),
+    ({"output": "LOCAL/out"}, "--output LOCAL/out is on this machine"),
+    ({"args": ["--setup_file"]}, "would not have this package"),
+    ({"args": ["--temp_location"]}, "pass --temp_location"),
+])
+def test_dataflow_refuses_what_its_workers_could_not_reach(tmp_path,
+                                                           tiny_model, change,
+                                                           message, capsys):
+  """Fails on the code before the fix: the dry run passed, and the job
+  would have failed on the workers (paths on the launcher's disk, no way
+  to install the package, a local model they cannot read)."""
+  needs_the_gcp_extra()
+  local = str(tmp_path)
+  flags = {"input": "gs://fake-bucket/images/", "input_list": None,
+           "output": "gs://fake-bucket/out"}
+  flags.update({name: value.replace("LOCAL", local) if value else value
+                for name, value in change.items() if name != "args"})
+  args = list(DATAFLOW_ARGS)
+  for dropped in change.get("args", []):
+    at = args.index(dropped)
+    del args[at:at + 2]
+  argv = ["--model", tiny_model]
+  for name, value in flags.items():
+    if value:
+      argv += [f"--{name}", value]
+  assert predict.main(argv + args) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1, err
+  assert message.replace("LOCAL", local) in err, err
+
+
+def test_a_staged_model_folder_serves_as_the_local_one(tmp_path, tiny_model):
+  """What a real Dataflow run copies before it submits the job: the card
+  and the model files it lists, a model folder in its own right."""
+  from beam_jobs import model_staging  # pylint: disable=import-outside-toplevel
+  card = card_lib.load_card(tiny_model)
+  staging = model_staging.plan(tiny_model, card, str(tmp_path))
+  assert staging.destination == str(
+      tmp_path / "beam_jobs-models" / card.model_id)
+  model_staging.stage(staging)
+  staged = card_lib.load_card(staging.destination)
+  assert staged.model_id == card.model_id
+  card_lib.check_model_files(staging.destination, staged, "tflite")
+  assert sorted(os.listdir(staging.destination)) == sorted(staging.files)
 
 
 @pytest.mark.slow

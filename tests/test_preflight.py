@@ -4,6 +4,7 @@ are refused before any work, in one line."""
 import json
 import os
 import shutil
+import time
 import zipfile
 
 import pytest
@@ -14,6 +15,9 @@ from beam_jobs import predict
 from model import card as card_lib
 from model import engines
 from model import export
+from tests.helpers import DATAFLOW_ARGS
+from tests.helpers import predict_cli
+from tests.helpers import skip_unless_offline
 
 
 # Configuration ----------------------------------------------------------------
@@ -195,3 +199,36 @@ def test_card_and_model_that_disagree_are_refused(tmp_path, tiny_model,
   with pytest.raises(config_lib.ConfigError, match=message):
     preflight.check(config)
   assert not (tmp_path / "out").exists()
+
+
+# Remote paths without a network -----------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag, dry_run", [
+    ("--model", False), ("--model", True), ("--output", False),
+    ("--input", False), ("--input_list", False)])
+def test_an_unreachable_gcs_path_fails_fast_in_one_line(tmp_path, tiny_model,
+                                                        png_dir, flag,
+                                                        dry_run):
+  """Fails on the code before the fix: with no network, Google's client
+  retried for two minutes, then the command printed a traceback."""
+  skip_unless_offline()
+  args = {"--input": png_dir, "--model": tiny_model,
+          "--output": str(tmp_path / "out")}
+  if flag == "--input_list":
+    del args["--input"]
+  args[flag] = "gs://no-such-bucket/path/x.csv"
+  argv = [part for pair in args.items() for part in pair]
+  if dry_run:
+    # Dataflow's workers read the input and write the output; the
+    # launcher reads the model's card alone.
+    argv = ["--input", "gs://bucket/images/", "--output", "gs://bucket/out",
+            "--model", args["--model"]] + DATAFLOW_ARGS
+  started = time.monotonic()
+  result = predict_cli(argv, timeout=90)
+  assert time.monotonic() - started < 60
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+  assert f"{flag} gs://no-such-bucket" in result.stderr
+  assert "cannot reach Cloud Storage" in result.stderr

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -84,10 +85,20 @@ def independent_scores(rows: list, classes: list) -> dict:
           "matrix": matrix.tolist(), "ece": ece, "per_class": per_class}
 
 
+def dense_matrix(result: dict, classes: list) -> list:
+  """The confusion matrix over `classes` from the sparse pairs."""
+  matrix = [[0] * len(classes) for _ in classes]
+  for pair in result["confusion_pairs"]:
+    matrix[classes.index(pair["true_label"])][classes.index(
+        pair["label"])] += pair["images"]
+  return matrix
+
+
 def assert_scores_match(result: dict, expected: dict) -> None:
   assert result["labelled"] == expected["labelled"]
   assert result["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-12)
-  assert result["confusion_matrix"] == expected["matrix"]
+  assert dense_matrix(result, result["classes"]) == expected["matrix"]
+  assert result["confusion_pairs_total"] == len(result["confusion_pairs"])
   assert result["expected_calibration_error"] == pytest.approx(
       expected["ece"], abs=1e-6)
   for row, (precision, recall, f1, support) in zip(result["per_class"],
@@ -287,3 +298,106 @@ def test_a_damaged_manifest_is_one_line(tmp_path, capsys, manifest):
   assert query.main([str(folder)]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "_run.json" in err and "--overwrite" in err
+
+
+def _many_classes_output(folder, classes: int, labelled: int) -> list:
+  """A committed run of a model with `classes` classes, `labelled` of whose
+  predictions have a true label. Returns the class names."""
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  names = [f"class {i:06d}" for i in range(classes)]
+  rng = np.random.default_rng(5)
+  picked = rng.choice(classes, size=labelled * 2, replace=False)
+  probabilities = np.zeros((labelled, classes), dtype=np.float32)
+  probabilities[np.arange(labelled), picked[:labelled]] = 1.0
+  truth = [names[i] for i in picked[:labelled // 2]] + [
+      names[i] for i in picked[labelled:labelled + labelled - labelled // 2]]
+  table = outputs.predictions_table(
+      [f"img{i}" for i in range(labelled)], ["s"] * labelled, truth,
+      probabilities, names, 2, "m", "tflite", False)
+  folder.mkdir()
+  run = "20240101T000000-0a0b0c"
+  shard = f"predictions-{run}-00000-of-00001.parquet"
+  pq.write_table(table, folder / shard)
+  errors = f"errors-{run}-00000-of-00001.parquet"
+  pq.write_table(pa.Table.from_pylist([], schema=outputs.ERRORS_SCHEMA),
+                 folder / errors)
+  outputs.write_manifest(str(folder), {
+      "run_id": run, "model_id": "m", "class_names": names,
+      "files": {"predictions": [{"name": shard, "rows": labelled}],
+                "errors": [{"name": errors, "rows": 0}]}})
+  return names
+
+
+@pytest.mark.parametrize("classes", [3_000, 100_000])
+def test_nothing_is_sized_by_the_class_count(tmp_path, capsys, classes):
+  """A model of many classes with 20 labelled rows: accuracy, the summary
+  and their text hold the classes that occur, in memory of their size.
+  Fails on the code before the fix, which built a classes x classes matrix
+  (3,000 classes: 9 million cells; 100,000 were killed past 3 GB)."""
+  import tracemalloc  # pylint: disable=import-outside-toplevel
+  folder = tmp_path / "out"
+  names = _many_classes_output(folder, classes, labelled=20)
+  connection = sandbox.connect(str(folder))
+  tracemalloc.start()
+  try:
+    scores = answers.accuracy(connection, names)
+    text = query.render_accuracy(scores)
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  # Only the card's order (a dict of the names) grows with the class count.
+  assert peak < 8 * 1024**2 + classes * 200, peak
+  text += query.render_summary(answers.summary(connection, str(folder)))
+  assert scores["labelled"] == 20 and scores["class_count"] == classes
+  assert len(scores["classes"]) <= 40 and len(scores["per_class"]) <= 40
+  assert sum(pair["images"] for pair in scores["confusion_pairs"]) == 20
+  assert scores["classes"] == sorted(scores["classes"])  # The card's order.
+  assert len(text.splitlines()) < 150
+  assert query.main([str(folder), "accuracy"]) == 0
+  assert "confusion matrix of the 12 commonest of" in capsys.readouterr().out
+
+
+def test_per_class_scores_cover_the_classes_that_occur(crafted):
+  """Precision, recall and F1 for each class that occurs as a true or a
+  predicted label, and a confusion table of the commonest from the pairs."""
+  folder, _, _ = crafted
+  scores = answers.accuracy(sandbox.connect(folder), CLASSES)
+  table = answers.confusion_matrix(scores, 2)
+  assert len(table["classes"]) == 2 and table["left_out"] == 1
+  full = answers.confusion_matrix(scores, 10)
+  for row, name in enumerate(table["classes"]):
+    source = full["classes"].index(name)
+    kept = [full["classes"].index(other) for other in table["classes"]]
+    assert table["matrix"][row] == [full["matrix"][source][k] for k in kept]
+    assert table["other_predicted"][row] == sum(full["matrix"][source]) - sum(
+        table["matrix"][row])
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link", "nested", "wrong_types"])
+def test_a_hostile_manifest_is_one_line_never_a_hang(tmp_path, capsys, kind):
+  """Fails on the code before the fix: a FIFO as _run.json blocked the query
+  forever, a deeply nested one raised RecursionError."""
+  from tests.helpers import no_hang  # pylint: disable=import-outside-toplevel
+  folder = tmp_path / "out"
+  _committed_output(folder, [_prediction_table(["a"])], [])
+  manifest = folder / outputs.MANIFEST_FILE
+  manifest.unlink()
+  if kind == "fifo":
+    os.mkfifo(manifest)
+  elif kind == "link":
+    (tmp_path / "elsewhere.json").write_text("{}")
+    os.symlink(tmp_path / "elsewhere.json", manifest)
+  elif kind == "nested":
+    manifest.write_text("[" * 100000 + "]" * 100000)
+  else:
+    manifest.write_text(json.dumps({"run_id": 5, "files": {
+        "predictions": [{"name": 5}, "x"], "errors": "y"}, "counts": "x",
+                                    "class_names": "abc"}))
+  start = time.monotonic()
+  with no_hang(60):
+    code = query.main([str(folder)])
+  assert time.monotonic() - start < 30, "blocked on the manifest"
+  err = capsys.readouterr().err
+  assert code in (0, 2) and "Traceback" not in err
+  if kind != "wrong_types":
+    assert code == 2 and err.count("\n") == 1 and "_run.json" in err, err

@@ -11,6 +11,8 @@ and WITH wrappers that hide them.
 import dataclasses
 import hashlib
 import os
+import subprocess
+import sys
 import uuid
 
 import numpy as np
@@ -25,6 +27,8 @@ duckdb = pytest.importorskip("duckdb")
 from beam_jobs import outputs
 from tools import query
 from tools import sandbox
+from tools import sql_checks
+from tests.helpers import REPO
 
 SECRET = "TOP-SECRET-0d9a1c"
 RUN = "20240101T000000-abc123"
@@ -198,6 +202,59 @@ HOSTILE = [
     "PREPARE p AS SELECT 1",
     "",
     "SELECT 1; SELECT 2",
+    # The deny-list's bypasses (issue 26): functions it had no name for.
+    "SELECT * FROM json_execute_serialized_sql(json_serialize_sql("
+    "'SELECT * FROM read_text(''{root}/secret.txt'')'))",
+    "SELECT * FROM destroy_external_resource('x')",
+    "SELECT json_serialize_plan('SELECT * FROM read_text(''{root}/secret.txt'')')",
+    # Names however spelt: quoted, upper-case, qualified, as a method.
+    "SELECT * FROM \"read_text\"('{root}/secret.txt')",
+    "SELECT * FROM \"READ_TEXT\"('{root}/secret.txt')",
+    "SELECT * FROM main.read_text('{root}/secret.txt')",
+    "SELECT * FROM system.main.read_text('{root}/secret.txt')",
+    "SELECT * FROM \"system\".\"main\".\"read_blob\"('{root}/secret.txt')",
+    "SELECT '{root}/secret.txt'.read_text()",
+    "SELECT * FROM \"{root}/secret.txt\"",
+    "SELECT * FROM predictions, '{root}/secret.txt'",
+    "SELECT * FROM secret.txt",
+    "SUMMARIZE '{root}/secret.txt'",
+    "DESCRIBE SELECT * FROM read_text('{root}/secret.txt')",
+    "TABLE \"{root}/secret.txt\"",
+    # Settings, variables and the catalog, read from a query.
+    "SELECT getvariable('v')",
+    "SELECT current_setting('allowed_directories')",
+    "SELECT * FROM duckdb_settings()",
+    "SELECT * FROM pg_settings",
+    "SELECT * FROM pg_catalog.pg_settings",
+    "SELECT * FROM information_schema.tables",
+    "SELECT * FROM duckdb_logs",
+    "SELECT * FROM memory.main.predictions",
+    "SELECT write_log('x')",
+    "SELECT setseed(0.5)",
+    "SELECT sleep_ms(1)",
+    "SELECT * FROM query_table('predictions')",
+    # Inside lambdas, subqueries, windows and the ORDER BY of a query.
+    "SELECT list_transform([1], x -> getvariable('v'))",
+    "SELECT list_transform([1], lambda x: current_setting('threads'))",
+    "SELECT invoke(lambda x: current_setting('threads'), 1)",
+    "SELECT (SELECT content FROM read_text('{root}/secret.txt'))",
+    "SELECT count(*) OVER (ORDER BY getvariable('v')) FROM predictions",
+    "SELECT * FROM predictions LIMIT (SELECT count(*) FROM duckdb_settings())",
+    "FROM range(3) t, LATERAL read_text('{root}/secret.txt')",
+    "SELECT 1 FROM predictions WINDOW w AS (ORDER BY getvariable('v'))",
+    # PIVOT without an IN list has no parse tree: its tokens are checked.
+    "PIVOT (FROM read_text('{root}/secret.txt')) ON content USING count(*)",
+    "PIVOT predictions ON label IN (SELECT content FROM "
+    "read_text('{root}/secret.txt')) USING count(*)",
+    "PIVOT '{root}/secret.txt' ON column0 USING count(*)",
+    "PIVOT \"{root}/secret.txt\" ON column0 USING count(*)",
+    "PIVOT pg_settings ON name USING count(*)",
+    "PIVOT (FROM predictions, '{root}/secret.txt') ON label USING count(*)",
+    "PIVOT_WIDER (FROM \"read_text\"('{root}/secret.txt')) ON content",
+    "PIVOT predictions ON label USING count(*) "
+    "ORDER BY (SELECT 1 FROM duckdb_settings() LIMIT 1)",
+    "UNPIVOT (FROM read_text('{root}/secret.txt')) ON COLUMNS(*) "
+    "INTO NAME n VALUE v",
 ]
 
 READ_ONLY = [
@@ -217,6 +274,40 @@ READ_ONLY = [
     "  -- a comment\n SELECT 1",
     "VALUES (1), (2)",
     "SELECT 'read_text(x)' AS looks_like_a_call, 1 AS \"copy\"",
+    # What queries over the views use: lambdas, lists, windows, CTEs.
+    "SELECT list_transform(top_k, lambda x: x.confidence) FROM predictions",
+    "SELECT t.x FROM predictions, unnest(top_k) AS t(x)",
+    "SELECT unnest(top_k) FROM predictions",
+    "SELECT * FROM range(3)",
+    "SELECT * FROM generate_series(1, 3)",
+    "SELECT label, count(*) FILTER (WHERE confidence > 0.5), "
+    "quantile_cont(confidence, 0.5), histogram(label) FROM predictions "
+    "GROUP BY ALL",
+    "SELECT id, row_number() OVER (PARTITION BY label ORDER BY confidence) "
+    "FROM predictions QUALIFY row_number() OVER (PARTITION BY label "
+    "ORDER BY confidence DESC) = 1",
+    "SELECT coalesce(true_label, '?'), grouping(label) FROM predictions "
+    "GROUP BY ROLLUP (label, true_label)",
+    "SELECT COLUMNS('.*label') FROM predictions",
+    "SELECT * EXCLUDE (top_k) REPLACE (upper(label) AS label) FROM predictions",
+    "SELECT id.upper(), regexp_split_to_table(id, '_'), now(), current_date "
+    "FROM predictions",
+    "SELECT count(*) FROM predictions p JOIN errors e USING (id)",
+    "SELECT count(*) FROM predictions WHERE id IN (SELECT id FROM errors)",
+    "SELECT CAST(confidence AS DECIMAL(10, 2)), TRY_CAST(id AS INT), "
+    "extract(year FROM now()), id SIMILAR TO 'x', id ILIKE '%a' "
+    "FROM predictions",
+    "SELECT {'a': 1}, [1, 2][1], map([1], [2]), struct_pack(a := 1)",
+    "FROM predictions UNPIVOT (v FOR k IN (label, id))",
+    "UNPIVOT predictions ON label, id INTO NAME k VALUE v",
+    "PIVOT predictions ON label USING avg(confidence) GROUP BY true_label",
+    "PIVOT predictions ON label IN (SELECT DISTINCT label FROM predictions) "
+    "USING count(*)",
+    "TABLE predictions",
+    "SHOW predictions",
+    "SELECT count(*) FROM predictions USING SAMPLE 10%",
+    "SELECT approx_count_distinct(id), string_agg(id, ','), "
+    "list(id ORDER BY id) FROM predictions",
 ]
 
 
@@ -237,6 +328,19 @@ def test_hostile_statement_is_refused_and_the_lock_holds(boundary, template):
   assert _snapshot(boundary.root) == before
   assert SECRET not in result and "root:x:0:0" not in result
   assert not os.path.exists(PROBE)
+
+
+@pytest.mark.parametrize("template", HOSTILE)
+def test_the_second_layer_alone_refuses_every_hostile_statement(boundary,
+                                                                 template):
+  """The statement checks refuse each statement before DuckDB runs it, not
+  the locked connection. Fails on the deny-list before the allow-list
+  (json_execute_serialized_sql, destroy_external_resource, getvariable,
+  current_setting, pg_settings, ... passed it)."""
+  statement = template.format(root=boundary.root, out=boundary.out,
+                              shard=boundary.shard)
+  with pytest.raises(sql_checks.QueryError):
+    sql_checks.check_read_only(statement)
 
 
 @pytest.mark.parametrize("statement", READ_ONLY)
@@ -348,3 +452,64 @@ def test_a_shard_name_never_becomes_sql(tmp_path, monkeypatch, capsys, name,
   assert f'"predictions": {expected}' in capsys.readouterr().out
   assert _snapshot(str(tmp_path)) == before
   assert not os.listdir(work)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("statement", [
+    # One value built outside DuckDB's buffers: only the process cap holds.
+    "SELECT length(repeat('x', 2000000000)) AS n",
+    # A hash table inside them: DuckDB's memory_limit holds.
+    "SELECT count(DISTINCT range) AS n FROM range(150000000)",
+])
+def test_a_query_runs_in_bounded_memory(boundary, tmp_path, statement):
+  """Fails on the code before the fix: there was no memory limit, and each
+  statement ran to its end (2 GB and more)."""
+  out, err, usage = (tmp_path / name for name in ("stdout", "stderr", "usage"))
+  with open(out, "wb") as stdout, open(err, "wb") as stderr:
+    # A child's ru_maxrss starts from the memory of the process it was
+    # forked from (this pytest holds gigabytes), so a small interpreter
+    # starts the command and reports the command's own peak.
+    returncode = subprocess.call(
+        [sys.executable, "-c", _PEAK_OF_CHILD, str(usage), sys.executable,
+         "-m", "tools.query", boundary.out, "--memory_limit", "256MB",
+         "--timeout", "120", "sql", statement],
+        stdout=stdout, stderr=stderr, cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=REPO))
+  message = err.read_text()
+  assert returncode in (1, 2), (message, out.read_text())
+  assert message.count("\n") == 1 and "--memory_limit" in message, message
+  # ru_maxrss is in KiB: the command stayed within the limit and its 1 GB
+  # of headroom, far below what the query asked.
+  peak_kib = int(usage.read_text())
+  assert 0 < peak_kib * 1024 < 2e9, peak_kib
+
+
+_PEAK_OF_CHILD = """
+import os, subprocess, sys
+process = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(process.pid, 0)
+with open(sys.argv[1], "w") as handle:
+  handle.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.parametrize("flags", [
+    ["--timeout", "0"], ["--timeout", "-1"], ["--timeout", "nan"],
+    ["--timeout", "inf"], ["--timeout", "soon"], ["--memory_limit", "0"],
+    ["--memory_limit", "-1GB"], ["--memory_limit", "4"],
+    ["--memory_limit", "lots"], ["--memory_limit", "1KB"],
+    ["sql", "SELECT 1", "--max_rows", "-2"], ["sql", "SELECT 1", "--max_rows",
+                                              "0"],
+    ["errors", "--limit", "0"], ["errors", "--limit", "1.5"],
+    ["low-confidence", "--below", "nan"], ["low-confidence", "--below", "inf"],
+])
+def test_every_limit_flag_is_checked_in_one_line(boundary, capsys, flags):
+  """Fails on the code before the fix: --timeout 0, -1, nan and inf turned
+  the limit off, --max_rows -2 gave a traceback, and --memory_limit did not
+  exist."""
+  with pytest.raises(SystemExit) as exit_:
+    query.main([boundary.out] + flags)
+  err = capsys.readouterr().err
+  assert exit_.value.code == 2 and err.count("\n") == 1, err
+  assert flags[-2] in err, err

@@ -115,7 +115,7 @@ def test_skip_existing_classifies_only_new_images(tmp_path, tiny_model,
   assert after.manifest["counts"]["predictions"] == 40
   assert all(os.path.basename(i).startswith("new_")
              for i in ids(after.predictions))
-  every_id = ids(read_parquet_rows(str(output / "predictions-*.parquet")))
+  every_id = ids(read_parquet_rows(str(output / "predictions" / "*.parquet")))
   assert len(every_id) == 100 and len(set(every_id)) == 100
   assert set(every_id) == {str(p) for p in pile.glob("*/*.png")}
 
@@ -132,5 +132,5 @@ def test_skip_existing_on_parquet(tmp_path, tiny_model, png_dir):
                       model=tiny_model, skip_existing=True)
   assert after.manifest["counts"]["skipped"] == 80
   assert after.manifest["counts"]["predictions"] == 120
-  every_id = ids(read_parquet_rows(output + "/predictions-*.parquet"))
+  every_id = ids(read_parquet_rows(output + "/predictions/*.parquet"))
   assert len(every_id) == 200 and len(set(every_id)) == 200

@@ -22,11 +22,10 @@ import math
 import sys
 from typing import Callable
 
-import duckdb
-
 from beam_jobs import outputs
 from imagebatch import cli
 from tools import answers
+from tools import limits
 from tools import sandbox
 from tools.answers import DEFAULT_LIMIT
 from tools.sandbox import QueryError
@@ -53,13 +52,27 @@ def _cell(value) -> str:
   return "" if value is None else str(value)
 
 
+# Rows of a class table shown in the terminal at most; --json has them all.
+MAX_TABLE_CLASSES = 30
+# Classes of the confusion table in the terminal at most, the commonest.
+MAX_CONFUSION_CLASSES = 12
+
+
+def _bounded(rows: list, limit: int, title: str, what: str) -> str:
+  """A table of the first `limit` rows, saying how many more --json has."""
+  text = format_table(rows[:limit], title)
+  if len(rows) > limit:
+    text += f"\n  ... and {len(rows) - limit} more {what} (--json lists all)"
+  return text
+
+
 def render_summary(result: dict) -> str:
-  manifest = result["manifest"] or {}
-  counts = manifest.get("counts", {})
-  parts = [f"model {manifest.get('model_id', '?')}: "
+  run = result.get("run") or answers.run_facts(result["manifest"])
+  counts = run["counts"]
+  parts = [f"model {run['model_id'] or '?'}: "
            f"{result['predictions']} predictions, {result['errors']} errors"
-           + (f", {counts.get('inputs')} inputs, "
-              f"{manifest.get('images_per_second')} images/s"
+           + (f", {counts.get('inputs', '?')} inputs, "
+              f"{run['images_per_second']} images/s"
               if counts else "")]
   if result["duplicate_ids"]:
     parts.append(f"{result['duplicate_ids']} rows repeat an id an earlier row "
@@ -71,7 +84,9 @@ def render_summary(result: dict) -> str:
   if result["true_labels"]["unmatched"]:
     parts.append(_unmatched_line(result["true_labels"]["unmatched"],
                                  result["true_labels"]))
-  parts.append(format_table(result["classes"], "\npredictions per class"))
+  parts.append(_bounded(result["classes"], MAX_TABLE_CLASSES,
+                        "\npredictions per class (the commonest first)",
+                        "classes"))
   parts.append(format_table(result["confidence_histogram"],
                             "\nconfidence histogram"))
   parts.append(format_table(result["error_summary"]["top_reasons"],
@@ -94,14 +109,26 @@ def render_accuracy(result: dict) -> str:
     header.append(_unmatched_line(
         result["unmatched_labels"],
         {"unmatched_examples": result["unmatched_examples"]}))
+  table = answers.confusion_matrix(result, MAX_CONFUSION_CLASSES)
+  other = "(other)"
   confusion = [dict({"true \\ predicted": name},
-                    **dict(zip(result["classes"], row)))
-               for name, row in zip(result["classes"],
-                                    result["confusion_matrix"])]
+                    **dict(zip(table["classes"], row)),
+                    **({other: rest} if table["left_out"] else {}))
+               for name, row, rest in zip(table["classes"], table["matrix"],
+                                          table["other_predicted"])]
+  title = "\nconfusion matrix (rows: true class, columns: predicted class)"
+  if table["left_out"]:
+    title = (f"\nconfusion matrix of the {len(table['classes'])} commonest of "
+             f"{len(result['classes'])} classes (rows: true class, columns: "
+             f"predicted class; {other}: any other class)")
+  per_class = result["per_class"]
+  per_class_title = "\nper class"
+  if len(per_class) > MAX_TABLE_CLASSES:
+    per_class = sorted(per_class, key=lambda row: -row["support"])
+    per_class_title = "\nper class (the most supported first)"
   return "\n".join(header + [
-      format_table(result["per_class"], "\nper class"),
-      format_table(confusion, "\nconfusion matrix (rows: true class, "
-                   "columns: predicted class)"),
+      _bounded(per_class, MAX_TABLE_CLASSES, per_class_title, "classes"),
+      format_table(confusion, title),
   ])
 
 
@@ -113,8 +140,8 @@ def render_compare(result: dict) -> str:
                     format_table(result["examples"], "\nexamples")])
 
 
-_LIMIT = ("--limit", {"type": int, "default": DEFAULT_LIMIT,
-                      "help": "rows to show"})
+_LIMIT = ("--limit", {"type": limits.positive_count,
+                      "default": DEFAULT_LIMIT, "help": "rows to show"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,13 +176,14 @@ COMMANDS = {
                                          args.max_rows),
         (("statement", {"help": "e.g. \"SELECT label, count(*) FROM "
                                 "predictions GROUP BY 1\""}),
-         ("--max_rows", {"type": int, "default": sandbox.DEFAULT_MAX_ROWS,
+         ("--max_rows", {"type": limits.positive_count,
+                         "default": sandbox.DEFAULT_MAX_ROWS,
                          "help": "rows to return at most"}))),
     "accuracy": Command(
         "accuracy, per-class precision/recall/F1, confusion matrix and "
         "calibration (needs true labels)",
-        lambda connection, args: answers.accuracy(connection,
-                                          answers.class_names_of(args.output_dir)),
+        lambda connection, args: answers.accuracy(
+            connection, answers.class_names_in(connection.manifest)),
         render=render_accuracy,
         next=lambda output_dir: [
             cli.program("query", output_dir,
@@ -165,7 +193,7 @@ COMMANDS = {
         "the least confident predictions",
         lambda connection, args: answers.low_confidence(connection, args.below,
                                                 args.limit),
-        (("--below", {"type": float, "default": 0.6,
+        (("--below", {"type": limits.finite_number, "default": 0.6,
                       "help": "show predictions below this confidence"}),
          _LIMIT)),
     "misclassified": Command(
@@ -197,9 +225,7 @@ def build_parser() -> cli.ArgumentParser:
   parser.add_argument("output_dir", help="the --output folder of a run")
   parser.add_argument("--json", action="store_true",
                       help="print JSON instead of tables")
-  parser.add_argument("--timeout", type=float,
-                      default=sandbox.DEFAULT_TIMEOUT_SECONDS,
-                      help="seconds a query may run before it is stopped")
+  limits.add_query_limits(parser)
   commands = parser.add_subparsers(dest="command", metavar="COMMAND",
                                    help=f"default: {DEFAULT_COMMAND}")
   for name, command in COMMANDS.items():
@@ -214,27 +240,40 @@ def build_parser() -> cli.ArgumentParser:
 
 def answer(args) -> object:
   command = COMMANDS[args.command or DEFAULT_COMMAND]
-  connection = sandbox.connect(args.output_dir, getattr(args, "other_dir", None),
-                       args.timeout)
+  connection = sandbox.connect(args.output_dir,
+                               getattr(args, "other_dir", None), args.timeout,
+                               args.memory_limit)
   return command.run(connection, args)
+
+
+def _memory_message(args) -> str:
+  return ("tools.query: error: the answer needed more memory than "
+          f"{limits.format_bytes(args.memory_limit)} (--memory_limit) and "
+          f"{limits.format_bytes(limits.HEADROOM_BYTES)} for the rest allow; "
+          "it was stopped")
 
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
+  command = COMMANDS[args.command or DEFAULT_COMMAND]
   try:
-    result = answer(args)
+    with limits.MemoryWatch(args.memory_limit, _memory_message(args)):
+      result = answer(args)
+      text = (json.dumps(result, indent=2, default=str) if args.json else
+              command.render(result))
   except QueryError as error:
     print(f"tools.query: error: {error}", file=sys.stderr)
     return 2
-  except duckdb.Error as error:
-    message = " ".join(str(error).split())
-    print(f"tools.query: error: {message}", file=sys.stderr)
+  except MemoryError:
+    print(_memory_message(args), file=sys.stderr)
     return 1
-  command = COMMANDS[args.command or DEFAULT_COMMAND]
-  if args.json:
-    print(json.dumps(result, indent=2, default=str))
-  else:
-    print(command.render(result))
+  except Exception as error:  # pylint: disable=broad-except
+    # A folder or statement this tool did not foresee: one line, never a
+    # traceback.
+    print(f"tools.query: error: {sandbox.one_line(error)}", file=sys.stderr)
+    return 1
+  print(text)
+  if not args.json:
     cli.print_next(None, command.next(args.output_dir))
   return 0
 

@@ -3,37 +3,56 @@
 Usage:
   python -m tools.report OUTPUT_DIR --out REPORT_DIR [--samples 15]
 
-Writes PNG plots and an index.html that shows them with the summary table:
-a grid of sample images with their predictions and probability bars (the
-Keras basic-classification tutorial's two plots), the most confident
-mistakes, a confusion-matrix heat map, a confidence histogram split by
-correct and wrong, and a reliability diagram. All numbers come from
-`tools.query`.
+Writes PNG plots and an index.html: a header (run date, input, model source
+and id, engine, counts, accuracy), a grid of sample images with their
+predictions and probability bars (the Keras basic-classification tutorial's
+two plots), the most confident mistakes, a confusion-matrix heat map of the
+commonest classes, a confidence histogram split by correct and wrong, a
+reliability diagram, per-class precision/recall/F1 and the first failing
+files with their reasons. All numbers come from `tools.answers`.
+
+Images are read from each row's `source` under the run's input folder only
+(tools/report_images.py says what may be opened); `--out` must be new, empty
+or a report folder this tool made (tools/report_folder.py).
 """
 
-import html
+import argparse
 import io
 import os
 import sys
+import textwrap
 
+import duckdb
 import matplotlib
 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
-from PIL import Image  # pylint: disable=wrong-import-position
 
 from imagebatch import cli  # pylint: disable=wrong-import-position
 from tools import answers  # pylint: disable=wrong-import-position
+from tools import limits  # pylint: disable=wrong-import-position
+from tools import report_folder  # pylint: disable=wrong-import-position
+from tools import report_images  # pylint: disable=wrong-import-position
+from tools import report_page  # pylint: disable=wrong-import-position
 from tools import sandbox  # pylint: disable=wrong-import-position
 
 DEFAULT_SAMPLES = 15
+# Images per grid at most: the figure grows with them.
+MAX_SAMPLES = 60
 GRID_COLUMNS = 3
 CORRECT, WRONG, UNKNOWN = "blue", "red", "black"
 # The predicted class's bar when there is no true label to judge it by.
 PREDICTED = "#333333"
 OTHER_BARS = "#bbbbbb"
+PLACEHOLDER = 235
 DPI = 100
+# Bars beside a sample at most: the likeliest classes (and the true one).
+MAX_BARS = 10
+# Classes of the confusion heat map at most, the commonest.
+MAX_PLOT_CLASSES = 25
+# A class name on an axis is cut to this many characters.
+MAX_LABEL_CHARACTERS = 20
 FILES = {
     "samples": "samples.png",
     "mistakes": "mistakes.png",
@@ -51,38 +70,22 @@ TITLES = {
 }
 
 
-def _open(data: bytes) -> np.ndarray:
-  image = Image.open(io.BytesIO(data))
-  return np.asarray(image if image.mode in ("L", "RGB") else
-                    image.convert("RGB"))
+def short(name, limit: int = MAX_LABEL_CHARACTERS) -> str:
+  """A class name for an axis: one line of at most `limit` characters, cut
+  in the middle so that both ends stay ("ankle boot (12)" and "ankle boot
+  (13)" stay apart)."""
+  text = " ".join(str(name).split())
+  if len(text) <= limit:
+    return text
+  head = (limit - 1) - (limit - 1) // 2
+  return text[:head] + "\u2026" + text[len(text) - (limit - 1) // 2:]
 
 
-def _read_image(row: dict, manifest: dict):
-  """The input image for a prediction row, or None when it can't be had."""
-  from imagebatch import paths  # pylint: disable=import-outside-toplevel
-  arguments = (manifest or {}).get("arguments", {})
-  try:
-    # Ids are data: paths.open_file never opens a FIFO or device they name.
-    if arguments.get("input_format") != "parquet":
-      with paths.open_file(row["id"]) as handle:
-        return _open(handle.read())
-    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-    id_column, image_column = arguments["id_column"], arguments["image_column"]
-    with paths.open_file(row["source"]) as handle:
-      table = pq.read_table(handle, columns=[c for c in (id_column,
-                                                         image_column) if c])
-    if id_column:
-      position = table.column(id_column).to_pylist().index(row["id"])
-    else:
-      position = int(row["id"].rsplit("#", 1)[1])
-    cell = table.column(image_column)[position].as_py()
-    if isinstance(cell, bytes):
-      return _open(cell)
-    shape = manifest["model"]["input_shape"]
-    return np.asarray(cell, dtype=np.uint8).reshape(shape)
-  except Exception:  # pylint: disable=broad-except
-    # A source that moved or can't be read leaves a blank tile.
-    return None
+def _png(figure) -> bytes:
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format="png", dpi=DPI)
+  plt.close(figure)
+  return buffer.getvalue()
 
 
 def _colour(row: dict) -> str:
@@ -91,42 +94,80 @@ def _colour(row: dict) -> str:
   return CORRECT if row["label"] == row["true_label"] else WRONG
 
 
-def _probability_pairs(row: dict, class_names: list):
-  """(class names, probabilities) to draw: all classes, else the top k."""
-  if row.get("probabilities") is not None and len(class_names) == len(
-      row["probabilities"]):
-    return class_names, list(row["probabilities"])
-  return ([entry["label"] for entry in row["top_k"]],
-          [entry["confidence"] for entry in row["top_k"]])
+def probability_bars(row: dict, class_names) -> tuple:
+  """(class names, probabilities) to draw beside a sample: every class of a
+  small model, else the MAX_BARS likeliest (from `probabilities` or
+  `top_k`), with the true class added when it is not among them."""
+  probabilities = row.get("probabilities")
+  if probabilities is not None and class_names and len(
+      probabilities) == len(class_names):
+    if len(class_names) <= MAX_BARS:
+      return list(class_names), list(probabilities)
+    values = np.nan_to_num(np.asarray(probabilities, dtype=np.float64),
+                           nan=-1.0)
+    order = list(np.argsort(-values, kind="stable")[:MAX_BARS])
+    truth = row.get("true_label")
+    if truth is not None:
+      try:
+        index = class_names.index(truth)
+      except ValueError:
+        index = None
+      if index is not None and index not in order:
+        order.append(index)
+    return ([class_names[i] for i in order],
+            [float(probabilities[i]) for i in order])
+  entries = [entry for entry in (row.get("top_k") or [])[:MAX_BARS]
+             if isinstance(entry, dict)]
+  return ([entry.get("label") for entry in entries],
+          [entry.get("confidence") or 0.0 for entry in entries])
 
 
-def plot_grid(rows: list, class_names: list, manifest: dict, path: str,
-              title: str) -> None:
-  """Image with its prediction, and the probability bars beside it."""
+def _show_tile(axis, tile, reason: str) -> None:
+  """An image as it is (greyscale not inverted), or a placeholder saying
+  why there is none."""
+  if tile is not None and tile.ndim == 3 and tile.shape[2] in (1, 3):
+    if tile.shape[2] == 1:
+      axis.imshow(tile[..., 0], cmap="gray", vmin=0, vmax=255)
+    else:
+      axis.imshow(tile)
+    return
+  axis.imshow(np.full((8, 8), PLACEHOLDER, dtype=np.uint8), cmap="gray",
+              vmin=0, vmax=255)
+  axis.text(3.5, 3.5, textwrap.fill(reason or "not drawn", 14), ha="center",
+            va="center", fontsize=6, color="#555555")
+
+
+def plot_grid(rows: list, class_names, policy: report_images.ImagePolicy,
+              title: str) -> bytes:
+  """Each image with its prediction, and the probability bars beside it."""
   count = max(1, len(rows))
   grid_rows = -(-count // GRID_COLUMNS)
   figure = plt.figure(figsize=(4 * GRID_COLUMNS, 2.4 * grid_rows + 0.6))
   figure.suptitle(title)
   for index, row in enumerate(rows):
     image_axis = figure.add_subplot(grid_rows, 2 * GRID_COLUMNS, 2 * index + 1)
-    image = _read_image(row, manifest)
-    if image is None:
-      image = np.full((8, 8), 255, dtype=np.uint8)
-    # Greyscale is drawn as it is, not inverted, so tiles look like the files.
-    image_axis.imshow(image.squeeze(), cmap="gray", vmin=0, vmax=255)
+    try:
+      tile, reason = report_images.read_tile(row, policy), ""
+    except report_images.NotDrawn as error:
+      tile, reason = None, str(error)
+    _show_tile(image_axis, tile, reason)
     image_axis.set_xticks([])
     image_axis.set_yticks([])
     truth = row.get("true_label")
+    confidence = row.get("confidence")
+    confidence = confidence if isinstance(confidence, float) and np.isfinite(
+        confidence) else float("nan")
     image_axis.set_xlabel(
-        f"{row['label']} {100 * row['confidence']:2.0f}% "
-        f"({truth if truth is not None else '?'})", color=_colour(row),
-        fontsize=8)
+        f"{short(row['label'], 22)} {100 * confidence:2.0f}%\n"
+        f"true: {short(truth, 22) if truth is not None else '?'}",
+        color=_colour(row), fontsize=7)
     bar_axis = figure.add_subplot(grid_rows, 2 * GRID_COLUMNS, 2 * index + 2)
-    names, values = _probability_pairs(row, class_names)
+    names, values = probability_bars(row, class_names)
     bars = bar_axis.bar(range(len(values)), values, color=OTHER_BARS)
     bar_axis.set_ylim([0, 1])
     bar_axis.set_xticks(range(len(names)))
-    bar_axis.set_xticklabels(names, rotation=90, fontsize=6)
+    bar_axis.set_xticklabels([short(name, 12) for name in names], rotation=90,
+                             fontsize=6)
     bar_axis.tick_params(axis="y", labelsize=6)
     # As in the Keras tutorial: the true class blue, a wrong prediction red.
     # Without a true label nothing is known to be wrong.
@@ -136,31 +177,39 @@ def plot_grid(rows: list, class_names: list, manifest: dict, path: str,
     if truth in names:
       bars[names.index(truth)].set_color(CORRECT)
   figure.tight_layout()
-  figure.savefig(path, dpi=DPI)
-  plt.close(figure)
+  return _png(figure)
 
 
-def plot_confusion(scores: dict, path: str) -> None:
-  classes, matrix = scores["classes"], np.array(scores["confusion_matrix"])
-  size = max(5, 0.6 * len(classes) + 2)
+def plot_confusion(scores: dict) -> bytes:
+  """A heat map of the commonest classes (at most MAX_PLOT_CLASSES)."""
+  table = answers.confusion_matrix(scores, MAX_PLOT_CLASSES)
+  classes, matrix = table["classes"], np.array(table["matrix"], dtype=np.int64)
+  count = len(classes)
+  size = max(5.0, 0.32 * count + 3)
   figure, axis = plt.subplots(figsize=(size, size))
-  image = axis.imshow(matrix, cmap="Blues")
+  image = axis.imshow(matrix.reshape(count, count), cmap="Blues")
   figure.colorbar(image, ax=axis, fraction=0.046)
-  axis.set_xticks(range(len(classes)))
-  axis.set_xticklabels(classes, rotation=90)
-  axis.set_yticks(range(len(classes)))
-  axis.set_yticklabels(classes)
+  font = 8 if count <= 15 else 6
+  labels = [short(name) for name in classes]
+  axis.set_xticks(range(count))
+  axis.set_xticklabels(labels, rotation=45, ha="right",
+                       rotation_mode="anchor", fontsize=font)
+  axis.set_yticks(range(count))
+  axis.set_yticklabels(labels, fontsize=font)
   axis.set_xlabel("predicted")
   axis.set_ylabel("true")
-  axis.set_title(f"Confusion matrix, accuracy {scores['accuracy']:.4f}")
+  title = f"Confusion matrix, accuracy {scores['accuracy']:.4f}"
+  if table["left_out"]:
+    title += (f"\nthe {count} commonest of {len(scores['classes'])} classes "
+              "that occur")
+  axis.set_title(title)
   threshold = matrix.max() / 2 if matrix.size else 0
   for (i, j), value in np.ndenumerate(matrix):
     if value:
-      axis.text(j, i, str(value), ha="center", va="center", fontsize=7,
+      axis.text(j, i, str(value), ha="center", va="center", fontsize=font - 1,
                 color="white" if value > threshold else "black")
   figure.tight_layout()
-  figure.savefig(path, dpi=DPI)
-  plt.close(figure)
+  return _png(figure)
 
 
 def grid_title(rows: list) -> str:
@@ -175,37 +224,53 @@ def grid_title(rows: list) -> str:
           "label)")
 
 
-def plot_confidence(connection, path: str) -> None:
-  rows = sandbox.rows(connection, """
-      SELECT confidence, true_label IS NULL AS unknown,
-             label = true_label AS correct FROM predictions""")
-  bins = np.linspace(0, 1, answers.ECE_BINS + 1)
-  figure, axis = plt.subplots(figsize=(7, 4))
-  groups = [("correct", CORRECT, lambda r: r["correct"]),
-            ("wrong", WRONG, lambda r: r["correct"] is False),
-            ("no true label", "#999999", lambda r: r["unknown"])]
-  data = [[r["confidence"] for r in rows if keep(r)] for _, _, keep in groups]
-  labelled = bool(data[0] or data[1])
+_GROUPS = (("correct", CORRECT), ("wrong", WRONG),
+           ("no true label", "#999999"))
+
+
+def plot_confidence(connection) -> bytes:
+  """Counts per confidence bin, from SQL (memory does not grow with the
+  rows), side by side for right, wrong and unlabelled predictions."""
+  counts = sandbox.rows(connection, f"""
+      SELECT least(floor(confidence * {answers.ECE_BINS}),
+                   {answers.ECE_BINS - 1})::INTEGER AS bin,
+             CASE WHEN true_label IS NULL THEN 'no true label'
+                  WHEN label = true_label THEN 'correct' ELSE 'wrong' END
+               AS kind,
+             count(*) AS images
+      FROM predictions WHERE {answers.BINNABLE} GROUP BY ALL""")
+  if not counts:
+    raise ValueError("no prediction has a confidence between 0 and 1")
+  totals = {name: sum(r["images"] for r in counts if r["kind"] == name)
+            for name, _ in _GROUPS}
   # Only the groups this run has, so an unlabelled run shows no empty
   # "correct" and "wrong" entries.
-  drawn = [(name, colour, values) for (name, colour, _), values in
-           zip(groups, data) if values]
-  # Side by side on a log scale: the few mistakes stay visible next to the
-  # many confident right answers.
-  axis.hist([values for _, _, values in drawn], bins=bins, log=True,
-            label=[f"{name} ({len(values)})" for name, _, values in drawn],
-            color=[colour for _, colour, _ in drawn])
+  drawn = [(name, colour) for name, colour in _GROUPS if totals[name]]
+  width = 1.0 / answers.ECE_BINS / len(drawn)
+  figure, axis = plt.subplots(figsize=(7, 4))
+  for offset, (name, colour) in enumerate(drawn):
+    heights = [0] * answers.ECE_BINS
+    for r in counts:
+      if r["kind"] == name:
+        heights[r["bin"]] = r["images"]
+    # Side by side on a log scale: the few mistakes stay visible next to the
+    # many confident right answers.
+    axis.bar([b / answers.ECE_BINS + offset * width
+              for b in range(answers.ECE_BINS)], heights, width=width,
+             align="edge", log=True, color=colour,
+             label=f"{name} ({totals[name]})")
+  labelled = totals["correct"] or totals["wrong"]
+  axis.set_xlim([0, 1])
   axis.set_xlabel("confidence of the predicted label")
   axis.set_ylabel("images (log scale)")
   axis.set_title("Confidence, correct vs wrong" if labelled else
                  "Confidence (no true labels)")
   axis.legend()
   figure.tight_layout()
-  figure.savefig(path, dpi=DPI)
-  plt.close(figure)
+  return _png(figure)
 
 
-def plot_reliability(scores: dict, path: str) -> None:
+def plot_reliability(scores: dict) -> bytes:
   bins = scores["calibration_bins"]
   width = 1.0 / answers.ECE_BINS
   figure, axis = plt.subplots(figsize=(5, 5))
@@ -223,31 +288,13 @@ def plot_reliability(scores: dict, path: str) -> None:
   axis.set_title(f"Reliability, ECE {scores['expected_calibration_error']:.4f}")
   axis.legend(loc="upper left")
   figure.tight_layout()
-  figure.savefig(path, dpi=DPI)
-  plt.close(figure)
-
-
-def _class_names(connection, manifest) -> list:
-  """The card's class names from the manifest, else the predicted ones."""
-  if (manifest or {}).get("class_names"):
-    return list(manifest["class_names"])
-  return [r["label"] for r in sandbox.rows(
-      connection, "SELECT label FROM predictions GROUP BY label "
-      "ORDER BY min(label_index)")]
+  return _png(figure)
 
 
 def _sample_rows(connection, samples: int, where: str, order: str) -> list:
   return sandbox.rows(
       connection, f"SELECT * FROM predictions WHERE {where} ORDER BY {order} "
       "LIMIT ?", [samples])
-
-
-def clear_report(out: str) -> None:
-  """Removes an earlier report's files, and only those, from `out`."""
-  for name in list(FILES.values()) + [INDEX]:
-    path = os.path.join(out, name)
-    if os.path.isfile(path):
-      os.remove(path)
 
 
 class ReportFiles(dict):
@@ -259,24 +306,46 @@ class ReportFiles(dict):
     self.skipped = {}
 
 
-def write_report(output_dir: str, out: str,
-                 samples: int = DEFAULT_SAMPLES) -> ReportFiles:
+def _draw(out: str, written: ReportFiles, name: str, plot, *args) -> None:
+  """Draws one plot into `out`, or notes in `skipped` why it could not."""
+  try:
+    data = plot(*args)
+  except (sandbox.QueryError, ValueError, ArithmeticError, TypeError,
+          KeyError, IndexError, OverflowError) as error:
+    written.skipped[name] = sandbox.one_line(error, 200)
+    return
+  except duckdb.Error as error:
+    written.skipped[name] = sandbox.one_line(error, 200)
+    return
+  written[name] = report_folder.write(out, FILES[name], data)
+
+
+def write_report(output_dir: str, out: str, samples: int = DEFAULT_SAMPLES,
+                 images_roots=None, no_images: bool = False,
+                 timeout_seconds: float = sandbox.DEFAULT_TIMEOUT_SECONDS,
+                 memory_limit=None) -> ReportFiles:
   """Draws every plot it can, and index.html, which also lists the plots it
-  could not draw and why."""
-  connection = sandbox.connect(output_dir)
-  os.makedirs(out, exist_ok=True)
-  clear_report(out)
+  could not draw and why. Raises QueryError for a folder with no results and
+  report_folder.FolderError for an `out` it may not write into."""
+  if not 1 <= samples <= MAX_SAMPLES:
+    raise sandbox.QueryError(f"samples must be between 1 and {MAX_SAMPLES}")
+  connection = sandbox.connect(output_dir, timeout_seconds=timeout_seconds,
+                               memory_limit=memory_limit)
+  report_folder.claim(out, list(FILES.values()) + [INDEX])
   summary = answers.summary(connection, output_dir)
   manifest = summary["manifest"]
-  names = _class_names(connection, manifest)
+  names = answers.class_names_in(manifest)
+  policy = report_images.policy_for(manifest, images_roots, no_images)
   written = ReportFiles()
   skipped = written.skipped
-  sample_rows = _sample_rows(connection, samples, "TRUE", "hash(id), id")
-  path = os.path.join(out, FILES["samples"])
-  plot_grid(sample_rows, names, manifest, path, grid_title(sample_rows))
-  written["samples"] = path
+  if summary["predictions"]:
+    sample_rows = _sample_rows(connection, samples, "TRUE", "hash(id), id")
+    _draw(out, written, "samples", plot_grid, sample_rows, names, policy,
+          grid_title(sample_rows))
+  else:
+    skipped["samples"] = "no input was classified"
   try:
-    scores = answers.accuracy(connection, (manifest or {}).get("class_names"))
+    scores = answers.accuracy(connection, names)
   except sandbox.QueryError as error:
     scores = None
     for name in ("mistakes", "confusion", "reliability"):
@@ -284,76 +353,27 @@ def write_report(output_dir: str, out: str,
   if scores:
     mistakes = _sample_rows(connection, samples,
                             "true_label IS NOT NULL AND label <> true_label",
-                            "confidence DESC, id")
+                            "confidence DESC NULLS LAST, id")
     if mistakes:
-      path = os.path.join(out, FILES["mistakes"])
-      plot_grid(mistakes, names, manifest, path, "Most confident mistakes")
-      written["mistakes"] = path
+      _draw(out, written, "mistakes", plot_grid, mistakes, names, policy,
+            "Most confident mistakes")
     else:
       skipped["mistakes"] = "every labelled prediction is right"
-    for name, plot in (("confusion", plot_confusion),
-                       ("reliability", plot_reliability)):
-      path = os.path.join(out, FILES[name])
-      plot(scores, path)
-      written[name] = path
-  path = os.path.join(out, FILES["confidence"])
-  plot_confidence(connection, path)
-  written["confidence"] = path
-  written["index"] = _write_index(out, summary, scores, written, skipped)
+    _draw(out, written, "confusion", plot_confusion, scores)
+    _draw(out, written, "reliability", plot_reliability, scores)
+  if summary["predictions"]:
+    _draw(out, written, "confidence", plot_confidence, connection)
+  else:
+    skipped["confidence"] = "no input was classified"
+  for name, file_name in FILES.items():
+    if name not in written:
+      # An earlier report's plot that this one could not draw.
+      report_folder.remove(out, file_name)
+  failing = answers.error_rows(connection, report_page.MAX_FAILING_FILES)
+  page = report_page.page(summary, scores, written, skipped, failing,
+                          policy, TITLES)
+  written["index"] = report_folder.write(out, INDEX, page.encode("utf-8"))
   return written
-
-
-def skipped_by_reason(skipped: dict) -> dict:
-  """{reason: [plot titles]}, so one reason is said once."""
-  grouped = {}
-  for name, reason in skipped.items():
-    grouped.setdefault(reason, []).append(TITLES[name])
-  return grouped
-
-
-def _write_index(out: str, summary: dict, scores, written: dict,
-                 skipped: dict) -> str:
-  manifest = summary["manifest"] or {}
-  counts = manifest.get("counts", {})
-  facts = [("model", manifest.get("model_id", "?")),
-           ("inputs", counts.get("inputs", "?")),
-           ("predictions", summary["predictions"]),
-           ("errors", summary["errors"]),
-           ("images/s", manifest.get("images_per_second", "?"))]
-  if scores:
-    facts += [("accuracy", f"{scores['accuracy']:.4f} "
-                           f"({scores['correct']}/{scores['labelled']})"),
-              ("expected calibration error",
-               f"{scores['expected_calibration_error']:.4f}")]
-  if summary["true_labels"]["unmatched"]:
-    facts.append(("true labels matching no class",
-                  summary["true_labels"]["unmatched"]))
-  table = "".join(f"<tr><th>{html.escape(str(k))}</th>"
-                  f"<td>{html.escape(str(v))}</td></tr>" for k, v in facts)
-  classes = "".join(
-      f"<tr><td>{html.escape(str(r['label']))}</td><td>{r['images']}</td>"
-      f"<td>{r['share']}</td><td>{r['mean_confidence']}</td></tr>"
-      for r in summary["classes"])
-  images = "".join(
-      f'<h2>{html.escape(TITLES[name])}</h2>'
-      f'<img src="{html.escape(os.path.basename(path))}" alt="{name}">'
-      for name, path in written.items())
-  if skipped:
-    images += "<h2>not drawn</h2><ul>" + "".join(
-        f"<li>{html.escape(', '.join(names))}: {html.escape(reason)}</li>"
-        for reason, names in skipped_by_reason(skipped).items()) + "</ul>"
-  page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>Run report</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left}}img{{max-width:100%}}</style>
-</head><body><h1>Run report</h1><table>{table}</table>
-<h2>predictions per class</h2><table><tr><th>label</th><th>images</th>
-<th>share</th><th>mean confidence</th></tr>{classes}</table>{images}</body></html>
-"""
-  path = os.path.join(out, INDEX)
-  with open(path, "w") as handle:
-    handle.write(page)
-  return path
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -361,23 +381,53 @@ def build_parser() -> cli.ArgumentParser:
                               description=__doc__.split("\n\n")[0])
   parser.add_argument("output_dir", help="the --output folder of a run")
   parser.add_argument("--out", required=True,
-                      help="folder for the report; its earlier plots are "
-                      "replaced, nothing else in it is touched")
-  parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
-                      help="images per grid")
+                      help="folder for the report: new, empty, or one this "
+                      "tool made (it replaces its own files there and "
+                      "nothing else)")
+  parser.add_argument("--samples", type=_samples, default=DEFAULT_SAMPLES,
+                      help=f"images per grid, 1 to {MAX_SAMPLES}")
+  parser.add_argument("--images_root", action="append", metavar="DIR",
+                      help="a local folder whose images the report may draw "
+                      "(repeat for more); default: the run's input folder "
+                      "as its manifest records it")
+  parser.add_argument("--no_images", action="store_true",
+                      help="draw no image, only the predictions")
+  limits.add_query_limits(parser)
   return parser
+
+
+def _samples(text: str) -> int:
+  value = limits.positive_count(text)
+  if value > MAX_SAMPLES:
+    raise argparse.ArgumentTypeError(f"{text!r} is above {MAX_SAMPLES}")
+  return value
 
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
+  message = ("tools.report: error: the report needed more memory than "
+             f"{limits.format_bytes(args.memory_limit)} (--memory_limit) and "
+             f"{limits.format_bytes(limits.HEADROOM_BYTES)} for the rest "
+             "allow; it was stopped")
   try:
-    written = write_report(args.output_dir, args.out, args.samples)
-  except sandbox.QueryError as error:
+    with limits.MemoryWatch(args.memory_limit, message):
+      written = write_report(args.output_dir, args.out, args.samples,
+                             args.images_root, args.no_images, args.timeout,
+                             args.memory_limit)
+  except (sandbox.QueryError, report_folder.FolderError) as error:
     print(f"tools.report: error: {error}", file=sys.stderr)
     return 2
+  except MemoryError:
+    print(message, file=sys.stderr)
+    return 1
+  except Exception as error:  # pylint: disable=broad-except
+    # A folder this tool did not foresee: one line, never a traceback.
+    print(f"tools.report: error: {sandbox.one_line(error)}", file=sys.stderr)
+    return 1
   index = written.pop("index")
   print(f"wrote {index} with {len(written)} plots")
-  for reason, names in skipped_by_reason(written.skipped).items():
+  for reason, names in report_page.skipped_by_reason(written.skipped,
+                                                     TITLES).items():
     print(f"  not drawn: {', '.join(names)}: {reason}")
   cli.print_next(
       f"{os.path.abspath(index)} (open it in a browser)",

@@ -10,12 +10,14 @@ byte in them is untrusted:
 * The connection is locked before any view exists: external access off but
   for that file system, no temporary directory, limits on memory and
   threads, and the configuration locked so no statement can undo it.
-* `run_sql` checks a user's statement as a second layer: one read-only
-  statement, no keyword or function that reads or writes anything else.
+* `run_sql` checks a user's statement as a second layer (tools/sql_checks.py):
+  one read-only statement that reads the views and calls only the functions
+  of an allow-list.
 """
 
 import datetime
 import io
+import math
 import os
 import re
 import stat
@@ -31,11 +33,12 @@ import pyarrow.parquet as pq
 from beam_jobs import output_folder
 from beam_jobs import outputs
 from imagebatch import paths
+from tools import limits
 from tools.sql_checks import QueryError
 from tools.sql_checks import check_read_only
 
-DEFAULT_TIMEOUT_SECONDS = 300
-DEFAULT_MAX_ROWS = 10000
+DEFAULT_TIMEOUT_SECONDS = limits.DEFAULT_TIMEOUT_SECONDS
+DEFAULT_MAX_ROWS = limits.DEFAULT_MAX_ROWS
 # Settings fixed before the lock: no extension is installed or loaded on
 # demand, and no Python variable is scanned by name.
 _LOCKED_CONFIG = {
@@ -61,6 +64,40 @@ _SCHEMAS = {
 
 def warn(message: str) -> None:
   print(f"tools.query: warning: {message}", file=sys.stderr)
+
+
+def one_line(error: BaseException, limit: int = 500) -> str:
+  """An error as one line of at most `limit` characters; DuckDB's messages
+  name their kind themselves."""
+  text = " ".join(str(error).split())
+  if not isinstance(error, duckdb.Error):
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
+def read_manifest(folder: str) -> Optional[dict]:
+  """The folder's manifest, as outputs.read_manifest reads it; but a local
+  `_run.json` that is not a regular file is refused before anything opens
+  it (a FIFO would block forever; this tool writes no links), and one nested
+  too deeply to parse is a damaged manifest. Raises outputs.ManifestError."""
+  path = outputs.manifest_path(folder)
+  if not paths.is_remote(folder):
+    try:
+      mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+      mode = None
+    except OSError as error:
+      raise outputs.ManifestError(
+          f"{path} cannot be read: {error.strerror}") from None
+    if mode is not None and not stat.S_ISREG(mode):
+      raise outputs.ManifestError(
+          f"{path} is not a regular file (this tool writes no links or "
+          "FIFOs)")
+  try:
+    return outputs.read_manifest(folder)
+  except RecursionError:
+    raise outputs.ManifestError(f"{path} is nested too deeply to be a "
+                                "manifest this tool wrote") from None
 
 
 def _filesystem(folder: str):
@@ -236,23 +273,50 @@ class ResultViews:
   be reached), no temporary directory, and the configuration locked so that
   no statement can undo it. That is the boundary; the statement checks of
   `run_sql` are a second layer.
+
+  Every statement runs within `timeout_seconds`, in at most `memory_limit`
+  bytes of DuckDB's memory (default: limits.default_memory_limit()) and on
+  `threads` threads (default: this process's cores).
   """
 
-  def __init__(self, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS):
+  def __init__(self, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+               memory_limit: Optional[int] = None,
+               threads: Optional[int] = None):
+    if not (isinstance(timeout_seconds, (int, float)) and
+            math.isfinite(timeout_seconds) and timeout_seconds > 0):
+      raise QueryError(f"the time limit must be a finite number of seconds "
+                       f"above 0, not {timeout_seconds!r}")
+    self.memory_limit = int(memory_limit or limits.default_memory_limit())
+    self.threads = int(threads or limits.default_threads())
+    if self.memory_limit < limits.MIN_MEMORY_BYTES or self.threads < 1:
+      raise QueryError(f"a memory limit of at least {limits.MIN_MEMORY_BYTES} "
+                       "bytes and at least 1 thread are needed")
     self.connection = duckdb.connect(config=dict(_LOCKED_CONFIG))
     self.timeout_seconds = timeout_seconds
     self._views = {}  # view -> ([shard names], empty schema)
     self._shards = {}  # shard name -> (real path, remote file system)
     self._verified = set()  # shard names read whole without an error
+    self.manifests = {}  # folder alias -> its manifest (or None)
+
+  @property
+  def manifest(self) -> Optional[dict]:
+    """The manifest of the first folder, as the views were made from it."""
+    return self.manifests.get("")
 
   def add_folder(self, folder: str, alias: str = "") -> None:
     try:
+      # Read (and refused) first, so nothing below opens a FIFO in its place.
+      manifest = read_manifest(folder)
       files = output_folder.result_files(folder)
-      manifest = outputs.read_manifest(folder)
-    except outputs.ManifestError as error:
+    except (outputs.ManifestError, RecursionError, TypeError, KeyError,
+            AttributeError, ValueError) as error:
+      if not isinstance(error, outputs.ManifestError):
+        error = (f"{outputs.manifest_path(folder)} is not a manifest this "
+                 f"tool wrote ({type(error).__name__})")
       raise QueryError(f"{error}; its results cannot be told apart: run "
                        "python -m beam_jobs.predict into it again with "
                        "--overwrite") from None
+    self.manifests[alias] = manifest
     if manifest is None and not any(files.values()):
       raise QueryError(f"{folder} holds no predictions or errors: expected "
                        "the --output folder of python -m beam_jobs.predict")
@@ -288,10 +352,23 @@ class ResultViews:
       self.connection.execute(
           f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM {source}")
 
+  def out_of_memory(self) -> str:
+    return (f"the query needed more memory than "
+            f"{limits.format_bytes(self.memory_limit)} (--memory_limit) and "
+            "was stopped")
+
+  @property
+  def views(self) -> list:
+    """The names of the views a query may read."""
+    return list(self._views)
+
   def lock(self) -> "ResultViews":
     """Locks the connection first, then creates the views on it."""
     self.connection.register_filesystem(ListedShards(self._shards))
     for statement in (
+        # Both are integers, checked in __init__.
+        f"SET memory_limit = '{self.memory_limit:d}B'",
+        f"SET threads = {self.threads:d}",
         "SET temp_directory = ''",
         # Both spellings: DuckDB writes a globbed scheme path with three
         # slashes.
@@ -316,6 +393,8 @@ class ResultViews:
       except duckdb.InterruptException:
         raise QueryError(f"the query ran over {self.timeout_seconds:g}s "
                          "(--timeout) and was stopped") from None
+      except (duckdb.OutOfMemoryException, MemoryError):
+        raise QueryError(self.out_of_memory()) from None
       except _STATEMENT_ERRORS:
         raise
       except duckdb.Error as error:
@@ -365,9 +444,11 @@ class ResultViews:
 
 
 def connect(output_dir: str, other_dir: Optional[str] = None,
-            timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> ResultViews:
+            timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+            memory_limit: Optional[int] = None,
+            threads: Optional[int] = None) -> ResultViews:
   """Read-only views over one (or two) output folders, locked down."""
-  views = ResultViews(timeout_seconds)
+  views = ResultViews(timeout_seconds, memory_limit, threads)
   views.add_folder(output_dir)
   if other_dir is not None:
     views.add_folder(other_dir, alias="other_")
@@ -389,12 +470,15 @@ def run_sql(connection: ResultViews, statement: str,
             max_rows: int = DEFAULT_MAX_ROWS) -> list:
   """Runs one read-only statement: a query, EXPLAIN, DESCRIBE or SUMMARIZE,
   and returns at most `max_rows` rows (with a warning when there are more)."""
-  check_read_only(statement)
+  if isinstance(max_rows, bool) or not isinstance(max_rows, int) or (
+      max_rows < 1):
+    raise QueryError(f"max_rows must be a whole number of at least 1, not "
+                     f"{max_rows!r}")
+  check_read_only(statement, connection.views)
   try:
     names, data = connection.fetch(statement, max_rows=max_rows)
   except duckdb.Error as error:
-    message = " ".join(str(error).split())
-    raise QueryError(f"SQL error: {message}") from None
+    raise QueryError(f"SQL error: {one_line(error)}") from None
   if len(data) > max_rows:
     warn(f"showing the first {max_rows} rows (--max_rows)")
     data = data[:max_rows]

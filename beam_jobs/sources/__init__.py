@@ -16,9 +16,13 @@ until --skip_existing (skip_existing.py) has dropped the inputs already
 predicted, then as `ImageRefs` until it is read.
 """
 
+import os
+import posixpath
 from typing import NamedTuple
 
 import apache_beam as beam
+
+from imagebatch import paths
 
 
 class ReadResult(NamedTuple):
@@ -40,3 +44,18 @@ def id_text(value) -> str:
   if isinstance(value, bytes):
     return value.decode("utf-8", "backslashreplace")
   return str(value)
+
+
+def resolve_uri(uri: str, list_path: str) -> str:
+  """A URI a file names (a list's row, a Parquet image's path) as read: a
+  URI with a scheme (gs://...) as written; a relative path from the naming
+  file's own folder; a local path normalised."""
+  if "://" in uri:
+    return uri
+  if not uri.startswith("/"):
+    folder = list_path.rsplit("/", 1)[0] if "/" in list_path else "."
+    if paths.is_remote(folder):
+      scheme, rest = folder.split("://", 1)
+      return f"{scheme}://{posixpath.normpath(rest + '/' + uri)}"
+    uri = os.path.join(folder, uri)
+  return os.path.normpath(uri)

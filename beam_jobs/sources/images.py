@@ -25,6 +25,19 @@ from imagebatch import paths
 REMOTE_READ_THREADS = 16
 
 
+def read_image(uri: str):
+  """An image file's bytes, or the exception that reading it raised.
+
+  Images are read as stored, never decompressed by file name; a local FIFO,
+  socket or device is refused before it is opened, and a gs:// one when
+  Cloud Storage cannot be reached (paths.open_file)."""
+  try:
+    with paths.open_file(uri) as handle:
+      return handle.read()
+  except Exception as error:  # pylint: disable=broad-except
+    return error
+
+
 def folder_refs(group: list, base: str, class_names: frozenset) -> ImageRefs:
   """A group of a folder's paths as inputs: each path is its own id, and
   its label is the name of its class folder under `base`, if any."""
@@ -52,22 +65,12 @@ class _ReadFileGroup(beam.DoFn):
 
   def process(self, refs: ImageRefs):
     counter(INPUTS).inc(len(refs.ids))
-
-    def read(uri):
-      # Images are read as stored, never decompressed by file name; a local
-      # FIFO, socket or device is refused before it is opened.
-      try:
-        with paths.open_file(uri) as handle:
-          return handle.read()
-      except Exception as error:  # pylint: disable=broad-except
-        return error
-
     # Threads for remote files (or when asked for): a pool's hand-offs cost
     # more than a local read.
     threaded = self._pool and (self._threads or any(
         paths.is_remote(uri) for uri in refs.uris))
-    results = (self._pool.map(read, refs.uris) if threaded
-               else map(read, refs.uris))
+    results = (self._pool.map(read_image, refs.uris) if threaded
+               else map(read_image, refs.uris))
     batch = ImageBatch(ids=[], sources=[], true_labels=[], encoded=[])
     for id_, uri, label, result in zip(refs.ids, refs.uris, refs.labels,
                                        results):
@@ -101,22 +104,26 @@ class ReadImageFiles(beam.PTransform):
   once per image; with `skip`, the paths already predicted are dropped by
   bucket before any file is read. `storage_client` stands in for
   google-cloud-storage's client when listing gs:// (tests pass a fake one).
+  Nothing in the folder `exclude` (the run's output) is an input.
   """
 
   def __init__(self, pattern: str, class_names: list,
                batch_size: int = DEFAULT_BATCH_SIZE,
-               skip: Optional[SkipExisting] = None, storage_client=None):
+               skip: Optional[SkipExisting] = None, storage_client=None,
+               exclude: Optional[str] = None):
     super().__init__()
     self._pattern = paths.expand_pattern(pattern)
     self._class_names = frozenset(class_names)
     self._batch_size = batch_size
     self._skip = skip
     self._storage_client = storage_client
+    self._exclude = exclude
 
   def expand(self, pipeline):
     buckets = self._skip.buckets if self._skip else 0
     groups, list_errors = pipeline | "ListFiles" >> ListFiles(
-        self._pattern, self._batch_size, buckets, self._storage_client)
+        self._pattern, self._batch_size, buckets, self._storage_client,
+        self._exclude)
     if self._skip:
       groups = groups | "SkipExisting" >> SkipRefs(self._skip,
                                                    self._batch_size)

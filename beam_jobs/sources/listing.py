@@ -91,11 +91,13 @@ class Groups:
 
 class PatternSpec:
   """What listing needs to know of a pattern: its base folder, its regular
-  expression, and which sub-folders may hold a match."""
+  expression, and which sub-folders may hold a match. Nothing in the folder
+  `exclude` (the run's own output, when it sits inside the input) does."""
 
-  def __init__(self, pattern: str):
+  def __init__(self, pattern: str, exclude: Optional[str] = None):
     pattern = paths.folder_pattern(pattern)
     self.pattern = pattern
+    self.exclude = exclude
     self.literal = not re.search(r"[*?\[]", pattern)
     self.base = paths.pattern_base(pattern)
     # The base as listings name it: no trailing slash for a local folder
@@ -119,7 +121,12 @@ class PatternSpec:
     """How many folders down from the base `folder` is (1: a child)."""
     return folder[len(self.base):].rstrip("/").count("/") + 1
 
+  def excluded(self, path: str) -> bool:
+    return paths.is_below(path, self.exclude)
+
   def may_hold_matches(self, folder: str) -> bool:
+    if self.excluded(folder):
+      return False
     depth = self.depth(folder)
     if self.max_depth is not None and depth > self.max_depth:
       return False
@@ -254,7 +261,7 @@ class ListFolder(beam.DoFn):
     spec = self._spec
     if spec.literal:
       # A pattern with no glob names one file (a single shard, say).
-      if self._lister.exists(folder):
+      if self._lister.exists(folder) and not spec.excluded(folder):
         yield from self._file(folder, groups)
     elif self._whole:
       yield from self._walk(folder, groups)
@@ -278,6 +285,8 @@ class ListFolder(beam.DoFn):
       yield from self._entry(path, kind, groups)
 
   def _entry(self, path: str, kind: str, groups: Groups):
+    if self._spec.excluded(path):
+      return  # The run's own output folder (a flat gs:// listing holds it).
     if kind == FILE:
       if self._spec.regex.match(path):
         yield from self._file(path, groups)
@@ -325,7 +334,8 @@ def merge_short_groups(short, batch_size: int, label: str = ""):
 
 
 class ListFiles(beam.PTransform):
-  """A pattern in; groups of matching paths out, plus error rows.
+  """A pattern in; groups of matching paths out, plus error rows. Nothing
+  below the folder `exclude` is listed.
 
   With `buckets`, the groups come out keyed by the bucket of their paths,
   (bucket, [path, ...]), for the --skip_existing join; otherwise as lists
@@ -333,9 +343,9 @@ class ListFiles(beam.PTransform):
   """
 
   def __init__(self, pattern: str, batch_size: int, buckets: int = 0,
-               storage_client=None):
+               storage_client=None, exclude: Optional[str] = None):
     super().__init__()
-    self._spec = PatternSpec(pattern)
+    self._spec = PatternSpec(pattern, exclude)
     self._batch_size = batch_size
     self._buckets = buckets
     self._storage_client = storage_client

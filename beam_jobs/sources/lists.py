@@ -11,8 +11,6 @@ worker, a Parquet list by row group.
 import codecs
 import csv
 import io
-import os
-import posixpath
 from typing import NamedTuple, Optional
 
 import apache_beam as beam
@@ -22,9 +20,11 @@ from beam_jobs.contracts import ERRORS
 from beam_jobs.contracts import INPUTS
 from beam_jobs.contracts import counter
 from beam_jobs.contracts import error_row
+from beam_jobs.contracts import label_column_to_read
 from beam_jobs.sources import ImageRefs
 from beam_jobs.sources import ReadResult
 from beam_jobs.sources import id_text
+from beam_jobs.sources import resolve_uri
 from beam_jobs.sources import row_groups
 from beam_jobs.sources.images import read_refs
 from beam_jobs.sources.listing import PARTIAL
@@ -49,18 +49,14 @@ def list_format(path: str) -> str:
   return "csv" if name.endswith(".csv") else "text"
 
 
-def resolve_uri(uri: str, list_path: str) -> str:
-  """A list's URI as read: a URI with a scheme (gs://...) as written; a
-  relative path from the list file's own folder; a local path normalised."""
-  if "://" in uri:
-    return uri
-  if not uri.startswith("/"):
-    folder = list_path.rsplit("/", 1)[0] if "/" in list_path else "."
-    if paths.is_remote(folder):
-      scheme, rest = folder.split("://", 1)
-      return f"{scheme}://{posixpath.normpath(rest + '/' + uri)}"
-    uri = os.path.join(folder, uri)
-  return os.path.normpath(uri)
+def csv_records(handle):
+  """The records of a CSV list read from a binary handle: UTF-8 (a byte
+  order mark dropped, bad bytes kept as surrogate escapes), quoted fields
+  that may span lines, and strict, so that a quote never closed raises
+  csv.Error instead of swallowing every record after it."""
+  text = io.TextIOWrapper(handle, encoding="utf-8-sig",
+                          errors="surrogateescape", newline="")
+  return csv.reader(text, strict=True)
 
 
 class ListItem(NamedTuple):
@@ -118,7 +114,7 @@ class _ReadListItem(beam.DoFn):
                buckets: int = 0):
     self._uri_column = uri_column
     self._id_column = id_column
-    self._label_column = label_column
+    self._label_column = label_column_to_read(label_column)
     self._batch_size = batch_size
     self._buckets = buckets
 
@@ -201,13 +197,13 @@ class _ReadListItem(beam.DoFn):
   def _csv_rows(self, path: str):
     """A header row, then one record per input (quoted fields may span
     lines). A later list without the --uri_column column fails row by row,
-    as a shard without the image column does."""
+    as a shard without the image column does. The reader is strict: a
+    record it cannot read (a quote never closed, text after a closing
+    quote) ends the list, in one error row naming it."""
     row = 0
     try:
       with paths.open_file(path) as handle:
-        text = io.TextIOWrapper(handle, encoding="utf-8-sig",
-                                errors="surrogateescape", newline="")
-        records = csv.reader(text)
+        records = csv_records(handle)
         header = next(records, None) or []
         where = {name: i for i, name in enumerate(header)}
         uri_at = where.get(self._uri_column)
@@ -218,7 +214,15 @@ class _ReadListItem(beam.DoFn):
         def cell(record, at):
           return record[at] if at is not None and at < len(record) else None
 
-        for record in records:
+        while True:
+          line = records.line_num + 1
+          try:
+            record = next(records, None)
+          except csv.Error as error:
+            raise csv.Error(f"{error}, in the record from line {line} on"
+                            ) from None
+          if record is None:
+            break
           if not record:
             continue
           yield (row, cell(record, uri_at), id_at is not None,
@@ -251,23 +255,25 @@ class _ReadListItem(beam.DoFn):
 
 class ReadInputList(beam.PTransform):
   """Reads the images that list files matched by `pattern` name (see the
-  module's docstring)."""
+  module's docstring); no list in the folder `exclude` is read."""
 
   def __init__(self, pattern: str, uri_column: str = "uri",
                id_column: Optional[str] = "id",
                label_column: Optional[str] = None,
                batch_size: int = DEFAULT_BATCH_SIZE,
-               skip: Optional[SkipExisting] = None):
+               skip: Optional[SkipExisting] = None,
+               exclude: Optional[str] = None):
     super().__init__()
     self._pattern = pattern
     self._batch_size = batch_size
     self._skip = skip
+    self._exclude = exclude
     self._reader = _ReadListItem(uri_column, id_column, label_column,
                                  batch_size, skip.buckets if skip else 0)
 
   def expand(self, pipeline):
     lists, list_errors = pipeline | "ListLists" >> ListFiles(
-        self._pattern, _LISTS_PER_GROUP)
+        self._pattern, _LISTS_PER_GROUP, exclude=self._exclude)
     planned = (lists
                | "SpreadLists" >> beam.Reshuffle()
                | "PlanLists" >> beam.ParDo(_PlanLists()).with_outputs(

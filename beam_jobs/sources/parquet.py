@@ -1,7 +1,10 @@
 """ReadParquetImages: images from Parquet shards, by row group.
 
-The image column holds encoded image bytes (PNG, JPEG, ...) or raw uint8
-pixels of the model's input size, flattened row-major (H, W, C). Shards are
+The image column holds encoded image bytes (PNG, JPEG, ...), raw uint8
+pixels of the model's input size, flattened row-major (H, W, C), or Hugging
+Face `datasets`' image struct, `struct<bytes: binary, path: string>`: its
+bytes, or, where only the path is set, the file the path names (a relative
+one from the shard's own folder, as a list's URIs are). Shards are
 planned into row-group work items (row_groups.py) and read in record
 batches of --batch_size rows; every row is one input, and a row that cannot
 be used is an error row of its own.
@@ -20,10 +23,13 @@ from beam_jobs.contracts import INPUTS
 from beam_jobs.contracts import ImageBatch
 from beam_jobs.contracts import counter
 from beam_jobs.contracts import error_row
+from beam_jobs.contracts import label_column_to_read
 from beam_jobs.contracts import id_bucket
 from beam_jobs.sources import ReadResult
 from beam_jobs.sources import id_text
+from beam_jobs.sources import resolve_uri
 from beam_jobs.sources import row_groups
+from beam_jobs.sources.images import read_image
 from beam_jobs.sources.listing import ListFiles
 from beam_jobs.sources.row_groups import RowRangeError
 from beam_jobs.sources.row_groups import RowSelection
@@ -78,17 +84,70 @@ def raw_pixel_array(column: pa.Array, row_length: int):
   return pixels, good, dict(sorted(bad.items()))
 
 
+def _is_binary(column_type: pa.DataType) -> bool:
+  return (pa.types.is_binary(column_type) or
+          pa.types.is_large_binary(column_type) or
+          pa.types.is_fixed_size_binary(column_type))
+
+
+def _struct_fields(column_type: pa.DataType) -> Optional[tuple]:
+  """(bytes field, path field) of an image struct, each a name or None;
+  None when the type is no image struct (Hugging Face's Image feature is
+  struct<bytes: binary, path: string>)."""
+  if not pa.types.is_struct(column_type):
+    return None
+  names = {column_type.field(i).name: column_type.field(i).type
+           for i in range(column_type.num_fields)}
+  data = "bytes" if "bytes" in names and _is_binary(names["bytes"]) else None
+  path = "path" if "path" in names and (
+      pa.types.is_string(names["path"]) or
+      pa.types.is_large_string(names["path"])) else None
+  return (data, path) if data or path else None
+
+
 def image_column_problem(column_type: pa.DataType) -> Optional[str]:
   """Why a column of this type cannot hold images, or None if it can."""
-  if (pa.types.is_binary(column_type) or pa.types.is_large_binary(column_type)
-      or pa.types.is_fixed_size_binary(column_type)):
+  if _is_binary(column_type) or _struct_fields(column_type):
     return None
   if ((pa.types.is_list(column_type) or pa.types.is_large_list(column_type) or
        pa.types.is_fixed_size_list(column_type)) and
       pa.types.is_integer(column_type.value_type)):
     return None
-  return (f"has type {column_type}; expected binary (encoded PNG/JPEG) or a "
-          "list of integers 0..255 (raw pixels)")
+  return (f"has type {column_type}; expected binary (encoded PNG/JPEG), a "
+          "list of integers 0..255 (raw pixels) or an image struct "
+          "<bytes: binary, path: string> (Hugging Face datasets)")
+
+
+def struct_images(column, shard_path: str) -> tuple:
+  """An image struct column's images: (encoded bytes per row, None where
+  the row failed; {row: reason}). A row's bytes are used when set; else the
+  file its path names is read, resolved from the shard's folder."""
+  if isinstance(column, pa.ChunkedArray):
+    column = column.combine_chunks()
+  data_field, path_field = _struct_fields(column.type)
+  rows = len(column)
+  valid = column.is_valid().to_numpy(zero_copy_only=False)
+  data = (column.field(data_field).to_pylist() if data_field
+          else [None] * rows)
+  named = (column.field(path_field).to_pylist() if path_field
+           else [None] * rows)
+  encoded, problems = [], {}
+  for row in range(rows):
+    if valid[row] and data[row]:
+      encoded.append(data[row])
+      continue
+    if not valid[row] or not named[row]:
+      encoded.append(None)
+      problems[row] = "null image cell (neither bytes nor a path)"
+      continue
+    image = read_image(resolve_uri(named[row], shard_path))
+    if isinstance(image, Exception):
+      encoded.append(None)
+      problems[row] = (f"the image at the path the row names cannot be "
+                       f"read: {type(image).__name__}: {image}")
+    else:
+      encoded.append(image)
+  return encoded, problems
 
 
 def _shard_ids(path: str, indices, record_batch, id_column: Optional[str]
@@ -135,7 +194,7 @@ class _ReadParquetItem(beam.DoFn):
                input_shape: list):
     self._image_column = image_column
     self._id_column = id_column
-    self._label_column = label_column
+    self._label_column = label_column_to_read(label_column)
     self._batch_size = batch_size
     self._input_shape = tuple(input_shape)
 
@@ -183,6 +242,17 @@ class _ReadParquetItem(beam.DoFn):
               else [None] * rows)
     images = record_batch.column(self._image_column)
     batch = ImageBatch(ids=ids, sources=[path] * rows, true_labels=labels)
+    if pa.types.is_struct(images.type):
+      encoded, failed = struct_images(images, path)
+      for index, message in failed.items():
+        yield beam.pvalue.TaggedOutput(
+            ERRORS, error_row(ids[index], path, "read", message))
+      kept = [i for i in range(rows) if i not in failed]
+      if kept:
+        batch = batch.take(kept)
+        batch.encoded = [encoded[i] for i in kept]
+        yield batch
+      return
     if not pa.types.is_list(images.type) and not pa.types.is_large_list(
         images.type) and not pa.types.is_fixed_size_list(images.type):
       batch.encoded = images.to_pylist()
@@ -260,6 +330,7 @@ class ReadParquetImages(beam.PTransform):
   uint8 pixels of the model's input size, flattened row-major (H, W, C).
   Shards are read by row group (row_groups.py); with `skip`, the
   id column is read first and only the rows not predicted before are read.
+  No shard in the folder `exclude` (the run's output) is read.
   """
 
   def __init__(self, pattern: str, input_shape: list, image_column: str,
@@ -267,18 +338,20 @@ class ReadParquetImages(beam.PTransform):
                label_column: Optional[str] = None,
                batch_size: int = DEFAULT_BATCH_SIZE,
                skip: Optional[SkipExisting] = None,
-               item_rows: int = row_groups.ITEM_ROWS):
+               item_rows: int = row_groups.ITEM_ROWS,
+               exclude: Optional[str] = None):
     super().__init__()
     self._pattern = pattern
     self._id_column = id_column
     self._skip = skip
     self._item_rows = item_rows
+    self._exclude = exclude
     self._reader = _ReadParquetItem(image_column, id_column, label_column,
                                     batch_size, input_shape)
 
   def expand(self, pipeline):
     items, plan_errors = pipeline | "PlanShards" >> PlanShards(
-        self._pattern, self._item_rows)
+        self._pattern, self._item_rows, self._exclude)
     errors = [plan_errors]
     if self._skip:
       ids = items | "ReadIds" >> beam.ParDo(_RowIds(
@@ -307,14 +380,16 @@ class PlanShards(beam.PTransform):
   """A glob of Parquet files in; their row-group work items out, spread
   over the workers, plus an error row for each file that is no shard."""
 
-  def __init__(self, pattern: str, item_rows: int = row_groups.ITEM_ROWS):
+  def __init__(self, pattern: str, item_rows: int = row_groups.ITEM_ROWS,
+               exclude: Optional[str] = None):
     super().__init__()
     self._pattern = pattern
     self._item_rows = item_rows
+    self._exclude = exclude
 
   def expand(self, pipeline):
     shards, list_errors = pipeline | "ListShards" >> ListFiles(
-        self._pattern, _SHARDS_PER_GROUP)
+        self._pattern, _SHARDS_PER_GROUP, exclude=self._exclude)
     planned = (shards
                | "SpreadShards" >> beam.Reshuffle()
                | "Plan" >> beam.ParDo(row_groups.PlanRowGroups(
