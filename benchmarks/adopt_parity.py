@@ -49,7 +49,7 @@ def _serve(model_file, class_names, flags, images, work, name):
   import glob  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   rows = {}
-  for path in glob.glob(os.path.join(out, "predictions-*.parquet")):
+  for path in glob.glob(os.path.join(out, "predictions", "*.parquet")):
     rows.update((row["id"], row) for row in pq.read_table(path).to_pylist())
   return rows
 

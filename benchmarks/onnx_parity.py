@@ -68,7 +68,7 @@ def _serve(source, flags, images, class_names, work, name, serve_python):
                  check=True, cwd=REPO, stdout=subprocess.DEVNULL)
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   rows = {}
-  for path in glob.glob(os.path.join(out, "predictions-*.parquet")):
+  for path in glob.glob(os.path.join(out, "predictions", "*.parquet")):
     table = pq.read_table(path, columns=["id", "probabilities"])
     rows.update((row["id"], row) for row in table.to_pylist())
   with open(os.path.join(model_dir, "model_card.json"),

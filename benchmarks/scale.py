@@ -177,7 +177,7 @@ def monitored_run(code: str, arguments: list, output: str) -> dict:
       cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True)
   seen, first = {}, None
-  staged = os.path.join(output, "beam-temp-predictions-*", "*")
+  staged = os.path.join(output, "predictions", "beam-temp-predictions-*", "*")
   while process.poll() is None:
     tree = _children()
     pending, family = [process.pid], []

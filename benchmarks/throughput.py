@@ -449,7 +449,7 @@ def run_system(system, folder, model, out_dir, limit=0, p_flags=(),
     with open(os.path.join(output, "_run.json"), encoding="utf-8") as handle:
       manifest = json.load(handle)
     return dict(figures, images=manifest["counts"]["predictions"],
-                output=os.path.join(output, "predictions-*.parquet"))
+                output=os.path.join(output, "predictions", "*.parquet"))
   if system in PEER_JOBS:
     output = os.path.join(out_dir, system)
     figures, stdout = measure([
