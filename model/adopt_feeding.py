@@ -102,14 +102,11 @@ def feeding_recipe(decoder: str, height: int, width: int, color_mode: str,
   fits the colour mode, and a torchvision recipe (`flags`' resize, crop and
   interpolation) ends at the model's input size."""
   mean, std = flags.input_mean, flags.input_std
+  _check_given_mean_std(flags)
   try:
     card_lib.check_input_scale(input_scale, color_mode, mean, std)
   except ValueError as error:
     raise AdoptError(with_origin(str(error), flags)) from None
-  if input_scale == "custom" and (
-      flags.provenance.get("input_mean", "argument") == "argument" and
-      flags.provenance.get("input_std", "argument") == "argument"):
-    _refuse_unit_mean_std(mean, std)
   recipe = {"decoder": decoder, "input_scale": input_scale}
   if input_scale == "custom":
     recipe.update(input_mean=mean, input_std=std)
@@ -148,21 +145,45 @@ def feeding_recipe(decoder: str, height: int, width: int, color_mode: str,
   return recipe
 
 
-def _refuse_unit_mean_std(mean: list, std: list) -> None:
-  """Refuses --input_mean and --input_std that are torchvision's
-  `Normalize` numbers (for pixels divided by 255) rather than pixel units:
-  every mean within [0, 1] and every std below 1, which in pixel units
-  would blow the pixels up to hundreds. The message gives the flags in
-  pixel units."""
-  if not (all(0 <= m <= 1 for m in mean) and all(0 < s < 1 for s in std)):
+def _check_given_mean_std(
+    flags: preprocessing_config.PreprocessingFlags) -> None:
+  """Refuses --input_mean and --input_std given by hand that cannot mean
+  what the card would serve: torchvision's `Normalize` numbers (for pixels
+  divided by 255: every mean within [0, 1], every std below 1) where the
+  card takes pixel units, or either without --input_scale custom. The fix
+  is read as --preprocessing_config reads the same numbers
+  (`scale_from_mean_std`): a named scale where they are one, else the
+  custom mean and std in pixel units."""
+  mean, std = flags.input_mean, flags.input_std
+  by_hand = [name for name in ("input_mean", "input_std")
+             if getattr(flags, name) is not None and
+             flags.provenance.get(name, "argument") == "argument"]
+  if not by_hand or flags.input_scale not in (None, "custom"):
     return
-  text = lambda values: ",".join(f"{round(v * 255.0, 6):.10g}" for v in values)
-  raise AdoptError(
-      f"--input_mean {','.join(f'{m:g}' for m in mean)} "
-      f"--input_std {','.join(f'{s:g}' for s in std)} look like "
-      "torchvision's Normalize numbers, for pixels divided by 255; "
-      "--input_scale custom takes pixel units: pass --input_mean "
-      f"{text(mean)} --input_std {text(std)}")
+  given = " ".join(f"--{name} {_numbers(getattr(flags, name))}"
+                   for name in by_hand)
+  if (len(by_hand) == 2 and len(mean) == len(std) and
+      all(isinstance(v, (int, float)) for v in mean + std) and
+      all(0 <= m <= 1 for m in mean) and all(0 < s < 1 for s in std)):
+    scale = preprocessing_config.scale_from_mean_std(mean, std, True, given)
+    fix = (f"--input_scale {scale['input_scale']}"
+           if scale["input_scale"] != "custom" else
+           f"--input_scale custom --input_mean "
+           f"{_numbers(scale['input_mean'])} --input_std "
+           f"{_numbers(scale['input_std'])}")
+    raise AdoptError(
+        f"{given} look like torchvision's Normalize numbers, for pixels "
+        "divided by 255, and --input_scale custom takes pixel units: pass "
+        f"{fix}")
+  if flags.input_scale is None:
+    raise AdoptError(f"{given} {'go' if len(by_hand) == 2 else 'goes'} with "
+                     "--input_scale custom (pixel units): pass --input_scale "
+                     "custom")
+
+
+def _numbers(values: list) -> str:
+  """Numbers as a flag takes them, without a float's trailing digits."""
+  return ",".join(f"{round(v, 6):.10g}" for v in values)
 
 
 def input_scale(source: model_formats.Source,
