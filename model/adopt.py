@@ -47,6 +47,7 @@ from model import adopt_output
 from model import card as card_lib
 from imagebatch import cli
 from model import engines
+from model import image_limits
 from model import model_formats
 from model import preprocessing
 from model import preprocessing_config
@@ -54,9 +55,6 @@ from model import torchvision_decoding
 from model.model_formats import AdoptError
 
 OUTPUT_KINDS = ("auto",) + card_lib.OUTPUT_KINDS
-# A classifier's input, height times width: above this it is not one this
-# serves (the probe images alone would not fit in memory).
-MAX_INPUT_PIXELS = 4096 * 4096
 
 
 def resolve_input(source: model_formats.Source, image_size: Optional[tuple],
@@ -96,10 +94,10 @@ def resolve_input(source: model_formats.Source, image_size: Optional[tuple],
                        f"model's input is {dims[0]}x{dims[1]} "
                        "(height x width)")
     size.append(int(dim))
-  if size[0] * size[1] > MAX_INPUT_PIXELS:
-    raise AdoptError(f"{source.path}: input of {size[0]}x{size[1]} pixels "
-                     f"is above the limit of {MAX_INPUT_PIXELS:,} pixels for "
-                     "an image classifier")
+  try:
+    image_limits.check_input_size(size[0], size[1], source.path)
+  except ValueError as error:
+    raise AdoptError(str(error)) from None
   return size[0], size[1], color_mode
 
 
