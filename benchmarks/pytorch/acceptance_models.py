@@ -262,6 +262,8 @@ def make_hostile(out: str, images: str) -> list:
          maker=lambda p: (_export(tiny, p), _external(p, outside)))
   record("huge_declared_input", "refused",
          maker=lambda p: _declare(tiny, p, input_dims=(1, 3, 10**6, 10**6)))
+  record("huge_fixed_batch", "refused",
+         maker=lambda p: _declare(tiny, p, input_dims=(10**9,)))
   record("huge_declared_initializer", "refused",
          maker=lambda p: _declare(tiny, p, weight_dims=(2**20, 2**20)))
   _reference(two, folder, path, images)
