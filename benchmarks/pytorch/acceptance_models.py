@@ -85,10 +85,15 @@ def load_images(folder: str, arch: str) -> tuple:
 
 def build(arch: str, batch: torch.Tensor) -> torch.nn.Module:
   """A random-weight torchvision net whose BatchNorm statistics are
-  measured on `batch`."""
+  measured on `batch`, and whose head is drawn at a trained one's scale."""
   torch.manual_seed(0)
   model = getattr(torchvision.models, arch)(weights=None,
                                             num_classes=CLASSES)
+  for layer in model.modules():
+    # The 10-class head drawn at a trained head's scale: torchvision starts
+    # ViT's at zero (every answer uniform) and MobileNet's at std 0.01.
+    if isinstance(layer, torch.nn.Linear) and layer.out_features == CLASSES:
+      torch.nn.init.normal_(layer.weight, std=2 / layer.in_features**0.5)
   norms = [m for m in model.modules()
            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]  # pylint: disable=protected-access
   for norm in norms:
