@@ -58,7 +58,8 @@ def refused_row(record: dict, work: str) -> tuple:
   lines = done.stderr.strip().splitlines()
   passed = (done.returncode == 2 and len(lines) == 1 and
             "Traceback" not in done.stderr)
-  said = lines[-1][:160] if lines else "(nothing said)"
+  said = (lines[-1].replace("model.adopt: error: ", "")[:200] if lines
+          else "(nothing said)")
   return ["", "", "", "", f"refused, exit {done.returncode}: {said}"], passed
 
 
