@@ -47,6 +47,7 @@ from model import adopt_output
 from model import card as card_lib
 from imagebatch import cli
 from model import engines
+from model import image_limits
 from model import model_formats
 from model import preprocessing
 from model import preprocessing_config
@@ -54,9 +55,6 @@ from model import torchvision_decoding
 from model.model_formats import AdoptError
 
 OUTPUT_KINDS = ("auto",) + card_lib.OUTPUT_KINDS
-# A classifier's input, height times width: above this it is not one this
-# serves (the probe images alone would not fit in memory).
-MAX_INPUT_PIXELS = 4096 * 4096
 
 
 def resolve_input(source: model_formats.Source, image_size: Optional[tuple],
@@ -96,10 +94,10 @@ def resolve_input(source: model_formats.Source, image_size: Optional[tuple],
                        f"model's input is {dims[0]}x{dims[1]} "
                        "(height x width)")
     size.append(int(dim))
-  if size[0] * size[1] > MAX_INPUT_PIXELS:
-    raise AdoptError(f"{source.path}: input of {size[0]}x{size[1]} pixels "
-                     f"is above the limit of {MAX_INPUT_PIXELS:,} pixels for "
-                     "an image classifier")
+  try:
+    image_limits.check_input_size(size[0], size[1], source.path)
+  except ValueError as error:
+    raise AdoptError(str(error)) from None
   return size[0], size[1], color_mode
 
 
@@ -150,13 +148,7 @@ def adopt(source_path: str, out_dir: str, class_names: list, *,
   else tensorflow. The `confirm_*` flags keep a choice the probe or
   --eval_data contradicts; every warning is also recorded in the card
   (`adopted.warnings`), which predict repeats."""
-  warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr))
-  warnings = []
-
-  def warn_and_record(text: str) -> None:
-    warnings.append(text)
-    warn(text)
-
+  warnings, warn_and_record = _recorded(warn)
   source_path = os.path.abspath(source_path)
   out_dir = os.path.abspath(out_dir)
   if output_kind not in OUTPUT_KINDS:
@@ -184,59 +176,74 @@ def adopt(source_path: str, out_dir: str, class_names: list, *,
         "file": os.path.basename(preprocessing_config),
         "sha256": model_formats.sha256_of(preprocessing_config),
         "values": dict(flags.provenance)}
-  eval_set = []
-  if eval_data:
-    eval_set, others = adopt_checks.eval_files(eval_data, class_names)
-    if others:
-      warn_and_record(
-          f"--eval_data: {sum(others.values())} files in folders not named "
-          f"for a class were left out ({', '.join(sorted(others)[:10])}); "
-          "name the folders as --class_names names the classes")
+  eval_set = adopt_checks.eval_set(eval_data, class_names,
+                                    warn_and_record)
   if not scale_given and not eval_set:
     raise AdoptError(adopt_feeding.needs_scale(source))
   check_pixels = adopt_checks.check_images(card, eval_set)
   with adopt_output.StagedFolder(out_dir) as staged:
     _stage_source(source, staged.path)
     engine = engines.load_engine(staged.path, card.engines[0], card=card)
-    if scale_given:
-      adopt_checks.record_output_kind(
-          source, card, engine, output_kind, confirm_output_kind,
-          check_pixels, say, warn_and_record)
-    else:
-      # Until --eval_data has measured the scale, the kind is read from
-      # the finite rows of the probe at a placeholder scale.
-      adopt_checks.provisional_output_kind(source, card, engine, output_kind,
-                                           check_pixels)
+    adopt_checks.output_kind(source, card, engine, scale_given,
+                             check_pixels, (output_kind, confirm_output_kind),
+                             say, warn_and_record)
     if eval_set:
       verdict = adopt_eval.check(
           engine, card, eval_set, eval_data, scale_given,
           confirm_input_scale=confirm_input_scale,
           confirm_class_names=confirm_class_names, say=say)
-      for text in verdict.warnings:
-        warn_and_record(text)
-      card.adopted["eval_check"] = verdict.record
-      if not scale_given:
-        _choose_scale(source, card, engine, verdict, check_pixels,
-                      output_kind, confirm_output_kind, say,
-                      warn_and_record)
+      _take_verdict(verdict, source, card, engine, scale_given, check_pixels,
+                    (output_kind, confirm_output_kind), say, warn_and_record)
     _add_tflite(source, card, staged.path, engine, check_pixels,
                 "--eval_data images" if eval_set else
                 "generated check images", say)
     if eval_set:
       card.metrics = adopt_checks.evaluate(card, staged.path, eval_set,
                                            eval_data, say, warn_and_record)
-    if warnings:
-      card.adopted["warnings"] = warnings
-    card.model_id = card_lib.compute_model_id(
-        card, *card_lib.model_payloads(staged.path, card))
-    card.validate()
-    staged.commit(card.to_json())
+    _seal(card, staged, warnings)
   say(f"adopted {source_path} as model {card.model_id} in {out_dir}: "
       f"{card.height}x{card.width} {card.color_mode}, {card.num_classes} "
       f"classes, decoder {card.decoder}, input_scale {card.input_scale} "
       f"({card.adopted['input_scale']}), engines {', '.join(card.engines)} "
       f"(default {card.default_engine})")
   return card
+
+
+def _recorded(warn) -> tuple:
+  """(the warnings list, a warn that also appends to it); `warn` None
+  prints "warning: ..." to stderr."""
+  warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr))
+  warnings = []
+
+  def warn_and_record(text: str) -> None:
+    warnings.append(text)
+    warn(text)
+
+  return warnings, warn_and_record
+
+
+def _seal(card, staged, warnings: list) -> None:
+  """The card's warnings and model id, checked and written: the staged
+  folder becomes the model folder."""
+  if warnings:
+    card.adopted["warnings"] = warnings
+  card.model_id = card_lib.compute_model_id(
+      card, *card_lib.model_payloads(staged.path, card))
+  card.validate()
+  staged.commit(card.to_json())
+
+
+def _take_verdict(verdict, source, card, engine, scale_given, check_pixels,
+                  kind_choice: tuple, say, warn) -> None:
+  """Records what --eval_data found in the card, and where no flag gave
+  the scale, takes the one it measured. `kind_choice` is (--output_kind,
+  --confirm_output_kind)."""
+  for text in verdict.warnings:
+    warn(text)
+  card.adopted["eval_check"] = verdict.record
+  if not scale_given:
+    _choose_scale(source, card, engine, verdict, check_pixels,
+                  kind_choice[0], kind_choice[1], say, warn)
 
 
 def _choose_scale(source, card, engine, verdict, check_pixels, output_kind,
