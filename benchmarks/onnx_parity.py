@@ -52,19 +52,33 @@ IMAGES = {"fashion_mnist_cnn": ("{folder}/test_images",
                                  "{folder}/imagenet_classes.txt")}
 
 
-def _serve(source, flags, images, class_names, work, name, serve_python):
+def adopt(source, flags, class_names, model_dir):
+  """model.adopt as a user runs it: the finished process, its output
+  captured (a refusal is its last line on stderr)."""
+  return subprocess.run([sys.executable, "-m", "model.adopt", source,
+                         "--output", model_dir, "--class_names",
+                         class_names] + flags,
+                        cwd=REPO, capture_output=True, text=True, check=False)
+
+
+def serve(source, flags, images, class_names, work, name, serve_python):
   """model.adopt, then beam_jobs.predict, as a user runs them; the card
-  and the rows by id."""
+  and the rows by id. A refusal or a failed run ends with its last line."""
   model_dir = os.path.join(work, name + "_model")
   out = os.path.join(work, name + "_out")
-  subprocess.run([sys.executable, "-m", "model.adopt", source, "--output",
-                  model_dir, "--class_names", class_names] + flags,
-                 check=True, cwd=REPO, stdout=subprocess.DEVNULL)
-  subprocess.run([serve_python, "-m", "beam_jobs.predict", "--input", images,
-                  "--model", model_dir, "--output", out, "--overwrite",
-                  "--write_probabilities", "--inference_threads", "1",
-                  "--progress_seconds", "0"],
-                 check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+  runs = [lambda: adopt(source, flags, class_names, model_dir),
+          lambda: subprocess.run(
+              [serve_python, "-m", "beam_jobs.predict", "--input", images,
+               "--model", model_dir, "--output", out, "--overwrite",
+               "--write_probabilities", "--inference_threads", "1",
+               "--progress_seconds", "0"],
+              cwd=REPO, capture_output=True, text=True, check=False)]
+  for run in runs:
+    done = run()
+    if done.returncode != 0:
+      lines = done.stderr.strip().splitlines() or ["(no output)"]
+      raise RuntimeError(f"{done.args[2]} exit {done.returncode}: "
+                         f"{lines[-1]}")
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   table = pq.read_table(os.path.join(out, "predictions"),
                         columns=["id", "probabilities"])
@@ -127,7 +141,7 @@ def main(argv=None) -> int:
     images, class_names = (value.format(folder=folder, data=args.data)
                            for value in IMAGES[folder_name])
     flags = [flag.format(folder=folder) for flag in flags]
-    card, rows = _serve(source, flags, images, class_names, work, export,
+    card, rows = serve(source, flags, images, class_names, work, export,
                         args.serve_python)
     author = np.load(os.path.join(folder, "predictions.npz"))
     shown = [os.path.basename(f) if f.startswith(folder) else f

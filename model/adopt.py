@@ -80,20 +80,6 @@ def _stage_source(source: model_formats.Source, out_dir: str) -> None:
     shutil.copyfile(source.path, os.path.join(out_dir, card_lib.TFLITE_FILE))
 
 
-class _Warnings(list):
-  """Warnings said as they come, and kept for the card
-  (`adopted.warnings`)."""
-
-  def __init__(self, warn=None):
-    super().__init__()
-    self._warn = warn or (lambda text: print(f"warning: {text}",
-                                             file=sys.stderr))
-
-  def __call__(self, text: str) -> None:
-    self.append(text)
-    self._warn(text)
-
-
 def adopt(source_path: str, out_dir: str, class_names: list, *,
           input_scale: Optional[str] = None, input_mean: Optional[list] = None,
           input_std: Optional[list] = None,
@@ -116,7 +102,7 @@ def adopt(source_path: str, out_dir: str, class_names: list, *,
   else tensorflow. The `confirm_*` flags keep a choice the probe or
   --eval_data contradicts; every warning is also recorded in the card
   (`adopted.warnings`), which predict repeats."""
-  warn_and_record = _Warnings(warn)
+  warnings, warn_and_record = _recorded(warn)
   source_path = os.path.abspath(source_path)
   out_dir = os.path.abspath(out_dir)
   if output_kind not in OUTPUT_KINDS:
@@ -129,7 +115,8 @@ def adopt(source_path: str, out_dir: str, class_names: list, *,
       source_path, out_dir, class_names, flags, preprocessing_config,
       decoder, layout, output_name, say)
   scale_given = card.adopted["input_scale"] is not None
-  eval_set = _eval_set(eval_data, class_names, warn_and_record)
+  eval_set = adopt_checks.eval_set(eval_data, class_names,
+                                    warn_and_record)
   if not scale_given and not eval_set:
     raise AdoptError(adopt_feeding.needs_scale(source))
   check_pixels = adopt_checks.check_images(card, eval_set)
@@ -139,53 +126,28 @@ def adopt(source_path: str, out_dir: str, class_names: list, *,
   with adopt_output.StagedFolder(out_dir) as staged:
     _stage_source(source, staged.path)
     engine = engines.load_engine(staged.path, card.engines[0], card=card)
-    if scale_given:
-      adopt_checks.record_output_kind(
-          source, card, engine, output_kind, confirm_output_kind,
-          check_pixels, say, warn_and_record)
-    else:
-      # Until --eval_data has measured the scale, the kind is read from
-      # the finite rows of the probe at a placeholder scale.
-      adopt_checks.provisional_output_kind(source, card, engine, output_kind,
-                                           check_pixels)
+    adopt_checks.output_kind(source, card, engine, scale_given,
+                             check_pixels, (output_kind, confirm_output_kind),
+                             say, warn_and_record)
     if eval_set:
       verdict = adopt_eval.check(
           engine, card, eval_set, eval_data, scale_given,
           confirm_input_scale=confirm_input_scale,
           confirm_class_names=confirm_class_names, say=say)
-      for text in verdict.warnings:
-        warn_and_record(text)
-      card.adopted["eval_check"] = verdict.record
-      if not scale_given:
-        _choose_scale(source, card, engine, verdict, check_pixels,
-                      output_kind, confirm_output_kind, say,
-                      warn_and_record)
+      _take_verdict(verdict, source, card, engine, scale_given, check_pixels,
+                    (output_kind, confirm_output_kind), say, warn_and_record)
     _add_tflite(source, card, staged.path, engine, check_pixels, checked_on,
                 say)
     if eval_set:
       card.metrics = adopt_checks.evaluate(card, staged.path, eval_set,
                                            eval_data, say, warn_and_record)
-    if warn_and_record:
-      card.adopted["warnings"] = list(warn_and_record)
-    card.model_id = card_lib.compute_model_id(
-        card, *card_lib.model_payloads(staged.path, card))
-    card.validate()
-    staged.commit(card.to_json())
-  say(_adopted_line(source_path, card, out_dir))
+    _seal(card, staged, warnings)
+  say(f"adopted {source_path} as model {card.model_id} in {out_dir}: "
+      f"{card.height}x{card.width} {card.color_mode}, {card.num_classes} "
+      f"classes, decoder {card.decoder}, input_scale {card.input_scale} "
+      f"({card.adopted['input_scale']}), engines {', '.join(card.engines)} "
+      f"(default {card.default_engine})")
   return card
-
-
-def _eval_set(eval_data: Optional[str], class_names: list, warn) -> list:
-  """--eval_data's (path, class) files; files in folders named for no
-  class are left out with a warning."""
-  if not eval_data:
-    return []
-  eval_set, others = adopt_checks.eval_files(eval_data, class_names)
-  if others:
-    warn(f"--eval_data: {sum(others.values())} files in folders not named "
-         f"for a class were left out ({', '.join(sorted(others)[:10])}); "
-         "name the folders as --class_names names the classes")
-  return eval_set
 
 
 def _add_embedding(source, card, name: Optional[str], check_pixels,
@@ -226,12 +188,41 @@ def _add_embedding(source, card, name: Optional[str], check_pixels,
         f"({chosen})")
 
 
-def _adopted_line(source_path: str, card, out_dir: str) -> str:
-  return (f"adopted {source_path} as model {card.model_id} in {out_dir}: "
-          f"{card.height}x{card.width} {card.color_mode}, "
-          f"{card.num_classes} classes, decoder {card.decoder}, input_scale "
-          f"{card.input_scale} ({card.adopted['input_scale']}), engines "
-          f"{', '.join(card.engines)} (default {card.default_engine})")
+def _recorded(warn) -> tuple:
+  """(the warnings list, a warn that also appends to it); `warn` None
+  prints "warning: ..." to stderr."""
+  warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr))
+  warnings = []
+
+  def warn_and_record(text: str) -> None:
+    warnings.append(text)
+    warn(text)
+
+  return warnings, warn_and_record
+
+
+def _seal(card, staged, warnings: list) -> None:
+  """The card's warnings and model id, checked and written: the staged
+  folder becomes the model folder."""
+  if warnings:
+    card.adopted["warnings"] = warnings
+  card.model_id = card_lib.compute_model_id(
+      card, *card_lib.model_payloads(staged.path, card))
+  card.validate()
+  staged.commit(card.to_json())
+
+
+def _take_verdict(verdict, source, card, engine, scale_given, check_pixels,
+                  kind_choice: tuple, say, warn) -> None:
+  """Records what --eval_data found in the card, and where no flag gave
+  the scale, takes the one it measured. `kind_choice` is (--output_kind,
+  --confirm_output_kind)."""
+  for text in verdict.warnings:
+    warn(text)
+  card.adopted["eval_check"] = verdict.record
+  if not scale_given:
+    _choose_scale(source, card, engine, verdict, check_pixels,
+                  kind_choice[0], kind_choice[1], say, warn)
 
 
 def _choose_scale(source, card, engine, verdict, check_pixels, output_kind,

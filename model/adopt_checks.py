@@ -6,6 +6,7 @@ model/adopt_eval.py.
 """
 
 import os
+from typing import Optional
 
 import numpy as np
 
@@ -53,6 +54,19 @@ def eval_files(folder: str, class_names: list) -> tuple:
     raise AdoptError(f"--eval_data {folder} has no images in sub-folders "
                      f"named for a class ({', '.join(class_names[:5])}...)")
   return labelled, others
+
+
+def eval_set(eval_data: Optional[str], class_names: list, warn) -> list:
+  """The --eval_data files with their labels ([] without it); files in
+  folders not named for a class are left out with a warning."""
+  if not eval_data:
+    return []
+  files, others = eval_files(eval_data, class_names)
+  if others:
+    warn(f"--eval_data: {sum(others.values())} files in folders not named "
+         f"for a class were left out ({', '.join(sorted(others)[:10])}); "
+         "name the folders as --class_names names the classes")
+  return files
 
 
 def decode_files(card: card_lib.ModelCard, files: list):
@@ -163,6 +177,20 @@ def provisional_output_kind(source: model_formats.Source,
   card.output = output_kind if output_kind != "auto" else (
       decide_output(source, finite, card.num_classes)[0]
       if len(finite) else "logits")
+
+
+def output_kind(source, card, engine, scale_given, check_pixels,
+                kind_choice: tuple, say, warn) -> None:
+  """The card's output kind: probed and checked at the scale given, or
+  until --eval_data has measured the scale, read from the finite rows of
+  the probe at a placeholder scale. `kind_choice` is (--output_kind,
+  --confirm_output_kind)."""
+  if scale_given:
+    record_output_kind(source, card, engine, kind_choice[0], kind_choice[1],
+                       check_pixels, say, warn)
+  else:
+    provisional_output_kind(source, card, engine, kind_choice[0],
+                            check_pixels)
 
 
 def check_image_count(card: card_lib.ModelCard) -> int:

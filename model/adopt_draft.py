@@ -8,13 +8,10 @@ from typing import Optional
 from model import adopt_feeding
 from model import adopt_output
 from model import card as card_lib
+from model import image_limits
 from model import model_formats
 from model import preprocessing_config
 from model.model_formats import AdoptError
-
-# A classifier's input, height times width: above this it is not one this
-# serves (the probe images alone would not fit in memory).
-MAX_INPUT_PIXELS = 4096 * 4096
 
 
 def resolve_input(source: model_formats.Source, image_size: Optional[tuple],
@@ -54,10 +51,10 @@ def resolve_input(source: model_formats.Source, image_size: Optional[tuple],
                        f"model's input is {dims[0]}x{dims[1]} "
                        "(height x width)")
     size.append(int(dim))
-  if size[0] * size[1] > MAX_INPUT_PIXELS:
-    raise AdoptError(f"{source.path}: input of {size[0]}x{size[1]} pixels "
-                     f"is above the limit of {MAX_INPUT_PIXELS:,} pixels for "
-                     "an image classifier")
+  try:
+    image_limits.check_input_size(size[0], size[1], source.path)
+  except ValueError as error:
+    raise AdoptError(str(error)) from None
   return size[0], size[1], color_mode
 
 

@@ -365,23 +365,7 @@ def check(engine, card: card_lib.ModelCard, eval_set: list, eval_data: str,
           "images)")
       fix_scale = None
   else:
-    winners = [s for s in scales
-               if all(clearly_better(best[s], best[o]) for o in scales
-                      if o != s)]
-    if not winners:
-      if count < MIN_IMAGES:
-        raise AdoptError(
-            f"--eval_data {eval_data} has {count} images that decode, too "
-            f"few to measure the input scale (at least {MIN_IMAGES}): pass "
-            "--input_scale, how the model's author scaled pixels")
-      ranked = sorted(scales, key=lambda s: (-best[s].accuracy,
-                                             best[s].log_loss))
-      scores = "; ".join(f"{s}: {_text(best[s])}" for s in ranked)
-      raise AdoptError(
-          f"--eval_data {eval_data} does not tell which input scale the "
-          f"model expects ({scores} on {count} images): pass --input_scale, "
-          "how its author scaled pixels")
-    scale, fix_scale = winners[0], None
+    scale, fix_scale = _measured_scale(best, count, eval_data), None
     record["chosen"] = scale
   order_fix = None
   if fix_scale is not None:
@@ -400,6 +384,29 @@ def check(engine, card: card_lib.ModelCard, eval_set: list, eval_data: str,
   raise AdoptError(_refusal(card, eval_data, scale, scale_given,
                             plain[scale], fix_scale or reordered[scale],
                             fix_scale is not None, order_fix))
+
+
+def _measured_scale(best: dict, count: int, eval_data: str) -> str:
+  """The scale clearly better than every other at its best order, where
+  no flag gave one; else AdoptError naming --input_scale."""
+  scales = list(best)
+  winners = [s for s in scales
+             if all(clearly_better(best[s], best[o]) for o in scales
+                    if o != s)]
+  if winners:
+    return winners[0]
+  if count < MIN_IMAGES:
+    raise AdoptError(
+        f"--eval_data {eval_data} has {count} images that decode, too "
+        f"few to measure the input scale (at least {MIN_IMAGES}): pass "
+        "--input_scale, how the model's author scaled pixels")
+  ranked = sorted(scales, key=lambda s: (-best[s].accuracy,
+                                         best[s].log_loss))
+  scores = "; ".join(f"{s}: {_text(best[s])}" for s in ranked)
+  raise AdoptError(
+      f"--eval_data {eval_data} does not tell which input scale the "
+      f"model expects ({scores} on {count} images): pass --input_scale, "
+      "how its author scaled pixels")
 
 
 def _refusal(card: card_lib.ModelCard, eval_data: str, scale: str,

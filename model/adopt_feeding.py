@@ -102,6 +102,7 @@ def feeding_recipe(decoder: str, height: int, width: int, color_mode: str,
   fits the colour mode, and a torchvision recipe (`flags`' resize, crop and
   interpolation) ends at the model's input size."""
   mean, std = flags.input_mean, flags.input_std
+  _check_given_mean_std(flags)
   try:
     card_lib.check_input_scale(input_scale, color_mode, mean, std)
   except ValueError as error:
@@ -142,6 +143,47 @@ def feeding_recipe(decoder: str, height: int, width: int, color_mode: str,
                 "when": "the decoded size differs"},
         input_dtype="uint8 as float32")
   return recipe
+
+
+def _check_given_mean_std(
+    flags: preprocessing_config.PreprocessingFlags) -> None:
+  """Refuses --input_mean and --input_std given by hand that cannot mean
+  what the card would serve: torchvision's `Normalize` numbers (for pixels
+  divided by 255: every mean within [0, 1], every std below 1) where the
+  card takes pixel units, or either without --input_scale custom. The fix
+  is read as --preprocessing_config reads the same numbers
+  (`scale_from_mean_std`): a named scale where they are one, else the
+  custom mean and std in pixel units."""
+  mean, std = flags.input_mean, flags.input_std
+  by_hand = [name for name in ("input_mean", "input_std")
+             if getattr(flags, name) is not None and
+             flags.provenance.get(name, "argument") == "argument"]
+  if not by_hand or flags.input_scale not in (None, "custom"):
+    return
+  given = " ".join(f"--{name} {_numbers(getattr(flags, name))}"
+                   for name in by_hand)
+  if (len(by_hand) == 2 and len(mean) == len(std) and
+      all(isinstance(v, (int, float)) for v in mean + std) and
+      all(0 <= m <= 1 for m in mean) and all(0 < s < 1 for s in std)):
+    scale = preprocessing_config.scale_from_mean_std(mean, std, True, given)
+    fix = (f"--input_scale {scale['input_scale']}"
+           if scale["input_scale"] != "custom" else
+           f"--input_scale custom --input_mean "
+           f"{_numbers(scale['input_mean'])} --input_std "
+           f"{_numbers(scale['input_std'])}")
+    raise AdoptError(
+        f"{given} look like torchvision's Normalize numbers, for pixels "
+        "divided by 255, and --input_scale custom takes pixel units: pass "
+        f"{fix}")
+  if flags.input_scale is None:
+    raise AdoptError(f"{given} {'go' if len(by_hand) == 2 else 'goes'} with "
+                     "--input_scale custom (pixel units): pass --input_scale "
+                     "custom")
+
+
+def _numbers(values: list) -> str:
+  """Numbers as a flag takes them, without a float's trailing digits."""
+  return ",".join(f"{round(v, 6):.10g}" for v in values)
 
 
 def input_scale(source: model_formats.Source,

@@ -11,6 +11,18 @@ DEFAULT_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own default.
 # Pillow refuses images above twice its MAX_IMAGE_PIXELS while opening them,
 # before any caller's check; a larger --max_image_pixels cannot take effect.
 PILLOW_PIXEL_LIMIT = 2 * Image.MAX_IMAGE_PIXELS
+# A classifier's input, height times width: above this it is not one this
+# serves (the probe images alone would not fit in memory).
+MAX_INPUT_PIXELS = 4096 * 4096
+
+
+def check_input_size(height: int, width: int, where: str) -> None:
+  """Raises ValueError for a model input above MAX_INPUT_PIXELS, before
+  anything is made at that size."""
+  if height * width > MAX_INPUT_PIXELS:
+    raise ValueError(f"{where}: input of {height}x{width} pixels is above "
+                     f"the limit of {MAX_INPUT_PIXELS:,} pixels for an image "
+                     "classifier")
 
 
 def check_bytes(data: Optional[bytes]) -> None:

@@ -33,6 +33,7 @@ import onnx
 from onnx import numpy_helper
 
 from model import engines
+from model import image_limits
 from model import onnx_checks
 from model import output_shapes
 
@@ -44,6 +45,8 @@ BATCH_MODES = ("dynamic", "made_dynamic", "one_at_a_time")
 # Rows run through a model to prove a rewritten batch axis and to tell
 # logits from probabilities.
 PROBE_ROWS = 3
+# The most memory the probe rows of a fixed batch may take.
+MAX_PROBE_BYTES = 1 << 30
 # A rewritten graph agrees with the original when every output is within
 # RTOL of it, plus ATOL times the largest output: batched and single runs
 # may sum in another order, while a mixed-up batch differs by far more.
@@ -113,6 +116,7 @@ def read_classifier(path: str, layout: Optional[str] = None,
       dims, layout, image_size, color_mode, where)
   selected, outputs = _select_output(model, output_name, where)
   changed |= len(outputs) > 1
+  _check_probe_size(dims[0], height, width, channels, where)
   rows = _probe(probe_inputs, height, width, channels, dims[0] or 1)
   feed = engines.onnx_layout(rows, layout, dtype)
   original = model.SerializeToString() if changed else checked.data
@@ -262,6 +266,20 @@ def _select_output(model: onnx.ModelProto, output_name: Optional[str],
     del model.graph.output[:]
     model.graph.output.extend(kept)
   return selected, names
+
+
+def _check_probe_size(batch: Optional[int], height: int, width: int,
+                      channels: int, where: str) -> None:
+  """Refuses an input whose declared size is too large to probe, before
+  any probe row is made: height times width above the limit every adopted
+  model has, or a fixed batch whose rows need above MAX_PROBE_BYTES."""
+  image_limits.check_input_size(height, width, where)
+  rows = -(-PROBE_ROWS // (batch or 1)) * (batch or 1)
+  needed = rows * height * width * channels * 4
+  if needed > MAX_PROBE_BYTES:
+    raise ValueError(f"{where} has a fixed batch of {batch}: probing it "
+                     f"takes {needed:,} bytes, above {MAX_PROBE_BYTES:,}; "
+                     "export it with a batch of 1 or a dynamic batch axis")
 
 
 def _probe(probe_inputs: Optional[np.ndarray], height: int, width: int,

@@ -51,8 +51,7 @@ _HF_INT_SIZE_SHORTEST = ("ConvNextImageProcessor", "CLIPImageProcessor",
                          "BitImageProcessor", "MobileNetV1ImageProcessor",
                          "MobileNetV2ImageProcessor")
 _HF_INT_SIZE_SQUARE = ("ViTImageProcessor", "DeiTImageProcessor",
-                       "BeitImageProcessor", "ViTFeatureExtractor",
-                       "DeiTFeatureExtractor", "BeitFeatureExtractor")
+                       "BeitImageProcessor")
 # Hugging Face switches this module reproduces; any other `do_*` switch that
 # is on changes the pixels in a way it does not, and is refused.
 _HF_SWITCHES = ("do_resize", "do_center_crop", "do_rescale", "do_normalize",
@@ -266,6 +265,11 @@ def _hugging_face_flags(cfg: dict, where: str) -> PreprocessingFlags:
   processor = str(cfg.get("image_processor_type") or
                   cfg.get("feature_extractor_type") or "")
   processor = processor[:-4] if processor.endswith("Fast") else processor
+  # transformers still reads the legacy names (ConvNextFeatureExtractor,
+  # CLIPFeatureExtractor, ...) that many published configs carry: each is
+  # an alias of the image processor of the same model.
+  if processor.endswith("FeatureExtractor"):
+    processor = processor[:-len("FeatureExtractor")] + "ImageProcessor"
   for key, value in cfg.items():
     if (key.startswith("do_") and key not in _HF_SWITCHES and value) or (
         key in _HF_UNSUPPORTED and value):

@@ -466,6 +466,48 @@ def test_preprocessing_config_contradictions_are_refused(tmp_path, capsys):
       "config.json pretrained_cfg: mean, std")
 
 
+def test_torchvision_normalize_numbers_given_as_pixel_units_are_refused(
+    tmp_path, capsys):
+  # An author's Normalize((0.1307,), (0.3081,)) copied as is: in pixel
+  # units it would feed (x - 0.13) / 0.31, up to 827, and serve other labels.
+  source = build.classifier(str(tmp_path / "model.onnx"), classes=3)
+  out = tmp_path / "out"
+  custom = ("--input_scale", "custom")
+  message = _refused(capsys, source, out, *custom, "--input_mean",
+                     "0.1307,0.1307,0.1307", "--input_std",
+                     "0.3081,0.3081,0.3081")
+  assert "pixel units" in message
+  assert message.endswith("pass --input_scale custom --input_mean "
+                          "33.3285,33.3285,33.3285 --input_std "
+                          "78.5655,78.5655,78.5655"), message
+  # Numbers that are a named scale are answered with it, as
+  # --preprocessing_config reads them (torch's arithmetic, not custom's),
+  # with or without --input_scale custom.
+  imagenet = ("--input_mean", "0.485,0.456,0.406",
+              "--input_std", "0.229,0.224,0.225")
+  for given in (custom, ()):
+    message = _refused(capsys, source, out, *given, *imagenet)
+    assert message.endswith("pass --input_scale torch"), message
+  message = _refused(capsys, source, out, *custom, "--input_mean",
+                     "0.5,0.5,0.5", "--input_std", "0.5,0.5,0.5")
+  assert message.endswith("pass --input_scale symmetric"), message
+  # Pixel units without --input_scale custom are refused naming it.
+  message = _refused(capsys, source, out, "--input_mean",
+                     "123.675,116.28,103.53", "--input_std",
+                     "58.395,57.12,57.375")
+  assert message.endswith("pass --input_scale custom"), message
+  # Pixel units are taken, and so is a mean with a std of 1 (x - mean).
+  for mean, std in (("123.675,116.28,103.53", "58.395,57.12,57.375"),
+                    ("0.5,0.5,0.5", "1,1,1")):
+    code, lines = _adopt_cli(capsys, source, "--output", str(out),
+                             "--class_names", ",".join(CLASSES), *custom,
+                             "--input_mean", mean, "--input_std", std)
+    assert code == 0, lines
+    with open(out / card_lib.CARD_FILE, encoding="utf-8") as handle:
+      recipe = json.load(handle)["preprocessing"]
+    assert recipe["input_mean"] == [float(v) for v in mean.split(",")]
+
+
 def test_predict_serves_an_onnx_folder_with_the_onnx_engine(tmp_path, photos):
   source = build.classifier(str(tmp_path / "model.onnx"), classes=3, batch=1,
                             flatten="reshape")

@@ -205,6 +205,23 @@ def test_several_outputs_need_output_name(tmp_path):
                              atol=1e-6)
 
 
+def test_huge_declared_input_sizes_are_refused_before_any_probe(tmp_path):
+  # A hostile file declaring a 10^6 x 10^6 input, or a fixed batch of 10^9,
+  # ended adopting in a MemoryError (exit 1) while making its probe rows.
+  for axes, match in (((2, 3), "input of 1000000x1000000 pixels is above "
+                       "the limit of 16,777,216 pixels"),
+                      ((0,), "fixed batch of 1000000000: probing it takes")):
+    path = build.classifier(str(tmp_path / "model.onnx"), classes=3,
+                            batch=1)
+    model = onnx.load(path)
+    for axis in axes:
+      model.graph.input[0].type.tensor_type.shape.dim[axis].dim_value = (
+          10**6 if len(axes) == 2 else 10**9)
+    onnx.save(model, path)
+    with pytest.raises(ValueError, match=match):
+      onnx_graph.read_classifier(path)
+
+
 def test_layout_from_the_graph_or_the_argument(tmp_path):
   # (batch, 3, 3, 3): channels could be first or last.
   source = build.classifier(str(tmp_path / "m.onnx"), size=(3, 3))

@@ -134,6 +134,33 @@ def test_hugging_face_convnext_crop_pct_and_centre_crop(tmp_path):
   assert (unscaled.resize, unscaled.input_scale) == (None, "unit")
 
 
+def test_hugging_face_legacy_feature_extractor_names(tmp_path):
+  # microsoft/resnet-50's and facebook/convnext-tiny-224's
+  # preprocessor_config.json, as published: the legacy feature-extractor name
+  # (an alias of ConvNextImageProcessor in transformers), an int size and
+  # crop_pct. ConvNext reads an int size as the shorter side.
+  resnet = read(tmp_path, {
+      "crop_pct": 0.875, "do_normalize": True, "do_resize": True,
+      "feature_extractor_type": "ConvNextFeatureExtractor",
+      "image_mean": IMAGENET["mean"], "image_std": IMAGENET["std"],
+      "resample": 3, "size": 224}, "preprocessor_config.json")
+  assert (resnet.resize, resnet.center_crop, resnet.interpolation,
+          resnet.crop_rounding, resnet.input_scale, resnet.image_size) == (
+              256, [224, 224], "bicubic", "floor", "torch", [224, 224])
+  # CLIP's and MobileNetV2's legacy names read an int size as the shorter
+  # side too; DeiT's as a square.
+  clip = read(tmp_path, {
+      "feature_extractor_type": "CLIPFeatureExtractor", "size": 224,
+      "resample": 3, "do_center_crop": True, "crop_size": 224,
+      "image_mean": CLIP_MEAN, "image_std": CLIP_STD})
+  assert (clip.resize, clip.center_crop) == (224, [224, 224])
+  deit = read(tmp_path, {
+      "feature_extractor_type": "DeiTFeatureExtractor", "size": 256,
+      "resample": 3, "do_center_crop": True, "crop_size": 224,
+      **{"image_mean": IMAGENET["mean"], "image_std": IMAGENET["std"]}})
+  assert (deit.resize, deit.center_crop) == ([256, 256], [224, 224])
+
+
 @pytest.mark.parametrize("cfg, message", [
     ({"do_flip_channel_order": True, "size": 256, "resample": 2},
      "do_flip_channel_order"),
