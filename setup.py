@@ -21,7 +21,7 @@ flatbuffers, are there already). The extras add the rest:
               needs ONNX Runtime only
   tools       tools.query (DuckDB) and tools.report (matplotlib)
   gcp         Beam's Google Cloud I/O, gcsfs, and `build` (for --setup_file)
-  test        pytest
+  test        pytest, pandas
 
 scripts/ensure_venv.sh installs all of them into .venv, and the base alone
 into .venv-slim.
@@ -50,7 +50,8 @@ EXTRAS = {
     # build and setuptools: Beam stages --setup_file with `python -m build
     # --sdist --no-isolation`, which a fresh Python 3.12 venv cannot run alone.
     "gcp": ["apache-beam[gcp]>=2.77,<2.78", "gcsfs", "build", "setuptools"],
-    "test": ["pytest>=8"],
+    # pandas: the embedding column's round trip through a DataFrame.
+    "test": ["pytest>=8", "pandas"],
 }
 
 setuptools.setup(

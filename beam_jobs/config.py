@@ -53,6 +53,8 @@ class PredictConfig:
   batch_size: int = DEFAULT_BATCH_SIZE
   top_k: int = DEFAULT_TOP_K
   write_probabilities: bool = False
+  # Also write the card's embedding (fixed_size_list<float32>[D]).
+  write_embeddings: bool = False
   image_column: str = "image"
   id_column: Optional[str] = "id"
   # Rows whose id an earlier row had are counted for the manifest; off, the
@@ -124,6 +126,10 @@ def build_parser() -> cli.ArgumentParser:
                       help="best classes kept in the top_k column")
   parser.add_argument("--write_probabilities", action="store_true",
                       help="also write the full probability vector")
+  parser.add_argument("--write_embeddings", action="store_true",
+                      help="also write the embedding, the vector that feeds "
+                      "the classifier, as the column embedding "
+                      "(fixed_size_list<float32>[D])")
   parser.add_argument("--image_column", default="image",
                       help="Parquet column with image bytes or raw pixels")
   parser.add_argument("--id_column", default="id",

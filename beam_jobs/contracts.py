@@ -162,10 +162,12 @@ class ImageBatch:
 @dataclasses.dataclass
 class BatchResult:
   """Inference's output: the rows that ran (without their images) with their
-  probabilities, and an error row for each row that did not."""
+  probabilities (and with --write_embeddings their embeddings, (N, D)
+  float32), and an error row for each row that did not."""
   batch: ImageBatch
   probabilities: np.ndarray
   errors: list
+  embeddings: Optional[np.ndarray] = None
 
 
 def error_row(id_: str, source: str, stage: str, error) -> dict:

@@ -55,11 +55,12 @@ class ImageClassifierHandler(base.ModelHandler[ImageBatch, BatchResult,
   """Serves a model folder with one of its engines (see model/engines.py)."""
 
   def __init__(self, model_dir: str, engine: str = "tflite",
-               threads: int = 0):
+               threads: int = 0, write_embeddings: bool = False):
     super().__init__()
     self._model_dir = model_dir
     self._engine = engine
     self._threads = threads
+    self._write_embeddings = write_embeddings
 
   def load_model(self) -> engines.Engine:
     local = local_model_dir(self._model_dir, self._engine)
@@ -74,11 +75,13 @@ class ImageClassifierHandler(base.ModelHandler[ImageBatch, BatchResult,
       if model not in _COUNTED:
         _COUNTED.add(model)
         counter(MODEL_LOADS).inc()
-    ran, probabilities, errors = _isolate_failures(batch, model,
-                                                   np.arange(len(batch)))
+    ran, probabilities, embeddings, errors = _isolate_failures(
+        batch, model, np.arange(len(batch)), self._write_embeddings)
     # A NaN or infinite output is no prediction: no label or confidence
-    # can be read from it.
+    # can be read from it, and no distance from such an embedding.
     finite = np.isfinite(probabilities).all(axis=1)
+    if embeddings is not None:
+      finite &= np.isfinite(embeddings).all(axis=1)
     if not finite.all():
       errors = errors + [
           error_row(batch.ids[i], batch.sources[i], "inference",
@@ -86,10 +89,12 @@ class ImageClassifierHandler(base.ModelHandler[ImageBatch, BatchResult,
                     "(NaN or infinite); no label can be given")
           for i in ran[~finite]]
       ran, probabilities = ran[finite], probabilities[finite]
+      if embeddings is not None:
+        embeddings = embeddings[finite]
     rows = batch.without_images()
     if len(ran) < len(batch):
       rows = rows.take(ran)
-    return [BatchResult(rows, probabilities, errors)]
+    return [BatchResult(rows, probabilities, errors, embeddings)]
 
   def get_num_bytes(self, batch: ImageBatch) -> int:
     return int(batch.pixels.nbytes)
@@ -99,26 +104,34 @@ class ImageClassifierHandler(base.ModelHandler[ImageBatch, BatchResult,
 
 
 def _isolate_failures(batch: ImageBatch, model: engines.Engine,
-                      rows: np.ndarray):
+                      rows: np.ndarray, with_embeddings: bool = False):
   """Runs a batch; if it fails, splits it until the failing rows are found.
 
   Returns the indices into the original batch of the rows that ran, their
-  probabilities, and an error row for each row that failed, so one bad input
-  never takes its batch mates down with it.
+  probabilities, their embeddings (None unless `with_embeddings`), and an
+  error row for each row that failed, so one bad input never takes its
+  batch mates down with it.
   """
   try:
     # Pixels arrive as uint8 (Pillow, raw Parquet) or float32 (TensorFlow's
     # decoder, unrounded); the engine scales either.
-    return rows, model.probabilities(batch.pixels), []
+    if with_embeddings:
+      probabilities, embeddings = model.probabilities_and_embeddings(
+          batch.pixels)
+      return rows, probabilities, embeddings, []
+    return rows, model.probabilities(batch.pixels), None, []
   except Exception as error:  # pylint: disable=broad-except
     if len(batch) == 1:
       empty = np.zeros((0, model.card.num_classes), dtype=np.float32)
-      return rows[:0], empty, [error_row(batch.ids[0], batch.sources[0],
-                                         "inference", error)]
+      no_embeddings = (np.zeros((0, model.card.embedding_dimension),
+                                dtype=np.float32) if with_embeddings else None)
+      return rows[:0], empty, no_embeddings, [error_row(
+          batch.ids[0], batch.sources[0], "inference", error)]
   middle = len(batch) // 2
   halves = [_isolate_failures(batch.take(range(start, stop)), model,
-                              rows[start:stop])
+                              rows[start:stop], with_embeddings)
             for start, stop in ((0, middle), (middle, len(batch)))]
   return (np.concatenate([h[0] for h in halves]),
           np.concatenate([h[1] for h in halves]),
-          halves[0][2] + halves[1][2])
+          np.concatenate([h[2] for h in halves]) if with_embeddings else None,
+          halves[0][3] + halves[1][3])

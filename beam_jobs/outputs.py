@@ -50,7 +50,19 @@ ERRORS_SCHEMA = pa.schema([
 ])
 
 
-def predictions_schema(write_probabilities: bool = False) -> pa.Schema:
+# The embedding column: one fixed-size list of float32 per row, D values as
+# the card says (the manifest records D). DuckDB reads it as FLOAT[];
+# `embedding::FLOAT[D]` makes it DuckDB's fixed-size array.
+EMBEDDING_COLUMN = "embedding"
+
+
+def embedding_type(dimension: int) -> pa.DataType:
+  return pa.list_(pa.float32(), dimension)
+
+
+def predictions_schema(write_probabilities: bool = False,
+                       embedding_dimension: Optional[int] = None
+                       ) -> pa.Schema:
   fields = [
       ("id", pa.string()),
       ("source", pa.string()),
@@ -65,17 +77,21 @@ def predictions_schema(write_probabilities: bool = False) -> pa.Schema:
   ]
   if write_probabilities:
     fields.append(("probabilities", pa.list_(pa.float32())))
+  if embedding_dimension:
+    fields.append((EMBEDDING_COLUMN, embedding_type(embedding_dimension)))
   return pa.schema(fields)
 
 
 def predictions_table(ids, sources, true_labels, probabilities: np.ndarray,
                       class_names: list, top_k: int, model_id: str,
                       engine: str, write_probabilities: bool,
-                      source_labels=None) -> pa.Table:
+                      source_labels=None,
+                      embeddings: Optional[np.ndarray] = None) -> pa.Table:
   """Formats a batch of probability vectors as prediction rows.
 
   `true_labels` are class names (or None); `source_labels` the labels as the
-  inputs gave them, by default the same.
+  inputs gave them, by default the same. `embeddings` (N, D), when given,
+  become the embedding column.
   """
   rows, num_classes = probabilities.shape
   k = min(top_k, num_classes)
@@ -106,8 +122,14 @@ def predictions_table(ids, sources, true_labels, probabilities: np.ndarray,
     offsets = pa.array(np.arange(0, rows * num_classes + 1, num_classes,
                                  dtype=np.int32))
     columns.append(pa.ListArray.from_arrays(offsets, flat))
-  return pa.Table.from_arrays(columns,
-                              schema=predictions_schema(write_probabilities))
+  dimension = None
+  if embeddings is not None:
+    dimension = int(embeddings.shape[1])
+    columns.append(pa.FixedSizeListArray.from_arrays(
+        pa.array(np.ascontiguousarray(embeddings, np.float32).ravel(),
+                 pa.float32()), dimension))
+  return pa.Table.from_arrays(
+      columns, schema=predictions_schema(write_probabilities, dimension))
 
 
 class FormatPredictions(beam.DoFn):
@@ -146,7 +168,8 @@ class FormatPredictions(beam.DoFn):
     yield predictions_table(batch.ids, batch.sources, true_labels,
                             result.probabilities, self._class_names,
                             self._top_k, self._model_id, self._engine,
-                            self._write_probabilities, source_labels=given)
+                            self._write_probabilities, source_labels=given,
+                            embeddings=result.embeddings)
 
 
 def _count_error(row: dict) -> dict:
@@ -222,10 +245,14 @@ class WritePredictions(beam.PTransform):
   """Arrow tables to `predictions/predictions-RUN-SSSSS-of-NNNNN.parquet`
   in the output."""
 
-  def __init__(self, output: str, run_id: str, write_probabilities: bool):
+  def __init__(self, output: str, run_id: str, write_probabilities: bool,
+               embedding_dimension: Optional[int] = None):
     super().__init__()
     self._prefix = shard_prefix(output, PREDICTIONS_PREFIX, run_id)
-    self._schema = predictions_schema(write_probabilities)
+    # Each table (one batch, at most --batch_size rows) becomes a row group
+    # of its own, so the writer holds one batch's embeddings at a time.
+    self._schema = predictions_schema(write_probabilities,
+                                      embedding_dimension)
 
   def expand(self, tables):
     return tables | "WriteParquet" >> beam.io.WriteToParquetBatched(
@@ -264,7 +291,7 @@ _BIGQUERY_TYPES = {
 def _bigquery_field(field: pa.Field) -> dict:
   """One BigQuery field for one Arrow field; lists become REPEATED."""
   mode, arrow_type = "NULLABLE", field.type
-  if pa.types.is_list(arrow_type):
+  if pa.types.is_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type):
     mode, arrow_type = "REPEATED", arrow_type.value_type
   if pa.types.is_struct(arrow_type):
     return {"name": field.name, "type": "RECORD", "mode": mode,
@@ -304,6 +331,17 @@ class WriteBigQuery(beam.PTransform):
 
 def _table_rows(element):
   return element.to_pylist() if isinstance(element, pa.Table) else [element]
+
+
+def embedding_manifest(card: ModelCard) -> dict:
+  """The manifest's `embedding`: the column, its type and D, and the
+  layer it came from."""
+  dimension = card.embedding_dimension
+  return {"column": EMBEDDING_COLUMN, "dimension": dimension,
+          "type": str(embedding_type(dimension)),
+          "duckdb_cast": f"{EMBEDDING_COLUMN}::FLOAT[{dimension}]",
+          "layer": card.embedding["layer"],
+          "chosen": card.embedding.get("chosen")}
 
 
 def report_dir_for(output: str) -> str:
@@ -392,6 +430,9 @@ MANIFEST_SCHEMA = records.Fields(
     retired=records.ListOf(str),
     others=records.ListOf(str),
     accounted=bool,
+    embedding=(records.NONE, records.Fields(
+        column=str, dimension=int, type=str, duckdb_cast=str,
+        layer=(str, records.NONE), chosen=(str, records.NONE))),
 )
 
 

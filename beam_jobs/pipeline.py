@@ -64,15 +64,18 @@ def build_pipeline(pipeline, config: PredictConfig, card: ModelCard,
   preprocessed = read.images | "Preprocess" >> Preprocess(
       card, config.max_image_pixels)
   handler = ImageClassifierHandler(config.model, config.engine,
-                                   config.inference_threads)
+                                   config.inference_threads,
+                                   config.write_embeddings)
   results = preprocessed.images | "RunInference" >> RunInference(
       handler.with_no_batching())
   formatted = results | "FormatPredictions" >> beam.ParDo(
       outputs.FormatPredictions(card, config.engine, config.top_k,
                                 config.write_probabilities)).with_outputs(
                                     ERRORS, main="tables")
+  embedding_dimension = (card.embedding_dimension if config.write_embeddings
+                         else None)
   _ = formatted.tables | "WritePredictions" >> outputs.WritePredictions(
-      config.output, run_id, config.write_probabilities)
+      config.output, run_id, config.write_probabilities, embedding_dimension)
   errors = ((read.errors, preprocessed.errors, formatted.errors)
             | "CollectErrors" >> beam.Flatten())
   _ = errors | "WriteErrors" >> outputs.WriteErrors(config.output, run_id)
@@ -88,6 +91,7 @@ def build_pipeline(pipeline, config: PredictConfig, card: ModelCard,
     _ = formatted.tables | "WritePredictionsToBigQuery" >> (
         outputs.WriteBigQuery(
             config.bigquery_table,
-            outputs.predictions_schema(config.write_probabilities)))
+            outputs.predictions_schema(config.write_probabilities,
+                                       embedding_dimension)))
     _ = errors | "WriteErrorsToBigQuery" >> outputs.WriteBigQuery(
         outputs.errors_table_spec(config.bigquery_table), outputs.ERRORS_SCHEMA)

@@ -183,6 +183,9 @@ def _manifest(plan: preflight.Plan, run_id: str, beam_args, result,
       "true_labels": {"matched": labels[contracts.LABELLED],
                       "unmatched": labels[contracts.UNMATCHED_LABELS]},
       "duplicate_ids": _duplicate_ids(plan.config, result),
+      # With --write_embeddings: the column's D and the layer it holds.
+      "embedding": (outputs.embedding_manifest(card)
+                    if plan.config.write_embeddings else None),
       "elapsed_seconds": round(elapsed, 3),
       "images_per_second": round(counts["inputs"] / elapsed, 1) if elapsed
                            else None,

@@ -31,8 +31,10 @@ from beam_jobs.sources import parquet
 from imagebatch import cli
 from imagebatch import paths
 from model import card as card_lib
+from model import embeddings
 from model import engines
 from model import image_limits
+from model import output_shapes
 
 _BIGQUERY_TABLE = re.compile(r"^[a-z][a-z0-9.:-]*[a-z0-9]:\w+\.[\w$-]+$")
 _INPUT_KINDS = {"parquet": "Parquet shards", "images": "image files",
@@ -64,8 +66,8 @@ def check(config: PredictConfig, options=None) -> Plan:
   check_dataflow_paths(config, options)
   check_reachable(config, dry_run)
   card = load_card(config.model, config.engine)
-  config = dataclasses.replace(config, engine=(
-      card.default_engine if config.engine == "auto" else config.engine))
+  config = dataclasses.replace(config, engine=auto_engine(config, card))
+  check_embeddings(config, card)
   check_input(config, offline=dry_run)
   folder = check_output(config, card.model_id, offline=dry_run)
   check_workers(config, card, options)
@@ -173,7 +175,7 @@ def load_card(model: str, engine: str) -> card_lib.ModelCard:
     card_lib.check_model_files(model, card, engine)
     # Keras and SavedModel engines check their width when they load.
     if "tflite" in card.engines:
-      engines.check_model_shapes(card, paths.read_bytes(
+      output_shapes.check_model_shapes(card, paths.read_bytes(
           paths.join(model, card_lib.TFLITE_FILE)))
     if "onnx" in card.engines:
       engines.check_onnx_model_shapes(card, paths.read_bytes(
@@ -181,6 +183,30 @@ def load_card(model: str, engine: str) -> card_lib.ModelCard:
   except (ValueError, OSError) as error:
     raise ConfigError(f"--model {model}: {error}") from None
   return card
+
+
+def auto_engine(config: PredictConfig, card: card_lib.ModelCard) -> str:
+  """The engine --engine names, or for auto the fastest the folder holds
+  (with --write_embeddings, the fastest that serves the embedding)."""
+  if config.engine != "auto":
+    return config.engine
+  if config.write_embeddings and card.embedding_engines:
+    return card.embedding_engines[0]
+  return card.default_engine
+
+
+def check_embeddings(config: PredictConfig, card: card_lib.ModelCard) -> None:
+  """With --write_embeddings, the engine must serve the card's embedding."""
+  if not config.write_embeddings:
+    return
+  if not card.embedding:
+    raise ConfigError("--write_embeddings: " +
+                      embeddings.refusal(config.model, card))
+  if config.engine not in card.embedding_engines:
+    raise ConfigError(
+        f"--write_embeddings: the {config.engine} engine of {config.model} "
+        f"serves no embedding; pass --engine "
+        f"{' or '.join(card.embedding_engines)}, which do")
 
 
 def input_pattern(config: PredictConfig) -> tuple:

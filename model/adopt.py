@@ -9,6 +9,7 @@
       [--preprocessing_config FILE] [--layout NCHW|NHWC]
       [--output_name NAME] [--confirm_output_kind]
       [--confirm_input_scale] [--confirm_class_names]
+      [--embedding_layer NAME]
 
 SOURCE is a `.keras` file, a legacy Keras `.h5` file, a TensorFlow SavedModel
 folder (its `serving_default` signature), a `.tflite` file, float or
@@ -40,65 +41,22 @@ import sys
 from typing import Optional
 
 from model import adopt_checks
+from model import adopt_draft
 from model import adopt_eval
 from model import adopt_feeding
 from model import adopt_flags
 from model import adopt_output
 from model import card as card_lib
 from imagebatch import cli
+from model import embeddings
 from model import engines
-from model import image_limits
 from model import model_formats
+from model import onnx_embedding
 from model import preprocessing
-from model import preprocessing_config
 from model import torchvision_decoding
 from model.model_formats import AdoptError
 
 OUTPUT_KINDS = ("auto",) + card_lib.OUTPUT_KINDS
-
-
-def resolve_input(source: model_formats.Source, image_size: Optional[tuple],
-                  color_mode: Optional[str]) -> tuple:
-  """(height, width, color_mode) from the model's input, with the flags
-  filling only its dynamic dimensions."""
-  dims = source.input_shape
-  if len(dims) not in (2, 3):
-    raise AdoptError(
-        f"{source.path}: input of shape {model_formats.shape_text(dims)} is "
-        "not an image: expected (batch, height, width) or (batch, height, "
-        "width, channels)")
-  channels = 1 if len(dims) == 2 else dims[2]
-  modes = {count: mode for mode, count in card_lib.COLOR_MODES.items()}
-  if channels is None:
-    if color_mode is None:
-      raise AdoptError(f"{source.path}: the input's channels are dynamic; "
-                       "pass --color_mode grayscale or rgb")
-  elif channels not in modes:
-    raise AdoptError(f"{source.path}: input has {channels} channels; "
-                     "expected 1 (grayscale) or 3 (rgb)")
-  elif color_mode is not None and color_mode != modes[channels]:
-    raise AdoptError(f"--color_mode {color_mode}: the model's input has "
-                     f"{channels} channel(s), so it is {modes[channels]}")
-  else:
-    color_mode = modes[channels]
-  size = []
-  for axis, (name, dim) in enumerate((("height", dims[0]),
-                                      ("width", dims[1]))):
-    if dim is None:
-      if image_size is None:
-        raise AdoptError(f"{source.path}: the input's {name} is dynamic; "
-                         "pass --image_size HEIGHT,WIDTH")
-      dim = image_size[axis]
-    elif image_size is not None and image_size[axis] != dim:
-      raise AdoptError(f"--image_size {image_size[0]},{image_size[1]}: the "
-                       f"model's input is {dims[0]}x{dims[1]} "
-                       "(height x width)")
-    size.append(int(dim))
-  try:
-    image_limits.check_input_size(size[0], size[1], source.path)
-  except ValueError as error:
-    raise AdoptError(str(error)) from None
-  return size[0], size[1], color_mode
 
 
 def _stage_source(source: model_formats.Source, out_dir: str) -> None:
@@ -122,11 +80,6 @@ def _stage_source(source: model_formats.Source, out_dir: str) -> None:
     shutil.copyfile(source.path, os.path.join(out_dir, card_lib.TFLITE_FILE))
 
 
-_KIND_NAMES = {"keras": "Keras .keras", "h5": "Keras .h5",
-               "savedmodel": "TensorFlow SavedModel", "tflite": "TFLite",
-               "onnx": "ONNX"}
-
-
 def adopt(source_path: str, out_dir: str, class_names: list, *,
           input_scale: Optional[str] = None, input_mean: Optional[list] = None,
           input_std: Optional[list] = None,
@@ -140,6 +93,7 @@ def adopt(source_path: str, out_dir: str, class_names: list, *,
           confirm_output_kind: bool = False,
           confirm_input_scale: bool = False,
           confirm_class_names: bool = False,
+          embedding_layer: Optional[str] = None,
           say=print, warn=None) -> card_lib.ModelCard:
   """Writes the model folder; returns its card. Raises AdoptError.
 
@@ -157,30 +111,18 @@ def adopt(source_path: str, out_dir: str, class_names: list, *,
       resize=resize, center_crop=center_crop, interpolation=interpolation,
       input_scale=input_scale, input_mean=input_mean, input_std=input_std,
       image_size=image_size, color_mode=color_mode), preprocessing_config)
-  kind = model_formats.detect_kind(source_path)
-  # Before anything is read or written: the output never costs the user
-  # the source, or files adopting did not write.
-  adopt_output.check_output(source_path, out_dir)
-  decoder = adopt_feeding.choose_decoder(kind, decoder, flags)
-  try:
-    source = model_formats.load_source(
-        source_path, layout=layout, image_size=flags.image_size,
-        color_mode=flags.color_mode, output_name=output_name)
-  except AdoptError as error:
-    raise AdoptError(adopt_feeding.with_origin(str(error), flags)) from None
-  say(describe_source(source))
-  card = draft_card(source, class_names, flags, decoder)
+  source, card = adopt_draft.load_and_draft(
+      source_path, out_dir, class_names, flags, preprocessing_config,
+      decoder, layout, output_name, say)
   scale_given = card.adopted["input_scale"] is not None
-  if preprocessing_config is not None:
-    card.adopted["preprocessing_from"] = {
-        "file": os.path.basename(preprocessing_config),
-        "sha256": model_formats.sha256_of(preprocessing_config),
-        "values": dict(flags.provenance)}
   eval_set = adopt_checks.eval_set(eval_data, class_names,
                                     warn_and_record)
   if not scale_given and not eval_set:
     raise AdoptError(adopt_feeding.needs_scale(source))
   check_pixels = adopt_checks.check_images(card, eval_set)
+  checked_on = "--eval_data images" if eval_set else "generated check images"
+  _add_embedding(source, card, embedding_layer, check_pixels, checked_on,
+                 say)
   with adopt_output.StagedFolder(out_dir) as staged:
     _stage_source(source, staged.path)
     engine = engines.load_engine(staged.path, card.engines[0], card=card)
@@ -194,9 +136,8 @@ def adopt(source_path: str, out_dir: str, class_names: list, *,
           confirm_class_names=confirm_class_names, say=say)
       _take_verdict(verdict, source, card, engine, scale_given, check_pixels,
                     (output_kind, confirm_output_kind), say, warn_and_record)
-    _add_tflite(source, card, staged.path, engine, check_pixels,
-                "--eval_data images" if eval_set else
-                "generated check images", say)
+    _add_tflite(source, card, staged.path, engine, check_pixels, checked_on,
+                say)
     if eval_set:
       card.metrics = adopt_checks.evaluate(card, staged.path, eval_set,
                                            eval_data, say, warn_and_record)
@@ -207,6 +148,44 @@ def adopt(source_path: str, out_dir: str, class_names: list, *,
       f"({card.adopted['input_scale']}), engines {', '.join(card.engines)} "
       f"(default {card.default_engine})")
   return card
+
+
+def _add_embedding(source, card, name: Optional[str], check_pixels,
+                   checked_on: str, say) -> None:
+  """Gives the card its embedding, `name` or the default guess
+  (model/embeddings.py), and says which. A Keras source's is served by the
+  Keras engine (and its TFLite conversion, when that passes its check); an
+  ONNX source's becomes a second output of the served graph (source.model
+  is replaced). A SavedModel or TFLite source has none; the card says why
+  (`adopted.embedding`). A `name` that cannot serve is an AdoptError."""
+  try:
+    if source.kind in ("keras", "h5"):
+      layer, chosen = embeddings.keras_layer(source.model, name)
+      if layer is not None:
+        card.embedding = embeddings.keras_record(source.model, layer, chosen)
+    elif source.kind == "onnx":
+      source.model, record, chosen = onnx_embedding.attach(
+          source, card, name, check_pixels, checked_on)
+      layer = record["layer"] if record else None
+      if record:
+        card.embedding = record
+    else:
+      if name is not None:
+        raise AdoptError(
+            f"--embedding_layer: a {source.kind} source serves its "
+            "signature's one output; adopt the .keras or .onnx file it was "
+            "made from")
+      layer, chosen = None, (f"a {source.kind} source serves its one "
+                             "output; adopt the .keras or .onnx file it "
+                             "came from")
+  except embeddings.EmbeddingError as error:
+    raise AdoptError(str(error)) from None
+  if layer is None:
+    card.adopted["embedding"] = f"none: {chosen}"
+    say(f"embedding: none ({chosen})")
+  else:
+    say(f"embedding: {layer!r}, {card.embedding['dimension']} values "
+        f"({chosen})")
 
 
 def _recorded(warn) -> tuple:
@@ -263,69 +242,6 @@ def _choose_scale(source, card, engine, verdict, check_pixels, output_kind,
                                   warn)
 
 
-def describe_source(source: model_formats.Source) -> str:
-  """One line on what the source declares (for ONNX, as its graph says)."""
-  if source.kind != "onnx":
-    return (f"source: {_KIND_NAMES[source.kind]} model, input "
-            f"{model_formats.shape_text(source.input_shape)} "
-            f"{source.input_dtype}, output "
-            f"{model_formats.shape_text(source.output_shape)}")
-  record = source.model.record
-  batch = {"dynamic": "dynamic batch",
-           "made_dynamic": "fixed batch made symbolic (proven)",
-           "one_at_a_time": "fixed batch of 1, served one image at a time"}
-  return (f"source: ONNX model ({record['producer'] or 'unknown producer'}, "
-          f"opset {record['opset'].get('ai.onnx', '?')}), input "
-          f"{record['input']['name']!r} {record['input']['shape']} "
-          f"{source.input_dtype} ({source.model.layout}, from the "
-          f"{'graph' if record['layout_from'] == 'graph' else '--layout'}), "
-          f"output {record['output']!r} (batch, "
-          f"{source.model.num_classes}), {batch[source.model.batch]}")
-
-
-def draft_card(source: model_formats.Source, class_names: list,
-               flags: preprocessing_config.PreprocessingFlags, decoder: str
-               ) -> card_lib.ModelCard:
-  """The card of everything known before the model runs: its input, classes
-  and feeding recipe (the output kind and model id come later).
-  `adopted.input_scale` is None when the model does not say its scale and
-  no flag did."""
-  try:
-    height, width, color_mode = resolve_input(source, flags.image_size,
-                                              flags.color_mode)
-  except AdoptError as error:
-    raise AdoptError(adopt_feeding.with_origin(str(error), flags)) from None
-  classes = source.output_shape[0]
-  if classes is not None and classes != len(class_names):
-    raise AdoptError(f"--class_names has {len(class_names)} names but the "
-                     f"model outputs {classes} classes")
-  input_scale, scale_from = adopt_feeding.input_scale(source, flags)
-  recipe = adopt_feeding.feeding_recipe(decoder, height, width, color_mode,
-                                        input_scale, flags)
-  adopted = {"source": os.path.basename(source.path.rstrip(os.sep)),
-             "sha256": model_formats.sha256_of(source.path),
-             "format": source.kind, "input_scale": scale_from,
-             "input_shape": "the model's input signature" + (
-                 " and --image_size" if None in source.input_shape[:2]
-                 else "")}
-  if source.kind == "onnx":
-    recipe["layout"] = source.model.layout
-    adopted["onnx"] = source.model.record
-    adopted["input_shape"] = "the ONNX graph" + (
-        "" if source.model.record["size_from"] == "graph" else
-        f" and {adopt_feeding.origin(flags, 'image_size')}")
-  return card_lib.ModelCard(
-      model_id="",
-      architecture="adopted",
-      class_names=list(class_names),
-      input_shape=[height, width, card_lib.COLOR_MODES[color_mode]],
-      color_mode=color_mode,
-      output="logits",
-      preprocessing=recipe,
-      engines=[model_formats.SOURCE_ENGINE[source.kind]],
-      adopted=adopted).validate()
-
-
 def _add_tflite(source: model_formats.Source, card: card_lib.ModelCard,
                 out_dir: str, engine, check_pixels, checked_on: str,
                 say) -> None:
@@ -349,6 +265,32 @@ def _add_tflite(source: model_formats.Source, card: card_lib.ModelCard,
   else:
     say(f"tflite: not served, the folder serves with {card.engines[0]} "
         f"only: {card.tflite['reason']}")
+
+
+def _add_decoding_flags(parser: cli.ArgumentParser) -> None:
+  """How an image becomes the model's input, as the author's recipe did."""
+  parser.add_argument("--decoder", default=None,
+                      choices=preprocessing.DECODERS,
+                      help="tensorflow: as keras.utils."
+                      "image_dataset_from_directory; pillow: this project's; "
+                      "torchvision: PIL as ImageFolder, Resize, CenterCrop "
+                      "(default: torchvision for an ONNX source or with its "
+                      "steps below, else tensorflow)")
+  parser.add_argument("--resize", default=None,
+                      help="torchvision's Resize: N sets the shorter side "
+                      "(the longer int(N * long / short)), HEIGHT,WIDTH the "
+                      "size")
+  parser.add_argument("--center_crop", default=None,
+                      help="torchvision's CenterCrop: N or HEIGHT,WIDTH, the "
+                      "model's input size")
+  parser.add_argument("--interpolation", default=None,
+                      choices=tuple(torchvision_decoding.INTERPOLATIONS),
+                      help="the resize's PIL filter (default: none, "
+                      "Resize's bilinear)")
+  parser.add_argument("--preprocessing_config", default=None,
+                      help="the author's timm config.json (pretrained_cfg) "
+                      "or Hugging Face preprocessor_config.json: sets the "
+                      "flags above; a flag that contradicts it is refused")
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -393,28 +335,12 @@ def build_parser() -> cli.ArgumentParser:
   parser.add_argument("--confirm_output_kind", action="store_true",
                       help="keep --output_kind although the probe batch "
                       "reads the other kind")
-  parser.add_argument("--decoder", default=None,
-                      choices=preprocessing.DECODERS,
-                      help="tensorflow: as keras.utils."
-                      "image_dataset_from_directory; pillow: this project's; "
-                      "torchvision: PIL as ImageFolder, Resize, CenterCrop "
-                      "(default: torchvision for an ONNX source or with its "
-                      "steps below, else tensorflow)")
-  parser.add_argument("--resize", default=None,
-                      help="torchvision's Resize: N sets the shorter side "
-                      "(the longer int(N * long / short)), HEIGHT,WIDTH the "
-                      "size")
-  parser.add_argument("--center_crop", default=None,
-                      help="torchvision's CenterCrop: N or HEIGHT,WIDTH, the "
-                      "model's input size")
-  parser.add_argument("--interpolation", default=None,
-                      choices=tuple(torchvision_decoding.INTERPOLATIONS),
-                      help="the resize's PIL filter (default: none, "
-                      "Resize's bilinear)")
-  parser.add_argument("--preprocessing_config", default=None,
-                      help="the author's timm config.json (pretrained_cfg) "
-                      "or Hugging Face preprocessor_config.json: sets the "
-                      "flags above; a flag that contradicts it is refused")
+  _add_decoding_flags(parser)
+  parser.add_argument("--embedding_layer", default=None,
+                      help="the Keras layer or ONNX tensor whose output is "
+                      "the embedding predict --write_embeddings writes "
+                      "(default: the input of the final Dense, Gemm or "
+                      "MatMul)")
   parser.add_argument("--eval_data", default=None,
                       help="a folder of class sub-folders to score the model "
                       "on through the serving decoder; every input scale "
@@ -450,7 +376,8 @@ def main(argv=None) -> int:
           preprocessing_config=args.preprocessing_config,
           confirm_output_kind=args.confirm_output_kind,
           confirm_input_scale=args.confirm_input_scale,
-          confirm_class_names=args.confirm_class_names)
+          confirm_class_names=args.confirm_class_names,
+          embedding_layer=args.embedding_layer)
   except (AdoptError, OSError) as error:
     print(f"model.adopt: error: {error}", file=sys.stderr)
     return 2

@@ -12,6 +12,7 @@ import numpy as np
 
 from imagebatch import paths
 from model import card as card_lib
+from model import embeddings
 from model import engines
 from model import export
 from model import model_formats
@@ -221,6 +222,11 @@ def tflite_conversion(source: model_formats.Source, out_dir: str,
     if source.kind == "savedmodel":
       tflite_bytes = model_formats.convert_saved_model(
           os.path.join(out_dir, card_lib.SAVED_MODEL_DIR))
+    elif "keras" in card.embedding_engines:
+      tflite_bytes, record = embeddings.convert_with_embedding(
+          source.model, card.embedding["layer"],
+          engine.model_inputs(images), checked_on, export.convert_to_tflite)
+      embeddings.record_tflite(card, record)
     else:
       tflite_bytes = export.convert_to_tflite(source.model)
   except Exception as error:  # pylint: disable=broad-except
@@ -232,11 +238,13 @@ def tflite_conversion(source: model_formats.Source, out_dir: str,
   try:
     agreement = export.tflite_agreement(reference, tflite_bytes, card, images)
   except Exception as error:  # pylint: disable=broad-except
+    card.embedding.get("engines", {}).pop("tflite", None)
     return {"converted": False,
             "reason": f"the converted model does not run: "
                       f"{model_formats.first_line(error)}"}
   agreement.update(checked_on=checked_on, converted_from=source.kind)
   if agreement["top1_agreement"] < export.MIN_TFLITE_AGREEMENT:
+    card.embedding.get("engines", {}).pop("tflite", None)
     agreement.update(converted=False, reason=(
         f"its top-1 agrees with {source.kind} on only "
         f"{agreement['top1_agreement']:.2%} of {agreement['images']} "

@@ -48,6 +48,9 @@ CARD_FORMAT_VERSION = 2
 # Every card field that changes what serving outputs for an image.
 SERVING_FIELDS = ("class_names", "input_shape", "color_mode", "output",
                   "preprocessing")
+# Serves too when a card has it (model/embeddings.py); a card without one
+# keeps the model id it had before embeddings existed.
+EMBEDDING_FIELD = "embedding"
 
 
 # The card's fields that hold a list or a JSON object, checked as such
@@ -83,6 +86,11 @@ class ModelCard:
   # For a model trained elsewhere (model.adopt): its source file, SHA-256,
   # format, and which card fields were read from it or declared.
   adopted: dict = dataclasses.field(default_factory=dict)
+  # The vector that feeds the classifier, as a second output of the served
+  # model: `layer` (a Keras layer or ONNX tensor name), `dimension`,
+  # `chosen` (why that one), and per engine that serves it the output names
+  # and the check against the source (model/embeddings.py). Empty: none.
+  embedding: dict = dataclasses.field(default_factory=dict)
 
   @property
   def height(self) -> int:
@@ -116,6 +124,16 @@ class ModelCard:
   @property
   def input_std(self) -> Optional[list]:
     return self.preprocessing.get("input_std")
+
+  @property
+  def embedding_dimension(self) -> Optional[int]:
+    return self.embedding.get("dimension") if self.embedding else None
+
+  @property
+  def embedding_engines(self) -> list:
+    """The engines that serve the embedding, fastest first."""
+    served = (self.embedding or {}).get("engines", {})
+    return [name for name in ENGINE_FILES if name in served]
 
   @property
   def default_engine(self) -> str:
@@ -153,7 +171,26 @@ class ModelCard:
       raise ValueError(f"model card engines must be some of "
                        f"{list(ENGINE_FILES)}, got {self.engines!r}")
     self._validate_feeding()
+    self._validate_embedding()
     return self
+
+  def _validate_embedding(self) -> None:
+    if not self.embedding:
+      return
+    layer = self.embedding.get("layer")
+    dimension = self.embedding.get("dimension")
+    served = self.embedding.get("engines")
+    if not isinstance(layer, str) or not layer:
+      raise ValueError("model card embedding.layer must name a layer or "
+                       f"tensor, got {layer!r}")
+    if (not isinstance(dimension, int) or isinstance(dimension, bool) or
+        dimension < 1):
+      raise ValueError("model card embedding.dimension must be a positive "
+                       f"integer, got {dimension!r}")
+    if (not isinstance(served, dict) or not served or
+        any(name not in self.engines for name in served)):
+      raise ValueError(f"model card embedding.engines must be some of the "
+                       f"card's engines {self.engines}, got {served!r}")
 
   def _validate_feeding(self) -> None:
     if self.decoder not in preprocessing.DECODERS:
@@ -240,9 +277,11 @@ def content_hash(*payloads: bytes) -> str:
 
 def compute_model_id(card: ModelCard, *model_files: bytes) -> str:
   """The model id: a hash of the served model files and of every card field
-  that changes the output (SERVING_FIELDS), so reordered class names or
-  another feeding recipe make another id."""
-  serving = json.dumps({name: getattr(card, name) for name in SERVING_FIELDS},
+  that changes the output (SERVING_FIELDS, and the embedding when there is
+  one), so reordered class names or another feeding recipe make another
+  id."""
+  fields = SERVING_FIELDS + ((EMBEDDING_FIELD,) if card.embedding else ())
+  serving = json.dumps({name: getattr(card, name) for name in fields},
                        sort_keys=True).encode()
   return content_hash(serving, *model_files)
 

@@ -131,41 +131,13 @@ def load_image_folder(directory: str,
   folder names and makes the split; the images are then decoded with
   `preprocessing.decode_image`, exactly as the pipeline will decode them.
   """
-  import keras  # pylint: disable=import-outside-toplevel
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"no image folder at {directory}: expected a "
-                            "folder with one sub-folder of images per class")
-  if not 0.0 < validation_split < 1.0:
-    raise ValueError(
-        f"validation_split must be between 0 and 1, got {validation_split}")
-  try:
-    train, validation = keras.utils.image_dataset_from_directory(
-        directory,
-        validation_split=validation_split,
-        subset="both",
-        seed=seed,
-        image_size=image_size,
-        color_mode=color_mode,
-        verbose=False)
-  except ValueError as error:
-    raise ValueError(f"cannot read image folder {directory}: {error}") from None
-  class_names = list(train.class_names)
-  if len(class_names) < 2:
-    raise ValueError(f"{directory} has {len(class_names)} class folder(s); "
-                     "a classifier needs at least two")
-  name_to_index = {name: i for i, name in enumerate(class_names)}
+  class_names, subsets = split_image_folder(directory, validation_split,
+                                            seed)
   splits = []
-  for subset in (train, validation):
-    paths = list(subset.file_paths)
-    if not paths:
-      raise ValueError(f"{directory} has too few images for a "
-                       f"{validation_split:.0%} validation split")
+  for paths, labels in subsets:
     images = np.stack([
         _decode_file(path, image_size, color_mode) for path in paths
     ])
-    labels = np.array(
-        [name_to_index[os.path.basename(os.path.dirname(p))] for p in paths],
-        dtype=np.int32)
     splits.append(Split(images, labels))
   return Dataset(
       name=os.path.basename(os.path.normpath(directory)),
@@ -176,6 +148,47 @@ def load_image_folder(directory: str,
       test_name="validation",
       source=os.path.abspath(directory),
       split_seed=seed)
+
+
+def split_image_folder(directory: str, validation_split: float,
+                       seed: int) -> tuple:
+  """(class names, [(train paths, labels), (validation paths, labels)]):
+  `image_dataset_from_directory`'s listing and seeded split, without
+  decoding anything, so every trainer splits a folder the same way."""
+  import keras  # pylint: disable=import-outside-toplevel
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no image folder at {directory}: expected a "
+                            "folder with one sub-folder of images per class")
+  if not 0.0 < validation_split < 1.0:
+    raise ValueError(
+        f"validation_split must be between 0 and 1, got {validation_split}")
+  try:
+    # The size is the dataset's, never used: nothing here is decoded.
+    train, validation = keras.utils.image_dataset_from_directory(
+        directory,
+        validation_split=validation_split,
+        subset="both",
+        seed=seed,
+        image_size=(8, 8),
+        verbose=False)
+  except ValueError as error:
+    raise ValueError(f"cannot read image folder {directory}: {error}") from None
+  class_names = list(train.class_names)
+  if len(class_names) < 2:
+    raise ValueError(f"{directory} has {len(class_names)} class folder(s); "
+                     "a classifier needs at least two")
+  name_to_index = {name: i for i, name in enumerate(class_names)}
+  subsets = []
+  for subset in (train, validation):
+    paths = list(subset.file_paths)
+    if not paths:
+      raise ValueError(f"{directory} has too few images for a "
+                       f"{validation_split:.0%} validation split")
+    labels = np.array(
+        [name_to_index[os.path.basename(os.path.dirname(p))] for p in paths],
+        dtype=np.int32)
+    subsets.append((paths, labels))
+  return class_names, subsets
 
 
 def _decode_file(path: str, image_size: tuple, color_mode: str) -> np.ndarray:

@@ -17,7 +17,9 @@ import threading
 import numpy as np
 
 from model import card as card_lib
+from model import embeddings
 from model import model_checks
+from model import output_shapes
 from model import preprocessing
 
 # The graph input types the onnx engine feeds, and the NumPy type of each.
@@ -51,7 +53,8 @@ def fit_rank(images: np.ndarray, rank: int) -> np.ndarray:
 
 
 class Engine:
-  """Runs a model on batches. Subclasses implement `_raw_outputs`."""
+  """Runs a model on batches. Subclasses implement `_raw_outputs`, and
+  `_raw_outputs_and_embeddings` when the card gives them an embedding."""
   name = ""
 
   def __init__(self, card: card_lib.ModelCard):
@@ -59,6 +62,10 @@ class Engine:
 
   def _raw_outputs(self, images: np.ndarray) -> np.ndarray:
     raise NotImplementedError
+
+  def _raw_outputs_and_embeddings(self, images: np.ndarray) -> tuple:
+    raise ValueError(f"the {self.name} engine serves no embedding for this "
+                     "model")
 
   def model_inputs(self, images: np.ndarray) -> np.ndarray:
     """The card's scaling applied to a batch of [0, 255] pixels."""
@@ -70,8 +77,21 @@ class Engine:
     """What the model itself returns (logits or probabilities)."""
     return self._raw_outputs(self.model_inputs(images))
 
+  def outputs_and_embeddings(self, images: np.ndarray) -> tuple:
+    """(outputs, embeddings): the model's scores and the card's embedding
+    layer, from one run."""
+    return self._raw_outputs_and_embeddings(self.model_inputs(images))
+
   def probabilities(self, images: np.ndarray) -> np.ndarray:
-    outputs = self.outputs(images)
+    return self._probabilities(self.outputs(images))
+
+  def probabilities_and_embeddings(self, images: np.ndarray) -> tuple:
+    """(probabilities, float32 embeddings (N, D)) from one run."""
+    outputs, embeddings = self.outputs_and_embeddings(images)
+    return (self._probabilities(outputs),
+            np.asarray(embeddings, np.float32).reshape(len(embeddings), -1))
+
+  def _probabilities(self, outputs: np.ndarray) -> np.ndarray:
     if self.card.output == "logits":
       return softmax(outputs.astype(np.float64)).astype(np.float32)
     return outputs.astype(np.float32)
@@ -90,15 +110,31 @@ class KerasEngine(Engine):
     # safe_mode refuses Lambda layers carrying arbitrary Python code.
     self.model = keras.saving.load_model(model_path, compile=False,
                                          safe_mode=True)
-    _check_width(self.model.output_shape[-1], card, model_path)
+    output_shapes.check_width(self.model.output_shape[-1], card, model_path)
     self._rank = len(self.model.inputs[0].shape)
     shape = [None, card.height, card.width, card.channels][:self._rank]
     spec = tf.TensorSpec(shape, tf.float32)
     self._call = tf.function(lambda x: self.model(x, training=False),
                              input_signature=[spec], reduce_retracing=True)
+    self._call_with_embedding = None
+    if "keras" in card.embedding_engines:
+      both = embeddings.keras_two_outputs(self.model,
+                                          card.embedding["layer"])
+      output_shapes.check_embedding_width(both.outputs[1].shape, card,
+                                          model_path)
+      self._call_with_embedding = tf.function(
+          lambda x: both(x, training=False), input_signature=[spec],
+          reduce_retracing=True)
 
   def _raw_outputs(self, images):
     return self._call(fit_rank(images, self._rank)).numpy()
+
+  def _raw_outputs_and_embeddings(self, images):
+    if self._call_with_embedding is None:
+      return super()._raw_outputs_and_embeddings(images)
+    scores, embeddings = self._call_with_embedding(fit_rank(images,
+                                                            self._rank))
+    return scores.numpy(), embeddings.numpy()
 
 
 class SavedModelEngine(Engine):
@@ -170,11 +206,20 @@ class TFLiteEngine(Engine):
     self._input_dtype = details["dtype"]
     self._input_quantization = details["quantization"]
     self._rank = len(details["shape"])
-    output = self._interpreter.get_output_details()[0]
-    _check_width(output["shape"][-1], card, model_path or "TFLite model")
+    where = model_path or "TFLite model"
+    outputs = self._interpreter.get_output_details()
+    scores, embedding = output_shapes.pick_outputs(
+        [o["name"] for o in outputs], card, "tflite", where)
+    output = outputs[scores]
+    output_shapes.check_width(output["shape"][-1], card, where)
     self._output = output["index"]
     self._output_quantization = (output["quantization"] if np.issubdtype(
         output["dtype"], np.integer) else None)
+    self._embedding = None
+    if embedding is not None:
+      output_shapes.check_embedding_width(
+          outputs[embedding]["shape_signature"], card, where)
+      self._embedding = outputs[embedding]["index"]
     self._batch_size = 0
     self._lock = threading.Lock()
 
@@ -193,8 +238,20 @@ class TFLiteEngine(Engine):
     # XNNPACK runs no faster for rows beyond a few.
     return _in_slices(super().outputs, images)
 
+  def outputs_and_embeddings(self, images):
+    return _in_slices(super().outputs_and_embeddings, images)
+
   def _raw_outputs(self, images):
+    return self._invoke(images, with_embedding=False)[0]
+
+  def _raw_outputs_and_embeddings(self, images):
+    if self._embedding is None:
+      return super()._raw_outputs_and_embeddings(images)
+    return self._invoke(images, with_embedding=True)
+
+  def _invoke(self, images, with_embedding: bool) -> tuple:
     images = self._quantised(fit_rank(images, self._rank))
+    embeddings = None
     with self._lock:
       if len(images) != self._batch_size:
         self._interpreter.resize_tensor_input(self._input, list(images.shape))
@@ -203,11 +260,13 @@ class TFLiteEngine(Engine):
       self._interpreter.set_tensor(self._input, images)
       self._interpreter.invoke()
       outputs = self._interpreter.get_tensor(self._output).copy()
+      if with_embedding:
+        embeddings = self._interpreter.get_tensor(self._embedding).copy()
     if self._output_quantization is not None:
       scale, zero_point = self._output_quantization
       outputs = (outputs.astype(np.float32) - zero_point) * np.float32(
           scale or 1.0)
-    return outputs
+    return outputs, embeddings
 
 
 def onnx_session(model_content: bytes, threads: int = 1):
@@ -238,17 +297,6 @@ def onnx_session(model_content: bytes, threads: int = 1):
       lines = [line for line in str(error).splitlines() if line.strip()]
       raise ValueError("ONNX Runtime cannot load the model: " +
                        (lines[0] if lines else type(error).__name__)) from None
-
-
-def onnx_input_size(shape: list, layout: str) -> list:
-  """[height, width, channels] of an ONNX input shape in `layout`; None
-  where a dimension is not a fixed positive number."""
-  dims = [d if isinstance(d, int) and d > 0 else None for d in shape]
-  if layout == "NCHW":
-    return [dims[2], dims[3], dims[1]]
-  if layout == "NHWC":
-    return dims[1:4]
-  return [dims[1], dims[2], 1]
 
 
 def onnx_layout(images: np.ndarray, layout: str, dtype) -> np.ndarray:
@@ -286,10 +334,16 @@ class OnnxEngine(Engine):
         model_content = handle.read()
     self._session = onnx_session(model_content, threads)
     inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
-    if len(inputs) != 1 or len(outputs) != 1:
-      raise ValueError(f"{where} has {len(inputs)} inputs and "
-                       f"{len(outputs)} outputs; expected one of each")
-    self._input, self._output = inputs[0].name, outputs[0].name
+    if len(inputs) != 1:
+      raise ValueError(f"{where} has {len(inputs)} inputs; expected one")
+    scores, embedding = output_shapes.pick_outputs(
+        [o.name for o in outputs], card, "onnx", where)
+    self._input, self._output = inputs[0].name, outputs[scores].name
+    self._embedding = None
+    if embedding is not None:
+      self._embedding = outputs[embedding].name
+      output_shapes.check_embedding_width(outputs[embedding].shape, card,
+                                          where)
     if inputs[0].type not in ONNX_INPUT_TYPES:
       raise ValueError(f"{where} takes {inputs[0].type}; the onnx engine "
                        f"feeds {sorted(ONNX_INPUT_TYPES)}")
@@ -302,23 +356,37 @@ class OnnxEngine(Engine):
       raise ValueError(f"{where} has a fixed batch of {batch}; the onnx "
                        "engine serves a batch axis of 1 or a symbolic one")
     self._one_at_a_time = batch == 1
-    width = outputs[0].shape[-1] if outputs[0].shape else None
-    _check_width(width if isinstance(width, int) else None, card, where)
+    width = outputs[scores].shape[-1] if outputs[scores].shape else None
+    output_shapes.check_width(width if isinstance(width, int) else None,
+                              card, where)
 
   def outputs(self, images):
     # ONNX Runtime's working memory grows with the rows of a call, and
     # runs no faster for rows beyond a few.
     return _in_slices(super().outputs, images)
 
+  def outputs_and_embeddings(self, images):
+    return _in_slices(super().outputs_and_embeddings, images)
+
   def _raw_outputs(self, images):
+    return self._run([self._output], images)[0]
+
+  def _raw_outputs_and_embeddings(self, images):
+    if self._embedding is None:
+      return super()._raw_outputs_and_embeddings(images)
+    return tuple(self._run([self._output, self._embedding], images))
+
+  def _run(self, names: list, images) -> list:
     images = onnx_layout(images, self._layout, self._dtype)
     if not self._one_at_a_time:
-      outputs = self._session.run([self._output], {self._input: images})[0]
+      results = self._session.run(names, {self._input: images})
     else:
-      outputs = np.concatenate([
-          self._session.run([self._output], {self._input: images[i:i + 1]})[0]
-          for i in range(len(images))])
-    return outputs.astype(np.float32, copy=False)
+      runs = [self._session.run(names, {self._input: images[i:i + 1]})
+              for i in range(len(images))]
+      results = [np.concatenate([run[k] for run in runs])
+                 for k in range(len(names))]
+    return [np.asarray(result).astype(np.float32, copy=False)
+            for result in results]
 
 
 def check_onnx_model_shapes(card: card_lib.ModelCard, model: bytes) -> None:
@@ -328,62 +396,40 @@ def check_onnx_model_shapes(card: card_lib.ModelCard, model: bytes) -> None:
   where = card_lib.ONNX_FILE
   session = onnx_session(model)
   inputs, outputs = session.get_inputs(), session.get_outputs()
-  if len(inputs) != 1 or len(outputs) != 1:
-    raise ValueError(f"{where} has {len(inputs)} inputs and "
-                     f"{len(outputs)} outputs; expected one of each")
-  width = outputs[0].shape[-1] if outputs[0].shape else None
-  _check_width(width if isinstance(width, int) else None, card, where)
+  if len(inputs) != 1:
+    raise ValueError(f"{where} has {len(inputs)} inputs; expected one")
+  scores, embedding = output_shapes.pick_outputs(
+      [o.name for o in outputs], card, "onnx", where)
+  width = outputs[scores].shape[-1] if outputs[scores].shape else None
+  output_shapes.check_width(width if isinstance(width, int) else None, card,
+                            where)
+  if embedding is not None:
+    output_shapes.check_embedding_width(outputs[embedding].shape, card,
+                                        where)
   layout = card.preprocessing.get("layout")
   if layout not in card_lib.ONNX_LAYOUTS or len(inputs[0].shape) != (
       3 if layout == "NHW" else 4):
     raise ValueError(f"{where} takes input of shape {inputs[0].shape}, "
                      f"which is not the card's layout {layout!r}")
-  size = onnx_input_size(inputs[0].shape, layout)
+  size = output_shapes.onnx_input_size(inputs[0].shape, layout)
   if any(d is not None and d != int(e) for d, e in zip(size,
                                                         card.input_shape)):
     raise ValueError(f"{where} takes input of shape {inputs[0].shape} "
                      f"({layout}) but the card says {list(card.input_shape)}")
 
 
-def _in_slices(run, images: np.ndarray) -> np.ndarray:
+def _in_slices(run, images: np.ndarray):
   """`run` over a large batch in slices of `rows_per_slice` rows, each
-  scaled on its own, so no scaled copy of the whole batch exists."""
+  scaled on its own, so no scaled copy of the whole batch exists. `run`
+  returns an array, or a tuple of arrays (outputs and embeddings)."""
   rows = preprocessing.rows_per_slice(int(np.prod(images.shape[1:])))
   if len(images) <= rows:
     return run(images)
-  return np.concatenate([run(images[start:start + rows])
-                         for start in range(0, len(images), rows)])
-
-
-def _check_width(width, card: card_lib.ModelCard, where: str) -> None:
-  if width is not None and int(width) != card.num_classes:
-    raise ValueError(f"{where} outputs {int(width)} classes but the card "
-                     f"names {card.num_classes}")
-
-
-def check_model_shapes(card: card_lib.ModelCard, tflite: bytes) -> None:
-  """Refuses a card whose class count or input size is not the TFLite
-  model's, read from its tensors without TensorFlow: a card with one class
-  name too few would otherwise fail only when the first batch is labelled.
-  """
-  from ai_edge_litert import interpreter as litert  # pylint: disable=import-outside-toplevel
-  try:
-    model = litert.Interpreter(model_content=tflite)
-    inputs, outputs = model.get_input_details(), model.get_output_details()
-  except Exception as error:  # pylint: disable=broad-except
-    raise ValueError(f"{card_lib.TFLITE_FILE} cannot be loaded: "
-                     f"{error}") from None
-  if len(inputs) != 1 or len(outputs) != 1:
-    raise ValueError(f"{card_lib.TFLITE_FILE} has {len(inputs)} inputs and "
-                     f"{len(outputs)} outputs; expected one of each")
-  _check_width(outputs[0]["shape"][-1], card, card_lib.TFLITE_FILE)
-  # (batch, height, width[, channels]); -1 in the signature is any size.
-  dims = inputs[0].get("shape_signature", inputs[0]["shape"])[1:]
-  expected = [int(d) for d in card.input_shape][:len(dims)]
-  if any(int(d) not in (-1, e) for d, e in zip(dims, expected)):
-    raise ValueError(f"{card_lib.TFLITE_FILE} takes input of shape "
-                     f"{[int(d) for d in inputs[0]['shape'][1:]]} but the "
-                     f"card says {list(card.input_shape)}")
+  parts = [run(images[start:start + rows])
+           for start in range(0, len(images), rows)]
+  if isinstance(parts[0], tuple):
+    return tuple(np.concatenate(column) for column in zip(*parts))
+  return np.concatenate(parts)
 
 
 def _set_tf_threads(tf, threads: int) -> None:

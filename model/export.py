@@ -13,6 +13,7 @@ from typing import Optional
 import numpy as np
 
 from model import card as card_lib
+from model import embeddings
 from model import engines
 from model import preprocessing
 
@@ -68,6 +69,36 @@ def plot_curves(history: dict, path: str) -> None:
   plt.close(figure)
 
 
+def _pillow_recipe(height: int, width: int, rescaling: str) -> dict:
+  """The card's `preprocessing` of a model trained here."""
+  return {
+      # This project's own decoder (model.preprocessing.decode_image):
+      # uint8 pixels; the model rescales them itself.
+      "decoder": "pillow",
+      "input_scale": "raw",
+      "exif_transpose": True,
+      "resize": {"height": height, "width": width,
+                 "interpolation": preprocessing.RESIZE_INTERPOLATION,
+                 "when": "the decoded size differs"},
+      "input_dtype": "float32",
+      "input_value_range": [0, 255],
+      "rescaling": rescaling,
+  }
+
+
+def _tflite_bytes(model, card: card_lib.ModelCard, layer: Optional[str],
+                  chosen: str, model_inputs: np.ndarray) -> bytes:
+  """model.tflite: with the embedding as a second output where `layer` is
+  one and the output agrees with Keras (the card records which)."""
+  if not layer:
+    return convert_to_tflite(model)
+  card.embedding = embeddings.keras_record(model, layer, chosen)
+  tflite_bytes, record = embeddings.convert_with_embedding(
+      model, layer, model_inputs, "test images", convert_to_tflite)
+  embeddings.record_tflite(card, record)
+  return tflite_bytes
+
+
 def export_model(model,
                  out_dir: str,
                  *,
@@ -79,12 +110,21 @@ def export_model(model,
                  metrics: dict,
                  training: dict,
                  history: Optional[dict] = None,
-                 rescaling: str = "inside the model: x / 255"
+                 rescaling: str = "inside the model: x / 255",
+                 embedding_layer: Optional[str] = None,
+                 embedding_chosen: Optional[str] = None,
+                 preprocessing_recipe: Optional[dict] = None,
+                 output: str = "logits",
+                 write_card: bool = True
                  ) -> card_lib.ModelCard:
-  """Writes the model folder and returns its card.
+  """Writes the model folder and returns its card (unwritten with
+  `write_card` False, for a caller that checks more first).
 
-  `rescaling` says what the model's own first layers do to the [0, 255]
-  pixels; whatever it is, the model takes them raw.
+  `rescaling` says what the model's first layers do to the raw [0, 255]
+  pixels it takes, unless `preprocessing_recipe` (a composed model keeps
+  its backbone's) says otherwise. The embedding is `embedding_layer`'s
+  output (default: model/embeddings.py's guess); model.tflite carries it
+  when it agrees with Keras to 1e-5, else only the Keras engine serves it.
   """
   os.makedirs(out_dir, exist_ok=True)
   # Until the new card is written, the folder must not pass for a model.
@@ -92,9 +132,9 @@ def export_model(model,
   if os.path.exists(card_path):
     os.remove(card_path)
   height, width, channels = (int(d) for d in model.input_shape[1:])
+  layer, chosen = embeddings.keras_layer(model, embedding_layer)
   keras_path = os.path.join(out_dir, card_lib.MODEL_FILE)
   model.save(keras_path)
-  tflite_bytes = convert_to_tflite(model)
   with open(keras_path, "rb") as handle:
     keras_bytes = handle.read()
 
@@ -104,27 +144,22 @@ def export_model(model,
       class_names=list(class_names),
       input_shape=[height, width, channels],
       color_mode=color_mode,
-      output="logits",
-      preprocessing={
-          # This project's own decoder (model.preprocessing.decode_image):
-          # uint8 pixels; the model rescales them itself.
-          "decoder": "pillow",
-          "input_scale": "raw",
-          "exif_transpose": True,
-          "resize": {"height": height, "width": width,
-                     "interpolation": preprocessing.RESIZE_INTERPOLATION,
-                     "when": "the decoded size differs"},
-          "input_dtype": "float32",
-          "input_value_range": [0, 255],
-          "rescaling": rescaling,
-      },
+      output=output,
+      preprocessing=preprocessing_recipe or _pillow_recipe(height, width,
+                                                           rescaling),
       dataset=dataset,
       metrics=metrics,
       training=training,
-  ).validate()
+  )
+  model_inputs = engines.Engine(card).model_inputs(test_images)
+  tflite_bytes = _tflite_bytes(model, card, layer, embedding_chosen or chosen,
+                               model_inputs)
+  card.validate()
   card.model_id = card_lib.compute_model_id(card, keras_bytes, tflite_bytes)
-  keras_probabilities = engines.softmax(
-      model.predict(test_images, batch_size=256, verbose=0).astype(np.float64))
+  keras_outputs = model.predict(model_inputs, batch_size=256,
+                                verbose=0).astype(np.float64)
+  keras_probabilities = (engines.softmax(keras_outputs) if output == "logits"
+                         else keras_outputs)
   card.tflite = tflite_agreement(keras_probabilities, tflite_bytes, card,
                                  test_images.astype(np.float32))
   if card.tflite["top1_agreement"] < MIN_TFLITE_AGREEMENT:
@@ -139,6 +174,7 @@ def export_model(model,
   if history:
     plot_curves(history, os.path.join(out_dir, card_lib.CURVES_FILE))
   # The card goes last: a folder with a card is a complete model.
-  with open(card_path, "w") as handle:
-    handle.write(card.to_json())
+  if write_card:
+    with open(card_path, "w") as handle:
+      handle.write(card.to_json())
   return card

@@ -35,6 +35,7 @@ from onnx import numpy_helper
 from model import engines
 from model import image_limits
 from model import onnx_checks
+from model import output_shapes
 
 # The name given to a batch axis made symbolic.
 BATCH_DIM = "batch"
@@ -214,7 +215,7 @@ def _layout(dims: list, layout: Optional[str], where: str) -> tuple:
 def _image_size(dims: list, layout: str, image_size: Optional[tuple],
                 color_mode: Optional[str], where: str) -> tuple:
   """(height, width, channels, where the size came from)."""
-  height, width, channels = engines.onnx_input_size(
+  height, width, channels = output_shapes.onnx_input_size(
       [-1 if d is None else d for d in dims], layout)
   wanted = {"grayscale": 1, "rgb": 3}.get(color_mode)
   if color_mode is not None and wanted is None:

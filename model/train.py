@@ -6,6 +6,8 @@ Usage:
   python -m model.train --data ../shared/data/flowers --output models/flowers
   python -m model.train --data ../shared/data/flowers --output models/flowers \
       --backbone MobileNetV3Small --weights imagenet        # transfer learning
+  python -m model.train --data ../shared/data/flowers --output models/flowers \
+      --features_from models/efficientnet_lite0   # a head on its embeddings
 """
 
 import logging
@@ -17,6 +19,7 @@ import numpy as np
 
 from imagebatch import cli
 from model import datasets
+from model import embeddings
 
 DEFAULT_SEED = 0
 DEFAULT_VALIDATION_SPLIT = 0.2
@@ -94,8 +97,10 @@ def make_tf_dataset(split: datasets.Split, batch_size: int, seed: int,
 def train(dataset: datasets.Dataset, architecture: str, output: str,
           epochs: int = None, batch_size: int = None,
           learning_rate: float = None, seed: int = DEFAULT_SEED,
-          verbose: int = 2):
-  """Trains, evaluates and exports; returns the model card."""
+          verbose: int = 2, embedding_layer: str = None):
+  """Trains, evaluates and exports; returns the model card. The card's
+  embedding is `embedding_layer`, by default the input of the final Dense
+  layer."""
   import keras  # pylint: disable=import-outside-toplevel
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   # TensorFlow loads only now, after every path and flag has been checked.
@@ -111,6 +116,8 @@ def train(dataset: datasets.Dataset, architecture: str, output: str,
 
   input_shape = dataset.train.images.shape[1:]
   model = recipe.build(input_shape, len(dataset.class_names))
+  # A wrong --embedding_layer fails now, not after training.
+  embeddings.keras_layer(model, embedding_layer)
   steps = epochs * -(-len(dataset.train) // batch_size)
   schedule = keras.optimizers.schedules.CosineDecay(learning_rate, steps)
   optimizer = (keras.optimizers.AdamW(schedule, weight_decay=recipe.weight_decay)
@@ -137,7 +144,8 @@ def train(dataset: datasets.Dataset, architecture: str, output: str,
   return _evaluate_and_export(
       model, output, architecture, dataset, test_data, history.history,
       seconds, {"epochs": epochs, "batch_size": batch_size,
-                "learning_rate": learning_rate, "seed": seed})
+                "learning_rate": learning_rate, "seed": seed},
+      embedding_layer=embedding_layer)
 
 
 def train_backbone(dataset: datasets.Dataset, backbone: str, output: str,
@@ -146,7 +154,7 @@ def train_backbone(dataset: datasets.Dataset, backbone: str, output: str,
                    fine_tune_epochs: int = None,
                    fine_tune_learning_rate: float = None,
                    fine_tune_blocks: int = None, seed: int = DEFAULT_SEED,
-                   verbose: int = 2):
+                   verbose: int = 2, embedding_layer: str = None):
   """Transfer learning in two phases; returns the model card.
 
   Phase 1 trains a new head on the frozen backbone; phase 2 unfreezes the
@@ -161,12 +169,7 @@ def train_backbone(dataset: datasets.Dataset, backbone: str, output: str,
 
   check_dataset(dataset)
   spec = backbones.get_backbone(backbone)
-  height, width, channels = dataset.train.images.shape[1:]
-  if channels != 3 or min(height, width) < BACKBONE_MIN_SIZE:
-    raise ValueError(
-        f"--backbone {backbone} needs RGB images of at least "
-        f"{BACKBONE_MIN_SIZE}x{BACKBONE_MIN_SIZE}; {dataset.source} gives "
-        f"{height}x{width}x{channels}")
+  height, width, channels = _backbone_input(dataset, backbone)
   if isinstance(weights, str):
     weights = backbones.resolve_weights(backbone, weights)
   (epochs, batch_size, learning_rate, fine_tune_epochs,
@@ -180,6 +183,7 @@ def train_backbone(dataset: datasets.Dataset, backbone: str, output: str,
 
   model = backbones.build_classifier(backbone, (height, width, channels),
                                      len(dataset.class_names), weights)
+  embeddings.keras_layer(model, embedding_layer)
   if fine_tune_epochs:
     # A bad block count fails now, not after the first phase.
     backbones.check_block_count(backbone, model, fine_tune_blocks)
@@ -219,7 +223,19 @@ def train_backbone(dataset: datasets.Dataset, backbone: str, output: str,
        "learning_rate": learning_rate, "seed": seed,
        "backbone": {"name": backbone, "weights": weights.describe(),
                     "phases": phases}},
-      rescaling=spec.rescaling)
+      rescaling=spec.rescaling, embedding_layer=embedding_layer)
+
+
+def _backbone_input(dataset: datasets.Dataset, backbone: str) -> tuple:
+  """(height, width, channels) of the images, which a pretrained backbone
+  needs in RGB and not too small."""
+  height, width, channels = dataset.train.images.shape[1:]
+  if channels != 3 or min(height, width) < BACKBONE_MIN_SIZE:
+    raise ValueError(
+        f"--backbone {backbone} needs RGB images of at least "
+        f"{BACKBONE_MIN_SIZE}x{BACKBONE_MIN_SIZE}; {dataset.source} gives "
+        f"{height}x{width}x{channels}")
+  return height, width, channels
 
 
 def _backbone_schedule(epochs, batch_size, learning_rate, fine_tune_epochs,
@@ -277,6 +293,53 @@ def _evaluate_and_export(model, output: str, architecture: str,
       **export_options)
 
 
+def _add_backbone_flags(parser: cli.ArgumentParser) -> None:
+  backbone = parser.add_argument_group(
+      "transfer learning", "a pretrained keras.applications backbone under a "
+      "new head: the head trains first on the frozen backbone, then the top "
+      "blocks are fine-tuned")
+  backbone.add_argument("--backbone", default=None,
+                        help="MobileNetV3Small, MobileNetV3Large or "
+                        "EfficientNetV2B0 (instead of --architecture)")
+  backbone.add_argument("--weights", default=None,
+                        help="imagenet (Keras downloads them to "
+                        "$KERAS_HOME/models), none (random), or a local "
+                        ".weights.h5, .keras or downloaded .h5 file of the "
+                        "headless backbone (default: imagenet)")
+  backbone.add_argument("--fine_tune_epochs", type=int, default=None,
+                        help=f"epochs of the fine-tuning phase; 0 skips it "
+                        f"(default: {BACKBONE_FINE_TUNE_EPOCHS})")
+  backbone.add_argument("--fine_tune_learning_rate", type=float, default=None,
+                        help="learning rate of the fine-tuning phase "
+                        f"(default: {BACKBONE_FINE_TUNE_LEARNING_RATE})")
+  backbone.add_argument("--fine_tune_blocks", type=int, default=None,
+                        help="top blocks to unfreeze (default: the last "
+                        "stage's: 3 for MobileNetV3, 8 for EfficientNetV2B0)")
+
+
+def _add_features_from_flags(parser: cli.ArgumentParser) -> None:
+  features = parser.add_argument_group(
+      "a head on another model's embeddings", "the class folders embedded "
+      "by MODEL_DIR's decoder and engine train a small head; backbone + "
+      "head are exported as one model folder")
+  features.add_argument("--features_from", default=None,
+                        metavar="MODEL_DIR",
+                        help="a model folder that serves an embedding "
+                        "(instead of --architecture or --backbone)")
+  features.add_argument("--head", default=None, choices=("linear", "mlp"),
+                        help="logistic regression, or one hidden ReLU layer "
+                        "(default: linear)")
+  features.add_argument("--hidden_units", type=int, default=None,
+                        help="units of the mlp head's hidden layer "
+                        "(default: 256)")
+  features.add_argument("--embed_with", default=None,
+                        choices=("process", "pipeline"),
+                        help="embed the images in this process, or with "
+                        "the Beam pipeline (predict --write_embeddings, a "
+                        "worker per core) for large folders (default: "
+                        "process)")
+
+
 def build_parser() -> cli.ArgumentParser:
   parser = cli.ArgumentParser(prog="python -m model.train",
                               description=__doc__)
@@ -304,27 +367,12 @@ def build_parser() -> cli.ArgumentParser:
                       help=f"square input size for image folders (default: "
                       f"{DEFAULT_IMAGE_SIZE}, {DEFAULT_BACKBONE_IMAGE_SIZE} "
                       "with --backbone)")
-  backbone = parser.add_argument_group(
-      "transfer learning", "a pretrained keras.applications backbone under a "
-      "new head: the head trains first on the frozen backbone, then the top "
-      "blocks are fine-tuned")
-  backbone.add_argument("--backbone", default=None,
-                        help="MobileNetV3Small, MobileNetV3Large or "
-                        "EfficientNetV2B0 (instead of --architecture)")
-  backbone.add_argument("--weights", default=None,
-                        help="imagenet (Keras downloads them to "
-                        "$KERAS_HOME/models), none (random), or a local "
-                        ".weights.h5, .keras or downloaded .h5 file of the "
-                        "headless backbone (default: imagenet)")
-  backbone.add_argument("--fine_tune_epochs", type=int, default=None,
-                        help=f"epochs of the fine-tuning phase; 0 skips it "
-                        f"(default: {BACKBONE_FINE_TUNE_EPOCHS})")
-  backbone.add_argument("--fine_tune_learning_rate", type=float, default=None,
-                        help="learning rate of the fine-tuning phase "
-                        f"(default: {BACKBONE_FINE_TUNE_LEARNING_RATE})")
-  backbone.add_argument("--fine_tune_blocks", type=int, default=None,
-                        help="top blocks to unfreeze (default: the last "
-                        "stage's: 3 for MobileNetV3, 8 for EfficientNetV2B0)")
+  _add_backbone_flags(parser)
+  parser.add_argument("--embedding_layer", default=None,
+                      help="the layer whose output predict "
+                      "--write_embeddings writes (default: the final Dense "
+                      "layer's input)")
+  _add_features_from_flags(parser)
   parser.add_argument("--color_mode", default="rgb",
                       choices=["rgb", "grayscale"],
                       help="colour mode for image folders")
@@ -349,9 +397,29 @@ def parse_args(argv):
 
 
 def check_backbone_flags(args) -> None:
-  """Refuses transfer-learning flags without --backbone, and the reverse."""
+  """Refuses transfer-learning flags without --backbone, head flags without
+  --features_from, and flags that do not go with the one given."""
   if args.backbone and args.architecture:
     raise ValueError("give --architecture or --backbone, not both")
+  if args.features_from:
+    given = [flag for flag in ("architecture", "backbone", "image_size",
+                               "embedding_layer")
+             if getattr(args, flag) is not None]
+    if args.color_mode != "rgb":
+      given.append("color_mode")
+    if given:
+      raise ValueError(f"--features_from takes its input size, colour mode "
+                       f"and embedding from MODEL_DIR's card: drop "
+                       f"--{', --'.join(given)}")
+    if args.data is None or datasets.is_fashion_mnist_dir(args.data):
+      raise ValueError("--features_from needs --data, a folder with one "
+                       "sub-folder of images per class")
+  elif (args.head is not None or args.hidden_units is not None or
+        args.embed_with is not None):
+    raise ValueError("--head, --hidden_units and --embed_with need "
+                     "--features_from")
+  if args.hidden_units is not None and args.head != "mlp":
+    raise ValueError("--hidden_units is for --head mlp")
   if not args.backbone:
     given = [flag for flag in ("weights", "fine_tune_epochs",
                                "fine_tune_learning_rate", "fine_tune_blocks")
@@ -360,12 +428,36 @@ def check_backbone_flags(args) -> None:
       raise ValueError(f"--{', --'.join(given)} need --backbone")
 
 
+def embedding_line(card) -> str:
+  """What the folder serves as its embedding, in a few words."""
+  if not card.embedding:
+    return "no embedding (pass --embedding_layer NAME)"
+  return (f"embedding: {card.embedding['layer']!r}, "
+          f"{card.embedding['dimension']} values ({card.embedding['chosen']})")
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   cli.quiet_libraries(args.verbose)
   verbose = 0 if args.quiet else 2
   try:
     check_backbone_flags(args)
+    if args.features_from:
+      from model import head  # pylint: disable=import-outside-toplevel
+      card = head.train_and_export(
+          args.data, args.features_from, args.output, args.head, args.epochs,
+          args.batch_size, args.learning_rate, args.hidden_units,
+          args.validation_split, args.seed, args.split_seed, verbose,
+          args.embed_with or "process")
+      print(f"exported {card.architecture} model {card.model_id} to "
+            f"{args.output}: {card.metrics}; backbone + head checked against "
+            f"the two run apart on {card.training['composed']['images']} "
+            f"images ({card.default_engine}: top-1 agreement "
+            f"{card.training['composed']['top1_agreement']:.4f}); "
+            f"{embedding_line(card)}")
+      cli.print_next(f"{args.output} (model_card.json and the model files)",
+                     [cli.predict_command(model=args.output)])
+      return 0
     weights = None
     if args.backbone:
       from model import backbones  # pylint: disable=import-outside-toplevel
@@ -383,20 +475,20 @@ def main(argv=None) -> int:
           dataset, args.backbone, args.output, weights, args.epochs,
           args.batch_size, args.learning_rate, args.fine_tune_epochs,
           args.fine_tune_learning_rate, args.fine_tune_blocks, args.seed,
-          verbose=verbose)
+          verbose=verbose, embedding_layer=args.embedding_layer)
     else:
       architecture = args.architecture or (
           "fashion_cnn" if dataset.name == "fashion_mnist"
           else "photo_xception")
       card = train(dataset, architecture, args.output, args.epochs,
                    args.batch_size, args.learning_rate, args.seed,
-                   verbose=verbose)
+                   verbose=verbose, embedding_layer=args.embedding_layer)
   except (FileNotFoundError, ValueError, RuntimeError) as error:
     print(f"model.train: error: {error}", file=sys.stderr)
     return 2
   print(f"exported {card.architecture} model {card.model_id} to "
         f"{args.output}: {card.metrics}, TFLite agreement "
-        f"{card.tflite['top1_agreement']:.4f}")
+        f"{card.tflite['top1_agreement']:.4f}; {embedding_line(card)}")
   cli.print_next(
       f"{args.output} (model.keras, model.tflite, model_card.json, "
       "training_curves.png)",

@@ -122,7 +122,8 @@ def test_unlabelled_report_is_honest(unlabelled_run):
   written = report.write_report(unlabelled.output, str(root / "report"),
                                 samples=6)
   assert set(written) == {"samples", "confidence", "index"}
-  assert set(written.skipped) == {"mistakes", "confusion", "reliability"}
+  assert set(written.skipped) == {"mistakes", "confusion", "reliability",
+                                  "embedding_map"}
   page = open(written["index"]).read()
   assert "not drawn" in page
   for title in ("most confident mistakes", "confusion matrix",

@@ -5,6 +5,7 @@ locked `sandbox.ResultViews` returning plain rows and numbers.
 
 from typing import Optional
 
+from tools import embedding_queries
 from tools import sandbox
 from tools.sandbox import QueryError
 from tools.sandbox import rows
@@ -383,4 +384,6 @@ def compare(connection, limit: int = DEFAULT_LIMIT) -> dict:
                  b.label AS other_label,
                  round(b.confidence, 4) AS other_confidence
           {joined} WHERE a.label <> b.label ORDER BY id LIMIT ?""", [limit]),
+      # Where both runs wrote embeddings: how alike they are, id by id.
+      "embeddings": embedding_queries.mean_cosine(connection),
   }

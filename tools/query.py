@@ -7,6 +7,8 @@ Usage:
   python -m tools.query OUTPUT_DIR low-confidence --below 0.6
   python -m tools.query OUTPUT_DIR misclassified | errors | duplicates
   python -m tools.query OUTPUT_DIR compare OTHER_OUTPUT_DIR
+  python -m tools.query OUTPUT_DIR neighbours ID --k 10      # --write_embeddings runs
+  python -m tools.query OUTPUT_DIR near-duplicates --min_similarity 0.97
 Every command takes --json for scripts.
 
 The views `predictions` and `errors` cover exactly the shards the folder's
@@ -25,6 +27,7 @@ from typing import Callable
 from beam_jobs import outputs
 from imagebatch import cli
 from tools import answers
+from tools import embedding_queries
 from tools import limits
 from tools import sandbox
 from tools.answers import DEFAULT_LIMIT
@@ -136,12 +139,36 @@ def render_compare(result: dict) -> str:
   head = (f"{result['common_ids']} common ids, {result['disagreements']} "
           f"disagree; {result['only_here']} only here, "
           f"{result['only_other']} only in the other run")
+  cosine = result.get("embeddings")
+  if cosine and cosine["ids"]:
+    head += (f"\nembeddings of the same ids: mean cosine "
+             f"{cosine['mean_cosine']:.4f} (lowest {cosine['min_cosine']:.4f}, "
+             f"{cosine['ids']} ids)")
   return "\n".join([head, format_table(result["label_pairs"], "\nlabel pairs"),
                     format_table(result["examples"], "\nexamples")])
 
 
 _LIMIT = ("--limit", {"type": limits.positive_count,
                       "default": DEFAULT_LIMIT, "help": "rows to show"})
+
+
+def render_neighbours(result: dict) -> str:
+  head = (f"{len(result['neighbours'])} nearest of {result['rows']} rows to "
+          f"{result['id']!r} by cosine similarity of their embeddings")
+  if result["repeated_id"]:
+    head += " (the id has several rows; the first one's embedding is used)"
+  return format_table(result["neighbours"], head)
+
+
+def render_near_duplicates(result: dict) -> str:
+  head = (f"{result['pairs']} pairs of {result['rows']} rows at cosine "
+          f"similarity >= {result['min_similarity']:g}"
+          + (f" ({result['zero_rows']} all-zero embeddings left out)"
+             if result["zero_rows"] else "")
+          + f"; {result['method']}; {result['seconds']:.1f}s")
+  shown = (f"the {len(result['shown'])} most similar"
+           if len(result["shown"]) < result["pairs"] else "every pair")
+  return format_table(result["shown"], f"{head}\n\n{shown}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +241,28 @@ COMMANDS = {
         (("other_dir", {"help": "the --output folder of the other run"}),
          _LIMIT),
         render=render_compare),
+    "neighbours": Command(
+        "the rows whose embeddings are nearest an id's (cosine; needs a "
+        "--write_embeddings run)",
+        lambda connection, args: embedding_queries.neighbours(
+            connection, args.id, args.k),
+        (("id", {"help": "the id of a prediction row"}),
+         ("--k", {"type": int, "default": embedding_queries.DEFAULT_K,
+                  "help": "neighbours to list"})),
+        render=render_neighbours),
+    "near-duplicates": Command(
+        "every pair of rows whose embeddings' cosine similarity is at least "
+        "--min_similarity (exact, in blocks of bounded memory)",
+        lambda connection, args: embedding_queries.near_duplicates(
+            connection, args.min_similarity, args.limit),
+        (("--min_similarity", {
+            "type": float, "default": embedding_queries.DEFAULT_MIN_SIMILARITY,
+            "help": "the cosine similarity a pair needs"}),
+         ("--limit", {"type": int,
+                      "default": embedding_queries.DEFAULT_PAIRS_SHOWN,
+                      "help": "pairs to list, most similar first (all are "
+                      "counted); 0 lists every pair"})),
+        render=render_near_duplicates),
 }
 DEFAULT_COMMAND = "summary"
 

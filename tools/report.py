@@ -8,8 +8,10 @@ and id, engine, counts, accuracy), a grid of sample images with their
 predictions and probability bars (the Keras basic-classification tutorial's
 two plots), the most confident mistakes, a confusion-matrix heat map of the
 commonest classes, a confidence histogram split by correct and wrong, a
-reliability diagram, per-class precision/recall/F1 and the first failing
-files with their reasons. All numbers come from `tools.answers`.
+reliability diagram, per-class precision/recall/F1, the first failing
+files with their reasons, and for a --write_embeddings run a 2-D map of the
+embeddings (PCA of a bounded sample, coloured by label). All numbers come
+from `tools.answers` and `tools.embedding_queries`.
 
 Images are read from each row's `source` under the run's input folder only
 (tools/report_images.py says what may be opened); `--out` must be new, empty
@@ -31,6 +33,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 from imagebatch import cli  # pylint: disable=wrong-import-position
 from tools import answers  # pylint: disable=wrong-import-position
+from tools import embedding_queries  # pylint: disable=wrong-import-position
 from tools import limits  # pylint: disable=wrong-import-position
 from tools import report_folder  # pylint: disable=wrong-import-position
 from tools import report_images  # pylint: disable=wrong-import-position
@@ -59,6 +62,7 @@ FILES = {
     "confusion": "confusion_matrix.png",
     "confidence": "confidence_histogram.png",
     "reliability": "reliability_diagram.png",
+    "embedding_map": "embedding_map.png",
 }
 INDEX = "index.html"
 TITLES = {
@@ -67,7 +71,10 @@ TITLES = {
     "confusion": "confusion matrix",
     "confidence": "confidence histogram",
     "reliability": "reliability diagram",
+    "embedding_map": "embedding map",
 }
+# Labels drawn in colours of their own on the embedding map; the rest grey.
+MAP_LABELS = 20
 
 
 def short(name, limit: int = MAX_LABEL_CHARACTERS) -> str:
@@ -291,6 +298,47 @@ def plot_reliability(scores: dict) -> bytes:
   return _png(figure)
 
 
+def pca_2d(values: np.ndarray) -> tuple:
+  """(N, 2) coordinates on the first two principal axes (numpy's SVD of
+  the centred rows), and the share of variance each explains."""
+  centred = np.asarray(values, np.float64) - np.mean(values, axis=0)
+  _, singular, axes = np.linalg.svd(centred, full_matrices=False)
+  share = singular ** 2 / max(float((singular ** 2).sum()), 1e-300)
+  return centred @ axes[:2].T, share[:2]
+
+
+def plot_embedding_map(sample: dict) -> bytes:
+  """The sample's embeddings on their first two principal axes, coloured
+  by true label where most rows have one, else by predicted label."""
+  if len(sample["embeddings"]) < 3:
+    raise ValueError("fewer than 3 rows have an embedding")
+  coordinates, share = pca_2d(sample["embeddings"])
+  by_truth = sum(t is not None for t in sample["true_labels"]) > len(
+      sample["true_labels"]) / 2
+  labels = np.array([short(t if by_truth else p) for t, p in zip(
+      sample["true_labels"], sample["labels"])])
+  names, counts = np.unique(labels, return_counts=True)
+  shown = list(names[np.argsort(-counts, kind="stable")][:MAP_LABELS])
+  colours = plt.get_cmap("tab20")
+  figure, axis = plt.subplots(figsize=(7, 6))
+  others = ~np.isin(labels, shown)
+  if others.any():
+    axis.scatter(coordinates[others, 0], coordinates[others, 1], s=4,
+                 color=OTHER_BARS, label=f"other ({int(others.sum())})")
+  for index, name in enumerate(sorted(shown)):
+    mask = labels == name
+    axis.scatter(coordinates[mask, 0], coordinates[mask, 1], s=4,
+                 color=colours(index % 20), label=f"{name} ({int(mask.sum())})")
+  axis.set_xlabel(f"PC 1 ({share[0]:.0%} of variance)")
+  axis.set_ylabel(f"PC 2 ({share[1]:.0%} of variance)" if len(share) > 1
+                  else "PC 2")
+  axis.set_title(f"Embeddings (D = {sample['dimension']}), "
+                 f"{len(labels)} of {sample['rows']} rows, coloured by "
+                 f"{'true' if by_truth else 'predicted'} label")
+  axis.legend(fontsize=7, markerscale=3, loc="best")
+  return _png(figure)
+
+
 def _sample_rows(connection, samples: int, where: str, order: str) -> list:
   return sandbox.rows(
       connection, f"SELECT * FROM predictions WHERE {where} ORDER BY {order} "
@@ -365,6 +413,12 @@ def write_report(output_dir: str, out: str, samples: int = DEFAULT_SAMPLES,
     _draw(out, written, "confidence", plot_confidence, connection)
   else:
     skipped["confidence"] = "no input was classified"
+  sample = embedding_queries.map_sample(connection)
+  if sample is None:
+    skipped["embedding_map"] = ("the run has no embeddings (predict "
+                                "--write_embeddings writes them)")
+  else:
+    _draw(out, written, "embedding_map", plot_embedding_map, sample)
   for name, file_name in FILES.items():
     if name not in written:
       # An earlier report's plot that this one could not draw.

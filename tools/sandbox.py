@@ -15,6 +15,7 @@ byte in them is untrusted:
   of an allow-list.
 """
 
+import contextlib
 import datetime
 import io
 import math
@@ -369,6 +370,8 @@ class ResultViews:
         # Both are integers, checked in __init__.
         f"SET memory_limit = '{self.memory_limit:d}B'",
         f"SET threads = {self.threads:d}",
+        # No progress bar on stderr during a long scan.
+        "SET enable_progress_bar = false",
         "SET temp_directory = ''",
         # Both spellings: DuckDB writes a globbed scheme path with three
         # slashes.
@@ -381,20 +384,17 @@ class ResultViews:
     return self
 
   def fetch(self, sql: str, parameters=None, max_rows: Optional[int] = None):
-    """(column names, rows) of one statement, within the time limit.
-
-    A shard whose footer was fine but whose pages are damaged fails the
-    query. The shards are then read through once to find it; it is named,
-    left out with a warning, and the query runs again.
-    """
+    """(column names, rows) of one statement, within the limits. A shard
+    whose footer was fine but whose pages are damaged fails the query; the
+    shards are then read through once to find it, it is named and left out
+    with a warning, and the query runs again."""
     while True:
       try:
-        return self._fetch(sql, parameters, max_rows)
-      except duckdb.InterruptException:
-        raise QueryError(f"the query ran over {self.timeout_seconds:g}s "
-                         "(--timeout) and was stopped") from None
-      except (duckdb.OutOfMemoryException, MemoryError):
-        raise QueryError(self.out_of_memory()) from None
+        with self._within_limits():
+          cursor = self.connection.execute(sql, parameters or [])
+          names = [column[0] for column in cursor.description or []]
+          return names, (cursor.fetchall() if max_rows is None else
+                         cursor.fetchmany(max_rows + 1))
       except _STATEMENT_ERRORS:
         raise
       except duckdb.Error as error:
@@ -430,17 +430,31 @@ class ResultViews:
                    for view, (names, empty) in self._views.items()}
     self._create_views()
 
-  def _fetch(self, sql, parameters, max_rows):
+  def record_batches(self, sql: str, parameters=None,
+                     rows_per_batch: int = 4096):
+    """Yields pyarrow RecordBatches of one statement over the views, so a
+    caller holds one batch at a time; the whole scan runs within the time
+    limit. For the canned answers only: `sql` is never a user's."""
+    with self._within_limits():
+      # A relation streams; a DB-API result would be copied whole first.
+      yield from self.connection.sql(sql, params=parameters or None
+                                     ).to_arrow_reader(rows_per_batch)
+
+  @contextlib.contextmanager
+  def _within_limits(self):
+    """Interrupts the statement at the time limit; running over it, or out
+    of memory, is one QueryError."""
     timer = threading.Timer(self.timeout_seconds, self.connection.interrupt)
     timer.start()
     try:
-      cursor = self.connection.execute(sql, parameters or [])
-      names = [column[0] for column in cursor.description or []]
-      data = (cursor.fetchall() if max_rows is None else
-              cursor.fetchmany(max_rows + 1))
+      yield
+    except duckdb.InterruptException:
+      raise QueryError(f"the query ran over {self.timeout_seconds:g}s "
+                       "(--timeout) and was stopped") from None
+    except (duckdb.OutOfMemoryException, MemoryError):
+      raise QueryError(self.out_of_memory()) from None
     finally:
       timer.cancel()
-    return names, data
 
 
 def connect(output_dir: str, other_dir: Optional[str] = None,
