@@ -124,8 +124,7 @@ def phases(events, wall):
 
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
-  extra = argv[argv.index("--") + 1:] if "--" in argv else []
-  argv = argv[:argv.index("--")] if "--" in argv else argv
+  argv, extra = throughput.split_passthrough(argv)
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--model", required=True)
   parser.add_argument("--input", required=True)

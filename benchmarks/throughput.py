@@ -69,6 +69,14 @@ def measure(command, code=REPO, log=os.devnull):
   return figures, stdout
 
 
+def split_passthrough(argv) -> tuple:
+  """(this script's arguments, those after `--`, which go to P itself)."""
+  if "--" not in argv:
+    return list(argv), []
+  cut = argv.index("--")
+  return list(argv[:cut]), list(argv[cut + 1:])
+
+
 def _input_flag(folder):
   kind, _ = stages.list_inputs(folder)
   return "--parquet" if kind == "parquet" else "--images"
