@@ -120,7 +120,8 @@ def test_flex_template_parameters_are_flags_of_predict():
       [f"--{name}={value}" for name, value in sorted(values.items())])
   assert beam_args == []
   for name, value in values.items():
-    assert str(getattr(config, name)) == value, name
+    parse = flags[name].type or str
+    assert getattr(config, name) == parse(value), name
 
 
 @pytest.mark.slow
