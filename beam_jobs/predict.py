@@ -113,7 +113,8 @@ def run(config: config_lib.PredictConfig, beam_args=None,
     # The folder again, now that no other run can change it.
     state = output_folder.inspect(config.output)
     output_folder.check(state, plan.card.model_id, config.overwrite,
-                        config.skip_existing)
+                        config.skip_existing,
+                        preflight.predictions_schema(config, plan.card))
     keep = state.kept_predictions() if config.skip_existing else []
     if plan.staging:
       _stage_model(plan.staging)

@@ -18,6 +18,7 @@ from apache_beam.options import pipeline_options as beam_options
 
 from beam_jobs import model_staging
 from beam_jobs import output_folder
+from beam_jobs import outputs
 from beam_jobs.config import ConfigError
 from beam_jobs.config import DATAFLOW_RUNNERS
 from beam_jobs.config import ENGINE_CHOICES
@@ -69,7 +70,7 @@ def check(config: PredictConfig, options=None) -> Plan:
   config = dataclasses.replace(config, engine=auto_engine(config, card))
   check_embeddings(config, card)
   check_input(config, offline=dry_run)
-  folder = check_output(config, card.model_id, offline=dry_run)
+  folder = check_output(config, card, offline=dry_run)
   check_workers(config, card, options)
   staging = plan_model_staging(config, card, options)
   if staging:
@@ -295,7 +296,14 @@ def _check_list_columns(config: PredictConfig, list_path: str) -> None:
                         f"{list_path}; it has {names}")
 
 
-def check_output(config: PredictConfig, model_id: str,
+def predictions_schema(config: PredictConfig, card: card_lib.ModelCard):
+  """The columns this run's prediction shards will have."""
+  return outputs.predictions_schema(
+      config.write_probabilities,
+      card.embedding_dimension if config.write_embeddings else None)
+
+
+def check_output(config: PredictConfig, card: card_lib.ModelCard,
                  offline: bool = False
                  ) -> Optional[output_folder.FolderState]:
   """What the output folder holds, which beam_jobs/output_folder.py
@@ -304,8 +312,9 @@ def check_output(config: PredictConfig, model_id: str,
     return None
   try:
     state = output_folder.inspect(config.output)
-    output_folder.check(state, model_id, config.overwrite,
-                        config.skip_existing)
+    output_folder.check(state, card.model_id, config.overwrite,
+                        config.skip_existing,
+                        predictions_schema(config, card))
     if not offline:  # a dry run writes nothing, not even the folder
       output_folder.check_writable(config.output)
   except output_folder.FolderError as error:

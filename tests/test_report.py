@@ -399,6 +399,25 @@ def test_a_run_where_every_input_failed_is_reported(tmp_path):
   assert "no input was classified" in page and "bad2" in page
 
 
+def test_a_write_embeddings_run_where_every_input_failed_is_reported(
+    tmp_path):
+  # The embedding column is there and holds no row: the map is skipped,
+  # the report drawn.
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  errors = [{"id": "bad", "source": "s", "stage": "decode",
+             "error": "UnidentifiedImageError: no image"}]
+  output = _committed(
+      tmp_path / "out",
+      pa.Table.from_pylist([], schema=outputs.predictions_schema(False, 4)),
+      errors, class_names=NAMES)
+  written = report.write_report(output, str(tmp_path / "report"))
+  assert set(written) == {"index"}
+  assert "no row of the predictions has an embedding" in (
+      written.skipped["embedding_map"])
+  page = open(written["index"], encoding="utf-8").read()
+  assert "no input was classified" in page and "bad" in page
+
+
 def test_a_report_of_many_classes_draws_the_commonest(tmp_path):
   """100,000 classes, 20 labelled rows with every probability: the report
   draws the classes that occur, and at most MAX_BARS bars a sample.

@@ -134,3 +134,41 @@ def test_skip_existing_on_parquet(tmp_path, tiny_model, png_dir):
   assert after.manifest["counts"]["predictions"] == 120
   every_id = ids(read_parquet_rows(output + "/predictions/*.parquet"))
   assert len(every_id) == 200 and len(set(every_id)) == 200
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first,then,fix", [
+    ([], ["--write_embeddings"], "leave out --write_embeddings"),
+    (["--write_embeddings"], [], "pass --write_embeddings as that run did"),
+    ([], ["--write_probabilities"], "leave out --write_probabilities"),
+])
+def test_kept_shards_with_other_columns_are_refused_in_one_line(
+    tmp_path, tiny_model, png_dir, capsys, first, then, fix):
+  # Kept and new shards with different columns: pyarrow reading
+  # predictions/ would keep the first shard's columns alone, and the
+  # manifest would describe half the rows.
+  from beam_jobs import predict  # pylint: disable=import-outside-toplevel
+  output = tmp_path / "out"
+  flags = {"--write_embeddings": "write_embeddings",
+           "--write_probabilities": "write_probabilities"}
+  run_predict(output, input=os.path.join(png_dir, "[A-C]*", "*.png"),
+              model=tiny_model, **{flags[flag]: True for flag in first})
+  before = sorted(p.name for p in output.rglob("*"))
+  manifest = (output / "_run.json").read_text()
+  capsys.readouterr()
+  code = predict.main(["--input", png_dir, "--model", tiny_model, "--output",
+                       str(output), "--skip_existing", "--runner",
+                       "DirectRunner", *then])
+  err = capsys.readouterr().err
+  assert code == 2 and err.count("\n") == 1, err
+  assert err.startswith("beam_jobs.predict: error: --skip_existing: the "
+                        "predictions kept in ") and fix in err, err
+  assert sorted(p.name for p in output.rglob("*")) == before
+  assert (output / "_run.json").read_text() == manifest
+  # With the same flags as the kept shards, the run goes ahead.
+  run = run_predict(output, input=png_dir, model=tiny_model,
+                    skip_existing=True,
+                    **{flags[flag]: True for flag in first})
+  table = pq.read_table(output / "predictions")
+  assert table.num_rows == run.manifest["totals"]["predictions"]
+  assert ("embedding" in table.schema.names) == ("--write_embeddings" in first)

@@ -354,6 +354,10 @@ class ReportFiles(dict):
     self.skipped = {}
 
 
+def _embedding_map(connection) -> bytes:
+  return plot_embedding_map(embedding_queries.map_sample(connection))
+
+
 def _draw(out: str, written: ReportFiles, name: str, plot, *args) -> None:
   """Draws one plot into `out`, or notes in `skipped` why it could not."""
   try:
@@ -413,12 +417,13 @@ def write_report(output_dir: str, out: str, samples: int = DEFAULT_SAMPLES,
     _draw(out, written, "confidence", plot_confidence, connection)
   else:
     skipped["confidence"] = "no input was classified"
-  sample = embedding_queries.map_sample(connection)
-  if sample is None:
+  if embedding_queries.has_embeddings(connection):
+    # Drawn like the others: a run whose every input failed has the column
+    # and no embedding in it, which skips the map, not the report.
+    _draw(out, written, "embedding_map", _embedding_map, connection)
+  else:
     skipped["embedding_map"] = ("the run has no embeddings (predict "
                                 "--write_embeddings writes them)")
-  else:
-    _draw(out, written, "embedding_map", plot_embedding_map, sample)
   for name, file_name in FILES.items():
     if name not in written:
       # An earlier report's plot that this one could not draw.
