@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from beam_jobs import kept_columns
 from beam_jobs import outputs
 from beam_jobs.output_lock import LOCK_FILE
 from beam_jobs.output_lock import LOCK_LEFTOVER
@@ -266,7 +267,7 @@ def check(state: FolderState, model_id: str, overwrite: bool,
   user says what to do with them: keep them (--skip_existing) or replace
   them (--overwrite); a re-run never replaces them silently. With
   --skip_existing and the run's predictions `schema`, the kept shards must
-  have its optional columns (check_kept_columns).
+  have its optional columns (kept_columns.check).
   """
   output = state.output
   if state.manifest_problem and not overwrite:
@@ -300,53 +301,7 @@ def check(state: FolderState, model_id: str, overwrite: bool,
         f"({shown}{more}); choose an empty or new folder, or pass "
         f"--overwrite ({OVERWRITE_HELP})")
   if skip_existing and schema is not None:
-    check_kept_columns(state, schema)
-
-
-# The columns a flag adds to the predictions: kept and new shards must agree
-# on them, or a Parquet reader given predictions/ reads the first shard's
-# columns alone, and the manifest describes only some of the rows.
-_OPTIONAL_COLUMNS = {outputs.EMBEDDING_COLUMN: "--write_embeddings",
-                     "probabilities": "--write_probabilities"}
-
-
-def check_kept_columns(state: FolderState, schema) -> None:
-  """Refuses --skip_existing when a kept prediction shard lacks a column
-  this run writes (--write_embeddings, --write_probabilities), or has one
-  it does not write; only the shards' footers are read."""
-  for entry in state.kept_predictions():
-    path = paths.join(state.output, entry["name"])
-    try:
-      with FileSystems.open(
-          path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        kept = pq.ParquetFile(handle).schema_arrow
-    except Exception:  # pylint: disable=broad-except
-      continue  # Unreadable: the skip join reports it, as it always has.
-    for column, flag in _OPTIONAL_COLUMNS.items():
-      problem = _column_problem(column, flag, kept, schema)
-      if problem:
-        what, fix = problem
-        raise FolderError(
-            f"--skip_existing: the predictions kept in {state.output} "
-            f"({paths.printable(entry['name'])}) {what}, and one folder's "
-            f"shards must all have the same columns: {fix}pass --overwrite "
-            "to classify everything again, or choose another folder")
-
-
-def _column_problem(column: str, flag: str, kept, schema) -> Optional[tuple]:
-  """How a kept shard's schema `kept` differs from this run's on `column`,
-  and the flag that keeps the shards, or None."""
-  here, there = column in schema.names, column in kept.names
-  if here and not there:
-    return (f"have no {column} column (written without {flag})",
-            f"leave out {flag}, ")
-  if there and not here:
-    return (f"have the {column} column (written with {flag})",
-            f"pass {flag} as that run did, ")
-  if here and kept.field(column).type != schema.field(column).type:
-    return (f"hold {column} as {kept.field(column).type}, not "
-            f"{schema.field(column).type}", "")
-  return None
+    kept_columns.check(state, schema)
 
 
 def result_files(output: str) -> dict:
