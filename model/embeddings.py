@@ -139,7 +139,8 @@ def match_tflite_outputs(tflite_bytes: bytes, two_outputs, inputs: np.ndarray,
   """The card's record for a TFLite file converted from `two_outputs`
   (scores, embedding): which output is which, told by their values on
   `inputs` (model inputs, already scaled), and how far the embedding is
-  from Keras'. Raises EmbeddingError when it is beyond the tolerance."""
+  from Keras' (`within` the tolerance or not). Raises EmbeddingError when
+  the outputs cannot be told apart."""
   from ai_edge_litert import interpreter as litert  # pylint: disable=import-outside-toplevel
   inputs = np.asarray(inputs[:CHECK_ROWS], np.float32)
   interpreter = litert.Interpreter(model_content=tflite_bytes)
@@ -167,30 +168,35 @@ def match_tflite_outputs(tflite_bytes: bytes, two_outputs, inputs: np.ndarray,
                            f"{role} {reference.shape}")
     names[role] = best
   check = difference(references[1], outputs[names["embedding"]])
-  if not check.pop("within"):
-    raise EmbeddingError(
-        f"the TFLite embedding differs from Keras' by up to "
-        f"{check['max_difference']:.3g} on {len(inputs)} {checked_on} (allowed: "
-        f"{EMBEDDING_TOLERANCE:g} x {check['scale']:.3g})")
   return {**names, **check, "images": int(len(inputs)),
           "checked_on": checked_on, "against": "keras"}
 
 
 def convert_with_embedding(model, layer: str, inputs: np.ndarray,
                            checked_on: str, convert) -> tuple:
-  """(TFLite bytes, the card's tflite record or None): `convert` of the
-  model with `layer` as a second output, kept when its embedding passes
-  `match_tflite_outputs`; else `convert` of the model alone, which serves
-  the labels while the Keras engine serves the embedding, and the record is
-  None (the card says why in `embedding.not_served`). Conversion errors
-  propagate."""
+  """(TFLite bytes, the card's tflite record): `convert` of the model with
+  `layer` as a second output. Its embedding is served when it is within the
+  tolerance of Keras'; else the file serves its scores output alone, the
+  Keras engine serves the embedding, and the record says why
+  (`not_served`, and `scores`, the output to read). Only a file whose
+  outputs cannot be told apart is converted again, from the model alone.
+  Conversion errors propagate."""
   both = keras_two_outputs(model, layer)
   tflite_bytes = convert(both)
   try:
-    return tflite_bytes, match_tflite_outputs(tflite_bytes, both, inputs,
-                                              checked_on)
+    record = match_tflite_outputs(tflite_bytes, both, inputs, checked_on)
   except EmbeddingError as error:
     return convert(model), {"not_served": str(error)}
+  if record.pop("within"):
+    return tflite_bytes, record
+  # Deep networks stray (MobileNetV2 by 1.6e-4); the scores are the same
+  # graph's, so the file is kept rather than converted again.
+  return tflite_bytes, {
+      "not_served": f"the TFLite embedding differs from Keras' by up to "
+                    f"{record['max_difference']:.3g} on {record['images']} "
+                    f"{checked_on} (allowed: {EMBEDDING_TOLERANCE:g} x "
+                    f"{record['scale']:.3g})",
+      "scores": record["scores"]}
 
 
 def record_tflite(card, record: dict) -> None:
@@ -198,6 +204,9 @@ def record_tflite(card, record: dict) -> None:
   if "not_served" in record:
     card.embedding.setdefault("not_served", {})["tflite"] = record[
         "not_served"]
+    if "scores" in record:
+      card.embedding.setdefault("scores_output", {})["tflite"] = record[
+          "scores"]
   else:
     card.embedding["engines"]["tflite"] = record
 

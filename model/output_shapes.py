@@ -15,10 +15,16 @@ def _embedding_outputs(card: card_lib.ModelCard, engine: str) -> dict:
 def pick_outputs(names: list, card: card_lib.ModelCard, engine: str,
                  where: str) -> tuple:
   """(index of the scores output, index of the embedding output or None)
-  among a model file's outputs: its only one, or as the card names them."""
+  among a model file's outputs: its only one, or as the card names them
+  (`embedding.engines`, or `embedding.scores_output` where the file's
+  embedding is not served)."""
   named = _embedding_outputs(card, engine)
   if len(names) == 1 and not named:
     return 0, None
+  # A file whose embedding output strayed: its scores are read alone.
+  scores = (card.embedding or {}).get("scores_output", {}).get(engine)
+  if not named and scores in names:
+    return names.index(scores), None
   missing = [named.get(role) for role in ("scores", "embedding")
              if named.get(role) not in names]
   if missing:

@@ -109,6 +109,38 @@ def test_export_takes_embedding_layer(tmp_path):
     assert values.shape == (20, 108)
 
 
+def test_a_straying_tflite_embedding_keeps_the_file_and_serves_its_scores(
+    tmp_path, monkeypatch):
+  """Deep networks' TFLite embeddings stray past the tolerance: the file
+  converted with both outputs is kept (one conversion, not two), serves the
+  scores output the card names, and the Keras engine the embedding."""
+  keras = pytest.importorskip("keras")
+  from model import export  # pylint: disable=import-outside-toplevel
+  converted = []
+  convert = export.convert_to_tflite
+  monkeypatch.setattr(export, "convert_to_tflite",
+                      lambda model: converted.append(model) or convert(model))
+  monkeypatch.setattr(embeddings, "EMBEDDING_TOLERANCE", -1.0)  # all stray
+  images = np.random.default_rng(0).integers(0, 256, (20, 8, 8, 1)).astype(
+      np.float32)
+  out = str(tmp_path / "m")
+  card = export.export_model(
+      _functional(keras), out, architecture="test", class_names=list("abcd"),
+      color_mode="grayscale", test_images=images, dataset={}, metrics={},
+      training={}, embedding_layer="conv")
+  assert len(converted) == 1
+  assert card.embedding_engines == ["keras"]
+  assert "differs from Keras'" in card.embedding["not_served"]["tflite"]
+  assert card.embedding["scores_output"]["tflite"]
+  assert card_lib.load_card(out).embedding == card.embedding
+  card_lib.check_model_files(out, card_lib.load_card(out))
+  tflite = engines.load_engine(out, "tflite").probabilities(images)
+  reference = engines.load_engine(out, "keras").probabilities(images)
+  np.testing.assert_allclose(tflite, reference, atol=1e-5)
+  with pytest.raises(ValueError, match="serves no embedding"):
+    engines.load_engine(out, "tflite").probabilities_and_embeddings(images)
+
+
 def test_train_refuses_a_wrong_embedding_layer_before_training(sample):
   pytest.importorskip("keras")
   from model import train  # pylint: disable=import-outside-toplevel
